@@ -1,0 +1,179 @@
+"""CpuidEntry and CpuidTable: the in-memory form of a CPUID table, whatever it
+came from (KVM, a dump, a guest's answer)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from enum import IntFlag
+from typing import Final, Literal
+
+__all__ = [
+    "INDEXED_LEAVES",
+    "REGISTERS",
+    "CpuidEntry",
+    "CpuidTable",
+    "EntryFlag",
+    "Register",
+]
+
+Register = Literal["eax", "ebx", "ecx", "edx"]
+REGISTERS: Final[tuple[Register, ...]] = ("eax", "ebx", "ecx", "edx")
+_U32: Final = 0xFFFF_FFFF
+
+# Leaves whose answer depends on ECX (the subleaf). KVM marks exactly these
+# SIGNIFICANT_INDEX (arch/x86/kvm/cpuid.c); dumps from `cpuid -r` or libvirt's
+# <cpudata> carry no flags, so readers use this list to restore them.
+INDEXED_LEAVES: Final = frozenset(
+    {
+        0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1B, 0x1D, 0x1E,
+        0x1F, 0x20, 0x23, 0x24, 0x8000001D, 0x80000020, 0x80000026,
+    }
+)
+
+
+class EntryFlag(IntFlag):
+    """kvm_cpuid_entry2.flags (KVM_CPUID_FLAG_*; the kernel spells the first
+    one SIGNIFCANT)."""
+
+    NONE = 0
+    SIGNIFICANT_INDEX = 1 << 0
+    STATEFUL_FUNC = 1 << 1
+    STATE_READ_NEXT = 1 << 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CpuidEntry:
+    """One CPUID answer: inputs (function = EAX, index = ECX), flags, outputs."""
+
+    function: int
+    index: int = 0
+    flags: EntryFlag = EntryFlag.NONE
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("function", "index", *REGISTERS):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U32:
+                raise ValueError(f"{name}={value!r} is not a 32-bit unsigned value")
+        if not 0 <= int(self.flags) <= 7:
+            raise ValueError(f"flags={int(self.flags):#x} has unknown bits")
+        if not isinstance(self.flags, EntryFlag):
+            object.__setattr__(self, "flags", EntryFlag(self.flags))
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.function, self.index)
+
+    @property
+    def indexed(self) -> bool:
+        return EntryFlag.SIGNIFICANT_INDEX in self.flags
+
+    def reg(self, name: Register) -> int:
+        value: int = getattr(self, name)
+        return value
+
+    def regs(self) -> tuple[int, int, int, int]:
+        return (self.eax, self.ebx, self.ecx, self.edx)
+
+    def replace(self, **changes: int) -> CpuidEntry:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+class CpuidTable:
+    """An ordered, immutable collection of CpuidEntry with CPUID lookup rules."""
+
+    __slots__ = ("_entries", "_exact", "_any")
+
+    def __init__(self, entries: Iterable[CpuidEntry] = ()) -> None:
+        self._entries: tuple[CpuidEntry, ...] = tuple(entries)
+        self._exact: dict[tuple[int, int], CpuidEntry] = {}
+        self._any: dict[int, CpuidEntry] = {}
+        for entry in self._entries:
+            # First entry wins: STATEFUL_FUNC leaves (old leaf 2) repeat a
+            # function in read order, and the first is what CPUID answers first.
+            if entry.indexed:
+                self._exact.setdefault(entry.key, entry)
+            else:
+                self._any.setdefault(entry.function, entry)
+
+    @property
+    def entries(self) -> tuple[CpuidEntry, ...]:
+        return self._entries
+
+    def __iter__(self) -> Iterator[CpuidEntry]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CpuidTable):
+            return NotImplemented
+        return self._entries == other._entries
+
+    def __hash__(self) -> int:
+        return hash(self._entries)
+
+    def __repr__(self) -> str:
+        return f"CpuidTable({len(self._entries)} entries)"
+
+    def lookup(self, leaf: int, subleaf: int = 0) -> CpuidEntry | None:
+        """The entry CPUID(leaf, subleaf) answers with, honouring
+        SIGNIFICANT_INDEX: an entry without it answers every subleaf."""
+        found = self._exact.get((leaf, subleaf))
+        if found is not None:
+            return found
+        return self._any.get(leaf)
+
+    def get(self, leaf: int, subleaf: int, reg: Register) -> int:
+        """A register's value, 0 where the table has no entry (what KVM gives a
+        guest for a leaf it has no entry for, within the max leaf)."""
+        entry = self.lookup(leaf, subleaf)
+        return 0 if entry is None else entry.reg(reg)
+
+    def stateful(self, leaf: int) -> tuple[CpuidEntry, ...]:
+        """All entries of a STATEFUL_FUNC leaf, in the order reads return them."""
+        return tuple(
+            e for e in self._entries if e.function == leaf and EntryFlag.STATEFUL_FUNC in e.flags
+        )
+
+    def keys(self) -> list[tuple[int, int]]:
+        return [e.key for e in self._entries]
+
+    def sorted(self) -> CpuidTable:
+        """The same entries ordered by (function, index), stable for stateful runs."""
+        return CpuidTable(sorted(self._entries, key=lambda e: e.key))
+
+    def replace_entry(self, entry: CpuidEntry) -> CpuidTable:
+        """A copy with the entry for entry.key replaced (or appended)."""
+        out = list(self._entries)
+        for i, old in enumerate(out):
+            if old.key == entry.key:
+                out[i] = entry
+                return CpuidTable(out)
+        out.append(entry)
+        return CpuidTable(out)
+
+    def masked(self, masks: Iterable[tuple[int, int | None, Register, int]]) -> CpuidTable:
+        """A copy with the given bits cleared: (leaf, subleaf or None for every
+        subleaf, register, mask). For comparing tables whose per-CPU fields
+        (APIC IDs) legitimately differ."""
+        by_leaf: dict[int, list[tuple[int | None, Register, int]]] = {}
+        for leaf, subleaf, reg, mask in masks:
+            by_leaf.setdefault(leaf, []).append((subleaf, reg, mask))
+        out = []
+        for entry in self._entries:
+            rules = by_leaf.get(entry.function)
+            if rules:
+                changes: dict[str, int] = {}
+                for subleaf, reg, mask in rules:
+                    if subleaf is None or subleaf == entry.index:
+                        changes[reg] = changes.get(reg, entry.reg(reg)) & ~mask & _U32
+                if changes:
+                    entry = entry.replace(**changes)
+            out.append(entry)
+        return CpuidTable(out)
