@@ -1,0 +1,323 @@
+"""CPUID table file formats, each read and written:
+
+- ``json``: this project's versioned dump (hex strings) with host metadata;
+- ``cpudata``: libvirt's ``<cpudata arch='x86'><cpuid eax_in=.../></cpudata>``;
+- ``cpuid``: the text ``cpuid -1r`` prints.
+
+Dumps come from other hosts, so every reader validates ranges and reports the
+file and line of the first problem as a DumpFormatError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+from kvmcpuid_virt.cpuid.table import (
+    INDEXED_LEAVES,
+    REGISTERS,
+    CpuidEntry,
+    CpuidTable,
+    EntryFlag,
+)
+from kvmcpuid_virt.errors import DumpFormatError
+
+__all__ = [
+    "FORMATS",
+    "JSON_FORMAT_NAME",
+    "JSON_FORMAT_VERSION",
+    "Dump",
+    "DumpKind",
+    "Format",
+    "dumps",
+    "load",
+    "loads",
+    "sniff",
+]
+
+Format = Literal["json", "cpudata", "cpuid"]
+FORMATS: Final[tuple[Format, ...]] = ("json", "cpudata", "cpuid")
+DumpKind = Literal["supported", "emulated", "cpu", "guest", "config"]
+_KINDS: Final = ("supported", "emulated", "cpu", "guest", "config")
+JSON_FORMAT_NAME: Final = "kvmcpuid-dump"
+JSON_FORMAT_VERSION: Final = 1
+_U32: Final = 0xFFFF_FFFF
+# Bigger than any real table by far; a bound so a hostile file cannot make us
+# build millions of entries.
+MAX_ENTRIES: Final = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Dump:
+    """A CPUID table and what is known about where it came from."""
+
+    table: CpuidTable
+    kind: DumpKind = "supported"
+    host: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    source: str = "<memory>"
+
+
+def _flags_for(function: int) -> EntryFlag:
+    return EntryFlag.SIGNIFICANT_INDEX if function in INDEXED_LEAVES else EntryFlag.NONE
+
+
+def sniff(text: str) -> Format:
+    head = text.lstrip()[:1]
+    if head == "{":
+        return "json"
+    if head == "<":
+        return "cpudata"
+    return "cpuid"
+
+
+def load(path: str) -> Dump:
+    """Read a dump in any supported format (`-` is standard input)."""
+    import sys
+
+    name = "<stdin>" if path == "-" else path
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise DumpFormatError(name, None, f"cannot read: {reason}") from None
+    return loads(text, name)
+
+
+def loads(text: str, source: str = "<string>") -> Dump:
+    fmt = sniff(text)
+    if fmt == "json":
+        return _load_json(text, source)
+    if fmt == "cpudata":
+        return _load_cpudata(text, source)
+    return _load_cpuid_text(text, source)
+
+
+def dumps(dump: Dump, fmt: Format = "json") -> str:
+    if fmt == "json":
+        return _dump_json(dump)
+    if fmt == "cpudata":
+        return _dump_cpudata(dump)
+    if fmt == "cpuid":
+        return _dump_cpuid_text(dump)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+# --- JSON -------------------------------------------------------------------
+
+
+def _dump_json(dump: Dump) -> str:
+    # One entry per line: readable in a diff, and a reader can name the line
+    # of a bad entry.
+    head = {
+        "format": JSON_FORMAT_NAME,
+        "version": JSON_FORMAT_VERSION,
+        "kind": dump.kind,
+        "host": dict(dump.host),
+    }
+    lines = ["{"]
+    for key, value in head.items():
+        lines.append(f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True)},")
+    lines.append('  "entries": [')
+    rows = []
+    for e in dump.table:
+        row = {
+            "function": f"{e.function:#010x}",
+            "index": f"{e.index:#04x}",
+            "flags": f"{int(e.flags):#x}",
+            **{r: f"{e.reg(r):#010x}" for r in REGISTERS},
+        }
+        rows.append("    " + json.dumps(row))
+    lines.append(",\n".join(rows))
+    lines.append("  ]")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _entry_line(text: str, n: int) -> int | None:
+    """The line of the n-th entry object, found by its "function" key."""
+    pos = text.find('"entries"')
+    for _ in range(n + 1):
+        pos = text.find('"function"', pos + 1)
+        if pos < 0:
+            return None
+    return text.count("\n", 0, pos) + 1
+
+
+def _hex32(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: expected a hex string, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"(0[xX])?[0-9a-fA-F]{1,8}", value.strip()):
+        number = int(value.strip(), 16)
+    else:
+        raise ValueError(f"{what}: expected a hex string like '0x1f', got {value!r}")
+    if not 0 <= number <= _U32:
+        raise ValueError(f"{what}: {value!r} does not fit 32 bits")
+    return number
+
+
+def _load_json(text: str, source: str) -> Dump:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DumpFormatError(source, exc.lineno, f"not valid JSON: {exc.msg}") from None
+    if not isinstance(doc, dict):
+        raise DumpFormatError(source, 1, "expected a JSON object")
+    if "return" in doc and "entries" not in doc:
+        raise DumpFormatError(
+            source, None, "this is a QEMU QMP reply, not a CPUID dump (use `kvmcpuid dump`)"
+        )
+    if doc.get("format") != JSON_FORMAT_NAME:
+        raise DumpFormatError(source, 1, f"not a {JSON_FORMAT_NAME} file (no 'format' key)")
+    version = doc.get("version")
+    if version != JSON_FORMAT_VERSION:
+        raise DumpFormatError(
+            source, None, f"dump version {version!r}; this tool reads version {JSON_FORMAT_VERSION}"
+        )
+    kind = doc.get("kind", "supported")
+    if kind not in _KINDS:
+        raise DumpFormatError(source, None, f"unknown kind {kind!r}")
+    host = doc.get("host", {})
+    if not isinstance(host, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in host.items()
+    ):
+        raise DumpFormatError(source, None, "'host' must map strings to strings")
+    raw_entries = doc.get("entries")
+    if not isinstance(raw_entries, list):
+        raise DumpFormatError(source, None, "'entries' must be a list")
+    if len(raw_entries) > MAX_ENTRIES:
+        raise DumpFormatError(source, None, f"{len(raw_entries)} entries (limit {MAX_ENTRIES})")
+    entries = []
+    for n, raw in enumerate(raw_entries):
+        try:
+            if not isinstance(raw, dict):
+                raise ValueError("entry is not an object")
+            unknown = set(raw) - {"function", "index", "flags", *REGISTERS}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}")
+            if "function" not in raw:
+                raise ValueError("entry has no 'function'")
+            flags = _hex32(raw.get("flags", "0"), "flags")
+            if flags & ~7:
+                raise ValueError(f"flags {flags:#x} has unknown bits")
+            entries.append(
+                CpuidEntry(
+                    function=_hex32(raw["function"], "function"),
+                    index=_hex32(raw.get("index", "0"), "index"),
+                    flags=EntryFlag(flags),
+                    **{r: _hex32(raw.get(r, "0"), r) for r in REGISTERS},
+                )
+            )
+        except ValueError as exc:
+            raise DumpFormatError(source, _entry_line(text, n), f"entry {n}: {exc}") from None
+    return Dump(CpuidTable(entries), kind, host, source)
+
+
+# --- libvirt <cpudata> --------------------------------------------------------
+
+
+def _load_cpudata(text: str, source: str) -> Dump:
+    from kvmcpuid_virt.xmlutil import parse_xml
+
+    root = parse_xml(text, source)
+    if root.tag != "cpudata":
+        raise DumpFormatError(source, root.sourceline, f"expected <cpudata>, found <{root.tag}>")
+    arch = root.get("arch")
+    if arch not in (None, "x86"):
+        raise DumpFormatError(source, root.sourceline, f"arch {arch!r} is not x86")
+    entries = []
+    for el in root:
+        if not isinstance(el.tag, str):
+            continue  # comments and processing instructions
+        if el.tag == "msr":
+            continue  # MSR values are not CPUID; libvirt keeps them beside it
+        if el.tag != "cpuid":
+            raise DumpFormatError(source, el.sourceline, f"unexpected element <{el.tag}>")
+        try:
+            function = _hex32(_required(el, "eax_in"), "eax_in")
+            index = _hex32(el.get("ecx_in", "0"), "ecx_in")
+            regs = {r: _hex32(el.get(r, "0"), r) for r in REGISTERS}
+        except ValueError as exc:
+            raise DumpFormatError(source, el.sourceline, str(exc)) from None
+        entries.append(CpuidEntry(function, index, _flags_for(function), **regs))
+        if len(entries) > MAX_ENTRIES:
+            raise DumpFormatError(source, el.sourceline, f"more than {MAX_ENTRIES} entries")
+    return Dump(CpuidTable(entries), "cpu", {}, source)
+
+
+def _required(el: Any, name: str) -> str:
+    value = el.get(name)
+    if value is None:
+        raise ValueError(f"<{el.tag}> lacks {name}=")
+    return str(value)
+
+
+def _dump_cpudata(dump: Dump) -> str:
+    from lxml import etree
+
+    root = etree.Element("cpudata", arch="x86")
+    for e in dump.table:
+        etree.SubElement(
+            root,
+            "cpuid",
+            eax_in=f"{e.function:#010x}",
+            ecx_in=f"{e.index:#04x}",
+            **{r: f"{e.reg(r):#010x}" for r in REGISTERS},
+        )
+    out: bytes = etree.tostring(root, pretty_print=True, encoding="utf-8")
+    return out.decode()
+
+
+# --- `cpuid -1r` text -----------------------------------------------------------
+
+_CPUID_LINE: Final = re.compile(
+    r"^\s*(0x[0-9a-fA-F]{1,8})\s+(0x[0-9a-fA-F]{1,8}):"
+    r"\s+eax=(0x[0-9a-fA-F]{1,8})\s+ebx=(0x[0-9a-fA-F]{1,8})"
+    r"\s+ecx=(0x[0-9a-fA-F]{1,8})\s+edx=(0x[0-9a-fA-F]{1,8})\s*$"
+)
+_CPU_HEADER: Final = re.compile(r"^CPU(\s+\d+)?:\s*$")
+
+
+def _load_cpuid_text(text: str, source: str) -> Dump:
+    """Reads the first CPU's block; `cpuid -r` without -1 prints one per CPU."""
+    entries = []
+    seen_header = False
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if _CPU_HEADER.match(line.strip()):
+            if seen_header:
+                break
+            seen_header = True
+            continue
+        m = _CPUID_LINE.match(line)
+        if not m:
+            raise DumpFormatError(
+                source, lineno, "expected '0xLEAF 0xSUB: eax=0x... ebx=0x... ecx=0x... edx=0x...'"
+            )
+        values = [int(g, 16) for g in m.groups()]
+        function, index = values[0], values[1]
+        entries.append(CpuidEntry(function, index, _flags_for(function), *values[2:]))
+        if len(entries) > MAX_ENTRIES:
+            raise DumpFormatError(source, lineno, f"more than {MAX_ENTRIES} entries")
+    if not entries:
+        raise DumpFormatError(source, None, "no CPUID lines found")
+    return Dump(CpuidTable(entries), "cpu", {}, source)
+
+
+def _dump_cpuid_text(dump: Dump) -> str:
+    lines = ["CPU:"]
+    for e in dump.table:
+        lines.append(
+            f"   {e.function:#010x} {e.index:#04x}: eax={e.eax:#010x} ebx={e.ebx:#010x} "
+            f"ecx={e.ecx:#010x} edx={e.edx:#010x}"
+        )
+    return "\n".join(lines) + "\n"

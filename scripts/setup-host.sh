@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Set up this Debian KVM host for kvmcpuid_virt, idempotently:
+#  - the Debian packages (QEMU, the libvirt daemon with its QEMU driver, the
+#    libvirt headers and pkg-config that libvirt-python builds against);
+#  - the libvirt-qemu user and group, and libvirt's runtime directories;
+#  - virtlogd and libvirtd (systemctl where systemd runs, else daemonized);
+#  - a venv in .venv with the package and its test tools;
+# then waits until qemu:///system answers. Run as root. Safe to run again.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${KVMCPUID_VENV:-$here/.venv}
+packages=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+          libvirt-dev pkg-config python3-venv python3-dev gcc)
+
+say() { printf 'setup-host: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    say "run as root (it installs packages and starts libvirtd)"; exit 1
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libvirtd refuses to start QEMU guests without this user and group.
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+getent passwd libvirt-qemu >/dev/null ||
+    useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
+getent group kvm >/dev/null && usermod -aG kvm libvirt-qemu 2>/dev/null || true
+install -d /var/log/libvirt /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/qemu
+
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    systemctl start virtlogd libvirtd
+else
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x libvirtd >/dev/null || libvirtd -d
+fi
+
+# Python: the venv with the package (editable) and what the tests use.
+python=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv"
+    "$python" -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import kvmcpuid_virt, libvirt, lxml, qemu.qmp, pytest, tox' 2>/dev/null \
+   || [ "$here/pyproject.toml" -nt "$venv/.kvmcpuid-installed" ]; then
+    say "installing the package into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[test,lint]" tox
+    touch "$venv/.kvmcpuid-installed"
+fi
+
+# Wait (bounded) for the daemon to answer on qemu:///system.
+for _ in $(seq 1 100); do
+    if "$venv/bin/python" -c 'import libvirt, sys; c = libvirt.open("qemu:///system"); c.getVersion(); c.close()' 2>/dev/null; then
+        say "qemu:///system answers"
+        exit 0
+    fi
+    sleep 0.1
+done
+say "libvirtd did not answer on qemu:///system within 10 s (see /var/log/libvirt/)"
+exit 1
