@@ -130,16 +130,30 @@ def libvirt_features(path: Path) -> dict[Key, str]:
     return out
 
 
-async def _qmp(accel: str, cpu: str | None, commands: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+async def _qmp(
+    accel: str, cpu: str | None, commands: list[tuple[str, dict[str, Any]]]
+) -> list[Any]:
     """Start QEMU stopped with one CPU, run QMP commands, quit."""
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "qmp.sock")
         # `-machine none` has no CPU, which is all a model expansion needs
         # (and avoids a nested-KVM host refusing `max`'s MSRs at realize).
-        machine = ["-machine", "none"] if cpu is None else [
-            "-machine", "pc", "-S", "-m", "16", "-cpu", cpu]
-        argv = ["qemu-system-x86_64", *machine, "-accel", accel, "-nodefaults",
-                "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"]
+        machine = (
+            ["-machine", "none"]
+            if cpu is None
+            else ["-machine", "pc", "-S", "-m", "16", "-cpu", cpu]
+        )
+        argv = [
+            "qemu-system-x86_64",
+            *machine,
+            "-accel",
+            accel,
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = QMPClient("gen")
         try:
@@ -166,23 +180,34 @@ def _bits(words: list[dict[str, Any]]) -> set[Key]:
     for w in words:
         for bit in range(32):
             if w["features"] >> bit & 1:
-                out.add((w["cpuid-input-eax"], w.get("cpuid-input-ecx", 0),
-                         w["cpuid-register"].lower(), bit))
+                out.add(
+                    (
+                        w["cpuid-input-eax"],
+                        w.get("cpuid-input-ecx", 0),
+                        w["cpuid-register"].lower(),
+                        bit,
+                    )
+                )
     return out
 
 
 async def qemu_bits_of(accel: str, name: str) -> set[Key]:
     cpu = "/machine/unattached/device[0]"
-    fw, ff = await _qmp(accel, f"base,{name}=on", [
-        ("qom-get", {"path": cpu, "property": "feature-words"}),
-        ("qom-get", {"path": cpu, "property": "filtered-features"}),
-    ])
+    fw, ff = await _qmp(
+        accel,
+        f"base,{name}=on",
+        [
+            ("qom-get", {"path": cpu, "property": "feature-words"}),
+            ("qom-get", {"path": cpu, "property": "filtered-features"}),
+        ],
+    )
     return _bits(fw) | _bits(ff)
 
 
 async def qemu_features(accel: str) -> dict[str, set[Key]]:
-    (exp,) = await _qmp(accel, None, [
-        ("query-cpu-model-expansion", {"type": "full", "model": {"name": "max"}})])
+    (exp,) = await _qmp(
+        accel, None, [("query-cpu-model-expansion", {"type": "full", "model": {"name": "max"}})]
+    )
     names = sorted(k for k, v in exp["model"]["props"].items() if isinstance(v, bool))
     sem = asyncio.Semaphore(16)
 
@@ -238,24 +263,35 @@ def build(accel: str) -> list[dict[str, Any]]:
             kind = "unsettable"
         else:
             kind = "plain"
-        out.append({
-            "leaf": f"{leaf:#x}", "subleaf": subleaf, "reg": reg, "bit": bit,
-            "qemu": q, "qemu_aliases": sorted(aliases.get(key, [])),
-            "libvirt": libvirt.get(key), "kind": kind,
-            "libvirt_kvm": LIBVIRT_KVM.get(key),
-            "linux": LINUX_NAMES.get(key) if q is None and key not in libvirt else None,
-        })
+        out.append(
+            {
+                "leaf": f"{leaf:#x}",
+                "subleaf": subleaf,
+                "reg": reg,
+                "bit": bit,
+                "qemu": q,
+                "qemu_aliases": sorted(aliases.get(key, [])),
+                "libvirt": libvirt.get(key),
+                "kind": kind,
+                "libvirt_kvm": LIBVIRT_KVM.get(key),
+                "linux": LINUX_NAMES.get(key) if q is None and key not in libvirt else None,
+            }
+        )
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--accel", default="kvm",
-                    help="QEMU accelerator; under tcg QEMU drops the KVM PV names silently")
+    ap.add_argument(
+        "--accel",
+        default="kvm",
+        help="QEMU accelerator; under tcg QEMU drops the KVM PV names silently",
+    )
     ap.add_argument("-o", "--output", type=Path, default=OUT)
     args = ap.parse_args()
-    version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                             text=True, check=True).stdout.splitlines()[0]
+    version = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[0]
     doc = {
         "comment": "Generated by scripts/gen_features.py; reviewed and shipped as data.",
         "sources": {"qemu": version, "libvirt_cpu_map": str(CPU_MAP)},
