@@ -1,0 +1,248 @@
+"""Build a CpuConfig from a CPUID table and the operator's policy.
+
+Policy, in order:
+1. the base: `host` (every feature QEMU hands over under KVM), `auto` (the
+   newest named model this host fully supports, plus every remaining
+   supported feature) or a named model (its features, nothing else);
+2. `--enable F` turns F on: the host must be able to give it;
+3. `--disable F` turns F off (always possible).
+A feature the host cannot give is an UnsupportedFeatureError naming it;
+allow_unsupported turns each into a `dropped` entry (the caller warns) and
+leaves the feature off, so `enforce` never meets a feature QEMU cannot give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from kvmcpuid_virt.cpuid.features import Feature, FeatureKind, Registry, registry
+from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.errors import PolicyError, ToolError, UnsupportedFeatureError
+from kvmcpuid_virt.policy import qemu_adjust
+from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
+
+__all__ = [
+    "SETTABLE_KINDS",
+    "Policy",
+    "build",
+    "expected_table",
+    "relevant_features",
+    "supported_features",
+]
+
+log = logging.getLogger(__name__)
+
+# Kinds a -cpu string or <feature> element can set. DYNAMIC bits (osxsave,
+# ospke) follow CR4 inside the guest; UNSETTABLE ones have no QEMU property.
+SETTABLE_KINDS = frozenset({FeatureKind.PLAIN, FeatureKind.KVM_PV})
+
+# Bits QEMU sets under another bit's property: QEMU names both
+# KVM_FEATURE_CLOCKSOURCE (bit 0) and KVM_FEATURE_CLOCKSOURCE2 (bit 3) of
+# 0x40000001 EAX "kvmclock", so bit 3 follows the `kvmclock` feature.
+_TWINS: Mapping[tuple[int, int, str, int], str] = {(0x40000001, 0, "eax", 3): "kvmclock"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The operator's choices (the CLI's policy options)."""
+
+    model: str = "host"
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    allow_unsupported: bool = False
+    kernel_irqchip: bool = True
+    qemu: str | None = None  # QEMU binary to ask; None: find_qemu()
+    cpu_map: str | Path | None = None  # None: the installed one
+
+
+def _qemu_props(policy: Policy) -> frozenset[str] | None:
+    """Feature property names the QEMU binary accepts (cached), or None when
+    there is no QEMU here (building from a dump on a machine without it)."""
+    from kvmcpuid_virt.policy import models
+
+    try:
+        return models.qemu_info(policy.qemu).props
+    except ToolError as exc:
+        log.debug("no QEMU to ask for its feature names: %s", exc)
+        return None
+
+
+def relevant_features(reg: Registry, qemu_props: frozenset[str] | None) -> list[Feature]:
+    """Registry features a config decides on: settable kinds with a QEMU name
+    that this QEMU binary knows (all of them when there is no QEMU to ask)."""
+    return [
+        f
+        for f in reg.features
+        if f.kind in SETTABLE_KINDS
+        and f.qemu is not None
+        and (qemu_props is None or f.qemu in qemu_props)
+    ]
+
+
+def supported_features(
+    reg: Registry, supported: CpuidTable, features: Iterable[Feature]
+) -> set[str]:
+    """Names of `features` the table has (leaf limits honoured, see Registry.present)."""
+    present = {f.name for f in reg.present(supported)}
+    return {f.name for f in features if f.name in present}
+
+
+def expected_table(
+    supported: CpuidTable, reg: Registry, features: Mapping[str, bool], vendor: str
+) -> CpuidTable:
+    """The CPUID words the guest should see: `supported` with every decided
+    feature bit set to its decision, bits of feature words that QEMU cannot set
+    (no property, or unknown to this QEMU) cleared, and 0x80000001 EDX's AMD
+    aliases as QEMU builds them. DYNAMIC bits are left as they are: they
+    follow CR4 in the guest and every comparison masks them."""
+    words: dict[tuple[int, int, str], tuple[int, int]] = {}  # -> (set, clear)
+    for f in reg.features:
+        key = (f.leaf, f.subleaf, str(f.reg))
+        s, c = words.get(key, (0, 0))
+        if f.kind == FeatureKind.DYNAMIC:
+            continue
+        if features.get(f.name, False):
+            s |= f.mask
+        else:
+            c |= f.mask
+        words[key] = (s, c)
+    for (leaf, subleaf, reg_name, bit), owner in _TWINS.items():
+        key = (leaf, subleaf, reg_name)
+        s, c = words.get(key, (0, 0))
+        words[key] = (s | (1 << bit), c) if features.get(owner) else (s, c | (1 << bit))
+    table = supported
+    for entry in supported:
+        changes: dict[str, int] = {}
+        for reg_name in ("eax", "ebx", "ecx", "edx"):
+            rule = words.get((entry.function, entry.index, reg_name))
+            if rule is None:
+                continue
+            s, c = rule
+            value = (entry.reg(reg_name) & ~c | s) & 0xFFFF_FFFF  # type: ignore[arg-type]
+            if value != entry.reg(reg_name):  # type: ignore[arg-type]
+                changes[reg_name] = value
+        if changes:
+            table = table.replace_entry(entry.replace(**changes))
+    return qemu_adjust.amd_alias_fixup(table, vendor)
+
+
+def _resolve(reg: Registry, name: str) -> Feature:
+    feature = reg.lookup(name)  # UnknownFeatureError with suggestions
+    if feature.kind not in SETTABLE_KINDS or feature.qemu is None:
+        raise PolicyError(
+            f"feature {feature.name!r} cannot be set ({feature.kind}: "
+            + ("it follows the guest's CR4)" if feature.kind == FeatureKind.DYNAMIC else
+               "QEMU has no property for it)")
+        )  # fmt: skip
+    return feature
+
+
+def _model_features(
+    reg: Registry, names: Iterable[str], source: str, relevant: Mapping[str, Feature]
+) -> set[str]:
+    """A model's features as registry canonical names, limited to the
+    relevant ones (a cpu_map feature QEMU cannot set is not ours to decide)."""
+    out = set()
+    for name in names:
+        f = reg.by_libvirt(name) if source == "cpu_map" else reg.by_qemu(name)
+        if f is not None and f.name in relevant:
+            out.add(f.name)
+    return out
+
+
+def _auto_model(
+    reg: Registry,
+    policy: Policy,
+    supported: set[str],
+    relevant: Mapping[str, Feature],
+    vendor: str,
+) -> str:
+    from kvmcpuid_virt.policy import models
+
+    candidates = models.models(
+        policy.cpu_map if policy.cpu_map is not None else models.CPU_MAP_DIR, policy.qemu
+    )
+    vendor_short = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
+    best: str | None = None
+    for m in candidates:  # oldest first: the last fit is the newest
+        if m.vendor is not None and m.vendor != vendor_short.get(vendor, vendor):
+            continue
+        feats = _model_features(reg, m.features, m.source, relevant)
+        if feats and feats <= supported:
+            best = m.name
+    if best is None:
+        raise PolicyError("--model auto: this host fully supports no named CPU model")
+    return best
+
+
+def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "") -> CpuConfig:
+    """The CpuConfig for `table` (KVM's supported CPUID, live or from a dump)
+    under `policy`."""
+    reg = registry()
+    qemu_props = _qemu_props(policy)
+    supported_table = qemu_adjust.qemu_supported(table, kernel_irqchip=policy.kernel_irqchip)
+    relevant = {f.name: f for f in relevant_features(reg, qemu_props)}
+    supported = supported_features(reg, supported_table, relevant.values())
+    vendor = vendor_of(table)
+    # What `host` turns on by itself (see qemu_adjust for why these stay off).
+    host_default = supported - qemu_adjust.NO_AUTOENABLE - qemu_adjust.UNMIGRATABLE
+
+    dropped: list[str] = []
+    missing: list[str] = []
+    if policy.model == "host":
+        model_name, on = "host", set(host_default)
+    elif policy.model == "auto":
+        model_name = _auto_model(reg, policy, supported, relevant, vendor)
+        on = set(host_default)
+    else:
+        from kvmcpuid_virt.policy import models
+
+        m = models.model(
+            policy.model,
+            policy.cpu_map if policy.cpu_map is not None else models.CPU_MAP_DIR,
+            policy.qemu,
+        )
+        model_name = m.name
+        wanted = _model_features(reg, m.features, m.source, relevant)
+        # Paravirtual bits are not CPU model content (cpu_map has none): they
+        # follow the host default whatever the model.
+        wanted = {n for n in wanted if relevant[n].kind != FeatureKind.KVM_PV}
+        wanted |= {n for n in host_default if relevant[n].kind == FeatureKind.KVM_PV}
+        missing.extend(sorted(wanted - supported))
+        on = wanted & supported
+
+    enable = [_resolve(reg, n) for n in policy.enable]
+    disable = [_resolve(reg, n) for n in policy.disable]
+    both = {f.name for f in enable} & {f.name for f in disable}
+    if both:
+        raise PolicyError(f"feature {sorted(both)[0]!r} is both enabled and disabled")
+    for f in enable:
+        if f.name not in relevant:
+            raise PolicyError(f"feature {f.name!r} is not known to this QEMU binary")
+        if f.name in supported:
+            on.add(f.name)
+        elif f.name not in missing:
+            missing.append(f.name)
+    for f in disable:
+        on.discard(f.name)
+        if f.name in missing:
+            missing.remove(f.name)
+    if missing:
+        if not policy.allow_unsupported:
+            named = policy.model not in ("host", "auto")
+            why = f"--model {policy.model}" if named else "--enable"
+            raise UnsupportedFeatureError(
+                f"this host cannot give {', '.join(missing)} (asked for by {why}; "
+                "--allow-unsupported drops them with a warning)"
+            )
+        dropped = missing
+
+    features = {name: name in on for name in relevant}
+    expected = expected_table(supported_table, reg, features, vendor)
+    return CpuConfig(
+        model=model_name, features=features, expected=expected, vendor=vendor,
+        dropped=tuple(dropped), source=source,
+    )  # fmt: skip
