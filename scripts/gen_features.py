@@ -92,6 +92,7 @@ DYNAMIC: set[Key] = {(0x1, 0, "ecx", 27), (0x7, 0, "ecx", 4)}
 # every bit KVM may report has a name; neither QEMU 7.2 nor libvirt sets them.
 LINUX_NAMES: dict[Key, str] = {
     (0x40000001, 0, "eax", 3): "kvmclock2",
+    (0x40000001, 0, "eax", 10): "kvm-asyncpf-vmexit",
     (0x40000001, 0, "eax", 16): "kvm-hc-map-gpa-range",
     (0x40000001, 0, "eax", 17): "kvm-migration-control",
     (0x1, 0, "ecx", 27): "osxsave",

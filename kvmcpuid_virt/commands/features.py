@@ -1,0 +1,204 @@
+"""`kvmcpuid features`: the named CPUID features of this host's KVM or of a dump,
+with the decoded non-flag fields (vendor, family/model, sizes, caches)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy-ish imports stay out of `kvmcpuid --help`
+    from kvmcpuid_virt.cpuid.features import Feature, Registry
+    from kvmcpuid_virt.cpuid.table import CpuidTable, Register
+
+__all__ = ["add_parser", "render_json", "render_table", "run"]
+
+WIDTH = 80
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "features",
+        help="list the named CPUID features of this host or a dump",
+        description="Name every set CPUID feature bit of KVM_GET_SUPPORTED_CPUID (default) "
+        "or of a dump (JSON, libvirt <cpudata> or `cpuid -1r` text), grouped by leaf and "
+        "register, and decode vendor, family/model/stepping, brand, address sizes, XSAVE, "
+        "caches and topology.",
+    )
+    p.add_argument("--from", dest="dump", metavar="DUMP", help="read a dump instead of /dev/kvm")
+    p.add_argument(
+        "--names",
+        choices=("qemu", "libvirt"),
+        default="qemu",
+        help="spell features as QEMU -cpu or libvirt cpu_map does (default: qemu)",
+    )
+    p.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
+    p.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmcpuid_virt.cpuid.features import registry
+
+    if args.dump:
+        from kvmcpuid_virt.cpuid.formats import load
+
+        table = load(args.dump).table
+        source = args.dump
+    else:
+        from kvmcpuid_virt.kvm import Kvm
+
+        with Kvm(args.device) as kvm:
+            table = kvm.supported_cpuid()
+        source = f"{args.device} KVM_GET_SUPPORTED_CPUID"
+    reg = registry()
+    if args.format == "json":
+        text = render_json(table, reg, args.names, source)
+    else:
+        text = render_table(table, reg, args.names, source)
+    sys.stdout.write(text)
+    return 0
+
+
+def _label(f: Feature, names: str) -> str:
+    """The feature in the chosen tool's spelling; a name the tool does not
+    know is shown in brackets (that tool cannot set the bit by name)."""
+    chosen = f.qemu if names == "qemu" else f.libvirt
+    if chosen is not None:
+        return chosen
+    return f"[{f.name if names == 'qemu' else (f.qemu or f.name)}]"
+
+
+_MARK = {"kvm-pv": "", "plain": "", "dynamic": "~", "unsettable": "!"}
+
+
+def _unnamed(table: CpuidTable, reg: Registry, leaf: int, sub: int, r: Register) -> int:
+    known = 0
+    for f in reg.in_word(leaf, sub, r):
+        known |= f.mask
+    return table.get(leaf, sub, r) & ~known
+
+
+def render_table(table: CpuidTable, reg: Registry, names: str, source: str) -> str:
+    """Decoded fields, then the set features of each register, wrapped to 80 columns."""
+    lines = [f"source        {source}", *_field_lines(table)]
+    present = {id(f) for f in reg.present(table)}
+    for leaf, sub, r in reg.words():
+        feats = [f for f in reg.in_word(leaf, sub, r) if id(f) in present]
+        extra = _unnamed(table, reg, leaf, sub, r) if feats else 0
+        if not feats:
+            continue
+        title = f"CPUID.{leaf:02X}H" + (f".{sub}" if sub else "") + f":{r.upper()}"
+        count = f"{len(feats)} of {len(reg.in_word(leaf, sub, r))} named bits set"
+        if extra:
+            count += f", unnamed {extra:#010x}"
+        lines.append("")
+        lines.append(f"{title}  ({count})")
+        words = " ".join(_label(f, names) + _MARK[f.kind] for f in feats)
+        lines.extend(_wrap(words, "  ", "  "))
+    lines.append("")
+    lines.append(
+        f"~ follows guest state   ! no QEMU/libvirt name sets it   "
+        f"[x] unknown to {'QEMU' if names == 'qemu' else 'libvirt'}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, first: str, rest: str) -> list[str]:
+    # Feature names contain hyphens and must never be split across lines.
+    return textwrap.wrap(
+        text,
+        WIDTH,
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+
+
+def _human(n: int) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            value = n / size
+            return f"{value:g} {unit}" if value != int(value) else f"{int(value)} {unit}"
+    return f"{n} B"
+
+
+def _hex(v: int | None) -> str:
+    return "-" if v is None else f"{v:#x}"
+
+
+def _field_lines(table: CpuidTable) -> list[str]:
+    from kvmcpuid_virt.cpuid import fields
+
+    out = [f"vendor        {fields.vendor(table) or '-'}"]
+    brand = fields.brand_string(table)
+    out.append(f"brand         {brand if brand else '-'}")
+    sig = fields.signature(table)
+    if sig is not None:
+        out.append(
+            f"signature     family {sig.family:#x} model {sig.model:#x} stepping {sig.stepping}"
+            f" ({sig.family}/{sig.model}/{sig.stepping}, eax {sig.raw:#010x})"
+        )
+    out.append(
+        f"max leaves    basic {_hex(fields.max_basic_leaf(table))}, "
+        f"extended {_hex(fields.max_extended_leaf(table))}, "
+        f"hypervisor {_hex(fields.max_hypervisor_leaf(table))}"
+    )
+    hv = fields.hypervisor_signature(table)
+    if hv:
+        out.append(f"hypervisor    {hv}")
+    addr = fields.address_sizes(table)
+    if addr is not None:
+        out.append(f"address bits  {addr.physical} physical, {addr.virtual} virtual")
+    xs = fields.xsave(table)
+    if xs is not None:
+        out.append(
+            f"xsave         xcr0 {xs.xcr0_mask:#x} xss {xs.xss_mask:#x}; bytes: "
+            f"max {xs.max_size}, enabled {xs.enabled_size}, compacted {xs.compacted_size}"
+        )
+    cache_text = ", ".join(
+        f"L{c.level}{ {'data': 'd', 'instruction': 'i'}.get(c.type, '') } {_human(c.size)} "
+        f"{c.ways}-way/{c.shared_by}"
+        for c in fields.caches(table)
+    )
+    if cache_text:
+        out.extend(_wrap(cache_text, "caches        ", " " * 14))
+    topo = fields.topology(table)
+    if topo:
+        leaf = topo[0].leaf
+        text = ", ".join(f"{t.type} shift {t.shift}" for t in topo)
+        out.append(f"topology      {text} (leaf {leaf:#x})")
+    return out
+
+
+def render_json(table: CpuidTable, reg: Registry, names: str, source: str) -> str:
+    from kvmcpuid_virt.cpuid import fields
+
+    feats: list[dict[str, Any]] = [
+        {
+            "name": (f.qemu if names == "qemu" else f.libvirt) or f.name,
+            "qemu": f.qemu,
+            "libvirt": f.libvirt,
+            "kind": str(f.kind),
+            "leaf": f"{f.leaf:#x}",
+            "subleaf": f.subleaf,
+            "reg": f.reg,
+            "bit": f.bit,
+        }
+        for f in reg.present(table)
+    ]
+    unnamed = []
+    for leaf, sub, r in reg.words():
+        extra = _unnamed(table, reg, leaf, sub, r)
+        if extra:
+            unnamed.append({"leaf": f"{leaf:#x}", "subleaf": sub, "reg": r, "mask": f"{extra:#x}"})
+    doc = {
+        "source": source,
+        "fields": fields.decode(table),
+        "features": feats,
+        "unnamed_bits": unnamed,
+    }
+    return json.dumps(doc, indent=2) + "\n"
