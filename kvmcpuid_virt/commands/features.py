@@ -156,8 +156,8 @@ def _field_lines(table: CpuidTable) -> list[str]:
     xs = fields.xsave(table)
     if xs is not None:
         out.append(
-            f"xsave         xcr0 {xs.xcr0_mask:#x} xss {xs.xss_mask:#x}; bytes: "
-            f"max {xs.max_size}, enabled {xs.enabled_size}, compacted {xs.compacted_size}"
+            f"xsave         xcr0 {xs.xcr0_mask:#x} xss {xs.xss_mask:#x}; max {xs.max_size}, "
+            f"enabled {xs.enabled_size}, compact {xs.compacted_size} bytes"
         )
     cache_text = ", ".join(
         f"L{c.level}{ {'data': 'd', 'instruction': 'i'}.get(c.type, '') } {_human(c.size)} "
