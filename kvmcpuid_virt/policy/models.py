@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 CPU_MAP_DIR: Final = "/usr/share/libvirt/cpu_map"
 QEMU_BINARY: Final = "qemu-system-x86_64"
 QMP_TIMEOUT: Final = 60.0
-_CACHE_VERSION: Final = 1
+_CACHE_VERSION: Final = 2
 
 Source = Literal["cpu_map", "qemu"]
 
@@ -173,6 +174,8 @@ class QemuInfo:
                  this QEMU accepts in -cpu, all spellings);
     host:        the `host` model's full expansion under KVM (empty under TCG);
     definitions: query-cpu-definitions: name -> unavailable features here.
+    undeliverable: features QEMU lists for `host` but cannot set up a vCPU
+                 with on this host (feature -> QEMU's error), see trial_start.
     """
 
     binary: str
@@ -180,6 +183,7 @@ class QemuInfo:
     props: frozenset[str]
     host: Mapping[str, bool]
     definitions: Mapping[str, tuple[str, ...]]
+    undeliverable: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def expand(self, name: str) -> frozenset[str]:
         """The feature properties a named model turns on (cached per model)."""
@@ -200,6 +204,48 @@ class QemuInfo:
             doc.setdefault("models", {})[name] = on
             _write_cache(cache_name, doc)
         return frozenset(on)
+
+
+# MSRs whose existence a CPUID feature announces, so that QEMU writes them
+# when it creates the vCPU: "failed to set MSR 0x10a" means the feature that
+# enumerates the MSR cannot be given. (IA32_ARCH_CAPABILITIES is enumerated by
+# CPUID.7.0:EDX[29]; seen on this nested AMD host with QEMU 7.2 and Linux
+# 6.18: KVM lists the bit and the MSR, then refuses QEMU's write to it.)
+_MSR_FEATURE: Final = {0x10A: "arch-capabilities"}
+_MSR_FAIL = re.compile(r"failed to set MSR (0x[0-9a-fA-F]+)")
+TRIAL_LIMIT: Final = 4
+
+
+def trial_start(binary: str) -> dict[str, str]:
+    """Start `-cpu host` for real (a pc machine, stopped before the first
+    instruction) and learn which features QEMU's host expansion lists but
+    cannot set up a vCPU with. Bounded: at most TRIAL_LIMIT starts, each
+    within QMP_TIMEOUT. Returns feature -> QEMU's error line."""
+    off: dict[str, str] = {}
+    for _ in range(TRIAL_LIMIT):
+        cpu = ",".join(["host", *(f"{f}=off" for f in sorted(off))])
+        argv = [
+            binary, "-machine", "pc,accel=kvm", "-cpu", cpu, "-nodefaults", "-display", "none",
+            "-no-user-config", "-S", "-qmp", "stdio",
+        ]  # fmt: skip
+        quit_ = '{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
+        try:
+            proc = subprocess.run(
+                argv, input=quit_, capture_output=True, text=True, timeout=QMP_TIMEOUT,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("trial start of %s failed: %s", binary, exc)
+            return off
+        if proc.returncode == 0:
+            return off
+        m = _MSR_FAIL.search(proc.stderr)
+        feature = _MSR_FEATURE.get(int(m.group(1), 16)) if m else None
+        if feature is None or feature in off:
+            log.warning("%s -cpu %s does not start: %s", binary, cpu, proc.stderr.strip()[-200:])
+            return off
+        off[feature] = m.group(0) if m else ""
+    return off
 
 
 def _qemu_key(binary: str) -> str:
@@ -230,6 +276,7 @@ def qemu_info(binary: str | None = None) -> QemuInfo:
         )  # fmt: skip
         defs, expansion = qmp(binary, cmds, accel)
         props = _bool_props(expansion)
+        undeliverable = trial_start(binary) if accel == "kvm" else {}
         doc = {
             "version": _CACHE_VERSION,
             "key": key,
@@ -242,6 +289,7 @@ def qemu_info(binary: str | None = None) -> QemuInfo:
                 if isinstance(d, dict) and "name" in d
             },
             "models": {},
+            "undeliverable": undeliverable,
         }
         _write_cache(name, doc)
     return QemuInfo(
@@ -250,6 +298,7 @@ def qemu_info(binary: str | None = None) -> QemuInfo:
         props=frozenset(doc["props"]),
         host=dict(doc["host"]),
         definitions={k: tuple(v) for k, v in doc["definitions"].items()},
+        undeliverable=dict(doc.get("undeliverable", {})),
     )
 
 

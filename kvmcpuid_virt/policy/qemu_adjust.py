@@ -138,7 +138,12 @@ class Difference:
     reason: str
 
 
-def _reason(name: str, ours: bool, qemu: bool) -> str:
+def _reason(name: str, ours: bool, qemu: bool, undeliverable: Mapping[str, str]) -> str:
+    if qemu and not ours and name in undeliverable:
+        return (
+            "QEMU's host expansion lists it, but QEMU cannot create a vCPU with it "
+            f"on this host ({undeliverable[name]}); models.trial_start found that out"
+        )
     if ours and not qemu:
         if name in NO_AUTOENABLE:
             return "supported but not auto-enabled by QEMU (no_autoenable_flags); =on is accepted"
@@ -148,7 +153,10 @@ def _reason(name: str, ours: bool, qemu: bool) -> str:
 
 
 def cross_check(
-    supported: Iterable[str], qemu_host: Mapping[str, bool], known: Iterable[str]
+    supported: Iterable[str],
+    qemu_host: Mapping[str, bool],
+    known: Iterable[str],
+    undeliverable: Mapping[str, str] | None = None,
 ) -> list[Difference]:
     """Differences between the features we call supported (qemu_supported
     applied, canonical QEMU names) and QEMU's `host` expansion props, over the
@@ -160,5 +168,6 @@ def cross_check(
         mine = name in ours
         theirs = bool(qemu_host.get(name, False))
         if mine != theirs:
-            diffs.append(Difference(name, mine, theirs, _reason(name, mine, theirs)))
+            reason = _reason(name, mine, theirs, undeliverable or {})
+            diffs.append(Difference(name, mine, theirs, reason))
     return diffs

@@ -17,12 +17,16 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmcpuid_virt.cpuid.features import Feature, FeatureKind, Registry, registry
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import PolicyError, ToolError, UnsupportedFeatureError
 from kvmcpuid_virt.policy import qemu_adjust
 from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
+
+if TYPE_CHECKING:
+    from kvmcpuid_virt.policy.models import QemuInfo
 
 __all__ = [
     "SETTABLE_KINDS",
@@ -58,13 +62,13 @@ class Policy:
     cpu_map: str | Path | None = None  # None: the installed one
 
 
-def _qemu_props(policy: Policy) -> frozenset[str] | None:
-    """Feature property names the QEMU binary accepts (cached), or None when
-    there is no QEMU here (building from a dump on a machine without it)."""
+def _qemu(policy: Policy) -> QemuInfo | None:
+    """What the QEMU binary says (cached), or None when there is no QEMU here
+    (building from a dump on a machine without it)."""
     from kvmcpuid_virt.policy import models
 
     try:
-        return models.qemu_info(policy.qemu).props
+        return models.qemu_info(policy.qemu)
     except ToolError as exc:
         log.debug("no QEMU to ask for its feature names: %s", exc)
         return None
@@ -182,10 +186,17 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "") -> 
     """The CpuConfig for `table` (KVM's supported CPUID, live or from a dump)
     under `policy`."""
     reg = registry()
-    qemu_props = _qemu_props(policy)
+    qemu = _qemu(policy)
+    qemu_props = qemu.props if qemu is not None else None
     supported_table = qemu_adjust.qemu_supported(table, kernel_irqchip=policy.kernel_irqchip)
     relevant = {f.name: f for f in relevant_features(reg, qemu_props)}
     supported = supported_features(reg, supported_table, relevant.values())
+    if qemu is not None and source == "/dev/kvm":
+        # Only this host's QEMU start trial speaks for this host's KVM.
+        supported -= set(qemu.undeliverable)
+        for name in qemu.undeliverable:
+            log.info("%s: QEMU cannot set up a vCPU with it here (%s)", name,
+                     qemu.undeliverable[name])  # fmt: skip
     vendor = vendor_of(table)
     # What `host` turns on by itself (see qemu_adjust for why these stay off).
     host_default = supported - qemu_adjust.NO_AUTOENABLE - qemu_adjust.UNMIGRATABLE
