@@ -13,6 +13,7 @@ KvmcpuidError                  anything this package raises on purpose; the CLI
 ├── InputError                 bad user input: a dump, an XML file, a name
 │   ├── DumpFormatError        a dump that cannot be parsed (names file and line)
 │   └── UnknownFeatureError    a feature name that is not in the registry
+├── OutputError                an output file that cannot be written
 ├── PolicyError                a configuration that cannot be built
 │   └── UnsupportedFeatureError  a requested feature the host cannot give
 ├── ToolError                  QEMU or libvirt misbehaved or is missing
@@ -34,6 +35,7 @@ __all__ = [
     "KvmUnavailableError",
     "KvmcpuidError",
     "NotKvmDeviceError",
+    "OutputError",
     "PolicyError",
     "ProbeError",
     "ProbeTimeoutError",
@@ -102,6 +104,10 @@ class UnknownFeatureError(InputError):
         super().__init__(f"unknown feature {name!r}{hint}")
         self.name = name
         self.suggestions = tuple(suggestions)
+
+
+class OutputError(KvmcpuidError):
+    pass
 
 
 class PolicyError(KvmcpuidError):

@@ -3,8 +3,8 @@ and the fingerprint caches are keyed by."""
 
 from __future__ import annotations
 
-import datetime
 import os
+import time
 
 from kvmcpuid_virt import __version__
 
@@ -33,7 +33,7 @@ def host_metadata(kvm_api_version: int | None = None) -> dict[str, str]:
         "cpu_model": cpuinfo_field("model name"),
         "cpu_vendor": cpuinfo_field("vendor_id"),
         "microcode": cpuinfo_field("microcode"),
-        "time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tool_version": __version__,
         "hostname": os.uname().nodename,
     }

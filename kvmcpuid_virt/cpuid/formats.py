@@ -10,11 +10,8 @@ file and line of the first problem as a DumpFormatError.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 from collections.abc import Mapping
-from typing import Any, Final, Literal
 
 from kvmcpuid_virt.cpuid.table import (
     INDEXED_LEAVES,
@@ -24,6 +21,12 @@ from kvmcpuid_virt.cpuid.table import (
     EntryFlag,
 )
 from kvmcpuid_virt.errors import DumpFormatError
+
+# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
+# benchmarks/bench_dump.py); mypy treats this name as always true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Final, Literal
 
 __all__ = [
     "FORMATS",
@@ -38,9 +41,10 @@ __all__ = [
     "sniff",
 ]
 
-Format = Literal["json", "cpudata", "cpuid"]
+if TYPE_CHECKING:
+    Format = Literal["json", "cpudata", "cpuid"]
+    DumpKind = Literal["supported", "emulated", "cpu", "guest", "config"]
 FORMATS: Final[tuple[Format, ...]] = ("json", "cpudata", "cpuid")
-DumpKind = Literal["supported", "emulated", "cpu", "guest", "config"]
 _KINDS: Final = ("supported", "emulated", "cpu", "guest", "config")
 JSON_FORMAT_NAME: Final = "kvmcpuid-dump"
 JSON_FORMAT_VERSION: Final = 1
@@ -50,14 +54,40 @@ _U32: Final = 0xFFFF_FFFF
 MAX_ENTRIES: Final = 4096
 
 
-@dataclasses.dataclass(frozen=True)
 class Dump:
-    """A CPUID table and what is known about where it came from."""
+    """A CPUID table and what is known about where it came from: the kind of
+    table and the host metadata (kernel, KVM API, CPU, microcode, ...)."""
 
-    table: CpuidTable
-    kind: DumpKind = "supported"
-    host: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    source: str = "<memory>"
+    __slots__ = ("host", "kind", "source", "table")
+
+    def __init__(
+        self,
+        table: CpuidTable,
+        kind: DumpKind = "supported",
+        host: Mapping[str, str] | None = None,
+        source: str = "<memory>",
+    ) -> None:
+        self.table = table
+        self.kind: DumpKind = kind
+        self.host: dict[str, str] = dict(host or {})
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"Dump({self.table!r}, kind={self.kind!r}, source={self.source!r})"
+
+
+def __getattr__(name: str) -> object:
+    # Typing-only aliases (see TYPE_CHECKING above), for run-time importers.
+    # Check the name first: the import system probes attributes like __path__.
+    if name == "Format":
+        from typing import Literal
+
+        return Literal["json", "cpudata", "cpuid"]
+    if name == "DumpKind":
+        from typing import Literal
+
+        return Literal["supported", "emulated", "cpu", "guest", "config"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _flags_for(function: int) -> EntryFlag:
@@ -75,11 +105,11 @@ def sniff(text: str) -> Format:
 
 def load(path: str) -> Dump:
     """Read a dump in any supported format (`-` is standard input)."""
-    import sys
-
     name = "<stdin>" if path == "-" else path
     try:
         if path == "-":
+            import sys
+
             text = sys.stdin.read()
         else:
             with open(path, encoding="utf-8") as f:
@@ -127,7 +157,7 @@ def _dump_json(dump: Dump) -> str:
     lines.append('  "entries": [')
     rows = []
     for e in dump.table:
-        row = {
+        row: dict[str, str] = {
             "function": f"{e.function:#010x}",
             "index": f"{e.index:#04x}",
             "flags": f"{int(e.flags):#x}",
@@ -150,12 +180,20 @@ def _entry_line(text: str, n: int) -> int | None:
     return text.count("\n", 0, pos) + 1
 
 
+_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
+
+
+def _is_hex(text: str) -> bool:
+    digits = text[2:] if text[:2] in ("0x", "0X") else text
+    return 0 < len(digits) <= 16 and all(c in _HEX_DIGITS for c in digits)
+
+
 def _hex32(value: Any, what: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected a hex string, got {value!r}")
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and re.fullmatch(r"(0[xX])?[0-9a-fA-F]{1,8}", value.strip()):
+    elif isinstance(value, str) and _is_hex(value.strip()):
         number = int(value.strip(), 16)
     else:
         raise ValueError(f"{what}: expected a hex string like '0x1f', got {value!r}")
@@ -224,15 +262,20 @@ def _load_json(text: str, source: str) -> Dump:
 # --- libvirt <cpudata> --------------------------------------------------------
 
 
+def _line(el: Any) -> int | None:
+    line = el.sourceline
+    return line if isinstance(line, int) else None
+
+
 def _load_cpudata(text: str, source: str) -> Dump:
     from kvmcpuid_virt.xmlutil import parse_xml
 
     root = parse_xml(text, source)
     if root.tag != "cpudata":
-        raise DumpFormatError(source, root.sourceline, f"expected <cpudata>, found <{root.tag}>")
+        raise DumpFormatError(source, _line(root), f"expected <cpudata>, found <{root.tag}>")
     arch = root.get("arch")
     if arch not in (None, "x86"):
-        raise DumpFormatError(source, root.sourceline, f"arch {arch!r} is not x86")
+        raise DumpFormatError(source, _line(root), f"arch {arch!r} is not x86")
     entries = []
     for el in root:
         if not isinstance(el.tag, str):
@@ -240,16 +283,16 @@ def _load_cpudata(text: str, source: str) -> Dump:
         if el.tag == "msr":
             continue  # MSR values are not CPUID; libvirt keeps them beside it
         if el.tag != "cpuid":
-            raise DumpFormatError(source, el.sourceline, f"unexpected element <{el.tag}>")
+            raise DumpFormatError(source, _line(el), f"unexpected element <{el.tag}>")
         try:
             function = _hex32(_required(el, "eax_in"), "eax_in")
             index = _hex32(el.get("ecx_in", "0"), "ecx_in")
             regs = {r: _hex32(el.get(r, "0"), r) for r in REGISTERS}
         except ValueError as exc:
-            raise DumpFormatError(source, el.sourceline, str(exc)) from None
+            raise DumpFormatError(source, _line(el), str(exc)) from None
         entries.append(CpuidEntry(function, index, _flags_for(function), **regs))
         if len(entries) > MAX_ENTRIES:
-            raise DumpFormatError(source, el.sourceline, f"more than {MAX_ENTRIES} entries")
+            raise DumpFormatError(source, _line(el), f"more than {MAX_ENTRIES} entries")
     return Dump(CpuidTable(entries), "cpu", {}, source)
 
 
@@ -265,40 +308,39 @@ def _dump_cpudata(dump: Dump) -> str:
 
     root = etree.Element("cpudata", arch="x86")
     for e in dump.table:
-        etree.SubElement(
-            root,
-            "cpuid",
-            eax_in=f"{e.function:#010x}",
-            ecx_in=f"{e.index:#04x}",
-            **{r: f"{e.reg(r):#010x}" for r in REGISTERS},
-        )
+        attrs: dict[str, str] = {"eax_in": f"{e.function:#010x}", "ecx_in": f"{e.index:#04x}"}
+        attrs.update((r, f"{e.reg(r):#010x}") for r in REGISTERS)
+        etree.SubElement(root, "cpuid", attrs)
     out: bytes = etree.tostring(root, pretty_print=True, encoding="utf-8")
     return out.decode()
 
 
 # --- `cpuid -1r` text -----------------------------------------------------------
 
-_CPUID_LINE: Final = re.compile(
+_CPUID_LINE: Final = (
     r"^\s*(0x[0-9a-fA-F]{1,8})\s+(0x[0-9a-fA-F]{1,8}):"
     r"\s+eax=(0x[0-9a-fA-F]{1,8})\s+ebx=(0x[0-9a-fA-F]{1,8})"
     r"\s+ecx=(0x[0-9a-fA-F]{1,8})\s+edx=(0x[0-9a-fA-F]{1,8})\s*$"
 )
-_CPU_HEADER: Final = re.compile(r"^CPU(\s+\d+)?:\s*$")
+_CPU_HEADER: Final = r"^CPU(\s+\d+)?:\s*$"
 
 
 def _load_cpuid_text(text: str, source: str) -> Dump:
     """Reads the first CPU's block; `cpuid -r` without -1 prints one per CPU."""
+    import re
+
+    cpuid_line, cpu_header = re.compile(_CPUID_LINE), re.compile(_CPU_HEADER)
     entries = []
     seen_header = False
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        if _CPU_HEADER.match(line.strip()):
+        if cpu_header.match(line.strip()):
             if seen_header:
                 break
             seen_header = True
             continue
-        m = _CPUID_LINE.match(line)
+        m = cpuid_line.match(line)
         if not m:
             raise DumpFormatError(
                 source, lineno, "expected '0xLEAF 0xSUB: eax=0x... ebx=0x... ecx=0x... edx=0x...'"

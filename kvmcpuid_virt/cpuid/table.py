@@ -3,10 +3,14 @@ came from (KVM, a dump, a guest's answer)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
 from enum import IntFlag
-from typing import Final, Literal
+
+# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
+# benchmarks/bench_dump.py); mypy treats this name as always true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final, Literal
 
 __all__ = [
     "INDEXED_LEAVES",
@@ -17,8 +21,19 @@ __all__ = [
     "Register",
 ]
 
-Register = Literal["eax", "ebx", "ecx", "edx"]
+if TYPE_CHECKING:
+    Register = Literal["eax", "ebx", "ecx", "edx"]
 REGISTERS: Final[tuple[Register, ...]] = ("eax", "ebx", "ecx", "edx")
+
+
+def __getattr__(name: str) -> object:
+    # Register is a typing-only alias here (see TYPE_CHECKING above); modules
+    # that import it at run time still get the real Literal.
+    if name == "Register":
+        from typing import Literal
+
+        return Literal["eax", "ebx", "ecx", "edx"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 _U32: Final = 0xFFFF_FFFF
 
 # Leaves whose answer depends on ECX (the subleaf). KVM marks exactly these
@@ -42,27 +57,71 @@ class EntryFlag(IntFlag):
     STATE_READ_NEXT = 1 << 2
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class CpuidEntry:
-    """One CPUID answer: inputs (function = EAX, index = ECX), flags, outputs."""
+    """One CPUID answer: inputs (function = EAX, index = ECX), flags, outputs.
+
+    Immutable and validated. A plain slotted class rather than a dataclass:
+    `kvmcpuid dump` must start fast, and dataclasses pulls in inspect."""
+
+    __slots__ = ("eax", "ebx", "ecx", "edx", "flags", "function", "index")
 
     function: int
-    index: int = 0
-    flags: EntryFlag = EntryFlag.NONE
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
+    index: int
+    flags: EntryFlag
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
 
-    def __post_init__(self) -> None:
-        for name in ("function", "index", *REGISTERS):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U32:
+    def __init__(
+        self,
+        function: int,
+        index: int = 0,
+        flags: EntryFlag | int = EntryFlag.NONE,
+        eax: int = 0,
+        ebx: int = 0,
+        ecx: int = 0,
+        edx: int = 0,
+    ) -> None:
+        values = (function, index, eax, ebx, ecx, edx)
+        for name, value in zip(("function", "index", *REGISTERS), values, strict=True):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U32:
                 raise ValueError(f"{name}={value!r} is not a 32-bit unsigned value")
-        if not 0 <= int(self.flags) <= 7:
-            raise ValueError(f"flags={int(self.flags):#x} has unknown bits")
-        if not isinstance(self.flags, EntryFlag):
-            object.__setattr__(self, "flags", EntryFlag(self.flags))
+        if not 0 <= int(flags) <= 7:
+            raise ValueError(f"flags={int(flags):#x} has unknown bits")
+        setter = object.__setattr__
+        setter(self, "function", int(function))
+        setter(self, "index", int(index))
+        setter(self, "flags", EntryFlag(flags))
+        setter(self, "eax", int(eax))
+        setter(self, "ebx", int(ebx))
+        setter(self, "ecx", int(ecx))
+        setter(self, "edx", int(edx))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CpuidEntry is immutable (tried to set {name})")
+
+    def _tuple(self) -> tuple[int, int, int, int, int, int, int]:
+        return (self.function, self.index, int(self.flags), self.eax, self.ebx, self.ecx,
+                self.edx)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CpuidEntry):
+            return NotImplemented
+        return self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        return (
+            f"CpuidEntry({self.function:#x}, {self.index:#x}, {self.flags!r}, "
+            f"eax={self.eax:#010x}, ebx={self.ebx:#010x}, ecx={self.ecx:#010x}, "
+            f"edx={self.edx:#010x})"
+        )
+
+    def __reduce__(self) -> tuple[type[CpuidEntry], tuple[int, ...]]:
+        return (CpuidEntry, self._tuple())
 
     @property
     def key(self) -> tuple[int, int]:
@@ -80,13 +139,21 @@ class CpuidEntry:
         return (self.eax, self.ebx, self.ecx, self.edx)
 
     def replace(self, **changes: int) -> CpuidEntry:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        fields = {
+            "function": self.function, "index": self.index, "flags": self.flags,
+            "eax": self.eax, "ebx": self.ebx, "ecx": self.ecx, "edx": self.edx,
+        }
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"CpuidEntry has no field(s) {sorted(unknown)}")
+        fields.update(changes)
+        return CpuidEntry(**fields)
 
 
 class CpuidTable:
     """An ordered, immutable collection of CpuidEntry with CPUID lookup rules."""
 
-    __slots__ = ("_entries", "_exact", "_any")
+    __slots__ = ("_any", "_entries", "_exact")
 
     def __init__(self, entries: Iterable[CpuidEntry] = ()) -> None:
         self._entries: tuple[CpuidEntry, ...] = tuple(entries)

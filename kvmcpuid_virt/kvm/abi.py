@@ -8,16 +8,27 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from typing import Final
+
+# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
+# benchmarks/bench_dump.py); mypy treats this name as always true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "EXIT_REASONS",
     "KVMIO",
     "KVM_API_VERSION",
+    "KVM_EXIT_IO_IN",
+    "KVM_EXIT_IO_OUT",
     "KVM_MAX_CPUID_ENTRIES",
+    "KVM_MEM_READONLY",
+    "KVM_SIGSET_BYTES",
     "Cap",
     "ExitReason",
     "Ioctl",
+    "kvm_coalesced_mmio",
+    "kvm_coalesced_mmio_zone",
     "kvm_cpuid2",
     "kvm_cpuid_entry2",
     "kvm_dtable",
@@ -94,7 +105,7 @@ def _kvm_cpuid2_type(n: int) -> type[ctypes.Structure]:
 def make_kvm_cpuid2(n: int) -> ctypes.Structure:
     """A zeroed kvm_cpuid2 with room for n entries and nent = n."""
     buf = _kvm_cpuid2_type(n)()
-    buf.nent = n  # type: ignore[attr-defined]
+    buf.nent = n
     return buf
 
 
@@ -113,6 +124,33 @@ class kvm_userspace_memory_region(ctypes.Structure):
     ]
 
 
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    """struct kvm_coalesced_mmio_zone { __u64 addr; __u32 size;
+        union { __u32 pad; __u32 pio; }; };"""
+
+    _fields_ = [
+        ("addr", ctypes.c_uint64),
+        ("size", ctypes.c_uint32),
+        ("pio", ctypes.c_uint32),
+    ]
+
+
+class kvm_coalesced_mmio(ctypes.Structure):
+    """One ring entry: struct kvm_coalesced_mmio { __u64 phys_addr; __u32 len;
+        union { __u32 pad; __u32 pio; }; __u8 data[8]; };
+
+    The ring (struct kvm_coalesced_mmio_ring { __u32 first, last; entries[]; })
+    fills one page at page KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO) of the
+    vcpu mmap; the kernel appends at `last`, userspace consumes from `first`."""
+
+    _fields_ = [
+        ("phys_addr", ctypes.c_uint64),
+        ("len", ctypes.c_uint32),
+        ("pio", ctypes.c_uint32),
+        ("data", ctypes.c_uint8 * 8),
+    ]
+
+
 class kvm_regs(ctypes.Structure):
     """struct kvm_regs { __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
         __u64 r8, ..., r15; __u64 rip, rflags; };"""
@@ -120,7 +158,9 @@ class kvm_regs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_uint64)
         for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+            *("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"),
+            *("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"),
+            *("rip", "rflags"),
         )
     ]
 
@@ -162,10 +202,13 @@ class kvm_sregs(ctypes.Structure):
         __u64 interrupt_bitmap[(KVM_NR_INTERRUPTS + 63) / 64]; };"""
 
     _fields_ = [
-        *((name, kvm_segment) for name in "cs ds es fs gs ss tr ldt".split()),
+        *((name, kvm_segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
         ("gdt", kvm_dtable),
         ("idt", kvm_dtable),
-        *((name, ctypes.c_uint64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()),
+        *(
+            (name, ctypes.c_uint64)
+            for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+        ),
         ("interrupt_bitmap", ctypes.c_uint64 * 4),
     ]
 
@@ -232,6 +275,14 @@ class Ioctl:
     SET_SREGS: Final = _ioc(_IOC_WRITE, 0x84, ctypes.sizeof(kvm_sregs))
     SET_CPUID2: Final = _ioc(_IOC_WRITE, 0x90, ctypes.sizeof(kvm_cpuid2))
     GET_CPUID2: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x91, ctypes.sizeof(kvm_cpuid2))
+    REGISTER_COALESCED_MMIO: Final = _ioc(
+        _IOC_WRITE, 0x67, ctypes.sizeof(kvm_coalesced_mmio_zone)
+    )
+    UNREGISTER_COALESCED_MMIO: Final = _ioc(
+        _IOC_WRITE, 0x68, ctypes.sizeof(kvm_coalesced_mmio_zone)
+    )
+    # struct kvm_signal_mask { __u32 len; __u8 sigset[]; }: 4 bytes of header.
+    SET_SIGNAL_MASK: Final = _ioc(_IOC_WRITE, 0x8B, 4)
 
     @classmethod
     def name(cls, request: int) -> str:
@@ -250,6 +301,10 @@ class Cap:
     SET_TSS_ADDR: Final = 4
     MAX_VCPUS: Final = 66
     EXT_EMUL_CPUID: Final = 95
+    COALESCED_MMIO: Final = 15
+    READONLY_MEM: Final = 81
+    COALESCED_PIO: Final = 162
+    IMMEDIATE_EXIT: Final = 136
 
 
 class ExitReason:
@@ -272,3 +327,8 @@ EXIT_REASONS: Final = {
 }
 
 KVM_EXIT_IO_OUT: Final = 1
+KVM_EXIT_IO_IN: Final = 0
+# kvm_userspace_memory_region.flags: guest writes become KVM_EXIT_MMIO.
+KVM_MEM_READONLY: Final = 1 << 1
+# The kernel's sigset_t for KVM_SET_SIGNAL_MASK on x86-64: 64 signals, 8 bytes.
+KVM_SIGSET_BYTES: Final = 8

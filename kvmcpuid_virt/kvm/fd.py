@@ -3,21 +3,30 @@ one place where ioctl errno values become exceptions."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
 
 from kvmcpuid_virt.errors import KvmIoctlError
 from kvmcpuid_virt.kvm.abi import Ioctl
+
+# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
+# benchmarks/bench_dump.py); mypy treats this name as always true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Self
 
 __all__ = ["IoctlFn", "KvmFd", "ioctl_error"]
 
 # (fd, request, arg) -> int; fcntl.ioctl in production, a simulated kernel in
 # the tests that exercise behaviours this machine's kernel does not have.
-IoctlFn = Callable[[int, int, Any], int]
+if TYPE_CHECKING:
+    IoctlFn = Callable[[int, int, Any], int]
+else:
+    IoctlFn = Callable
 
 
 def _real_ioctl(fd: int, request: int, arg: Any) -> int:
@@ -48,6 +57,9 @@ def ioctl_error(request: int, exc: OSError) -> KvmIoctlError:
 
 class KvmFd:
     """Owns one file descriptor (O_CLOEXEC); a context manager that closes it."""
+
+    # Class default so close() and __del__ work on a half-constructed object.
+    _fd: int | None = None
 
     def __init__(self, fd: int, ioctl: IoctlFn | None = None) -> None:
         self._fd: int | None = fd
@@ -87,7 +99,5 @@ class KvmFd:
 
     def __del__(self) -> None:
         # A forgotten close must not leak the fd; errors here have nowhere to go.
-        try:
+        with contextlib.suppress(OSError):
             self.close()
-        except OSError:
-            pass

@@ -1,0 +1,150 @@
+"""`kvmcpuid` and `kvmcpuid-qemu-flags`: argument parsing and error handling.
+
+Each subcommand lives in kvmcpuid_virt/commands/<module>.py with
+`add_parser(subparsers)` and `run(args) -> int`. Only the module of the
+command being run is imported, so `kvmcpuid dump` never pays for lxml,
+libvirt or the feature registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
+# benchmarks/bench_dump.py); mypy treats this name as always true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Final
+
+__all__ = ["COMMANDS", "main", "qemu_flags_main"]
+
+PROG: Final = "kvmcpuid"
+EXIT_ERROR: Final = 2
+EXIT_INTERRUPTED: Final = 130
+
+# command -> (module in kvmcpuid_virt.commands, one-line summary)
+COMMANDS: Final[dict[str, tuple[str, str]]] = {
+    "dump": ("dump", "write this host's supported (or emulated) CPUID table"),
+    "features": ("features", "list the named CPUID features of this host or a dump"),
+    "qemu-flags": ("qemu_flags", "print QEMU -cpu flags for a CPU configuration"),
+    "libvirt-xml": ("libvirt_xml", "print or patch a libvirt <cpu> element"),
+    "verify": ("verify", "boot a probe guest and check the CPUID it sees"),
+    "baseline": ("baseline", "the configuration every given host can run"),
+    "diff": ("diff", "named per-bit differences between two dumps or configurations"),
+}
+
+
+def _load(module: str) -> object | None:
+    try:
+        return importlib.import_module(f"kvmcpuid_virt.commands.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"kvmcpuid_virt.commands.{module}":
+            return None  # not built yet in this version
+        raise
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "commands")
+    return {
+        name: spec
+        for name, spec in COMMANDS.items()
+        if os.path.exists(os.path.join(here, spec[0] + ".py"))
+    }
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        # argparse would import shutil (~2 ms) just for the terminal width.
+        try:
+            width = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size().columns
+        except (ValueError, OSError):
+            width = 80
+        super().__init__(prog, width=max(width - 2, 40))
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    from kvmcpuid_virt import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="What this host's KVM can give a guest: named, rendered for QEMU "
+        "and libvirt, and verified inside a booted guest.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeatable)")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    for name, (module, summary) in _available().items():
+        if name == command:
+            mod = _load(module)
+            add: Callable[[argparse._SubParsersAction[_Parser]], None]
+            add = mod.add_parser  # type: ignore[attr-defined]
+            add(sub)
+        else:
+            # Other commands appear in --help without importing their modules.
+            sub.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def _setup_logging(prog: str, verbose: int) -> None:
+    # logging costs ~10 ms to import; without -v, warnings still reach stderr
+    # through logging's last-resort handler.
+    if verbose:
+        import logging
+
+        logging.basicConfig(
+            level=logging.WARNING - 10 * min(verbose, 2),
+            format=f"{prog}: %(levelname)s: %(message)s",
+        )
+
+
+def _run(argv: Sequence[str], prog: str, build: Callable[[], argparse.ArgumentParser]) -> int:
+    try:
+        parser = build()
+        args = parser.parse_args(argv)
+        _setup_logging(prog, getattr(args, "verbose", 0))
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `kvmcpuid ... | head`: the reader left; nothing more to say.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        from kvmcpuid_virt.errors import KvmcpuidError
+
+        if isinstance(exc, KvmcpuidError):
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), None)
+    return _run(args, PROG, lambda: _parser(command))
+
+
+def qemu_flags_main(argv: Sequence[str] | None = None) -> int:
+    """`kvmcpuid-qemu-flags`: the same as `kvmcpuid qemu-flags`, for
+    `qemu-system-x86_64 $(kvmcpuid-qemu-flags) ...`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return main(["qemu-flags", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

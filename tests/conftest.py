@@ -1,0 +1,78 @@
+"""Shared fixtures: the real /dev/kvm, the real CPU dumps, and skips with one
+clear reason each where this machine lacks a part."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmcpuid_virt.kvm import Kvm
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("KVMCPUID_DATA", REPO.parent / "shared" / "data" / "cpuid"))
+
+
+def cpu_dump_paths() -> list[Path]:
+    """The real CPU dumps (libvirt <cpudata>) shipped beside the repository."""
+    return sorted(DATA.glob("*.xml"))
+
+
+def qmp_reply_path(xml: Path) -> Path:
+    return xml.with_suffix(".json")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"no CPU dump directory at {DATA} (set KVMCPUID_DATA)")
+    return DATA
+
+
+@pytest.fixture
+def kvm() -> Iterator[Kvm]:
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine")
+    with Kvm() as k:
+        yield k
+
+
+@pytest.fixture(scope="session")
+def qemu_binary() -> str:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine (QEMU tests use -accel kvm)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn_uri() -> str:
+    """qemu:///system when a libvirtd answers there."""
+    try:
+        import libvirt
+    except ImportError:
+        pytest.skip("libvirt-python is not installed")
+    uri = os.environ.get("KVMCPUID_LIBVIRT_URI", "qemu:///system")
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        pytest.skip(f"libvirtd does not answer at {uri}: {exc}")
+    conn.close()
+    return uri
+
+
+@pytest.fixture
+def pin_cpu0() -> Iterator[None]:
+    """KVM_GET_SUPPORTED_CPUID answers for the CPU the thread runs on (APIC
+    IDs differ); pin to one CPU so repeated reads are comparable."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(old)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)

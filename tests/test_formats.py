@@ -1,0 +1,151 @@
+"""Dump formats: round trips on real CPUs' dumps and the live table, readers
+checked against independent sources (the `cpuid` tool's own output, the raw
+XML attributes), and malformed input reported with file and line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from kvmcpuid_virt.cpuid.formats import FORMATS, Dump, Format, dumps, load, loads
+from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
+from kvmcpuid_virt.errors import DumpFormatError
+from kvmcpuid_virt.kvm import Kvm
+from tests.conftest import REPO, cpu_dump_paths
+
+DUMPS = cpu_dump_paths()
+
+
+@pytest.mark.parametrize("path", DUMPS, ids=lambda p: p.stem)
+def test_cpudata_reader_matches_raw_attributes(path: Path) -> None:
+    # Independent reading: the attributes straight from the file.
+    raw = [
+        tuple(int(el.get(k, "0"), 16) for k in ("eax_in", "ecx_in", "eax", "ebx", "ecx", "edx"))
+        for el in etree.parse(str(path)).getroot().iter("cpuid")
+    ]
+    table = load(str(path)).table
+    assert [(e.function, e.index, *e.regs()) for e in table] == raw
+    assert len(table) > 10
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("path", DUMPS, ids=lambda p: p.stem)
+def test_round_trip_real_dumps(path: Path, fmt: Format) -> None:
+    dump = load(str(path))
+    again = loads(dumps(dump, fmt), f"round-trip.{fmt}")
+    assert again.table == dump.table
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_live_table_with_flags(kvm: Kvm, fmt: Format) -> None:
+    dump = Dump(kvm.supported_cpuid(), "supported", {"kernel": "x"})
+    again = loads(dumps(dump, fmt))
+    if fmt == "json":
+        assert again.table == dump.table
+        assert again.host == dump.host and again.kind == "supported"
+        return
+    # Flag-less formats restore SIGNIFICANT_INDEX from the leaf number, which
+    # KVM leaves off some all-zero indexed leaves; what CPUID answers survives.
+    assert [(e.key, e.regs()) for e in again.table] == [(e.key, e.regs()) for e in dump.table]
+    for e in dump.table:
+        for sub in (e.index, e.index + 1):
+            mine, theirs = again.table.lookup(e.function, sub), dump.table.lookup(e.function, sub)
+            if any(e2.function == e.function and e2.index == sub for e2 in dump.table):
+                assert mine is not None and theirs is not None
+                assert mine.regs() == theirs.regs()
+
+
+def test_json_is_versioned_with_hex_strings() -> None:
+    dump = Dump(CpuidTable([CpuidEntry(7, 0, EntryFlag.SIGNIFICANT_INDEX, 1, 2, 3, 4)]))
+    doc = json.loads(dumps(dump, "json"))
+    assert doc["format"] == "kvmcpuid-dump" and doc["version"] == 1
+    assert doc["entries"] == [
+        {"function": "0x00000007", "index": "0x00", "flags": "0x1",
+         "eax": "0x00000001", "ebx": "0x00000002", "ecx": "0x00000003", "edx": "0x00000004"}
+    ]
+
+
+@pytest.mark.skipif(shutil.which("cpuid") is None, reason="the `cpuid` tool is not installed")
+def test_reads_real_cpuid_tool_output() -> None:
+    text = subprocess.run(["cpuid", "-1r"], capture_output=True, text=True, check=True).stdout
+    table = loads(text, "cpuid -1r").table
+    leaf0 = table.lookup(0)
+    assert leaf0 is not None
+    vendor = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert f"vendor_id\t: {vendor.decode()}" in cpuinfo
+    # Our writer's text is what the tool prints, line for line.
+    assert dumps(Dump(table, "cpu"), "cpuid").splitlines() == [
+        line for line in text.splitlines() if line.strip()
+    ]
+
+
+def test_cpuid_text_reads_first_cpu_only() -> None:
+    line = "   0x00000000 0x00: eax=0x0000000d ebx=0x756e6547 ecx=0x6c65746e edx=0x49656e69"
+    other = line.replace("0x0000000d", "0x00000001")
+    table = loads(f"CPU 0:\n{line}\nCPU 1:\n{other}\n").table
+    assert len(table) == 1 and table.entries[0].eax == 0xD
+
+
+BAD = [
+    ("json", '{"format": "kvmcpuid-dump", "version": 1,\n "entries": [\n'
+     '  {"function": "0x1", "eax": "0x100000000"}]}', 3, "does not fit 32 bits"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [\n'
+     '  {"function": "0x1"},\n  {"function": "zz"}]}', 3, "expected a hex string"),
+    ("json", '{"format": "kvmcpuid-dump",\n "version": 1, "entries": [}', 2, "not valid JSON"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 9, "entries": []}', None, "version 9"),
+    ("json", '{"return": {"model": {}}}', None, "QMP reply"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [\n'
+     ' {"function": "0x1", "flags": "0x8"}]}', 2, "unknown bits"),
+    ("cpudata", "<cpudata arch='x86'>\n<cpuid eax_in='0x1' eax='0x1'/>\n"
+     "<cpuid eax_in='0x2' eax='-1'/>\n</cpudata>", 3, "expected a hex string"),
+    ("cpudata", "<cpudata arch='x86'>\n<cpuid ecx_in='0x1'/>\n</cpudata>", 2, "lacks eax_in"),
+    ("cpudata", "<cpudata arch='x86'>\n<cpuid eax_in='0x1'>\n</cpudata>", 3, "malformed XML"),
+    ("cpudata", "<cpudata arch='arm'/>", 1, "not x86"),
+    ("cpudata", "<!DOCTYPE x [<!ENTITY e SYSTEM 'file:///etc/passwd'>]>\n"
+      "<cpudata><cpuid eax_in='&e;'/></cpudata>", 2, "malformed XML"),
+    ("cpuid", "CPU:\n   0x00000000 0x00: eax=0x0 ebx=0x0 ecx=0x0 edx=0x0\n   garbage\n", 3,
+     "expected"),
+    ("cpuid", "", None, "no CPUID lines"),
+]
+
+
+@pytest.mark.parametrize(("kind", "text", "line", "message"), BAD)
+def test_malformed_input_names_file_and_line(
+    kind: str, text: str, line: int | None, message: str
+) -> None:
+    with pytest.raises(DumpFormatError) as info:
+        loads(text, f"bad.{kind}")
+    assert info.value.line == line
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"bad.{kind}" + (f":{line}" if line else ""))
+    assert "\n" not in str(info.value)
+
+
+def test_cli_dump_round_trips_and_writes_atomically(kvm: Kvm, tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    for fmt in FORMATS:
+        r = subprocess.run(
+            [sys.executable, "-m", "kvmcpuid_virt.cli", "dump", "--format", fmt, "-o", str(out)],
+            capture_output=True, text=True, cwd=REPO,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == ""
+        loaded = load(str(out))
+        assert loaded.table.lookup(0) is not None
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["host.json"]  # no temp left
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "kvmcpuid_virt.cli", "dump", "-o", str(tmp_path / "no" / "x")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
