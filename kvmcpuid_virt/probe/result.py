@@ -1,0 +1,25 @@
+"""ProbeResult: what one guest boot observed, whichever backend booted it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvmcpuid_virt.cpuid.table import CpuidTable
+
+__all__ = ["ProbeResult"]
+
+
+@dataclasses.dataclass(slots=True)
+class ProbeResult:
+    """observed: the CPUID answers the guest itself read (one entry per query).
+    vmm_view: what the VMM says it configured (KVM_GET_CPUID2 on raw KVM, QMP
+    on QEMU), or None when the backend cannot tell.
+    seconds: wall time of the boot, from VM creation to the parsed result.
+    backend: "kvm", "qemu" or "libvirt".
+    diagnostics: things worth showing a user (QEMU warnings, retries)."""
+
+    observed: CpuidTable
+    vmm_view: CpuidTable | None
+    seconds: float
+    backend: str
+    diagnostics: list[str] = dataclasses.field(default_factory=list)
