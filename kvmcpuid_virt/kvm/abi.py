@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from typing import Final
+
+# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
+# benchmarks/bench_dump.py); mypy treats this name as always true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "EXIT_REASONS",
@@ -100,7 +105,7 @@ def _kvm_cpuid2_type(n: int) -> type[ctypes.Structure]:
 def make_kvm_cpuid2(n: int) -> ctypes.Structure:
     """A zeroed kvm_cpuid2 with room for n entries and nent = n."""
     buf = _kvm_cpuid2_type(n)()
-    buf.nent = n  # type: ignore[attr-defined]
+    buf.nent = n
     return buf
 
 
@@ -153,7 +158,9 @@ class kvm_regs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_uint64)
         for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+            *("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"),
+            *("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"),
+            *("rip", "rflags"),
         )
     ]
 
@@ -195,10 +202,13 @@ class kvm_sregs(ctypes.Structure):
         __u64 interrupt_bitmap[(KVM_NR_INTERRUPTS + 63) / 64]; };"""
 
     _fields_ = [
-        *((name, kvm_segment) for name in "cs ds es fs gs ss tr ldt".split()),
+        *((name, kvm_segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
         ("gdt", kvm_dtable),
         ("idt", kvm_dtable),
-        *((name, ctypes.c_uint64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()),
+        *(
+            (name, ctypes.c_uint64)
+            for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+        ),
         ("interrupt_bitmap", ctypes.c_uint64 * 4),
     ]
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import stat
-from typing import TYPE_CHECKING, Final, Literal
 
 from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import (
@@ -28,12 +26,22 @@ from kvmcpuid_virt.kvm.abi import (
 )
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
 
+# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
+# benchmarks/bench_dump.py); mypy treats this name as always true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Final, Literal
+
     from kvmcpuid_virt.kvm.vm import Vm
 
 __all__ = ["DEFAULT_NENT", "KVM_PATH", "MAX_NENT", "MAX_TRIES", "Kvm", "entries_from_buffer"]
 
-log = logging.getLogger(__name__)
+
+def _debug(message: str, *args: object) -> None:
+    # logging costs ~10 ms to import; only the rare retry paths need it.
+    import logging
+
+    logging.getLogger(__name__).debug(message, *args)
 
 KVM_PATH: Final = "/dev/kvm"
 # A first guess that fits every kernel seen so far in one call (this host
@@ -44,12 +52,13 @@ DEFAULT_NENT: Final = KVM_MAX_CPUID_ENTRIES
 MAX_NENT: Final = 1 << 16
 MAX_TRIES: Final = 24
 
-CpuidKind = Literal["supported", "emulated"]
+if TYPE_CHECKING:
+    CpuidKind = Literal["supported", "emulated"]
 
 
 def entries_from_buffer(buf: ctypes.Structure, count: int) -> list[CpuidEntry]:
     """The first `count` kvm_cpuid_entry2 of a kvm_cpuid2 buffer as CpuidEntry."""
-    raw = buf.entries  # type: ignore[attr-defined]
+    raw = buf.entries
     return [
         CpuidEntry(
             function=e.function,
@@ -162,17 +171,17 @@ class Kvm(KvmFd):
                 if exc.errno == errno.E2BIG:
                     if nent >= MAX_NENT:
                         break
-                    log.debug("%s: E2BIG at nent=%d (try %d)", exc.request, nent, attempt)
+                    _debug("%s: E2BIG at nent=%d (try %d)", exc.request, nent, attempt)
                     nent = min(nent * 2, MAX_NENT)
                     continue
                 if exc.errno == errno.ENOMEM:
-                    adjusted = int(buf.nent)  # type: ignore[attr-defined]
+                    adjusted = int(buf.nent)
                     if 0 < adjusted < nent:
-                        log.debug("%s: ENOMEM, kernel wants nent=%d", exc.request, adjusted)
+                        _debug("%s: ENOMEM, kernel wants nent=%d", exc.request, adjusted)
                         nent = adjusted
                         continue
                 raise
-            got = int(buf.nent)  # type: ignore[attr-defined]
+            got = int(buf.nent)
             if got > nent:
                 raise CpuidSizeError(
                     Ioctl.name(request), 0,
