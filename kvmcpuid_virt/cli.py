@@ -20,7 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Final
 
-__all__ = ["COMMANDS", "main", "qemu_flags_main"]
+__all__ = ["COMMANDS", "main"]
 
 PROG: Final = "kvmcpuid"
 EXIT_ERROR: Final = 2
@@ -72,7 +72,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _parser(command: str | None) -> argparse.ArgumentParser:
+def _parser(command: str | None) -> tuple[argparse.ArgumentParser, object | None]:
+    """The parser, with only `command`'s module imported (returned too)."""
     from kvmcpuid_virt import __version__
 
     parser = _Parser(
@@ -85,16 +86,15 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
+    chosen = None
     for name, (module, summary) in _available().items():
         if name == command:
-            mod = _load(module)
-            add: Callable[[argparse._SubParsersAction[_Parser]], None]
-            add = mod.add_parser  # type: ignore[attr-defined]
-            add(sub)
+            chosen = _load(module)
+            chosen.add_parser(sub)  # type: ignore[union-attr]
         else:
             # Other commands appear in --help without importing their modules.
             sub.add_parser(name, help=summary, add_help=False)
-    return parser
+    return parser, chosen
 
 
 def _setup_logging(prog: str, verbose: int) -> None:
@@ -109,13 +109,13 @@ def _setup_logging(prog: str, verbose: int) -> None:
         )
 
 
-def _run(argv: Sequence[str], prog: str, build: Callable[[], argparse.ArgumentParser]) -> int:
+def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
     try:
-        parser = build()
+        parser, module = _parser(command)
         args = parser.parse_args(argv)
         _setup_logging(prog, getattr(args, "verbose", 0))
-        handler: Callable[[argparse.Namespace], int] = args.handler
-        return handler(args)
+        run: Callable[[argparse.Namespace], int] = module.run  # type: ignore[union-attr]
+        return run(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -136,14 +136,7 @@ def _run(argv: Sequence[str], prog: str, build: Callable[[], argparse.ArgumentPa
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args if not a.startswith("-")), None)
-    return _run(args, PROG, lambda: _parser(command))
-
-
-def qemu_flags_main(argv: Sequence[str] | None = None) -> int:
-    """`kvmcpuid-qemu-flags`: the same as `kvmcpuid qemu-flags`, for
-    `qemu-system-x86_64 $(kvmcpuid-qemu-flags) ...`."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return main(["qemu-flags", *args])
+    return _run(args, PROG, command)
 
 
 if __name__ == "__main__":
