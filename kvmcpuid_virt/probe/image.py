@@ -38,7 +38,13 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Final
 
-from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, EntryFlag
+from kvmcpuid_virt.cpuid.table import (
+    INDEXED_LEAVES,
+    REGISTERS,
+    CpuidEntry,
+    CpuidTable,
+    EntryFlag,
+)
 from kvmcpuid_virt.errors import ProbeError
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "Asm",
     "build",
     "default_queries",
+    "encode",
     "flat_image",
     "frame_size",
     "parse",
@@ -378,6 +385,22 @@ def _checksum(words: Iterable[int]) -> int:
     for w in words:
         c = (((c << 1) | (c >> 31)) + w) & _U32
     return c
+
+
+def encode(queries: Sequence[Query], table: CpuidTable) -> bytes:
+    """The bytes a guest whose CPUID answers from `table` writes for
+    `queries` (0 where the table has no entry): for testing backends."""
+    qs = _validate(queries)
+    words = [table.get(leaf, sub, reg) for leaf, sub in qs for reg in REGISTERS]
+    return b"".join(
+        (
+            START_MARKER,
+            struct.pack("<II", len(qs), query_digest(qs)),
+            struct.pack(f"<{len(words)}I", *words),
+            struct.pack("<I", _checksum(words)),
+            END_MARKER,
+        )
+    )
 
 
 def parse(serial: bytes, queries: Sequence[Query]) -> CpuidTable:
