@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+
+# typing costs milliseconds to import; mypy treats this name as always true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["add_parser", "main", "run"]
 
@@ -26,22 +30,34 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="arg: `-cpu VALUE` on one line; argv: one argument per line; "
         "json: argv and the decisions",
     )  # fmt: skip
-    parser.set_defaults(func=run, prog_name=PROG)
+    parser.set_defaults(handler=run)
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     """Register `qemu-flags` on the `kvmcpuid` command's subparsers."""
     parser = subparsers.add_parser("qemu-flags", help=HELP, description=HELP)
     _configure(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmcpuid_virt.adapters.qemu import render
-    from kvmcpuid_virt.policy.options import config_from_args, warn_dropped
+    from kvmcpuid_virt.policy import memo
+    from kvmcpuid_virt.policy.options import policy_key, read_table, table_bytes
 
-    config = config_from_args(args)
-    warn_dropped(getattr(args, "prog_name", PROG), config)
-    sys.stdout.write(render(config, args.format))
+    # The table is read every time (live KVM, or the dump); everything derived
+    # from it is memoized under a key that covers all inputs (policy/memo.py),
+    # which keeps this command within 2x of a bare `import kvmcpuid_virt`.
+    table, source = read_table(args)
+    k = memo.key("qemu-flags", (*policy_key(args), args.format), table_bytes(table))
+    hit = memo.load(k)
+    if hit is None:
+        from kvmcpuid_virt.adapters.qemu import render
+        from kvmcpuid_virt.policy.options import config_from_args, dropped_warnings
+
+        config = config_from_args(args, table, source)
+        hit = (render(config, args.format), dropped_warnings(PROG, config))
+        memo.store(k, *hit)
+    sys.stderr.write(hit[1])
+    sys.stdout.write(hit[0])
     return 0
 
 

@@ -3,12 +3,25 @@
 - config.py: CpuConfig, what the guest should see;
 - qemu_adjust.py: what QEMU actually hands over under KVM;
 - models.py: named CPU models from libvirt's cpu_map or the QEMU binary (cached);
-- select.py: build a CpuConfig from a table and a Policy.
+- select.py: build a CpuConfig from a table and a Policy;
+- options.py, memo.py: the CLI's policy options and its output memo.
 
-Imports stay light (no lxml, no libvirt, no QEMU process) so that
-``kvmcpuid-qemu-flags`` on the default path stays cheap.
+Nothing is imported eagerly: `kvmcpuid-qemu-flags` answers from the memo
+without loading dataclasses-heavy modules (see benchmarks/bench_qemu_flags.py).
 """
 
-from kvmcpuid_virt.policy.config import CpuConfig
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kvmcpuid_virt.policy.config import CpuConfig
 
 __all__ = ["CpuConfig"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "CpuConfig":
+        from kvmcpuid_virt.policy.config import CpuConfig
+
+        return CpuConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

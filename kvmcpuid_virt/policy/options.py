@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing costs ms to import; mypy reads this as True
 
 if TYPE_CHECKING:
+    from kvmcpuid_virt.cpuid.table import CpuidTable
     from kvmcpuid_virt.policy.config import CpuConfig
 
-__all__ = ["add_policy_options", "config_from_args", "warn_dropped"]
+__all__ = [
+    "add_policy_options", "config_from_args", "dropped_warnings", "policy_key", "read_table",
+    "table_bytes", "warn_dropped",
+]  # fmt: skip
 
 
 def add_policy_options(parser: argparse.ArgumentParser) -> None:
@@ -39,20 +44,37 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def config_from_args(args: argparse.Namespace) -> CpuConfig:
-    """Read the table (/dev/kvm or --from) and build the CpuConfig."""
-    from kvmcpuid_virt.policy.select import Policy, build
-
+def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str]:
+    """The supported table: from --from DUMP, else live from /dev/kvm."""
     if args.from_:
         from kvmcpuid_virt.cpuid.formats import load
 
         dump = load(args.from_)
-        table, source = dump.table, dump.source
-    else:
-        from kvmcpuid_virt.kvm.system import Kvm
+        return dump.table, dump.source
+    from kvmcpuid_virt.kvm.system import Kvm
 
-        with Kvm() as kvm:
-            table, source = kvm.supported_cpuid(), "/dev/kvm"
+    with Kvm() as kvm:
+        return kvm.supported_cpuid(), "/dev/kvm"
+
+
+def policy_key(args: argparse.Namespace) -> tuple[object, ...]:
+    """Every policy option, for the output memo's key."""
+    return (args.from_, args.model, tuple(args.enable), tuple(args.disable),
+            args.allow_unsupported)  # fmt: skip
+
+
+def table_bytes(table: CpuidTable) -> bytes:
+    return repr([(e.function, e.index, int(e.flags), *e.regs()) for e in table]).encode()
+
+
+def config_from_args(
+    args: argparse.Namespace, table: CpuidTable | None = None, source: str = ""
+) -> CpuConfig:
+    """Build the CpuConfig for the table (read_table's when not given)."""
+    from kvmcpuid_virt.policy.select import Policy, build
+
+    if table is None:
+        table, source = read_table(args)
     policy = Policy(
         model=args.model,
         enable=tuple(args.enable),
@@ -62,6 +84,11 @@ def config_from_args(args: argparse.Namespace) -> CpuConfig:
     return build(table, policy, source=source)
 
 
+def dropped_warnings(prog: str, config: CpuConfig) -> str:
+    return "".join(
+        f"{prog}: warning: dropped {name}: this host cannot give it\n" for name in config.dropped
+    )
+
+
 def warn_dropped(prog: str, config: CpuConfig) -> None:
-    for name in config.dropped:
-        print(f"{prog}: warning: dropped {name}: this host cannot give it", file=sys.stderr)
+    sys.stderr.write(dropped_warnings(prog, config))
