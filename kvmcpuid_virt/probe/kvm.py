@@ -124,7 +124,7 @@ class KvmProbe:
         self._memory: GuestMemory | None = None
         self._watchdog: _Watchdog | None = None
         self._vm: Vm | None = None
-        self._loaded: tuple[tuple[int, int], ...] | None = None
+        self._loaded: bytes | None = None
         self._next_vcpu = 0
         self.coalesce = coalesce
         try:
@@ -158,7 +158,7 @@ class KvmProbe:
             if kvm is not None and self._own_kvm:
                 kvm.close()
 
-    def _ensure_vm(self, queries: tuple[tuple[int, int], ...]) -> Vm:
+    def _ensure_vm(self, img: bytes) -> Vm:
         if self._kvm is None or self._memory is None:
             raise ProbeError("KvmProbe is closed")
         if self._vm is not None and self._next_vcpu >= self.vcpus_per_vm:
@@ -176,10 +176,12 @@ class KvmProbe:
                 raise
             self._vm = vm
             self._next_vcpu = 0
-        if self._loaded != queries:
+        if self._loaded is not img and self._loaded != img:
+            if len(img) != image.IMAGE_SIZE:
+                raise ValueError(f"a guest image is {image.IMAGE_SIZE} bytes, not {len(img)}")
             # No vCPU runs now; KVM sees the new bytes through the same pages.
-            self._memory.buffer[:] = image.build(queries)
-            self._loaded = queries
+            self._memory.buffer[:] = img
+            self._loaded = img
         return self._vm
 
     def run(self, table: CpuidTable, queries: Sequence[tuple[int, int]],
@@ -188,21 +190,28 @@ class KvmProbe:
         answers to `queries` and KVM_GET_CPUID2 of that vCPU."""
         start = time.perf_counter()
         qs = tuple((int(leaf), int(sub)) for leaf, sub in queries)
-        vm = self._ensure_vm(qs)
+        serial, vmm_view = self.run_image(table, image.build(qs), timeout,
+                                          limit=image.frame_size(len(qs)) + _SERIAL_SLACK)
+        observed = image.parse(serial, qs)
+        return ProbeResult(observed=observed, vmm_view=vmm_view,
+                           seconds=time.perf_counter() - start, backend="kvm")
+
+    def run_image(self, table: CpuidTable, img: bytes, timeout: float = 5.0,
+                  *, limit: int = _SERIAL_SLACK) -> tuple[bytes, CpuidTable]:
+        """Boot any 64 KiB image (see image.flat_image) on a fresh vCPU with
+        `table`: its COM1 bytes and KVM_GET_CPUID2. ProbeTimeoutError if it
+        runs longer than `timeout` seconds, ProbeError past `limit` bytes."""
+        vm = self._ensure_vm(img)
         if self._watchdog is None:
             self._watchdog = _Watchdog()
         vcpu = vm.create_vcpu(self._next_vcpu)
         self._next_vcpu += 1
         try:
             vcpu.set_cpuid2(table)
-            serial = self._run_vcpu(vcpu, self._watchdog, timeout,
-                                    image.frame_size(len(qs)) + _SERIAL_SLACK)
-            vmm_view = vcpu.get_cpuid2()
+            serial = self._run_vcpu(vcpu, self._watchdog, timeout, limit)
+            return serial, vcpu.get_cpuid2()
         finally:
             vcpu.close()
-        observed = image.parse(serial, qs)
-        return ProbeResult(observed=observed, vmm_view=vmm_view,
-                           seconds=time.perf_counter() - start, backend="kvm")
 
     @staticmethod
     def _run_vcpu(vcpu: Vcpu, watchdog: _Watchdog, timeout: float, limit: int) -> bytes:
