@@ -124,7 +124,7 @@ def test_query_list_change_rewrites_image(probe: KvmProbe, supported: CpuidTable
 
 def test_timeout_stops_a_spinning_guest(probe: KvmProbe, supported: CpuidTable) -> None:
     start = time.monotonic()
-    with pytest.raises(ProbeTimeoutError, match="did not finish within 0.3 s"):
+    with pytest.raises(ProbeTimeoutError, match=r"did not finish within 0\.3 s"):
         probe.run_image(supported, _spin_image(), timeout=0.3)
     assert time.monotonic() - start < 2.0
     # The session still works after a timeout, and no kick is left pending.
