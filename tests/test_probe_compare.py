@@ -1,0 +1,88 @@
+"""compare(): per-bit comparison and layer attribution, on real raw-KVM guests."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmcpuid_virt.cpuid.features import registry
+from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.kvm import Kvm
+from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Layer, compare
+from kvmcpuid_virt.probe.image import default_queries
+from kvmcpuid_virt.probe.kvm import run_kvm
+
+# CPUID.80000001H:ECX[0] (LAHF/SAHF in 64-bit mode, AMD APM / Intel SDM):
+# a word DESIGN.md lists as honoured exactly by this host's outer hypervisor.
+LAHF = (0x8000_0001, 0, "ecx", 0)
+
+
+def _with_bit(table: CpuidTable, leaf: int, sub: int, reg: str, bit: int, on: bool) -> CpuidTable:
+    entry = table.lookup(leaf, sub)
+    assert entry is not None
+    value = entry.reg(reg)  # type: ignore[arg-type]
+    value = value | 1 << bit if on else value & ~(1 << bit)
+    return table.replace_entry(entry.replace(**{reg: value}))
+
+
+@pytest.fixture
+def supported(kvm: Kvm) -> CpuidTable:
+    table = kvm.supported_cpuid()
+    if not table.get(*LAHF[:3]) & 1:  # type: ignore[arg-type]
+        pytest.skip("this host's KVM does not support lahf_lm")
+    return table
+
+
+def test_supported_table_matches_in_guest(supported: CpuidTable) -> None:
+    result = run_kvm(supported, default_queries(supported))
+    cmp = compare(supported, result.observed, backend="kvm", supported=supported,
+                  vmm=result.vmm_view)
+    assert cmp.bits_compared > 100
+    # Every mismatch on the full supported table must be a bit the host
+    # overrides; on controllable words (0x80000001) there are none.
+    assert not [m for m in cmp.mismatches if m.leaf == 0x8000_0001], cmp.table()
+
+
+def test_requested_off_but_set_on_is_attributed_to_the_vmm(supported: CpuidTable) -> None:
+    # The VMM (here: our own KVM_SET_CPUID2) sets lahf_lm on while the
+    # configuration wanted it off: the guest sees on, KVM_GET_CPUID2 says on.
+    requested = _with_bit(supported, *LAHF, on=False)  # type: ignore[arg-type]
+    result = run_kvm(supported, default_queries(supported))
+    cmp = compare(requested, result.observed, backend="kvm", supported=supported,
+                  vmm=result.vmm_view)
+    [m] = [m for m in cmp.mismatches if (m.leaf, m.subleaf, m.reg, m.bit) == LAHF]
+    assert (m.requested, m.guest, m.vmm, m.supported) == (False, True, True, True)
+    assert m.layer == Layer.VMM and m.name == registry().at(*LAHF).name  # type: ignore[union-attr]
+    assert not cmp.ok
+    assert "lahf" in cmp.table()
+
+
+def test_unsupported_request_is_attributed_to_the_config(supported: CpuidTable) -> None:
+    # Find a leaf-0x80000001 ECX feature bit that KVM does not support.
+    word = supported.get(0x8000_0001, 0, "ecx")
+    feature = next(
+        f for f in registry().in_word(0x8000_0001, 0, "ecx") if not word & f.mask
+    )
+    requested = _with_bit(supported, 0x8000_0001, 0, "ecx", feature.bit, on=True)
+    result = run_kvm(supported, default_queries(supported))
+    cmp = compare(requested, result.observed, backend="kvm", supported=supported,
+                  vmm=result.vmm_view)
+    [m] = [m for m in cmp.mismatches if m.name == feature.name]
+    assert m.layer == Layer.CONFIG and m.supported is False
+
+
+def test_uncontrolled_bits_are_reported_but_do_not_fail(supported: CpuidTable) -> None:
+    requested = _with_bit(supported, *LAHF, on=False)  # type: ignore[arg-type]
+    result = run_kvm(supported, default_queries(supported))
+    cmp = compare(requested, result.observed, backend="kvm",
+                  uncontrolled={(0x8000_0001, 0, "ecx"): 1}, vmm=None,
+                  words=[(0x8000_0001, 0, "ecx")])
+    [m] = [m for m in cmp.mismatches if (m.leaf, m.subleaf, m.reg, m.bit) == LAHF]
+    assert not m.controlled and m.layer == Layer.HOST
+    assert cmp.ok
+
+
+def test_guest_state_masks_cover_osxsave_and_apic_id() -> None:
+    masked = {(i.leaf, i.reg, i.mask) for i in GUEST_STATE_MASKS}
+    assert (1, "ecx", 1 << 27) in masked  # OSXSAVE, SDM Vol. 2A CPUID leaf 1
+    assert (1, "ebx", 0xFF00_0000) in masked  # initial APIC ID
+    assert (7, "ecx", 1 << 4) in masked  # OSPKE
