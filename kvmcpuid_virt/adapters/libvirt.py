@@ -1,0 +1,303 @@
+"""libvirt: render a CpuConfig as a `<cpu>` element, patch it into an existing
+domain XML, and parse a `<cpu>` element back.
+
+Rendered form: `<cpu mode='custom' match='exact' check='full'>` with
+`<model fallback='forbid'>` (libvirt may not substitute another model) and one
+`<feature policy='require|disable' name=.../>` per feature that has a cpu_map
+name, sorted, enabled first. libvirt needs a cpu_map model even for `host`
+(mode='custom' names one), so the base is the newest cpu_map model whose
+features are all enabled in the config; with every feature explicit the base
+only decides what cpu_map cannot express (family/model/stepping, cache info).
+
+KVM paravirtual bits have no cpu_map names. libvirt takes three of them in
+`<features><kvm>` (pv-ipi, poll-control, hint-dedicated: the registry's
+libvirt_kvm) and the rest through its own defaults (<clock>, <pvspinlock>,
+<apic eoi>). A `<cpu>` cannot carry them, and `--patch` changes nothing but
+`<cpu>`, so `unexpressible()` reports each with where libvirt takes it.
+
+Every name written comes from the registry and passes safe_name/safe_model;
+the element is built with lxml, never by string formatting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from lxml import etree
+
+from kvmcpuid_virt.adapters import safe_model, safe_name
+from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
+from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.errors import InputError, PolicyError
+from kvmcpuid_virt.policy.config import CpuConfig
+from kvmcpuid_virt.xmlutil import parse_xml
+
+__all__ = [
+    "Unexpressible",
+    "base_model",
+    "cpu_element",
+    "parse",
+    "parse_config",
+    "patch_domain",
+    "render",
+    "unexpressible",
+]
+
+_VENDOR_SHORT = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unexpressible:
+    """A feature a `<cpu>` element cannot carry, and where libvirt takes it."""
+
+    name: str
+    on: bool
+    where: str
+
+
+def _feature(reg: Registry, name: str) -> Feature:
+    f = reg.lookup(name)
+    if f.name != name:
+        raise InputError(f"refusing feature {name!r}: not a registry canonical name")
+    return f
+
+
+def unexpressible(config: CpuConfig) -> list[Unexpressible]:
+    """Features the config decides that a `<cpu>` cannot carry: those on (an
+    off one without a cpu_map name is off in every cpu_map model anyway) and
+    the KVM bits libvirt takes elsewhere."""
+    reg = registry()
+    out = []
+    for name, on in config.features.items():
+        f = _feature(reg, name)
+        if f.libvirt is None and (on or f.libvirt_kvm):
+            where = (
+                f"<features><kvm><{f.libvirt_kvm} state='{'on' if on else 'off'}'/>"
+                if f.libvirt_kvm
+                else "not expressible in libvirt XML; libvirt's default applies"
+            )
+            out.append(Unexpressible(name, on, where))
+    return out
+
+
+def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
+    """The cpu_map model to name: the config's own model when cpu_map has it
+    and every one of its features is on, else the newest cpu_map model (of the
+    config's vendor, or vendor-neutral) whose features are all on."""
+    from kvmcpuid_virt.policy import models
+
+    reg = registry()
+    found = models.cpu_map_models(cpu_map if cpu_map is not None else models.CPU_MAP_DIR)
+    if not found:
+        raise PolicyError("libvirt's cpu_map is not installed: no model to name in <cpu>")
+    on = set(config.enabled())
+
+    def fits(m: models.CpuModel) -> bool:
+        names = set()
+        for lv in m.features:
+            f = reg.by_libvirt(lv)
+            if f is None:
+                return False  # a feature we cannot reason about: not a safe base
+            names.add(f.name)
+        return names <= on
+
+    if config.model in found and fits(found[config.model]):
+        return config.model
+    vendor = _VENDOR_SHORT.get(config.vendor, config.vendor)
+    best = None
+    for m in sorted(found.values(), key=lambda m: m.order):
+        if (m.vendor is None or m.vendor == vendor) and fits(m):
+            best = m.name
+    if best is None:
+        raise PolicyError("no libvirt cpu_map model fits inside this configuration")
+    return best
+
+
+def cpu_element(config: CpuConfig, model: str | None = None) -> etree._Element:
+    """The `<cpu>` element (not yet indented)."""
+    reg = registry()
+    cpu = etree.Element("cpu", mode="custom", match="exact", check="full")
+    m = etree.SubElement(cpu, "model", fallback="forbid")
+    m.text = safe_model(model if model is not None else base_model(config))
+    for on in (True, False):
+        for name in config.enabled() if on else config.disabled():
+            f = _feature(reg, name)
+            if f.libvirt is None:
+                continue  # see unexpressible()
+            etree.SubElement(
+                cpu, "feature", policy="require" if on else "disable", name=safe_name(f.libvirt)
+            )
+    return cpu
+
+
+def _indent(el: etree._Element, level: int, step: str = "  ", base: str = "") -> None:
+    """Indent `el`'s children for a document whose `<cpu>` starts at `base`."""
+    pad = "\n" + base + step * (level + 1)
+    children = list(el)
+    if children:
+        el.text = pad
+        for child in children:
+            child.tail = pad
+        children[-1].tail = "\n" + base + step * level
+
+
+def render(config: CpuConfig, model: str | None = None, indent: str = "") -> str:
+    """The `<cpu>` element as text, indented as if it started at `indent`."""
+    cpu = cpu_element(config, model)
+    _indent(cpu, 0, base=indent)
+    text: str = etree.tostring(cpu, encoding="unicode")
+    return text
+
+
+# --- patching a domain ---------------------------------------------------------------
+
+
+def _without_cpu(root: etree._Element) -> bytes:
+    copy = etree.fromstring(etree.tostring(root))
+    for cpu in copy.findall("cpu"):
+        copy.remove(cpu)
+    for el in copy.iter():
+        # Whitespace-only text around the removed <cpu> is the one thing we
+        # are allowed to change; ignore it everywhere in the comparison.
+        if el.text is not None and not el.text.strip():
+            el.text = None
+        if el.tail is not None and not el.tail.strip():
+            el.tail = None
+    out: bytes = etree.tostring(copy, method="c14n")
+    return out
+
+
+_TOKEN = re.compile(
+    r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>|<!DOCTYPE[^>]*>"
+    r"|<(/?)([A-Za-z_][\w.:-]*)(?:[^>\"']|\"[^\"]*\"|'[^']*')*?(/?)>",
+    re.S,
+)
+
+
+def _span(text: str) -> tuple[int, int, str] | None:
+    """(start, end, indentation) of the domain's top-level <cpu> in `text`,
+    by a tag scan that skips comments, CDATA, PIs and quoted attribute values."""
+    depth = 0
+    start: int | None = None
+    for m in _TOKEN.finditer(text):
+        name = m.group(2)
+        if name is None:
+            continue
+        closing, selfclose = m.group(1) == "/", m.group(3) == "/"
+        if closing:
+            depth -= 1
+            if start is not None and depth == 1 and name == "cpu":
+                return start, m.end(), _indentation(text, start)
+            continue
+        if depth == 1 and name == "cpu" and start is None:
+            if selfclose:
+                return m.start(), m.end(), _indentation(text, m.start())
+            start = m.start()
+        if not selfclose:
+            depth += 1
+    return None
+
+
+def _indentation(text: str, pos: int) -> str:
+    before = text[text.rfind("\n", 0, pos) + 1 : pos]
+    return before if not before.strip() else ""
+
+
+def patch_domain(domain_xml: str, config: CpuConfig, source: str = "<domain>",
+                 model: str | None = None) -> str:  # fmt: skip
+    """`domain_xml` with its `<cpu>` replaced by this config's (or added
+    before `</domain>` when it has none). Everything else stays byte for
+    byte; the result is re-parsed and compared to the input without `<cpu>`
+    to prove it."""
+    root = parse_xml(domain_xml, source)
+    if root.tag != "domain":
+        raise InputError(f"{source}: expected a <domain>, found <{root.tag}>")
+    cpus = root.findall("cpu")
+    if len(cpus) > 1:
+        raise InputError(f"{source}: more than one <cpu> in the domain")
+    if cpus:
+        span = _span(domain_xml)
+        if span is None:
+            raise InputError(f"{source}: cannot locate <cpu> in the text")
+        start, end, indent = span
+        new = domain_xml[:start] + render(config, model, indent) + domain_xml[end:]
+    else:
+        close = domain_xml.rfind("</domain>")
+        if close < 0:
+            raise InputError(f"{source}: no </domain> end tag")
+        line_start = domain_xml.rfind("\n", 0, close) + 1
+        outer = domain_xml[line_start:close]
+        if outer.strip():  # </domain> shares its line: no layout to follow
+            new = domain_xml[:close] + render(config, model) + domain_xml[close:]
+        else:  # a new line, one level deeper than </domain>
+            inner = outer + "  "
+            cpu = inner + render(config, model, inner) + "\n"
+            new = domain_xml[:line_start] + cpu + domain_xml[line_start:]
+    new_root = parse_xml(new, f"{source} (patched)")
+    if _without_cpu(new_root) != _without_cpu(root) or len(new_root.findall("cpu")) != 1:
+        raise InputError(f"{source}: patching <cpu> would change more than <cpu>; refusing")
+    return new
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def parse(
+    cpu_xml: str | etree._Element, source: str = "<cpu>"
+) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(model, enabled, disabled) from a `<cpu>` element (or a domain holding
+    one), names as registry canonical names. host-passthrough/maximum read as
+    model 'host'; host-model as 'auto' (libvirt's own newest-fitting model);
+    policy require/force enable, disable/forbid disable, optional is left to
+    the model. Features libvirt does not spell are UnknownFeatureError."""
+    el = parse_xml(cpu_xml, source) if isinstance(cpu_xml, str) else cpu_xml
+    if el.tag == "domain":
+        found = el.find("cpu")
+        if found is None:
+            raise InputError(f"{source}: the domain has no <cpu>")
+        el = found
+    if el.tag != "cpu":
+        raise InputError(f"{source}: expected <cpu>, found <{el.tag}>")
+    mode = el.get("mode", "custom")
+    if mode in ("host-passthrough", "maximum"):
+        model = "host"
+    elif mode == "host-model":
+        model = "auto"
+    elif mode == "custom":
+        m = el.find("model")
+        if m is None or not (m.text or "").strip():
+            raise InputError(f"{source}: <cpu mode='custom'> without a <model>")
+        model = safe_model((m.text or "").strip())
+    else:
+        raise InputError(f"{source}: unknown <cpu mode={mode!r}>")
+    reg = registry()
+    state: dict[str, bool] = {}
+    for f in el.findall("feature"):
+        name, policy = f.get("name", ""), f.get("policy", "require")
+        feature = reg.by_libvirt(name) or reg.lookup(name)
+        if policy in ("require", "force"):
+            state[feature.name] = True
+        elif policy in ("disable", "forbid"):
+            state[feature.name] = False
+        elif policy != "optional":
+            raise InputError(f"{source}: feature {name!r}: unknown policy {policy!r}")
+    return (
+        model,
+        tuple(n for n, on in state.items() if on),
+        tuple(n for n, on in state.items() if not on),
+    )
+
+
+def parse_config(
+    cpu_xml: str | etree._Element, table: CpuidTable, *, allow_unsupported: bool = False,
+    source: str = "",
+) -> CpuConfig:  # fmt: skip
+    """A CpuConfig for an existing `<cpu>` applied to `table`."""
+    from kvmcpuid_virt.policy.select import Policy, build
+
+    model, enable, disable = parse(cpu_xml, source or "<cpu>")
+    policy = Policy(model=model, enable=enable, disable=disable,
+                    allow_unsupported=allow_unsupported)  # fmt: skip
+    return build(table, policy, source=source)
