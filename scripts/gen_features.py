@@ -110,6 +110,13 @@ LIBVIRT_KVM: dict[Key, str] = {
 }
 
 
+def _attr(el: etree._Element, name: str) -> str:
+    value = el.get(name)
+    if value is None:
+        raise SystemExit(f"cpu_map: <{el.tag}> lacks {name}")
+    return value
+
+
 def libvirt_features(path: Path) -> dict[Key, str]:
     """cpu_map CPUID features as (leaf, subleaf, reg, bit) -> name; MSR-based
     features (<msr>) are not CPUID bits and are left out."""
@@ -118,7 +125,7 @@ def libvirt_features(path: Path) -> dict[Key, str]:
     out: dict[Key, str] = {}
     for feat in root.iter("feature"):
         for cpuid in feat.findall("cpuid"):
-            leaf = int(cpuid.get("eax_in"), 16)
+            leaf = int(_attr(cpuid, "eax_in"), 16)
             subleaf = int(cpuid.get("ecx_in", "0"), 16)
             for reg in ("eax", "ebx", "ecx", "edx"):
                 value = cpuid.get(reg)
@@ -127,7 +134,7 @@ def libvirt_features(path: Path) -> dict[Key, str]:
                 mask = int(value, 16)
                 for bit in range(32):
                     if mask >> bit & 1:
-                        out[(leaf, subleaf, reg, bit)] = feat.get("name")
+                        out[(leaf, subleaf, reg, bit)] = _attr(feat, "name")
     return out
 
 

@@ -33,6 +33,12 @@ def _cpu_map() -> etree._Element:
     return etree.parse(str(CPU_MAP), _PARSER).getroot()
 
 
+def _attr(el: etree._Element, name: str) -> str:
+    value = el.get(name)
+    assert value is not None, f"<{el.tag}> lacks {name}"
+    return value
+
+
 def cpu_map_bits() -> dict[str, Key]:
     """cpu_map CPUID features: name -> the one bit it defines."""
     out: dict[str, Key] = {}
@@ -42,8 +48,8 @@ def cpu_map_bits() -> dict[str, Key]:
                 mask = int(cpuid.get(reg, "0"), 16)
                 if mask:
                     assert mask & (mask - 1) == 0, f"{feat.get('name')} spans bits"
-                    out[feat.get("name")] = (
-                        int(cpuid.get("eax_in"), 16),
+                    out[_attr(feat, "name")] = (
+                        int(_attr(cpuid, "eax_in"), 16),
                         int(cpuid.get("ecx_in", "0"), 16),
                         reg,
                         mask.bit_length() - 1,
@@ -55,8 +61,8 @@ def raw_regs(path: Path) -> dict[tuple[int, int], dict[str, int]]:
     """<cpudata> entries as (leaf, subleaf) -> registers, straight from the XML."""
     root = etree.parse(str(path), _PARSER).getroot()
     return {
-        (int(c.get("eax_in"), 16), int(c.get("ecx_in"), 16)): {
-            r: int(c.get(r), 16) for r in ("eax", "ebx", "ecx", "edx")
+        (int(_attr(c, "eax_in"), 16), int(_attr(c, "ecx_in"), 16)): {
+            r: int(_attr(c, r), 16) for r in ("eax", "ebx", "ecx", "edx")
         }
         for c in root.iter("cpuid")
     }
@@ -190,7 +196,7 @@ def test_cpu_map_qemu_aliases_resolve() -> None:
     for feat in _cpu_map().iter("feature"):
         for alias in feat.findall("alias"):
             if alias.get("source") == "qemu":
-                assert reg.by_qemu(alias.get("name")) is reg.by_libvirt(feat.get("name"))
+                assert reg.by_qemu(_attr(alias, "name")) is reg.by_libvirt(_attr(feat, "name"))
                 checked += 1
     assert checked >= 15
 
