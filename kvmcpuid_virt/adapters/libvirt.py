@@ -30,7 +30,7 @@ from lxml import etree
 from kvmcpuid_virt.adapters import safe_model, safe_name
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import InputError, PolicyError
+from kvmcpuid_virt.errors import InputError, PolicyError, ToolError
 from kvmcpuid_virt.policy.config import CpuConfig
 from kvmcpuid_virt.xmlutil import parse_xml
 
@@ -103,6 +103,14 @@ def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
             names.add(f.name)
         return names <= on
 
+    try:
+        usable: set[str] | None = set(models.qemu_info().definitions)
+    except ToolError:
+        usable = None  # no QEMU here (a dump from elsewhere): cpu_map alone
+    if usable is not None:
+        # libvirt refuses a model its QEMU does not define (cpu_map has
+        # pentiumpro, QEMU 7.2 does not).
+        found = {n: m for n, m in found.items() if n in usable}
     if config.model in found and fits(found[config.model]):
         return config.model
     vendor = _VENDOR_SHORT.get(config.vendor, config.vendor)

@@ -163,6 +163,7 @@ def _auto_model(
     supported: set[str],
     relevant: Mapping[str, Feature],
     vendor: str,
+    qemu: QemuInfo | None,
 ) -> str:
     from kvmcpuid_virt.policy import models
 
@@ -174,6 +175,8 @@ def _auto_model(
     for m in candidates:  # oldest first: the last fit is the newest
         if m.vendor is not None and m.vendor != vendor_short.get(vendor, vendor):
             continue
+        if qemu is not None and m.name not in qemu.definitions:
+            continue  # cpu_map knows models QEMU lacks (pentiumpro): -cpu would fail
         feats = _model_features(reg, m.features, m.source, relevant)
         if feats and feats <= supported:
             best = m.name
@@ -206,7 +209,7 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "") -> 
     if policy.model == "host":
         model_name, on = "host", set(host_default)
     elif policy.model == "auto":
-        model_name = _auto_model(reg, policy, supported, relevant, vendor)
+        model_name = _auto_model(reg, policy, supported, relevant, vendor, qemu)
         on = set(host_default)
     else:
         from kvmcpuid_virt.policy import models
@@ -217,6 +220,8 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "") -> 
             policy.qemu,
         )
         model_name = m.name
+        if qemu is not None and m.name not in qemu.definitions:
+            raise PolicyError(f"QEMU ({qemu.binary}) has no CPU model {m.name!r}")
         wanted = _model_features(reg, m.features, m.source, relevant)
         # Paravirtual bits are not CPU model content (cpu_map has none): they
         # follow the host default whatever the model.
