@@ -90,7 +90,7 @@ def _parser(command: str | None) -> tuple[argparse.ArgumentParser, object | None
     for name, (module, summary) in _available().items():
         if name == command:
             chosen = _load(module)
-            chosen.add_parser(sub)  # type: ignore[union-attr]
+            chosen.add_parser(sub)  # type: ignore[attr-defined]
         else:
             # Other commands appear in --help without importing their modules.
             sub.add_parser(name, help=summary, add_help=False)
@@ -114,7 +114,7 @@ def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
         parser, module = _parser(command)
         args = parser.parse_args(argv)
         _setup_logging(prog, getattr(args, "verbose", 0))
-        run: Callable[[argparse.Namespace], int] = module.run  # type: ignore[union-attr]
+        run: Callable[[argparse.Namespace], int] = module.run  # type: ignore[union-attr,attr-defined]
         return run(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
