@@ -1,0 +1,521 @@
+"""Cluster baseline: the CPUID every given host can give a guest.
+
+Inputs are Dumps: `kvmcpuid dump` files of KVM hosts (KVM_GET_SUPPORTED_CPUID),
+raw CPU dumps (libvirt <cpudata>, `cpuid -1r`; read as "what that host's CPU
+could give", an upper bound of what its KVM gives), or feature-only views of a
+host (kind "config", e.g. a libvirt host-model from domain capabilities, see
+`host_model_dump`).
+
+Rules:
+- feature bits (every bit the registry names) are ANDed: a bit is on only if
+  every input has it; a leaf beyond an input's max leaf counts as all zeros;
+- with mixed vendors only vendor-neutral bits take part (VENDOR_NEUTRAL), the
+  rest are off; without allow_mixed_vendors mixed vendors are a PolicyError;
+- non-flag fields take the minimum (max basic/extended/hypervisor leaf, leaf 7
+  max subleaf, physical/virtual/guest address bits); XSAVE masks are ANDed and
+  the XSAVE sizes are recomputed for the components that remain;
+- everything else (vendor, family/model/stepping, brand, cache and topology
+  leaves) comes from the oldest host of the first input's vendor, the
+  "template"; an entry is kept only if every full input has it.
+Every such decision is reported in `Baseline.notes`.
+
+`limit_to_model` caps a CpuConfig at a named CPU model (--max-model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from kvmcpuid_virt.cpuid import fields
+from kvmcpuid_virt.cpuid.features import FeatureKind, Registry, registry
+from kvmcpuid_virt.cpuid.formats import Dump
+from kvmcpuid_virt.cpuid.table import (
+    INDEXED_LEAVES,
+    REGISTERS,
+    CpuidEntry,
+    CpuidTable,
+    EntryFlag,
+    Register,
+)
+from kvmcpuid_virt.errors import InputError, PolicyError
+from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
+
+if TYPE_CHECKING:
+    from kvmcpuid_virt.policy.models import CpuModel
+
+__all__ = [
+    "VENDOR_NEUTRAL",
+    "Baseline",
+    "baseline",
+    "host_model_dump",
+    "limit_to_model",
+    "neutral_mask",
+    "word_value",
+]
+
+_U32: Final = 0xFFFF_FFFF
+_ALL: Final = _U32
+
+# Feature words whose bits mean the same on Intel and AMD (Intel SDM vol. 2A
+# CPUID, AMD APM vol. 3 appendix E), as (leaf, subleaf or None for every
+# subleaf, register) -> mask of neutral bits. Leaves 1 and 7 are the shared
+# architectural feature leaves; 6 EAX[2] is ARAT on both; 0xD.1 EAX is the
+# XSAVE extensions; 0x40000001 is KVM's own paravirtual leaf, the same
+# whatever the CPU. In the extended range only the bits Intel adopted from
+# AMD with the same meaning: 0x80000001 ECX LAHF_LM(0) LZCNT/ABM(5)
+# PREFETCHW(8), EDX SYSCALL(11) NX(20) PDPE1GB(26) RDTSCP(27) LM(29);
+# 0x80000007 EDX invariant TSC(8); 0x80000008 EBX WBNOINVD(9). Everything
+# else in 0x8000_0000+ (SVM 0x8000000A, SEV 0x8000001F, AMD's leaf 1 EDX
+# aliases in 0x80000001 EDX, 0x80000008 EBX speculation bits, ...) is AMD's
+# alone, and Centaur's 0xC0000001 is Centaur's alone.
+VENDOR_NEUTRAL: Final[Mapping[tuple[int, int | None, str], int]] = {
+    (0x1, 0, "ecx"): _ALL,
+    (0x1, 0, "edx"): _ALL,
+    (0x6, 0, "eax"): 1 << 2,
+    (0x7, None, "eax"): _ALL,
+    (0x7, None, "ebx"): _ALL,
+    (0x7, None, "ecx"): _ALL,
+    (0x7, None, "edx"): _ALL,
+    (0xD, 1, "eax"): _ALL,
+    (0x40000001, 0, "eax"): _ALL,
+    (0x40000001, 0, "edx"): _ALL,
+    (0x80000001, 0, "ecx"): 1 << 0 | 1 << 5 | 1 << 8,
+    (0x80000001, 0, "edx"): 1 << 11 | 1 << 20 | 1 << 26 | 1 << 27 | 1 << 29,
+    (0x80000007, 0, "edx"): 1 << 8,
+    (0x80000008, 0, "ebx"): 1 << 9,
+}
+
+_HYPERVISOR: Final = 0x40000000
+_EXTENDED: Final = 0x80000000
+_CENTAUR: Final = 0xC0000000
+# Legacy FXSAVE area (512 bytes) plus the XSAVE header (64): the smallest
+# XSAVE area whatever the components.
+_XSAVE_LEGACY: Final = 576
+
+
+def neutral_mask(leaf: int, subleaf: int, reg: str) -> int:
+    """The vendor-neutral bits of a feature word (0 for a vendor-specific one)."""
+    return VENDOR_NEUTRAL.get((leaf, subleaf, reg), VENDOR_NEUTRAL.get((leaf, None, reg), 0))
+
+
+def _limits(table: CpuidTable) -> dict[int, int]:
+    """Max leaf per range, for ranges the table announces (see fields)."""
+    out: dict[int, int] = {}
+    basic = fields.max_basic_leaf(table)
+    if basic is not None:
+        out[0] = basic
+    ext = fields.max_extended_leaf(table)
+    if ext is not None:
+        out[_EXTENDED] = ext
+    hyp = fields.max_hypervisor_leaf(table)
+    if hyp is not None:
+        out[_HYPERVISOR] = hyp
+    centaur = table.lookup(_CENTAUR)
+    if centaur is not None and centaur.eax & 0xFFFF0000 == _CENTAUR:
+        out[_CENTAUR] = centaur.eax
+    return out
+
+
+def _base(leaf: int) -> int:
+    top = leaf & 0xF0000000
+    return top if top in (_HYPERVISOR, _EXTENDED, _CENTAUR) else 0
+
+
+def _in_range(leaf: int, limits: Mapping[int, int], strict: bool) -> bool:
+    """strict: a range the table does not announce is out of range (a full
+    dump without 0x80000000 has no extended leaves); otherwise unlimited (a
+    feature-only view carries no max leaves)."""
+    limit = limits.get(_base(leaf))
+    if limit is None:
+        return not strict
+    return leaf <= limit
+
+
+def word_value(dump: Dump, leaf: int, subleaf: int, reg: Register) -> int:
+    """A register as a guest would read it: 0 beyond the dump's max leaf."""
+    limits = _limits(dump.table)
+    if not _in_range(leaf, limits, strict=dump.kind != "config"):
+        return 0
+    return dump.table.get(leaf, subleaf, reg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The baseline table and how it was decided.
+
+    table:    a supported-style CPUID table (usable wherever a dump is);
+    vendor:   its vendor string (the template's);
+    template: source of the input whose non-flag fields were taken;
+    notes:    one line per decision an operator should know about;
+    sources:  every input's source, in order."""
+
+    table: CpuidTable
+    vendor: str
+    template: str
+    notes: tuple[str, ...]
+    sources: tuple[str, ...]
+
+
+def _signature_key(table: CpuidTable) -> tuple[int, int, int]:
+    sig = fields.signature(table)
+    return (0, 0, 0) if sig is None else (sig.family, sig.model, sig.stepping)
+
+
+def _flag_words(reg: Registry) -> dict[tuple[int, int, Register], int]:
+    out: dict[tuple[int, int, Register], int] = {}
+    for leaf, subleaf, r in reg.words():
+        mask = 0
+        for f in reg.in_word(leaf, subleaf, r):
+            mask |= f.mask
+        out[(leaf, subleaf, r)] = mask
+    return out
+
+
+def _xsave_fix(entries: dict[tuple[int, int], CpuidEntry], notes: list[str]) -> None:
+    """Leaf 0xD after the masks were ANDed: drop components no longer enabled
+    and recompute the sizes from the remaining components' own subleaves
+    (standard-format offsets are architectural, so the template's serve)."""
+    main = entries.get((0xD, 0))
+    if main is None:
+        return
+    sub1 = entries.get((0xD, 1))
+    xcr0 = main.eax | main.edx << 32
+    xss = 0 if sub1 is None else sub1.ecx | sub1.edx << 32
+    for key in [k for k in entries if k[0] == 0xD and k[1] >= 2]:
+        if not (xcr0 | xss) >> key[1] & 1:
+            del entries[key]
+    std = _XSAVE_LEGACY
+    compacted = _XSAVE_LEGACY
+    for i in range(2, 63):
+        comp = entries.get((0xD, i))
+        if comp is None or not (xcr0 | xss) >> i & 1:
+            continue
+        if xcr0 >> i & 1:
+            std = max(std, comp.ebx + comp.eax)
+        if comp.ecx & 2:  # ECX[1]: 64-byte aligned in the compacted format
+            compacted = (compacted + 63) & ~63
+        compacted += comp.eax
+    # KVM reports EBX (size for the XCR0 in use) as the size for every
+    # supported component, since a guest may enable them all; do the same.
+    entries[(0xD, 0)] = main.replace(ebx=std, ecx=std)
+    if sub1 is not None:
+        uses_compacted = sub1.eax & (1 << 1 | 1 << 3)  # XSAVEC or XSAVES
+        entries[(0xD, 1)] = sub1.replace(ebx=compacted if uses_compacted else 0)
+    notes.append(
+        f"XSAVE: components XCR0={xcr0:#x} XSS={xss:#x} (common to every host); "
+        f"sizes recomputed: standard {std} bytes"
+    )
+
+
+def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Baseline:
+    """The table every input can give (see the module docstring)."""
+    if not dumps:
+        raise InputError("a baseline needs at least one host")
+    reg = registry()
+    notes: list[str] = []
+    vendors = [vendor_of(d.table) for d in dumps]
+    for d, v in zip(dumps, vendors, strict=True):
+        if not v:
+            raise InputError(f"{d.source}: no leaf 0 (vendor), not a CPUID dump")
+    mixed = len(set(vendors)) > 1
+    if mixed:
+        by_vendor: dict[str, list[str]] = {}
+        for d, v in zip(dumps, vendors, strict=True):
+            by_vendor.setdefault(v, []).append(d.source)
+        listing = "; ".join(f"{v}: {', '.join(s)}" for v, s in by_vendor.items())
+        if not allow_mixed_vendors:
+            raise PolicyError(
+                f"hosts of different CPU vendors ({listing}); a guest cannot move between "
+                "them safely (--allow-mixed-vendors keeps only vendor-neutral features)"
+            )
+        notes.append(
+            f"mixed vendors ({listing}): only vendor-neutral features (leaves 1, 6 ARAT, 7, "
+            "0xD.1, KVM PV and the extended bits both vendors define) are kept"
+        )
+
+    full = [d for d in dumps if d.kind != "config"]
+    if full:
+        first_vendor = vendors[0]
+        candidates = [d for d in full if vendor_of(d.table) == first_vendor] or full
+        template = min(candidates, key=lambda d: _signature_key(d.table))
+    else:
+        template = dumps[0]
+    tsig = fields.signature(template.table)
+    if tsig is not None and len(dumps) > 1:
+        notes.append(
+            f"vendor, family {tsig.family:#x} model {tsig.model:#x} stepping {tsig.stepping}, "
+            f"brand, cache and topology leaves: from the oldest host, {template.source}"
+        )
+    configs_only = [d.source for d in dumps if d.kind == "config"]
+    if configs_only:
+        notes.append(
+            "feature-only inputs (no max leaves, address sizes or XSAVE data): "
+            + ", ".join(configs_only)
+        )
+
+    # Feature words: AND over every input, each read within its own leaf range.
+    masks = _flag_words(reg)
+    all_limits = [(_limits(d.table), d.kind != "config", d.table) for d in dumps]
+    words: dict[tuple[int, int, Register], int] = {}
+    for (leaf, subleaf, r), mask in masks.items():
+        if mixed:
+            mask &= neutral_mask(leaf, subleaf, r)
+        value = mask
+        for limits, strict, table in all_limits:
+            if not value:
+                break
+            if not _in_range(leaf, limits, strict):
+                value = 0
+                break
+            value &= table.get(leaf, subleaf, r)
+        words[(leaf, subleaf, r)] = value
+
+    # Ranges: the minimum max leaf of each range over the full inputs; a range
+    # some full input lacks is dropped (raw CPU dumps have no KVM leaves).
+    full_limits = [_limits(d.table) for d in full] or [_limits(template.table)]
+    top: dict[int, int] = {}
+    for base in (0, _HYPERVISOR, _EXTENDED, _CENTAUR):
+        values = [lim.get(base) for lim in full_limits]
+        present = [v for v in values if v is not None]
+        if len(present) == len(values) and present:
+            top[base] = min(present)
+        elif present:
+            what = {0: "basic", _HYPERVISOR: "hypervisor (KVM)", _EXTENDED: "extended",
+                    _CENTAUR: "Centaur"}[base]  # fmt: skip
+            notes.append(f"{what} leaves dropped: not every host has them")
+    tmpl_limits = _limits(template.table)
+    for base, value in top.items():
+        if tmpl_limits.get(base) != value:
+            notes.append(f"max leaf {base:#x} range: {value:#x} (the smallest of the hosts)")
+
+    entries: dict[tuple[int, int], CpuidEntry] = {}
+    dropped_leaves: set[tuple[int, int]] = set()
+    for e in template.table:
+        base = _base(e.function)
+        if base not in top or e.function > top[base]:
+            continue
+        if any(d.table.lookup(e.function, e.index) is None for d in full):
+            dropped_leaves.add(e.key)
+            continue
+        changes: dict[str, int] = {}
+        for r in REGISTERS:
+            word_mask = masks.get((e.function, e.index, r))
+            if word_mask is not None:
+                new = (e.reg(r) & ~word_mask) | words[(e.function, e.index, r)]
+                if new != e.reg(r):
+                    changes[r] = new
+        if changes:
+            e = e.replace(**changes)
+        if e.key in entries:
+            continue  # first entry of a stateful run wins, as in CpuidTable
+        entries[e.key] = e
+    # Feature words the template has no entry for (a feature-only template).
+    for (leaf, subleaf, r), value in words.items():
+        if value and (leaf, subleaf) not in entries:
+            flags = EntryFlag.SIGNIFICANT_INDEX if leaf in INDEXED_LEAVES else EntryFlag.NONE
+            base_entry = entries.get((leaf, 0)) if leaf not in INDEXED_LEAVES else None
+            if base_entry is not None:
+                entries[(leaf, 0)] = base_entry.replace(**{r: base_entry.reg(r) | value})
+            else:
+                entries[(leaf, subleaf)] = CpuidEntry(leaf, subleaf, flags, **{r: value})
+    if dropped_leaves:
+        notes.append(
+            "(sub)leaves not every host has, dropped: "
+            + ", ".join(f"{leaf:#x}.{sub}" for leaf, sub in sorted(dropped_leaves))
+        )
+    _min_fields(entries, top, full, notes)
+    _xsave_fix(entries, notes)
+    table = CpuidTable(sorted(entries.values(), key=lambda e: e.key))
+    return Baseline(
+        table=table,
+        vendor=vendor_of(table) or vendors[0],
+        template=template.source,
+        notes=tuple(notes),
+        sources=tuple(d.source for d in dumps),
+    )
+
+
+def _min_fields(
+    entries: dict[tuple[int, int], CpuidEntry],
+    top: Mapping[int, int],
+    full: Sequence[Dump],
+    notes: list[str],
+) -> None:
+    """Max leaves, leaf 7's max subleaf, address sizes and XSAVE masks: the
+    minimum (or AND) over the full inputs."""
+    for base, value in top.items():
+        e = entries.get((base, 0))
+        # KVM's 0 in 0x40000000 EAX means 0x40000001: leave such a 0 alone.
+        if e is not None and (base != _HYPERVISOR or e.eax != 0):
+            entries[(base, 0)] = e.replace(eax=value)
+    if not full:
+        return
+    leaf7 = entries.get((7, 0))
+    if leaf7 is not None:
+        sub_max = min(d.table.get(7, 0, "eax") for d in full)
+        entries[(7, 0)] = leaf7.replace(eax=sub_max)
+        for key in [k for k in entries if k[0] == 7 and k[1] > sub_max]:
+            del entries[key]
+    addr = entries.get((0x80000008, 0))
+    if addr is not None:
+        sizes = [fields.address_sizes(d.table) for d in full]
+        known = [s for s in sizes if s is not None]
+        if known:
+            phys = min(s.physical for s in known)
+            virt = min(s.virtual for s in known)
+            guest = min((s.guest_physical or s.physical) for s in known)
+            eax = addr.eax & 0xFF000000 | (0 if guest == phys else guest) << 16 | virt << 8 | phys
+            entries[(0x80000008, 0)] = addr.replace(eax=eax)
+            notes.append(f"address sizes: {phys} physical, {virt} virtual bits (the smallest)")
+    main = entries.get((0xD, 0))
+    if main is not None:
+        xcr0_lo, xcr0_hi = _U32, _U32
+        for d in full:
+            e = d.table.lookup(0xD, 0)
+            xcr0_lo &= 0 if e is None else e.eax
+            xcr0_hi &= 0 if e is None else e.edx
+        entries[(0xD, 0)] = main.replace(eax=xcr0_lo, edx=xcr0_hi)
+    sub1 = entries.get((0xD, 1))
+    if sub1 is not None:
+        xss_lo, xss_hi = _U32, _U32
+        for d in full:
+            e = d.table.lookup(0xD, 1)
+            xss_lo &= 0 if e is None else e.ecx
+            xss_hi &= 0 if e is None else e.edx
+        entries[(0xD, 1)] = sub1.replace(ecx=xss_lo, edx=xss_hi)
+
+
+# --- libvirt host-model as an input ------------------------------------------------
+
+_LIBVIRT_VENDORS: Final = {"Intel": "GenuineIntel", "AMD": "AuthenticAMD", "Hygon": "HygonGenuine"}
+
+
+def host_model_dump(
+    domcaps_xml: str, source: str, cpu_map: str | Path | None = None
+) -> tuple[Dump, list[str]]:
+    """A feature-only Dump (kind "config") from a libvirt domain capabilities
+    document: `<mode name='host-model'>`'s model (expanded through the local
+    cpu_map) plus its require features minus its disable features. Returns
+    the dump and the feature names the registry does not know (skipped)."""
+    from kvmcpuid_virt.policy import models
+    from kvmcpuid_virt.xmlutil import parse_xml
+
+    root = parse_xml(domcaps_xml, source)
+    mode = next(
+        (m for m in root.iter("mode") if m.get("name") == "host-model"), None
+    )
+    if mode is None or mode.get("supported") == "no":
+        raise InputError(f"{source}: domain capabilities have no supported host-model CPU")
+    names: set[str] = set()
+    model_el = mode.find("model")
+    if model_el is not None and model_el.text:
+        cm = models.cpu_map_models(cpu_map if cpu_map is not None else models.CPU_MAP_DIR)
+        m = cm.get(model_el.text.strip())
+        if m is None:
+            raise InputError(f"{source}: host-model {model_el.text!r} is not in the local cpu_map")
+        names |= set(m.features)
+    for f in mode.findall("feature"):
+        name, policy = f.get("name"), f.get("policy", "require")
+        if not name:
+            continue
+        if policy in ("require", "force", "optional"):
+            names.add(name)
+        elif policy in ("disable", "forbid"):
+            names.discard(name)
+    vendor_el = mode.find("vendor")
+    vendor = _LIBVIRT_VENDORS.get((vendor_el.text or "").strip() if vendor_el is not None else "")
+    if vendor is None:
+        raise InputError(f"{source}: host-model has no known <vendor>")
+    reg = registry()
+    words: dict[tuple[int, int], dict[str, int]] = {}
+    unknown = []
+    for name in sorted(names):
+        feat = reg.by_libvirt(name)
+        if feat is None:
+            unknown.append(name)
+            continue
+        regs = words.setdefault((feat.leaf, feat.subleaf), {})
+        regs[feat.reg] = regs.get(feat.reg, 0) | feat.mask
+    vb = vendor.encode()
+    leaf0 = {
+        "ebx": int.from_bytes(vb[0:4], "little"),
+        "edx": int.from_bytes(vb[4:8], "little"),
+        "ecx": int.from_bytes(vb[8:12], "little"),
+    }
+    entries = [CpuidEntry(0, 0, EntryFlag.NONE, **leaf0)]
+    for (leaf, subleaf), regs in sorted(words.items()):
+        flags = EntryFlag.SIGNIFICANT_INDEX if leaf in INDEXED_LEAVES else EntryFlag.NONE
+        if leaf == 0:
+            continue
+        entries.append(CpuidEntry(leaf, subleaf, flags, **regs))
+    return Dump(CpuidTable(entries), "config", {"libvirt_uri": source}, source), unknown
+
+
+def connect_dump(uri: str) -> tuple[Dump, list[str]]:
+    """host_model_dump of the domain capabilities libvirt at `uri` reports
+    (qemu+ssh://host/system for a remote host)."""
+    try:
+        import libvirt
+    except ImportError:
+        from kvmcpuid_virt.errors import ToolError
+
+        raise ToolError("--connect needs libvirt-python (pip install libvirt-python)") from None
+    from kvmcpuid_virt.errors import ToolError
+
+    try:
+        conn = libvirt.openReadOnly(uri)
+    except libvirt.libvirtError as exc:
+        raise ToolError(f"{uri}: {' '.join(str(exc).split())}") from None
+    try:
+        xml = conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+    except libvirt.libvirtError as exc:
+        raise ToolError(f"{uri}: domain capabilities: {' '.join(str(exc).split())}") from None
+    finally:
+        conn.close()
+    return host_model_dump(str(xml), uri)
+
+
+# --- --max-model -------------------------------------------------------------------
+
+
+def _model_names(reg: Registry, m: CpuModel) -> set[str]:
+    out = set()
+    for name in m.features:
+        f = reg.by_libvirt(name) if m.source == "cpu_map" else reg.by_qemu(name)
+        if f is not None:
+            out.add(f.name)
+    return out
+
+
+def limit_to_model(
+    config: CpuConfig,
+    name: str,
+    cpu_map: str | Path | None = None,
+    qemu: str | None = None,
+) -> tuple[CpuConfig, list[str]]:
+    """`config` with every feature outside CPU model `name` turned off (KVM
+    paravirtual features are not model content and stay as they are). A config
+    based on `host` takes the model as its base, so the guest also sees the
+    model's family/model/stepping and max leaves, as the older CPU would.
+    Returns the new config and the names turned off."""
+    from kvmcpuid_virt.policy import models, select
+
+    m = models.model(name, cpu_map if cpu_map is not None else models.CPU_MAP_DIR, qemu)
+    reg = registry()
+    allowed = _model_names(reg, m)
+    features: dict[str, bool] = {}
+    off: list[str] = []
+    for fname, on in config.features.items():
+        f = reg.lookup(fname)
+        keep = on and (fname in allowed or f.kind == FeatureKind.KVM_PV)
+        if on and not keep:
+            off.append(fname)
+        features[fname] = keep
+    expected = select.expected_table(config.expected, reg, features, config.vendor)
+    model = m.name if config.model in ("host", "auto") else config.model
+    capped = dataclasses.replace(config, model=model, features=features, expected=expected)
+    return capped, off
+
