@@ -174,6 +174,16 @@ def _flag_words(reg: Registry) -> dict[tuple[int, int, Register], int]:
     return out
 
 
+# XCR0 state components -> the feature bit that needs them (Intel SDM 13.2).
+_XSAVE_OWNERS: Final[Mapping[int, tuple[int, int, Register, int]]] = {
+    1 << 2: (0x1, 0, "ecx", 28),  # YMM: avx
+    1 << 3 | 1 << 4: (0x7, 0, "ebx", 14),  # BNDREGS, BNDCSR: mpx
+    1 << 5 | 1 << 6 | 1 << 7: (0x7, 0, "ebx", 16),  # opmask, ZMM: avx512f
+    1 << 9: (0x7, 0, "ecx", 3),  # PKRU: pku
+    1 << 17 | 1 << 18: (0x7, 0, "edx", 24),  # TILECFG, TILEDATA: amx-tile
+}
+
+
 def _xsave_fix(entries: dict[tuple[int, int], CpuidEntry], notes: list[str]) -> None:
     """Leaf 0xD after the masks were ANDed: drop components no longer enabled
     and recompute the sizes from the remaining components' own subleaves
@@ -183,6 +193,14 @@ def _xsave_fix(entries: dict[tuple[int, int], CpuidEntry], notes: list[str]) -> 
         return
     sub1 = entries.get((0xD, 1))
     xcr0 = main.eax | main.edx << 32
+    # A state component goes with the feature that uses it: no AVX, no YMM
+    # state, whatever the hosts' XCR0 masks say.
+    for bits, (leaf, subleaf, r, bit) in _XSAVE_OWNERS.items():
+        entry = entries.get((leaf, subleaf))
+        if entry is None or not entry.reg(r) >> bit & 1:
+            xcr0 &= ~bits
+    if (main.eax | main.edx << 32) != xcr0:
+        main = main.replace(eax=xcr0 & _U32, edx=xcr0 >> 32)
     xss = 0 if sub1 is None else sub1.ecx | sub1.edx << 32
     for key in [k for k in entries if k[0] == 0xD and k[1] >= 2]:
         if not (xcr0 | xss) >> key[1] & 1:
@@ -465,8 +483,11 @@ def connect_dump(uri: str) -> tuple[Dump, list[str]]:
         raise ToolError("--connect needs libvirt-python (pip install libvirt-python)") from None
     from kvmcpuid_virt.errors import ToolError
 
+    # libvirt prints every error to stderr by default; ours carry the message.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
-        conn = libvirt.openReadOnly(uri)
+        # Read-only connections may not ask for domain capabilities.
+        conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise ToolError(f"{uri}: {' '.join(str(exc).split())}") from None
     try:
@@ -479,6 +500,11 @@ def connect_dump(uri: str) -> tuple[Dump, list[str]]:
 
 
 # --- --max-model -------------------------------------------------------------------
+
+# Bits QEMU gives every model under KVM (qemu_adjust.qemu_supported and QEMU's
+# kvm_default_props): virtualization artefacts, not CPU model content, so a
+# model cap leaves them alone (cpu_map models never list them).
+QEMU_ADDED: Final = frozenset({"hypervisor", "tsc-deadline", "arat", "x2apic"})
 
 
 def _model_names(reg: Registry, m: CpuModel) -> set[str]:
@@ -510,7 +536,9 @@ def limit_to_model(
     off: list[str] = []
     for fname, on in config.features.items():
         f = reg.lookup(fname)
-        keep = on and (fname in allowed or f.kind == FeatureKind.KVM_PV)
+        keep = on and (
+            fname in allowed or f.kind == FeatureKind.KVM_PV or fname in QEMU_ADDED
+        )
         if on and not keep:
             off.append(fname)
         features[fname] = keep

@@ -1,0 +1,130 @@
+"""`kvmcpuid baseline`: the CPU configuration every given host can run.
+
+    kvmcpuid baseline a.json b.json --connect qemu+ssh://c/system --format qemu
+
+Inputs: `kvmcpuid dump` files (any dump format; raw CPU dumps are read as what
+that CPU could give), libvirt connections (their host-model CPU), and this
+host's /dev/kvm with --this-host. Notes about non-flag fields go to stderr
+(or into the JSON dump's "notes" list). Stdlib-only imports at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+PROG = "kvmcpuid baseline"
+HELP = "the configuration every given host can run"
+FORMATS = ("qemu", "libvirt", "json", "cpudata", "cpuid")
+
+
+def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
+    p = subparsers.add_parser(
+        "baseline", help=HELP,
+        description="Intersect the supported CPUID of several hosts: feature bits every host "
+        "has, the smallest max leaves and address sizes, XSAVE sizes for the common "
+        "components; rendered as QEMU -cpu flags, libvirt <cpu> XML, or a dump.",
+    )  # fmt: skip
+    p.add_argument("dumps", nargs="*", metavar="DUMP",
+                   help="dump files (JSON from `kvmcpuid dump`, <cpudata>, `cpuid -1r`)")
+    p.add_argument("--connect", action="append", default=[], metavar="URI",
+                   help="a libvirt host (e.g. qemu+ssh://host/system): its host-model CPU "
+                   "(repeatable)")  # fmt: skip
+    p.add_argument("--this-host", action="store_true",
+                   help="include this host's KVM_GET_SUPPORTED_CPUID")
+    p.add_argument("--allow-mixed-vendors", action="store_true",
+                   help="allow Intel and AMD hosts together: only vendor-neutral features")
+    p.add_argument("--format", choices=FORMATS, default="qemu", help="default: qemu")
+    p.add_argument("--model", default="host",
+                   help="base of the rendered config: host (default) or a CPU model name")
+    p.add_argument("--max-model", metavar="NAME",
+                   help="never expose more than CPU model NAME (features outside it turn off)")
+    p.add_argument("-o", "--output", default="-", metavar="FILE",
+                   help="write FILE atomically (default: standard output)")
+    p.set_defaults(handler=run)
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(f"{PROG}: note: {text}\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmcpuid_virt.cpuid.formats import Dump, dumps, load
+    from kvmcpuid_virt.errors import InputError
+    from kvmcpuid_virt.fsutil import atomic_write
+    from kvmcpuid_virt.policy import baseline as bl
+
+    inputs: list[Dump] = [load(p) for p in args.dumps]
+    notes: list[str] = []
+    for uri in args.connect:
+        dump, unknown = bl.connect_dump(uri)
+        inputs.append(dump)
+        if unknown:
+            notes.append(f"{uri}: host-model features the registry does not know: "
+                         f"{', '.join(unknown)}")  # fmt: skip
+    if args.this_host:
+        from kvmcpuid_virt.host import host_metadata
+        from kvmcpuid_virt.kvm.system import Kvm
+
+        with Kvm() as kvm:
+            inputs.append(Dump(kvm.supported_cpuid(), "supported",
+                               host_metadata(kvm.api_version()), "/dev/kvm"))  # fmt: skip
+    if not inputs:
+        raise InputError("no hosts: give dump files, --connect URI or --this-host")
+    result = bl.baseline(inputs, allow_mixed_vendors=args.allow_mixed_vendors)
+    notes.extend(result.notes)
+
+    if args.format in ("json", "cpudata", "cpuid"):
+        out = Dump(result.table, "supported", {"baseline_of": ", ".join(result.sources)},
+                   "baseline")  # fmt: skip
+        if args.max_model:
+            # A dump has no model; cap its feature bits through a config.
+            config = _config(result, args)
+            out = Dump(config.expected, "supported", out.host, "baseline")
+        text = dumps(out, args.format)
+        if args.format == "json":
+            import json
+
+            # The dump reader ignores keys it does not know; "notes" rides along.
+            text = text.replace("{\n", "{\n  \"notes\": " + json.dumps(notes) + ",\n", 1)
+        else:
+            for n in notes:
+                _note(n)
+        atomic_write(args.output, text)
+        return 0
+
+    config = _config(result, args)
+    for n in notes:
+        _note(n)
+    if args.format == "qemu":
+        from kvmcpuid_virt.adapters.qemu import render
+
+        text = render(config, "arg")
+    else:
+        from kvmcpuid_virt.adapters import libvirt as lv
+
+        text = lv.render(config)
+        if not text.endswith("\n"):
+            text += "\n"
+    for name in config.dropped:
+        sys.stderr.write(f"{PROG}: warning: dropped {name}\n")
+    atomic_write(args.output, text)
+    return 0
+
+
+def _config(result: Any, args: argparse.Namespace) -> Any:
+    from kvmcpuid_virt.policy import baseline as bl
+    from kvmcpuid_virt.policy.select import Policy, build
+
+    config = build(result.table, Policy(model=args.model), source="baseline")
+    if args.max_model:
+        config, off = bl.limit_to_model(config, args.max_model)
+        if off:
+            _note(f"--max-model {args.max_model} turns off: {', '.join(off)}")
+    return config
