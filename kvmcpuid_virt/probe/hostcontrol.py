@@ -353,8 +353,9 @@ def _structural(p: _Prober, supported: CpuidTable, controlled: dict[Word, int],
         entry = supported.lookup(leaf)
         if entry is None:
             continue
-        if entry.eax > leaf + 1:  # a lower max leaf that still covers `leaf`
-            changes.append(((leaf, 0, "eax"), _ALL, entry.eax - 1))
+        # Another max leaf that still covers `leaf` itself.
+        other = entry.eax - 1 if entry.eax > leaf else entry.eax + 1
+        changes.append(((leaf, 0, "eax"), _ALL, other & _ALL))
         # Another signature of the same length (vendor or hypervisor id).
         signature: tuple[tuple[Register, bytes], ...] = (
             ("ebx", b"kvmc"), ("edx", b"puid"), ("ecx", b"test"))
