@@ -37,10 +37,27 @@ getent passwd libvirt-qemu >/dev/null ||
 getent group kvm >/dev/null && usermod -aG kvm libvirt-qemu 2>/dev/null || true
 install -d /var/log/libvirt /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/qemu
 
+# libvirt puts each QEMU in a private mount namespace with its own /dev;
+# inside a container that cannot be built ("Unable to move ... mount to
+# /dev/null"). Guests here need no private /dev, so turn it off.
+restart=
+conf=/etc/libvirt/qemu.conf
+install -d /etc/libvirt
+if ! grep -qs '^namespaces *=' "$conf"; then
+    say "setting namespaces = [] in $conf"
+    printf '\n# kvmcpuid_virt setup-host.sh: no per-domain mount namespace\nnamespaces = []\n' >> "$conf"
+    restart=1
+fi
+
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     systemctl start virtlogd libvirtd
+    [ -z "$restart" ] || systemctl restart libvirtd
 else
     pgrep -x virtlogd >/dev/null || virtlogd -d
+    if [ -n "$restart" ] && pgrep -x libvirtd >/dev/null; then
+        pkill -x libvirtd
+        for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+    fi
     pgrep -x libvirtd >/dev/null || libvirtd -d
 fi
 

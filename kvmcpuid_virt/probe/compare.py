@@ -141,12 +141,15 @@ class Comparison:
             ],
         }
 
-    def table(self) -> str:
-        """A per-bit table of mismatches, or only the summary line."""
-        if not self.mismatches:
+    def table(self, include_host: bool = False) -> str:
+        """A per-bit table of the mismatches that fail (and, with
+        include_host, of those on bits this host does not control), or only
+        the summary line when there are none to show."""
+        shown = self.mismatches if include_host else self.failures
+        if not shown:
             return self.summary()
         rows = [("feature", "req", "kvm", "vmm", "guest", "where")]
-        for m in self.mismatches:
+        for m in shown:
             rows.append(
                 (
                     m.label,
@@ -186,7 +189,7 @@ def compare(
     supported: CpuidTable | None = None,
     vmm: CpuidTable | None = None,
     uncontrolled: Mapping[Word, int] | None = None,
-    uncontrolled_reasons: Mapping[tuple[int, int, str, int], str] | None = None,
+    uncontrolled_reasons: Mapping[tuple[int, int, Register, int], str] | None = None,
     words: Sequence[Word] | None = None,
     ignore: Iterable[Ignore] = GUEST_STATE_MASKS,
 ) -> Comparison:
@@ -250,15 +253,17 @@ def _attribute(
     kvm = "" if supported is None else (
         "supported by KVM, " if supported else "not supported by KVM, "
     )
-    if requested and supported is False and (vmm is None or not vmm):
+    if not controlled:
+        # The host-control probe saw this bit ignore KVM_SET_CPUID2: whatever
+        # the views above say, the guest's answer comes from below KVM.
+        layer = Layer.HOST
+        where = "below KVM: this host does not control the bit" + (f" ({reason})" if reason else "")
+    elif requested and supported is False and (vmm is None or not vmm):
         layer = Layer.CONFIG
         where = "the configuration asks for more than KVM gives"
     elif vmm is not None and vmm != requested:
         layer = Layer.VMM
         where = "changed in the VMM (QEMU/libvirt)"
-    elif not controlled:
-        layer = Layer.HOST
-        where = "below KVM: this host does not control the bit" + (f" ({reason})" if reason else "")
     else:
         layer = Layer.KVM if vmm is not None else Layer.HOST
         where = "lost below KVM" if vmm is not None else "lost between the VMM and the guest"

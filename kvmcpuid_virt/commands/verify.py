@@ -1,0 +1,122 @@
+"""`kvmcpuid verify`: boot a probe guest on raw KVM, QEMU and/or libvirt and
+check, bit by bit, that it sees the configured CPUID."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_parser", "run"]
+
+HELP = "boot a probe guest and check the CPUID it sees"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvmcpuid_virt.policy.options import add_policy_options
+
+    p = sub.add_parser(
+        "verify", help=HELP,
+        description="Boot a tiny probe guest with the configuration on raw KVM, QEMU and/or "
+        "libvirt and compare every feature bit it sees with what was configured. Exit 0 only "
+        "when every bit this host controls matches; bits the host-control probe finds this "
+        "host overrides are reported but do not fail.",
+    )  # fmt: skip
+    p.add_argument("--backend", choices=("kvm", "qemu", "libvirt", "all"), default="all",
+                   help="where to boot the guest (default: all)")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--qemu-flags", metavar="STR",
+                       help="verify this -cpu value (with or without the leading '-cpu ')")
+    given.add_argument("--libvirt-xml", metavar="FILE",
+                       help="verify the <cpu> of this domain XML or <cpu> element (- for stdin)")
+    add_policy_options(p)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="per-guest timeout in seconds (default 10)")
+    p.add_argument("--no-host-control", action="store_true",
+                   help="do not probe (or use the cached probe of) which bits this host controls")
+
+
+def _read(path: str) -> str:
+    from kvmcpuid_virt.errors import InputError
+
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmcpuid_virt.policy.options import config_from_args, read_table
+    from kvmcpuid_virt.probe.verify import BACKENDS, target_for, verify
+
+    if args.timeout <= 0:
+        from kvmcpuid_virt.errors import InputError
+
+        raise InputError("--timeout must be positive")
+    table, source = read_table(args)
+    if args.qemu_flags is not None:
+        from kvmcpuid_virt.adapters.qemu import parse_config
+
+        value = args.qemu_flags.strip()
+        value = value[len("-cpu"):].strip() if value.startswith("-cpu") else value
+        config = parse_config(value, table, allow_unsupported=True, source=source)
+        target = target_for(config, qemu_cpu=value, label="--qemu-flags")
+        backends: tuple[str, ...] = ("qemu",) if args.backend == "all" else (args.backend,)
+    elif args.libvirt_xml is not None:
+        from kvmcpuid_virt.adapters.libvirt import parse_config as parse_libvirt
+        from kvmcpuid_virt.xmlutil import parse_xml
+
+        text = _read(args.libvirt_xml)
+        root = parse_xml(text, args.libvirt_xml)
+        cpu = root if root.tag == "cpu" else root.find("cpu")
+        from lxml import etree
+
+        if cpu is None:
+            from kvmcpuid_virt.errors import InputError
+
+            raise InputError(f"{args.libvirt_xml}: no <cpu> element")
+        config = parse_libvirt(cpu, table, allow_unsupported=True, source=source)
+        cpu_text = etree.tostring(cpu, encoding="unicode")
+        target = target_for(config, libvirt_cpu=cpu_text, label="--libvirt-xml")
+        backends = ("libvirt",) if args.backend == "all" else (args.backend,)
+    else:
+        config = config_from_args(args, table, source)
+        target = target_for(config)
+        backends = BACKENDS if args.backend == "all" else (args.backend,)
+
+    uncontrolled = reasons = None
+    notes: list[str] = []
+    if not args.no_host_control:
+        from kvmcpuid_virt.probe.hostcontrol import host_control
+
+        hc = host_control()
+        uncontrolled = dict(hc.uncontrolled())
+        reasons = dict(hc.reasons)
+        notes = hc.summary()
+    reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
+                     reasons=reasons, timeout=args.timeout)
+    ok = all(r.ok for r in reports)
+    if args.format == "json":
+        doc = {
+            "ok": ok,
+            "model": config.model,
+            "dropped": list(config.dropped),
+            "host_does_not_control": notes,
+            "backends": [r.as_json() for r in reports],
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        for name in config.dropped:
+            print(f"note: {name} is requested but this host's KVM does not support it")
+        for r in reports:
+            print(r.text(include_host=args.verbose > 0))
+        if args.verbose and notes:
+            print("this host does not control:")
+            for line in notes:
+                print(f"  {line}")
+    return 0 if ok else 1

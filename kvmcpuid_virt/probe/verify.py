@@ -1,0 +1,155 @@
+"""Boot a configuration on one or more backends and compare what each guest
+saw with what was requested: the engine behind `kvmcpuid verify` and the
+conformance suite.
+
+A Target holds one configuration in every form a backend takes: the CPUID
+table raw KVM sets, the `-cpu` value QEMU gets and the `<cpu>` element
+libvirt gets, plus the table the guest should see (`requested`). When the
+user hands in QEMU flags or libvirt XML, those are booted as given, not
+re-rendered: verify checks the user's configuration, not ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
+
+from kvmcpuid_virt.cpuid.features import registry
+from kvmcpuid_virt.cpuid.table import CpuidTable, Register
+from kvmcpuid_virt.errors import KvmcpuidError, ProbeError
+from kvmcpuid_virt.policy.config import CpuConfig
+from kvmcpuid_virt.probe.compare import Comparison, Word, compare
+from kvmcpuid_virt.probe.result import ProbeResult
+
+__all__ = ["BACKENDS", "BackendReport", "Target", "requested_table", "target_for", "verify"]
+
+BACKENDS: Final = ("kvm", "qemu", "libvirt")
+
+
+def requested_table(config: CpuConfig) -> CpuidTable:
+    """The config's expected table plus the bits of features it asked for and
+    the host cannot give (config.dropped): the guest should see those too, and
+    when it does not, compare() names the layer that lost them."""
+    table = config.expected
+    reg = registry()
+    for name in config.dropped:
+        f = reg.lookup(name)
+        entry = table.lookup(f.leaf, f.subleaf)
+        if entry is None:
+            continue
+        table = table.replace_entry(entry.replace(**{f.reg: entry.reg(f.reg) | f.mask}))
+    return table
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One configuration, rendered for every backend."""
+
+    config: CpuConfig
+    requested: CpuidTable
+    qemu_cpu: str  # the value of -cpu
+    libvirt_cpu: str  # a <cpu> element, serialized
+    label: str = ""
+
+
+def target_for(
+    config: CpuConfig, *, qemu_cpu: str | None = None, libvirt_cpu: str | None = None,
+    label: str = "",
+) -> Target:
+    """A Target for `config`; QEMU flags and libvirt XML default to the
+    adapters' renderings of it."""
+    if qemu_cpu is None:
+        from kvmcpuid_virt.adapters.qemu import cpu_value
+
+        qemu_cpu = cpu_value(config)
+    if libvirt_cpu is None:
+        from kvmcpuid_virt.adapters.libvirt import render
+
+        libvirt_cpu = render(config)
+    return Target(config, requested_table(config), qemu_cpu, libvirt_cpu, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendReport:
+    backend: str
+    comparison: Comparison | None  # None when the guest did not run
+    seconds: float
+    diagnostics: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.comparison is not None and self.comparison.ok
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "backend": self.backend,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 4),
+            "error": self.error,
+            "diagnostics": list(self.diagnostics),
+            "comparison": None if self.comparison is None else self.comparison.as_json(),
+        }
+
+    def text(self, include_host: bool = False) -> str:
+        head = [f"{self.backend}: {d}" for d in self.diagnostics]
+        if self.error is not None:
+            return "\n".join([*head, f"{self.backend}: did not run: {self.error}"])
+        assert self.comparison is not None
+        return "\n".join([*head, self.comparison.table(include_host)])
+
+
+def _run(
+    backend: str, target: Target, queries: Sequence[tuple[int, int]], timeout: float
+) -> ProbeResult:
+    if backend == "kvm":
+        from kvmcpuid_virt.probe.kvm import run_kvm
+
+        return run_kvm(target.requested, queries, timeout)
+    if backend == "qemu":
+        from kvmcpuid_virt.probe.qemu import run_qemu
+
+        result: ProbeResult = run_qemu(
+            target.qemu_cpu, queries, timeout=timeout, want_vmm_view=True
+        )
+        return result
+    if backend == "libvirt":
+        from kvmcpuid_virt.probe.libvirt import run_libvirt
+
+        return run_libvirt(target.libvirt_cpu, queries, timeout=timeout)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def verify(
+    target: Target,
+    backends: Iterable[str],
+    *,
+    supported: CpuidTable,
+    uncontrolled: Mapping[Word, int] | None = None,
+    reasons: Mapping[tuple[int, int, Register, int], str] | None = None,
+    timeout: float = 10.0,
+) -> list[BackendReport]:
+    """Boot `target` on each backend and compare. A backend that cannot run
+    the guest (QEMU refusing the flags, libvirt refusing the XML) yields a
+    report with `error` set, never an exception: the other backends still
+    run. Ctrl-C propagates (the backends clean up on the way out)."""
+    from kvmcpuid_virt.probe.image import default_queries
+
+    queries = default_queries(target.requested)
+    reports = []
+    for backend in backends:
+        start = time.monotonic()
+        try:
+            result = _run(backend, target, queries, timeout)
+        except (KvmcpuidError, ProbeError) as exc:
+            reports.append(BackendReport(backend, None, time.monotonic() - start,
+                                         error=" ".join(str(exc).split())))
+            continue
+        cmp = compare(
+            target.requested, result.observed, backend=backend, supported=supported,
+            vmm=result.vmm_view, uncontrolled=uncontrolled, uncontrolled_reasons=reasons,
+        )
+        reports.append(BackendReport(backend, cmp, result.seconds, tuple(result.diagnostics)))
+    return reports
