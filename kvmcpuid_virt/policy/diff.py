@@ -1,0 +1,167 @@
+"""Per-bit, named differences between two hosts' CPUID (dumps of any format):
+feature bits grouped by leaf/register as "only in A" / "only in B", the
+non-flag fields that differ (vendor, family/model, max leaves, address sizes,
+XSAVE), and the fingerprints (kernel, KVM API, QEMU, libvirt, microcode).
+
+Only feature bits and fields decide whether two hosts differ; fingerprint
+differences are shown but do not count (two identical CPUs on different
+kernels offer a guest the same CPU). A leaf beyond a dump's max leaf reads as
+zeros, as it does for a guest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Final
+
+from kvmcpuid_virt.cpuid import fields
+from kvmcpuid_virt.cpuid.features import registry
+from kvmcpuid_virt.cpuid.formats import Dump
+from kvmcpuid_virt.cpuid.table import Register
+from kvmcpuid_virt.policy.baseline import word_value
+
+__all__ = ["FieldDiff", "HostDiff", "WordDiff", "diff", "render_json", "render_table"]
+
+# Metadata that differs on every run and says nothing about the host.
+_VOLATILE: Final = frozenset({"time"})
+
+
+@dataclasses.dataclass(frozen=True)
+class WordDiff:
+    leaf: int
+    subleaf: int
+    reg: Register
+    only_a: tuple[str, ...]
+    only_b: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"CPUID.{self.leaf:02X}H.{self.subleaf}:{self.reg.upper()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldDiff:
+    name: str
+    a: str
+    b: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HostDiff:
+    a: str
+    b: str
+    words: tuple[WordDiff, ...]
+    fields: tuple[FieldDiff, ...]
+    fingerprint: tuple[FieldDiff, ...]
+
+    @property
+    def identical(self) -> bool:
+        return not self.words and not self.fields
+
+
+def _fields(d: Dump) -> dict[str, str]:
+    t = d.table
+    sig = fields.signature(t)
+    addr = fields.address_sizes(t)
+    xs = fields.xsave(t)
+
+    def hx(v: int | None) -> str:
+        return "-" if v is None else f"{v:#x}"
+
+    return {
+        "vendor": fields.vendor(t) or "-",
+        "family/model/stepping": "-" if sig is None
+        else f"{sig.family:#x}/{sig.model:#x}/{sig.stepping}",
+        "brand": fields.brand_string(t) or "-",
+        "max basic leaf": hx(fields.max_basic_leaf(t)),
+        "max extended leaf": hx(fields.max_extended_leaf(t)),
+        "max hypervisor leaf": hx(fields.max_hypervisor_leaf(t)),
+        "physical/virtual address bits": "-" if addr is None
+        else f"{addr.physical}/{addr.virtual}",
+        "XCR0 components": "-" if xs is None else f"{xs.xcr0_mask:#x}",
+        "XSAVE max size": "-" if xs is None else str(xs.max_size),
+    }  # fmt: skip
+
+
+def diff(a: Dump, b: Dump) -> HostDiff:
+    reg = registry()
+    words = []
+    for leaf, subleaf, r in reg.words():
+        va, vb = word_value(a, leaf, subleaf, r), word_value(b, leaf, subleaf, r)
+        x = va ^ vb
+        if not x:
+            continue
+        only_a: list[str] = []
+        only_b: list[str] = []
+        for bit in range(32):
+            if not x >> bit & 1:
+                continue
+            f = reg.at(leaf, subleaf, r, bit)
+            name = f.name if f is not None else f"bit{bit}"
+            (only_a if va >> bit & 1 else only_b).append(name)
+        words.append(WordDiff(leaf, subleaf, r, tuple(only_a), tuple(only_b)))
+    fa, fb = _fields(a), _fields(b)
+    field_diffs = tuple(FieldDiff(k, fa[k], fb[k]) for k in fa if fa[k] != fb[k])
+    keys = sorted((set(a.host) | set(b.host)) - _VOLATILE)
+    fp = tuple(
+        FieldDiff(k, a.host.get(k, "-"), b.host.get(k, "-"))
+        for k in keys
+        if a.host.get(k) != b.host.get(k)
+    )
+    return HostDiff(a.source, b.source, tuple(words), field_diffs, fp)
+
+
+def _wrap(names: tuple[str, ...], width: int) -> list[str]:
+    lines: list[str] = []
+    cur = ""
+    for n in names:
+        piece = n if not cur else f", {n}"
+        if cur and len(cur) + len(piece) > width:
+            lines.append(cur + ",")
+            cur = n
+        else:
+            cur += piece
+    if cur or not lines:
+        lines.append(cur or "-")
+    return lines
+
+
+def render_table(d: HostDiff, width: int = 100) -> str:
+    col = max(20, (width - 24) // 2)
+    out = [f"A: {d.a}", f"B: {d.b}", ""]
+    if d.words:
+        out.append(f"{'leaf/register':<22}  {'only in A':<{col}}  only in B")
+        for w in d.words:
+            left, right = _wrap(w.only_a, col), _wrap(w.only_b, col)
+            for i in range(max(len(left), len(right))):
+                label = w.label if i == 0 else ""
+                lt = left[i] if i < len(left) else ""
+                rt = right[i] if i < len(right) else ""
+                out.append(f"{label:<22}  {lt:<{col}}  {rt}".rstrip())
+        out.append("")
+    for title, rows in (("field", d.fields), ("fingerprint", d.fingerprint)):
+        if rows:
+            out.append(f"{title:<30}  {'A':<{col}}  B")
+            out.extend(f"{r.name:<30}  {r.a:<{col}}  {r.b}".rstrip() for r in rows)
+            out.append("")
+    out.append("identical CPUID" if d.identical else
+               f"{sum(len(w.only_a) + len(w.only_b) for w in d.words)} feature bit(s) and "
+               f"{len(d.fields)} field(s) differ")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def render_json(d: HostDiff) -> str:
+    doc: dict[str, Any] = {
+        "a": d.a,
+        "b": d.b,
+        "identical": d.identical,
+        "features": [
+            {"leaf": f"{w.leaf:#x}", "subleaf": w.subleaf, "reg": w.reg,
+             "only_a": list(w.only_a), "only_b": list(w.only_b)}
+            for w in d.words
+        ],
+        "fields": [dataclasses.asdict(f) for f in d.fields],
+        "fingerprint": [dataclasses.asdict(f) for f in d.fingerprint],
+    }
+    return json.dumps(doc, indent=2) + "\n"
