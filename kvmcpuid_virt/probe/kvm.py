@@ -115,7 +115,8 @@ class KvmProbe:
     runs. A context manager; close() releases every fd, mapping and thread.
 
     `coalesce=False` takes one userspace exit per serial byte (slower runs,
-    but the VM closes in ~0.5 ms instead of an SRCU grace period)."""
+    but the VM closes in ~0.5 ms instead of an SRCU grace period).
+    Not thread-safe: one session per thread (sessions may run in parallel)."""
 
     def __init__(self, *, kvm: Kvm | None = None, vcpus_per_vm: int = DEFAULT_VCPUS_PER_VM,
                  coalesce: bool = True) -> None:
