@@ -1,0 +1,255 @@
+"""The QEMU probe backend: boot the CPUID image with `qemu-system-x86_64
+-cpu ...` and read what the guest saw from its serial port.
+
+Fast path (the default): one QEMU process, no monitor, no QMP library import.
+The command line is the bare `-accel kvm -bios IMAGE` run plus what the probe
+needs: `-nodefaults -no-user-config -display none` (no VGA/NIC/config files
+to set up), COM1 to a file, isa-debug-exit so the guest's `out 0xf4` ends
+QEMU at once, and `-no-reboot` so the image's reset fallbacks end it too.
+
+`want_vmm_view=True` adds what QEMU says it configured: QEMU starts paused
+(-S) and connects to a QMP server we listen on (so there is no
+connect-retry loop); we read the CPU object's `feature-words` and
+`filtered-features` QOM properties, then `cont`. The guest cannot exit
+before we have asked, and the cost (~tens of ms, mostly the qemu.qmp import
+and asyncio) is paid only when asked.
+
+Everything lives in one private temporary directory; QEMU is killed on
+timeout, error and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
+from kvmcpuid_virt.errors import ProbeError, ProbeTimeoutError, ToolError
+from kvmcpuid_virt.probe import image
+from kvmcpuid_virt.probe.process import (
+    Deadline,
+    kill_process,
+    private_tempdir,
+    qemu_opt_value,
+    read_serial,
+)
+from kvmcpuid_virt.probe.result import ProbeResult
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+__all__ = ["DEFAULT_MACHINE", "EXIT_STATUS", "qemu_argv", "run_qemu", "vmm_view_from_qom"]
+
+log = logging.getLogger(__name__)
+
+# i440fx: measured no slower than q35 here (benchmarks/bench_probe_qemu.py
+# prints both) and it has fewer default devices to realize.
+DEFAULT_MACHINE: Final = "pc"
+# isa-debug-exit makes QEMU exit with (value << 1) | 1.
+EXIT_STATUS: Final = (image.DEBUG_EXIT_VALUE << 1) | 1
+# Guest RAM: the image needs none; small RAM is less to map and to tear down.
+_MEMORY: Final = "16"
+
+Query = tuple[int, int]
+
+_REGISTERS: Final = {"EAX": "eax", "EBX": "ebx", "ECX": "ecx", "EDX": "edx"}
+
+
+def qemu_argv(
+    qemu: str,
+    cpu_arg: str,
+    bios: Path,
+    serial: Path,
+    *,
+    machine: str = DEFAULT_MACHINE,
+    qmp_socket: Path | None = None,
+) -> list[str]:
+    """The QEMU command line of one probe run (an argument list: no shell)."""
+    if not cpu_arg or cpu_arg.startswith("-") or any(c.isspace() or c == "\0" for c in cpu_arg):
+        raise ValueError(f"{cpu_arg!r} is not a -cpu value")
+    argv = [
+        qemu,
+        "-accel", "kvm",
+        "-machine", machine,
+        "-cpu", cpu_arg,
+        "-m", _MEMORY,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-bios", str(bios),
+        "-chardev", f"file,id=serial0,path={qemu_opt_value(str(serial))}",
+        "-serial", "chardev:serial0",
+        "-device", f"isa-debug-exit,iobase={image.DEBUG_EXIT_PORT:#x},iosize=0x04",
+        "-no-reboot",
+    ]
+    if qmp_socket is not None:
+        # QEMU is the client: we listen before it starts, so it connects on
+        # its first try; -S keeps the vCPU from running until `cont`.
+        argv += [
+            "-S",
+            "-chardev", f"socket,id=qmp,path={qemu_opt_value(str(qmp_socket))}",
+            "-mon", "chardev=qmp,mode=control",
+        ]
+    return argv
+
+
+def vmm_view_from_qom(feature_words: Sequence[dict[str, Any]]) -> CpuidTable:
+    """A CpuidTable of QEMU's `feature-words` (X86CPUFeatureWordInfo list):
+    one entry per (leaf, subleaf), only the registers QEMU tracks as feature
+    words filled in, the others 0."""
+    regs: dict[tuple[int, int | None], dict[str, int]] = {}
+    for word in feature_words:
+        leaf = int(word["cpuid-input-eax"])
+        sub = word.get("cpuid-input-ecx")
+        reg = _REGISTERS[str(word["cpuid-register"])]
+        key = (leaf, None if sub is None else int(sub))
+        regs.setdefault(key, {})[reg] = int(word["features"]) & 0xFFFF_FFFF
+    entries = [
+        CpuidEntry(
+            function=leaf,
+            index=sub or 0,
+            flags=EntryFlag.NONE if sub is None else EntryFlag.SIGNIFICANT_INDEX,
+            **values,
+        )
+        for (leaf, sub), values in sorted(regs.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+    ]
+    return CpuidTable(entries)
+
+
+def _describe_filtered(words: Sequence[dict[str, Any]]) -> list[str]:
+    out = []
+    for word in words:
+        bits = int(word["features"])
+        if bits:
+            sub = word.get("cpuid-input-ecx")
+            where = f"{int(word['cpuid-input-eax']):#x}" + ("" if sub is None else f".{sub}")
+            out.append(
+                f"QEMU filtered (host cannot give) CPUID {where} "
+                f"{word['cpuid-register']} bits {bits:#010x}"
+            )
+    return out
+
+
+def _query_vmm_view(
+    qmp: QEMUMonitorProtocol, proc: subprocess.Popen[bytes], deadline: Deadline
+) -> tuple[CpuidTable, list[str]]:
+    """Accept QEMU's QMP connection, read the CPU's feature words, `cont`."""
+    from qemu.qmp import QMPError
+
+    try:
+        qmp.accept(timeout=max(deadline.remaining(), 0.001))
+        qmp.settimeout(max(deadline.remaining(), 0.001))
+        cpus = qmp.cmd("query-cpus-fast")
+        if not isinstance(cpus, list) or not cpus:
+            raise ToolError(f"QEMU reported no CPUs: {cpus!r}")
+        path = str(cpus[0]["qom-path"])
+        words = qmp.cmd("qom-get", path=path, property="feature-words")
+        filtered = qmp.cmd("qom-get", path=path, property="filtered-features")
+        qmp.cmd("cont")
+    except TimeoutError as exc:
+        raise ProbeTimeoutError(
+            f"QEMU did not answer on QMP within {deadline.timeout:g} s"
+        ) from exc
+    except (QMPError, OSError) as exc:
+        if proc.poll() is not None:
+            # QEMU died (a bad -cpu, usually): its stderr says why.
+            raise _QemuExited() from exc
+        raise ToolError(f"QMP conversation with QEMU failed: {exc}") from exc
+    assert isinstance(words, list) and isinstance(filtered, list)
+    return vmm_view_from_qom(words), _describe_filtered(filtered)
+
+
+class _QemuExited(Exception):
+    """Internal: QEMU went away during the QMP conversation."""
+
+
+def _diagnostics(stderr: bytes) -> list[str]:
+    return [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+
+
+def run_qemu(
+    cpu_arg: str,
+    queries: Sequence[Query],
+    timeout: float = 10.0,
+    qemu: str = "qemu-system-x86_64",
+    *,
+    want_vmm_view: bool = False,
+    machine: str = DEFAULT_MACHINE,
+) -> ProbeResult:
+    """Boot the CPUID image under `qemu -cpu cpu_arg` and return what the guest
+    saw. Raises ProbeTimeoutError when the guest has not exited after
+    `timeout` seconds (QEMU is killed), ProbeError when its output is missing
+    or broken, ToolError when QEMU cannot be run."""
+    queries = list(queries)
+    deadline = Deadline(timeout)
+    blob = image.build(queries)
+    with private_tempdir() as tmp:
+        bios = tmp / "image.bin"
+        serial = tmp / "serial.log"
+        bios.write_bytes(blob)
+        qmp: QEMUMonitorProtocol | None = None
+        qmp_socket: Path | None = None
+        if want_vmm_view:
+            from qemu.qmp.legacy import QEMUMonitorProtocol
+
+            qmp_socket = tmp / "qmp.sock"
+            qmp = QEMUMonitorProtocol(str(qmp_socket), server=True)
+        argv = qemu_argv(qemu, cpu_arg, bios, serial, machine=machine, qmp_socket=qmp_socket)
+        log.debug("starting %s", argv)
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                close_fds=True,
+            )
+        except OSError as exc:
+            if qmp is not None:
+                qmp.close()
+            raise ToolError(f"cannot run {qemu}: {exc}") from exc
+        vmm_view: CpuidTable | None = None
+        notes: list[str] = []
+        try:
+            if qmp is not None:
+                try:
+                    vmm_view, notes = _query_vmm_view(qmp, proc, deadline)
+                except _QemuExited:
+                    pass  # handled below with QEMU's stderr and exit status
+                finally:
+                    qmp.close()
+            try:
+                # communicate() drains stderr while waiting, so a chatty QEMU
+                # cannot block on a full pipe.
+                _, stderr = proc.communicate(timeout=deadline.remaining())
+            except subprocess.TimeoutExpired as exc:
+                raise ProbeTimeoutError(
+                    f"QEMU guest did not finish within {timeout:g} s (killed)"
+                ) from exc
+        finally:
+            kill_process(proc)
+        seconds = time.monotonic() - started
+        diagnostics = _diagnostics(stderr) + notes
+        status = proc.returncode
+        serial_bytes = read_serial(serial)
+        try:
+            observed = image.parse(serial_bytes, queries)
+        except ProbeError as exc:
+            detail = "; ".join(diagnostics[-3:]) or "no message"
+            raise ProbeError(f"QEMU exited with status {status} ({detail}): {exc}") from exc
+        if status != EXIT_STATUS:
+            # The answers are complete and checksummed; an odd exit is worth
+            # telling, not failing on.
+            diagnostics.append(f"QEMU exited with status {status}, expected {EXIT_STATUS}")
+        return ProbeResult(
+            observed=observed,
+            vmm_view=vmm_view,
+            seconds=seconds,
+            backend="qemu",
+            diagnostics=diagnostics,
+        )
