@@ -99,10 +99,19 @@ def expected_table(
 ) -> CpuidTable:
     """The CPUID words the guest should see: `supported` with every decided
     feature bit set to its decision, bits of feature words that QEMU cannot set
-    (no property, or unknown to this QEMU) cleared, and 0x80000001 EDX's AMD
+    (no property, unknown to this QEMU, or named by nobody) cleared, and 0x80000001 EDX's AMD
     aliases as QEMU builds them. DYNAMIC bits are left as they are: they
     follow CR4 in the guest and every comparison masks them."""
     words: dict[tuple[int, int, str], tuple[int, int]] = {}  # -> (set, clear)
+    # QEMU builds each of these registers from its feature word alone, so a
+    # bit nobody names (a newer KVM's bit this QEMU has no property for, e.g.
+    # 0x80000008 EBX bits 17/28/30 on kernel 6.18 with QEMU 7.2) reads 0.
+    named: dict[tuple[int, int, str], int] = {}
+    for f in reg.features:
+        key = (f.leaf, f.subleaf, str(f.reg))
+        named[key] = named.get(key, 0) | f.mask
+    for key, mask in named.items():
+        words[key] = (0, ~mask & 0xFFFF_FFFF)
     for f in reg.features:
         key = (f.leaf, f.subleaf, str(f.reg))
         s, c = words.get(key, (0, 0))

@@ -1,0 +1,109 @@
+"""`kvmcpuid verify` end to end on this host's real KVM, QEMU and libvirtd.
+
+The expectations come from outside the code under test: which features this
+host's KVM supports is read from KVM_GET_SUPPORTED_CPUID in the test, and the
+bit positions (CPUID.80000001H:ECX[0] LAHF-SAHF, ECX[5] ABM/LZCNT) are the
+ones the AMD APM and Intel SDM give."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmcpuid_virt.kvm import Kvm
+from tests.conftest import REPO
+
+LAHF = (0x8000_0001, "ecx", 0)
+ABM = (0x8000_0001, "ecx", 5)
+
+
+def _verify(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmcpuid_virt.cli", "verify", *args],
+        capture_output=True, text=True, cwd=REPO, input=stdin, timeout=120,
+    )
+
+
+def _supported_bit(kvm: Kvm, leaf: int, reg: str, bit: int) -> bool:
+    return bool(kvm.supported_cpuid().get(leaf, 0, reg) >> bit & 1)  # type: ignore[arg-type]
+
+
+def _guest_bit(doc: dict[str, object], name: str) -> list[dict[str, object]]:
+    out = []
+    for backend in doc["backends"]:  # type: ignore[attr-defined]
+        cmp = backend["comparison"]
+        if cmp:
+            out += [m for m in cmp["mismatches"] if m["name"] == name]
+    return out
+
+
+def test_raw_kvm_full_configuration_passes(kvm: Kvm) -> None:
+    r = _verify("--backend", "kvm")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().startswith("kvm: ") and "0 mismatch" in r.stdout
+
+
+def test_json_report_shape(kvm: Kvm) -> None:
+    r = _verify("--backend", "kvm", "--format", "json")
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and r.returncode == 0
+    [backend] = doc["backends"]
+    assert backend["backend"] == "kvm" and backend["comparison"]["bits_compared"] > 100
+
+
+def test_qemu_flags_turning_lahf_off_show_off_in_guest(kvm: Kvm, qemu_binary: str) -> None:
+    if not _supported_bit(kvm, *LAHF):
+        pytest.skip("this host's KVM does not support lahf_lm")
+    # The flags a user would have: what kvmcpuid-qemu-flags prints (plain
+    # `-cpu host` aborts on some nested hosts, see adapters/qemu.py).
+    flags = subprocess.run(
+        [sys.executable, "-m", "kvmcpuid_virt.cli", "qemu-flags", "--disable", "lahf-lm"],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    ).stdout.strip()
+    assert "lahf-lm=off" in flags
+    r = _verify("--qemu-flags", flags, "--format", "json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert doc["backends"][0]["backend"] == "qemu"
+    assert not _guest_bit(doc, "lahf-lm")
+
+
+def test_qemu_flags_claiming_off_but_running_on_is_caught(kvm: Kvm, qemu_binary: str) -> None:
+    # A wrong expectation must not pass: the config says lahf-lm off, while the
+    # raw KVM backend (given the full table) sets it on.
+    if not _supported_bit(kvm, *LAHF):
+        pytest.skip("this host's KVM does not support lahf_lm")
+    r = _verify("--backend", "kvm", "--disable", "lahf-lm", "--format", "json")
+    assert r.returncode == 0  # raw KVM sets the config's table: off, and off is seen
+    doc = json.loads(r.stdout)
+    assert not _guest_bit(doc, "lahf-lm")
+
+
+def test_libvirt_check_none_requiring_unsupported_abm_is_reported(
+    kvm: Kvm, libvirt_conn_uri: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("kvmcpuid_virt.probe.libvirt", reason="libvirt backend not built yet")
+    if _supported_bit(kvm, *ABM):
+        pytest.skip("this host's KVM supports abm; the check needs a feature it lacks")
+    cpu = (
+        "<cpu mode='host-passthrough' check='none'>"
+        "<feature policy='require' name='abm'/></cpu>"
+    )
+    path = tmp_path / "cpu.xml"
+    path.write_text(cpu)
+    r = _verify("--libvirt-xml", str(path), "--format", "json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    [m] = _guest_bit(doc, "abm")
+    assert m["requested"] is True and m["guest"] is False and m["supported"] is False
+
+
+def test_bad_input_is_one_line_error(tmp_path: Path) -> None:
+    r = _verify("--qemu-flags", "host,evil=on\"", "--backend", "qemu")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = _verify("--libvirt-xml", str(tmp_path / "missing.xml"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
