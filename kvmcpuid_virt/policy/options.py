@@ -31,6 +31,11 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
         "named model this host fully supports, plus the rest), or a CPU model name",
     )  # fmt: skip
     parser.add_argument(
+        "--max-model", metavar="NAME",
+        help="never expose more than CPU model NAME (features outside it are turned off), "
+        "the way an operator emulates older hardware",
+    )  # fmt: skip
+    parser.add_argument(
         "--enable", action="append", default=[], metavar="F",
         help="turn a feature on (QEMU or libvirt spelling; repeatable)",
     )  # fmt: skip
@@ -59,8 +64,8 @@ def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str]:
 
 def policy_key(args: argparse.Namespace) -> tuple[object, ...]:
     """Every policy option, for the output memo's key."""
-    return (args.from_, args.model, tuple(args.enable), tuple(args.disable),
-            args.allow_unsupported)  # fmt: skip
+    return (args.from_, args.model, getattr(args, "max_model", None), tuple(args.enable),
+            tuple(args.disable), args.allow_unsupported)  # fmt: skip
 
 
 def table_bytes(table: CpuidTable) -> bytes:
@@ -81,7 +86,13 @@ def config_from_args(
         disable=tuple(args.disable),
         allow_unsupported=args.allow_unsupported,
     )
-    return build(table, policy, source=source)
+    config = build(table, policy, source=source)
+    max_model = getattr(args, "max_model", None)
+    if max_model:
+        from kvmcpuid_virt.policy.baseline import limit_to_model
+
+        config, _ = limit_to_model(config, max_model)
+    return config
 
 
 def dropped_warnings(prog: str, config: CpuConfig) -> str:

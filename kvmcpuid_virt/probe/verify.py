@@ -45,13 +45,28 @@ def requested_table(config: CpuConfig) -> CpuidTable:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One configuration, rendered for every backend."""
+    """One configuration, rendered for every backend on demand (a config
+    libvirt cannot express must still boot on QEMU and raw KVM)."""
 
     config: CpuConfig
     requested: CpuidTable
-    qemu_cpu: str  # the value of -cpu
-    libvirt_cpu: str  # a <cpu> element, serialized
+    qemu_cpu_given: str | None = None  # the value of -cpu, as the user gave it
+    libvirt_cpu_given: str | None = None  # a <cpu> element, as the user gave it
     label: str = ""
+
+    def qemu_cpu(self) -> str:
+        if self.qemu_cpu_given is not None:
+            return self.qemu_cpu_given
+        from kvmcpuid_virt.adapters.qemu import cpu_value
+
+        return cpu_value(self.config)
+
+    def libvirt_cpu(self) -> str:
+        if self.libvirt_cpu_given is not None:
+            return self.libvirt_cpu_given
+        from kvmcpuid_virt.adapters.libvirt import render
+
+        return render(self.config)
 
 
 def target_for(
@@ -60,14 +75,6 @@ def target_for(
 ) -> Target:
     """A Target for `config`; QEMU flags and libvirt XML default to the
     adapters' renderings of it."""
-    if qemu_cpu is None:
-        from kvmcpuid_virt.adapters.qemu import cpu_value
-
-        qemu_cpu = cpu_value(config)
-    if libvirt_cpu is None:
-        from kvmcpuid_virt.adapters.libvirt import render
-
-        libvirt_cpu = render(config)
     return Target(config, requested_table(config), qemu_cpu, libvirt_cpu, label)
 
 
@@ -112,13 +119,13 @@ def _run(
         from kvmcpuid_virt.probe.qemu import run_qemu
 
         result: ProbeResult = run_qemu(
-            target.qemu_cpu, queries, timeout=timeout, want_vmm_view=True
+            target.qemu_cpu(), queries, timeout=timeout, want_vmm_view=True
         )
         return result
     if backend == "libvirt":
         from kvmcpuid_virt.probe.libvirt import run_libvirt
 
-        return run_libvirt(target.libvirt_cpu, queries, timeout=timeout)
+        return run_libvirt(target.libvirt_cpu(), queries, timeout=timeout)
     raise ValueError(f"unknown backend {backend!r}")
 
 
