@@ -280,7 +280,7 @@ KNOWN_SIGNATURES = {
 }
 
 
-def test_known_signatures_cover_every_dump() -> None:
+def test_known_signatures_cover_every_dump(data_dir: Path) -> None:
     assert {p.stem.removeprefix("x86_64-cpuid-") for p in DUMPS} == set(KNOWN_SIGNATURES)
 
 
