@@ -86,15 +86,16 @@ def _parser(command: str | None) -> tuple[argparse.ArgumentParser, object | None
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
-    chosen = None
-    for name, (module, summary) in _available().items():
-        if name == command:
-            chosen = _load(module)
-            chosen.add_parser(sub)  # type: ignore[attr-defined]
-        else:
-            # Other commands appear in --help without importing their modules.
-            sub.add_parser(name, help=summary, add_help=False)
-    return parser, chosen
+    available = _available()
+    if command in available:
+        # Only the chosen command's parser: each placeholder costs ~0.5 ms.
+        chosen = _load(available[command][0])
+        chosen.add_parser(sub)  # type: ignore[attr-defined]
+        return parser, chosen
+    for name, (_module, summary) in available.items():
+        # Every command appears in --help without importing its module.
+        sub.add_parser(name, help=summary, add_help=False)
+    return parser, None
 
 
 def _setup_logging(prog: str, verbose: int) -> None:
