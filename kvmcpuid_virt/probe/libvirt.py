@@ -1,0 +1,311 @@
+"""The libvirt probe backend: boot the CPUID image as a transient libvirt
+domain with a given <cpu> element and read what the guest saw.
+
+One run:
+  1. a private temporary directory (mode 0711: libvirt's QEMU user may open
+     the image by name but not list the directory) holding the image;
+  2. createXML(START_PAUSED | AUTODESTROY): libvirt finishes its whole start
+     sequence (QMP setup, cont is *not* sent) before the guest runs, so a
+     guest that exits within microseconds cannot make createXML fail with
+     "qemu unexpectedly closed the monitor" (measured here without it: one
+     start in three failed); AUTODESTROY makes libvirtd destroy the domain if
+     this process dies without cleaning up;
+  3. resume(); the image writes its answers to COM1 (a file libvirt opens and
+     hands to QEMU) and exits through isa-debug-exit (added with
+     <qemu:commandline>: libvirt has no element for it);
+  4. poll the domain until libvirt has stopped it (a transient domain
+     vanishes); destroy it ourselves on timeout, error or Ctrl-C.
+
+Teardown time. libvirt starts QEMU daemonized, so QEMU's parent is PID 1 (or
+the nearest child subreaper). When QEMU exits, libvirt's stop path
+(qemuProcessKill -> virProcessKillPainfullyDelay) polls kill(pid, 0) every
+200 ms until the process is gone, and a zombie still answers kill(pid, 0).
+On this machine PID 1 reaps orphans only about every 1.6 s, which is the whole
+"1.6 s teardown"; under a reaping subreaper it is one 200 ms poll. See
+docs/libvirt-teardown.md. `run_many` overlaps guests so that throughput does
+not pay the teardown serially.
+
+Waiting: polling virDomainGetState every few ms costs one local RPC per poll
+and sees the end within a poll of libvirt noticing it; libvirt's own stop path
+dominates, so an event loop thread buys nothing measurable here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from lxml import etree
+
+from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
+from kvmcpuid_virt.probe import image
+from kvmcpuid_virt.probe.process import PREFIX, Deadline, private_tempdir, read_serial
+from kvmcpuid_virt.probe.result import ProbeResult
+
+__all__ = [
+    "DOMAIN_PREFIX",
+    "LibvirtProbe",
+    "domain_xml",
+    "run_libvirt",
+]
+
+log = logging.getLogger(__name__)
+
+DOMAIN_PREFIX: Final = PREFIX
+QEMU_NS: Final = "http://libvirt.org/schemas/domain/qemu/1.0"
+# Seconds between state polls: small next to libvirt's 200 ms stop poll.
+_POLL: Final = 0.003
+
+Query = tuple[int, int]
+
+
+def _hardened_parser() -> etree.XMLParser:
+    # <cpu> XML may come from another host: no entities, no network, no huge trees.
+    return etree.XMLParser(
+        resolve_entities=False, no_network=True, huge_tree=False, remove_comments=True
+    )
+
+
+def _cpu_element(cpu_xml: etree._Element | str | bytes) -> etree._Element:
+    if isinstance(cpu_xml, str | bytes):
+        data = cpu_xml.encode() if isinstance(cpu_xml, str) else cpu_xml
+        try:
+            cpu = etree.fromstring(data, _hardened_parser())
+        except etree.XMLSyntaxError as exc:
+            raise InputError(f"<cpu> XML does not parse: {exc}") from exc
+    else:
+        cpu = cpu_xml
+    if cpu.tag != "cpu":
+        raise InputError(f"expected a <cpu> element, got <{cpu.tag}>")
+    copy: etree._Element = etree.fromstring(etree.tostring(cpu), _hardened_parser())
+    return copy
+
+
+def domain_xml(
+    name: str,
+    cpu_xml: etree._Element | str | bytes,
+    loader: Path,
+    serial: Path,
+    *,
+    machine: str = "pc",
+    emulator: str | None = None,
+) -> bytes:
+    """The transient domain of one probe run, built with lxml."""
+    root = etree.Element("domain", type="kvm", nsmap={"qemu": QEMU_NS})
+    etree.SubElement(root, "name").text = name
+    etree.SubElement(root, "memory", unit="MiB").text = "16"
+    etree.SubElement(root, "vcpu").text = "1"
+    os_ = etree.SubElement(root, "os")
+    etree.SubElement(os_, "type", arch="x86_64", machine=machine).text = "hvm"
+    etree.SubElement(os_, "loader", type="rom", readonly="yes").text = str(loader)
+    root.append(_cpu_element(cpu_xml))
+    # Every way the guest can end (debug-exit looks like a crash to libvirt,
+    # the image's reset fallbacks like a reboot) ends the domain.
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        etree.SubElement(root, event).text = "destroy"
+    devices = etree.SubElement(root, "devices")
+    if emulator is not None:
+        etree.SubElement(devices, "emulator").text = emulator
+    console = etree.SubElement(devices, "serial", type="file")
+    etree.SubElement(console, "source", path=str(serial))
+    etree.SubElement(console, "target", port="0")
+    # No balloon (a PCI device and a QMP poll libvirt would set up); USB is
+    # off because no <controller type='usb'> is wanted: model='none'.
+    etree.SubElement(devices, "memballoon", model="none")
+    etree.SubElement(devices, "controller", type="usb", model="none")
+    cmdline = etree.SubElement(root, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-device", f"isa-debug-exit,iobase={image.DEBUG_EXIT_PORT:#x},iosize=0x04"):
+        etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+    return etree.tostring(root)
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError as exc:
+        raise ToolError("libvirt-python is not installed (pip install libvirt-python)") from exc
+    global _handler_installed
+    if not _handler_installed:
+        # libvirt-python's default handler prints every error to stderr,
+        # including the expected "Domain not found" of a guest that already
+        # ended; errors still raise libvirtError, so only log them.
+        libvirt.registerErrorHandler(_log_libvirt_error, None)
+        _handler_installed = True
+    return libvirt
+
+
+_handler_installed = False
+
+
+def _log_libvirt_error(_ctx: object, err: Sequence[object]) -> None:
+    log.debug("libvirt: %s", err[2] if len(err) > 2 else err)
+
+
+class LibvirtProbe:
+    """One libvirt connection; runs probe guests on it. A context manager:
+    closing it closes the connection (AUTODESTROY then stops any domain a
+    crashed run left)."""
+
+    def __init__(self, uri: str = "qemu:///system", *, machine: str = "pc",
+                 emulator: str | None = None) -> None:
+        self._lv = _libvirt()
+        self.uri = uri
+        self.machine = machine
+        self.emulator = emulator
+        try:
+            self.conn: Any = self._lv.open(uri)
+        except self._lv.libvirtError as exc:
+            raise ToolError(f"cannot connect to libvirt at {uri}: {exc}") from exc
+        self._cancel = threading.Event()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(self._lv.libvirtError):
+                self.conn.close()
+            self.conn = None
+
+    def __enter__(self) -> LibvirtProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one guest ------------------------------------------------------------
+
+    @contextmanager
+    def _domain(self, xml: bytes, name: str) -> Iterator[Any]:
+        """The running transient domain, destroyed on the way out unless
+        libvirt already stopped it."""
+        lv = self._lv
+        flags = lv.VIR_DOMAIN_START_PAUSED | lv.VIR_DOMAIN_START_AUTODESTROY
+        try:
+            dom = self.conn.createXML(xml.decode(), flags)
+        except lv.libvirtError as exc:
+            raise ToolError(f"libvirt refused the probe domain: {exc}") from exc
+        try:
+            yield dom
+        finally:
+            self._destroy(dom, name)
+
+    def _destroy(self, dom: Any, name: str) -> None:
+        lv = self._lv
+        try:
+            dom.destroy()
+            log.debug("destroyed %s", name)
+        except lv.libvirtError as exc:
+            # Gone already (the normal end: the guest exited and libvirt
+            # reaped it) or stopping; anything else is worth a warning.
+            if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+                return
+            if exc.get_error_code() != lv.VIR_ERR_OPERATION_INVALID:
+                log.warning("could not destroy %s: %s", name, exc)
+        # destroy() returns once QEMU is stopped; removal of the transient
+        # definition follows. Wait for it (bounded) so callers never see it.
+        try:
+            self._wait_gone(dom, Deadline(5.0), cancellable=False)
+        except ProbeError as exc:
+            log.warning("%s still listed after destroy: %s", name, exc)
+
+    def _wait_gone(self, dom: Any, deadline: Deadline, *, cancellable: bool = True) -> None:
+        """Poll until libvirt has removed the transient domain. A stopped
+        domain is reported SHUTOFF a moment before it is removed, so only
+        "no such domain" counts as gone: afterwards listAllDomains() does not
+        show it and its QEMU has been reaped."""
+        lv = self._lv
+        while True:
+            try:
+                dom.state()
+            except lv.libvirtError as exc:
+                if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+                    return
+                raise ToolError(f"libvirt state query failed: {exc}") from exc
+            if cancellable and self._cancel.is_set():
+                raise ProbeError("probe cancelled")
+            if deadline.expired():
+                raise ProbeTimeoutError(
+                    f"libvirt guest did not finish within {deadline.timeout:g} s (destroyed)"
+                )
+            time.sleep(_POLL)
+
+    def run(
+        self,
+        cpu_xml: etree._Element | str | bytes,
+        queries: Sequence[Query],
+        timeout: float = 10.0,
+    ) -> ProbeResult:
+        """Boot the image in a transient domain with `cpu_xml` as its <cpu>."""
+        queries = list(queries)
+        deadline = Deadline(timeout)
+        blob = image.build(queries)
+        name = DOMAIN_PREFIX + uuid.uuid4().hex
+        with private_tempdir(0o711) as tmp:
+            loader = tmp / "image.bin"
+            serial = tmp / "serial.log"
+            loader.write_bytes(blob)
+            loader.chmod(0o644)
+            xml = domain_xml(name, cpu_xml, loader, serial, machine=self.machine,
+                             emulator=self.emulator)
+            started = time.monotonic()
+            with self._domain(xml, name) as dom:
+                log.debug("created %s", name)
+                try:
+                    dom.resume()
+                except self._lv.libvirtError as exc:
+                    # The guest may finish before `cont` returns; the serial
+                    # output decides whether it ran.
+                    log.debug("resume of %s: %s", name, exc)
+                self._wait_gone(dom, deadline)
+            seconds = time.monotonic() - started
+            try:
+                observed = image.parse(read_serial(serial), queries)
+            except ProbeError as exc:
+                raise ProbeError(f"libvirt guest {name}: {exc}") from exc
+        return ProbeResult(
+            observed=observed, vmm_view=None, seconds=seconds, backend="libvirt",
+            diagnostics=[],
+        )
+
+    def run_many(
+        self,
+        jobs: Sequence[tuple[etree._Element | str | bytes, Sequence[Query]]],
+        timeout: float = 10.0,
+        parallel: int = 4,
+    ) -> list[ProbeResult]:
+        """Run every (cpu_xml, queries) job, up to `parallel` guests at once,
+        so one guest's libvirt teardown overlaps the next guest's start.
+        Results in job order; the first error is raised after every started
+        guest has been cleaned up."""
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
+        self._cancel.clear()
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="kvmcpuid-lv") as pool:
+            futures = [pool.submit(self.run, cpu, qs, timeout) for cpu, qs in jobs]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                # Ctrl-C or a failed guest: stop queued jobs, make running
+                # ones destroy their domains now rather than at their timeout.
+                self._cancel.set()
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+def run_libvirt(
+    cpu_xml: etree._Element | str | bytes,
+    queries: Sequence[Query],
+    timeout: float = 10.0,
+    uri: str = "qemu:///system",
+) -> ProbeResult:
+    """One probe guest through libvirt at `uri` (connection opened and closed
+    here; use LibvirtProbe to reuse one)."""
+    with LibvirtProbe(uri) as probe:
+        return probe.run(cpu_xml, queries, timeout)
