@@ -1,0 +1,111 @@
+"""What the suite runs on this host, decided once per process from the live
+KVM_GET_SUPPORTED_CPUID: the full supported configuration, one configuration
+per supported feature turned off, a few named CPU models this host can run,
+and a cluster baseline (this host with a real CPU dump of the same vendor).
+
+Test ids are generated from this plan at collection time, so the ids follow
+the host: `test_feature_off[qemu-avx2]` exists only where avx2 is supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Final
+
+from conformance.backends import Case, make_case
+from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.errors import KvmcpuidError
+
+__all__ = ["MAX_MODELS", "Plan", "data_dir", "plan"]
+
+# Named models tested: the newest ones this host can run (older models are
+# subsets of the newer ones, so they add little).
+MAX_MODELS: Final = 3
+FULL: Final = "full"
+
+
+def data_dir() -> Path:
+    repo = Path(__file__).resolve().parent.parent
+    return Path(os.environ.get("KVMCPUID_DATA", repo.parent / "shared" / "data" / "cpuid"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    supported: CpuidTable
+    full: Case
+    off: dict[str, Case]  # feature -> case
+    models: dict[str, Case]  # model name -> case
+    baseline: Case | None
+    baseline_why: str  # the inputs, or why there is no baseline case
+    notes: tuple[str, ...]
+
+    def cases(self) -> list[Case]:
+        out = [self.full, *self.off.values(), *self.models.values()]
+        if self.baseline is not None:
+            out.append(self.baseline)
+        return out
+
+
+def _models(supported: CpuidTable, notes: list[str]) -> dict[str, Case]:
+    from kvmcpuid_virt.policy import models
+    from kvmcpuid_virt.policy.select import Policy, build
+
+    try:
+        candidates = models.models()
+    except KvmcpuidError as exc:
+        notes.append(f"no named CPU models: {exc}")
+        return {}
+    found: dict[str, Case] = {}
+    for m in reversed(candidates):  # newest first
+        try:
+            config = build(supported, Policy(model=m.name), source="/dev/kvm")
+        except KvmcpuidError:
+            continue  # needs a feature this host lacks, or QEMU lacks the model
+        found[m.name] = make_case(f"model:{m.name}", config)
+        if len(found) == MAX_MODELS:
+            break
+    if not found:
+        notes.append("this host can run none of the named CPU models")
+    return found
+
+
+def _baseline(supported: CpuidTable) -> tuple[Case | None, str]:
+    from kvmcpuid_virt.cpuid.formats import Dump, load
+    from kvmcpuid_virt.policy.baseline import baseline
+    from kvmcpuid_virt.policy.config import vendor_of
+    from kvmcpuid_virt.policy.select import build
+
+    directory = data_dir()
+    vendor = vendor_of(supported)
+    for path in sorted(directory.glob("*.xml")):
+        dump = load(str(path))
+        if vendor_of(dump.table) == vendor:
+            result = baseline([Dump(supported, "supported", {}, "/dev/kvm"), dump])
+            config = build(result.table, source="baseline")
+            return make_case("baseline", config), f"this host and {path.name}"
+    return None, f"no CPU dump of this host's vendor ({vendor}) in {directory}"
+
+
+@functools.cache
+def plan() -> Plan | str:
+    """The plan, or why there is none (no /dev/kvm)."""
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm: every check needs a KVM host"
+    from kvmcpuid_virt.kvm import Kvm
+    from kvmcpuid_virt.policy.select import Policy, build
+
+    with Kvm() as kvm:
+        supported = kvm.supported_cpuid()
+    notes: list[str] = []
+    full = build(supported, source="/dev/kvm")
+    off = {
+        name: make_case(f"off:{name}", build(supported, Policy(disable=(name,)),
+                                             source="/dev/kvm"))
+        for name in full.enabled()
+    }
+    base, why = _baseline(supported)
+    return Plan(supported, make_case(FULL, full), off, _models(supported, notes), base, why,
+                tuple(notes))

@@ -1,0 +1,131 @@
+"""Per backend (raw KVM, QEMU, libvirt): the full supported configuration,
+every supported feature turned off one at a time, a few named CPU models and
+a cluster baseline, each checked inside a booted guest.
+
+Bits the host-control probe found this host does not control make a test
+xfail(strict=True, raises=UncontrolledMismatch): decided before looking at
+the guest, from the host-control result and the expected tables alone, so
+the test fails (XPASS strict) the day the host honours the bits, and any
+mismatch on a controlled bit still fails it (a plain AssertionError is not
+the expected exception).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance import report as reporting
+from conformance.backends import Batch, Case
+from conformance.checks import (
+    Outcome,
+    UncontrolledMismatch,
+    at_stake,
+    check_delta,
+    check_table,
+)
+from conformance.plan import Plan
+from kvmcpuid_virt.cpuid.features import registry
+from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Ignore
+from kvmcpuid_virt.probe.hostcontrol import HostControl
+
+
+def _uncontrolled(control: HostControl) -> dict[tuple[int, int, str], int]:
+    return dict(control.uncontrolled())  # type: ignore[arg-type]
+
+
+def _libvirt_ignores(case: Case) -> tuple[Ignore, ...]:
+    """Features a <cpu> element cannot carry (the adapter's own list): their
+    bits follow libvirt's defaults, so libvirt's guest is not held to them."""
+    from kvmcpuid_virt.adapters.libvirt import unexpressible
+
+    reg = registry()
+    rules = []
+    for u in unexpressible(case.config):
+        f = reg.lookup(u.name)
+        rules.append(Ignore(f.leaf, f.subleaf, f.reg, f.mask, f"not in <cpu>: {u.where}"))
+    return tuple(rules)
+
+
+def _ignores(backend: str, case: Case) -> tuple[Ignore, ...]:
+    extra = _libvirt_ignores(case) if backend == "libvirt" else ()
+    return GUEST_STATE_MASKS + extra
+
+
+def _xfail_if(request: pytest.FixtureRequest, stake: list[str]) -> None:
+    if stake:
+        reason = ("this host does not control " + "; ".join(stake[:6])
+                  + (f"; and {len(stake) - 6} more" if len(stake) > 6 else ""))
+        request.applymarker(pytest.mark.xfail(strict=True, raises=UncontrolledMismatch,
+                                              reason=reason))
+
+
+def _absolute(request: pytest.FixtureRequest, backend: str, kind: str, subject: str,
+              case: Case, batch: Batch, control: HostControl, forced: CpuidTable,
+              the_plan: Plan) -> None:
+    ignores = _ignores(backend, case)
+    unc = _uncontrolled(control)
+    _xfail_if(request, at_stake(case.expected, forced, uncontrolled=unc,
+                                reasons=control.reasons, ignore=ignores))
+    result = batch.get(case.id)
+    outcome = check_table(case.expected, result.observed, backend=backend,
+                          uncontrolled=unc, reasons=control.reasons,
+                          supported=the_plan.supported, vmm=result.vmm_view, ignore=ignores)
+    _finish(request, backend, kind, subject, outcome, result.seconds, case)
+
+
+def _finish(request: pytest.FixtureRequest, backend: str, kind: str, subject: str,
+            outcome: Outcome, seconds: float, case: Case) -> None:
+    reporting.record(request, backend=backend, kind=kind, subject=subject,
+                     issues=[i.text() for i in outcome.issues],
+                     bits=outcome.bits_compared, seconds=seconds,
+                     qemu_cpu=case.qemu_cpu if backend == "qemu" else None)
+    assert outcome.bits_compared > 0, "no bits compared: the guest answered nothing we check"
+    outcome.raise_for(f"{backend} {subject}")
+
+
+def test_full_config(request: pytest.FixtureRequest, backend: str, batch: Batch,
+                     the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
+    """Every feature this host supports, as the adapters render it: the guest
+    sees the expected table on every feature word."""
+    _absolute(request, backend, "full", "full", the_plan.full, batch, control, forced,
+              the_plan)
+
+
+def test_feature_off(request: pytest.FixtureRequest, backend: str, feature: str,
+                     batch: Batch, the_plan: Plan, control: HostControl) -> None:
+    """The full configuration with `feature` off: compared with the full
+    configuration's guest, the guest loses exactly the bits the two expected
+    tables differ in (the feature, and what the policy couples to it)."""
+    full, off = the_plan.full, the_plan.off[feature]
+    ignores = _ignores(backend, off)
+    if backend == "libvirt":
+        f = registry().lookup(feature)
+        if any(rule.applies(f.leaf, f.subleaf, f.reg) and rule.mask & f.mask
+               for rule in ignores[len(GUEST_STATE_MASKS):]):
+            pytest.skip(f"libvirt: <cpu> cannot express {feature} "
+                        "(adapters.libvirt.unexpressible); libvirt's default applies")
+    unc = _uncontrolled(control)
+    _xfail_if(request, at_stake(off.expected, full.expected, uncontrolled=unc,
+                                reasons=control.reasons, ignore=ignores))
+    guest_full = batch.get(full.id)
+    guest_off = batch.get(off.id)
+    outcome = check_delta(full.expected, off.expected, guest_full.observed, guest_off.observed,
+                          uncontrolled=unc, reasons=control.reasons, ignore=ignores)
+    _finish(request, backend, "off", feature, outcome, guest_off.seconds, off)
+
+
+def test_model(request: pytest.FixtureRequest, backend: str, model: str, batch: Batch,
+               the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
+    """A named CPU model this host can run (newest first)."""
+    _absolute(request, backend, "model", model, the_plan.models[model], batch, control,
+              forced, the_plan)
+
+
+def test_baseline(request: pytest.FixtureRequest, backend: str, batch: Batch,
+                  the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
+    """The cluster baseline of this host and a real CPU dump of its vendor."""
+    if the_plan.baseline is None:
+        pytest.skip(f"baseline: {the_plan.baseline_why}")
+    _absolute(request, backend, "baseline", "baseline", the_plan.baseline, batch, control,
+              forced, the_plan)
