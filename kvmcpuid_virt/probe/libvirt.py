@@ -155,7 +155,12 @@ class LibvirtProbe:
     crashed run left)."""
 
     def __init__(self, uri: str = "qemu:///system", *, machine: str = "pc",
-                 emulator: str | None = None) -> None:
+                 emulator: str | None = None, name_prefix: str = DOMAIN_PREFIX) -> None:
+        if not name_prefix.startswith(DOMAIN_PREFIX) or not all(
+            c.isalnum() or c in "-_" for c in name_prefix
+        ):
+            raise ValueError(f"domain name prefix {name_prefix!r} must start {DOMAIN_PREFIX!r}")
+        self.name_prefix = name_prefix
         self._lv = _libvirt()
         self.uri = uri
         self.machine = machine
@@ -245,7 +250,7 @@ class LibvirtProbe:
         queries = list(queries)
         deadline = Deadline(timeout)
         blob = image.build(queries)
-        name = DOMAIN_PREFIX + uuid.uuid4().hex
+        name = self.name_prefix + uuid.uuid4().hex
         with private_tempdir(0o711) as tmp:
             loader = tmp / "image.bin"
             serial = tmp / "serial.log"
@@ -270,7 +275,7 @@ class LibvirtProbe:
                 raise ProbeError(f"libvirt guest {name}: {exc}") from exc
         return ProbeResult(
             observed=observed, vmm_view=None, seconds=seconds, backend="libvirt",
-            diagnostics=[],
+            diagnostics=[f"libvirt domain {name}"],
         )
 
     def run_many(
@@ -304,8 +309,10 @@ def run_libvirt(
     queries: Sequence[Query],
     timeout: float = 10.0,
     uri: str = "qemu:///system",
+    *,
+    name_prefix: str = DOMAIN_PREFIX,
 ) -> ProbeResult:
     """One probe guest through libvirt at `uri` (connection opened and closed
     here; use LibvirtProbe to reuse one)."""
-    with LibvirtProbe(uri) as probe:
+    with LibvirtProbe(uri, name_prefix=name_prefix) as probe:
         return probe.run(cpu_xml, queries, timeout)
