@@ -163,6 +163,17 @@ def _query_vmm_view(
     return vmm_view_from_qom(words), _describe_filtered(filtered)
 
 
+def _close_qmp(qmp: QEMUMonitorProtocol) -> None:
+    """Disconnect; after `cont` the guest may already have ended QEMU, and
+    qemu.qmp then re-raises the reader's EOFError from disconnect()."""
+    from qemu.qmp import QMPError
+
+    try:
+        qmp.close()
+    except (EOFError, OSError, QMPError) as exc:
+        log.debug("QMP disconnect: %r", exc)
+
+
 class _QemuExited(Exception):
     """Internal: QEMU went away during the QMP conversation."""
 
@@ -211,7 +222,7 @@ def run_qemu(
             )
         except OSError as exc:
             if qmp is not None:
-                qmp.close()
+                _close_qmp(qmp)
             raise ToolError(f"cannot run {qemu}: {exc}") from exc
         vmm_view: CpuidTable | None = None
         notes: list[str] = []
@@ -222,7 +233,7 @@ def run_qemu(
                 except _QemuExited:
                     pass  # handled below with QEMU's stderr and exit status
                 finally:
-                    qmp.close()
+                    _close_qmp(qmp)
             try:
                 # communicate() drains stderr while waiting, so a chatty QEMU
                 # cannot block on a full pipe.
