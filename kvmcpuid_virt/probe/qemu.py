@@ -149,7 +149,6 @@ def _query_vmm_view(
         path = str(cpus[0]["qom-path"])
         words = qmp.cmd("qom-get", path=path, property="feature-words")
         filtered = qmp.cmd("qom-get", path=path, property="filtered-features")
-        qmp.cmd("cont")
     except TimeoutError as exc:
         raise ProbeTimeoutError(
             f"QEMU did not answer on QMP within {deadline.timeout:g} s"
@@ -160,6 +159,13 @@ def _query_vmm_view(
             raise _QemuExited() from exc
         raise ToolError(f"QMP conversation with QEMU failed: {exc}") from exc
     assert isinstance(words, list) and isinstance(filtered, list)
+    try:
+        qmp.cmd("cont")
+    except (QMPError, OSError, EOFError, TimeoutError) as exc:
+        # The guest may run and end QEMU before the reply to `cont` is read;
+        # only a QEMU that is still there and still paused is a failure, and
+        # that one the caller's wait turns into a timeout.
+        log.debug("QMP cont: %r", exc)
     return vmm_view_from_qom(words), _describe_filtered(filtered)
 
 
