@@ -1,0 +1,190 @@
+"""The libvirt probe backend against the real libvirtd (qemu:///system, or
+KVMCPUID_LIBVIRT_URI): what the guest sees, and that every run (normal,
+timeout, Ctrl-C) leaves no domain, no QEMU and no temporary directory.
+
+Other runs may use the probe on the same daemon at the same time, so each
+test uses its own domain-name prefix and checks only its own domains."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmcpuid_virt.errors import InputError, ProbeTimeoutError, ToolError
+from kvmcpuid_virt.probe import image
+from kvmcpuid_virt.probe.libvirt import DOMAIN_PREFIX, LibvirtProbe, domain_xml, run_libvirt
+from kvmcpuid_virt.probe.process import PREFIX
+
+pytestmark = pytest.mark.libvirt
+
+QUERIES = [(0x0, 0), (0x1, 0), (0x80000000, 0), (0x80000001, 0)]
+# arch-capabilities: nested KVM on this AMD host refuses MSR 0x10a.
+HOST = (
+    "<cpu mode='host-passthrough'>"
+    "<feature policy='disable' name='arch-capabilities'/>{extra}</cpu>"
+)
+LAHF_LM = 1 << 0  # CPUID 0x80000001 ECX bit 0
+
+
+def host_vendor() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    pytest.skip("no vendor_id in /proc/cpuinfo")
+
+
+def spin_image() -> bytes:
+    a = image.Asm(org=0)
+    a.label("spin")
+    a.jmp_short("spin")
+    return image.flat_image(a.assemble())
+
+
+class Env:
+    def __init__(self, uri: str, prefix: str, tmp: Path) -> None:
+        self.uri = uri
+        self.prefix = prefix
+        self.tmp = tmp
+
+    def probe(self) -> LibvirtProbe:
+        return LibvirtProbe(self.uri, name_prefix=self.prefix)
+
+
+def _our_domains(uri: str, prefix: str) -> list[str]:
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        return [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
+    finally:
+        conn.close()
+
+
+def _our_qemus(prefix: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and prefix.encode() in cmdline:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture
+def env(libvirt_conn_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine")
+    # libvirt's QEMU user must reach the image: a world-traversable parent
+    # (pytest's tmp_path is 0700), removed afterwards.
+    tmp = Path(tempfile.mkdtemp(prefix="kvmcpuid-test-", dir="/tmp"))
+    tmp.chmod(0o711)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    prefix = f"{DOMAIN_PREFIX}t{uuid.uuid4().hex[:8]}-"
+    try:
+        yield Env(libvirt_conn_uri, prefix, tmp)
+        assert _our_domains(libvirt_conn_uri, prefix) == [], "domain left behind"
+        assert _our_qemus(prefix) == [], "QEMU left running"
+        assert not list(tmp.glob(PREFIX + "*")), "temporary directory left behind"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cpu(extra: str = "") -> str:
+    return HOST.format(extra=extra)
+
+
+def test_guest_sees_host_vendor(env: Env) -> None:
+    result = run_libvirt(cpu(), QUERIES, uri=env.uri, name_prefix=env.prefix)
+    assert result.backend == "libvirt"
+    t = result.observed
+    vendor = b"".join(
+        t.get(0, 0, r).to_bytes(4, "little") for r in ("ebx", "edx", "ecx")
+    ).decode()
+    assert vendor == host_vendor()
+
+
+def test_feature_off_is_off_in_guest(env: Env) -> None:
+    with env.probe() as probe:
+        on = probe.run(cpu(), QUERIES)
+        off = probe.run(cpu("<feature policy='disable' name='lahf_lm'/>"), QUERIES)
+    ecx_on = on.observed.get(0x80000001, 0, "ecx")
+    if not ecx_on & LAHF_LM:
+        pytest.skip("this host gives no LAHF/SAHF in 64-bit mode to guests")
+    assert off.observed.get(0x80000001, 0, "ecx") == ecx_on & ~LAHF_LM
+
+
+def test_run_many_in_order(env: Env) -> None:
+    jobs = [
+        (cpu(), QUERIES),
+        (cpu("<feature policy='disable' name='lahf_lm'/>"), QUERIES),
+        (cpu(), QUERIES),
+    ]
+    with env.probe() as probe:
+        results = probe.run_many(jobs, parallel=2)
+    lahf = [r.observed.get(0x80000001, 0, "ecx") & LAHF_LM for r in results]
+    if lahf[0]:
+        assert lahf == [LAHF_LM, 0, LAHF_LM]
+
+
+def test_spinning_guest_times_out_and_is_destroyed(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image, "build", lambda queries: spin_image())
+    with env.probe() as probe, pytest.raises(ProbeTimeoutError):
+        probe.run(cpu(), QUERIES, timeout=1.5)
+
+
+def test_ctrl_c_destroys_domain(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGINT reaches only the main thread")
+    monkeypatch.setattr(image, "build", lambda queries: spin_image())
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with env.probe() as probe, pytest.raises(KeyboardInterrupt):
+            probe.run(cpu(), QUERIES, timeout=20.0)
+    finally:
+        timer.cancel()
+
+
+def test_refused_cpu_is_a_tool_error(env: Env) -> None:
+    with env.probe() as probe, pytest.raises(ToolError):
+        probe.run("<cpu mode='custom' match='exact'><model>no-such-model</model></cpu>", QUERIES)
+
+
+def test_cpu_xml_must_be_a_cpu_element() -> None:
+    with pytest.raises(InputError):
+        domain_xml(DOMAIN_PREFIX + "x", "<domain/>", Path("/i"), Path("/s"))
+    with pytest.raises(InputError):
+        domain_xml(DOMAIN_PREFIX + "x", "<cpu", Path("/i"), Path("/s"))
+
+
+def test_domain_xml_shape() -> None:
+    from lxml import etree
+
+    xml = etree.fromstring(
+        domain_xml(DOMAIN_PREFIX + "x", cpu(), Path("/d/image.bin"), Path("/d/serial.log"))
+    )
+    assert xml.findtext("os/loader") == "/d/image.bin"
+    assert xml.find("os/loader").get("type") == "rom"  # type: ignore[union-attr]
+    assert xml.findtext("on_reboot") == "destroy"
+    assert xml.find("devices/serial/source").get("path") == "/d/serial.log"  # type: ignore[union-attr]
+    assert xml.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+    assert xml.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+
+
+def test_cpu_xml_with_entities_is_refused() -> None:
+    evil = '<!DOCTYPE cpu [<!ENTITY x SYSTEM "file:///etc/passwd">]><cpu><model>&x;</model></cpu>'
+    with pytest.raises(InputError, match="DOCTYPE"):
+        domain_xml(DOMAIN_PREFIX + "x", evil, Path("/i"), Path("/s"))
