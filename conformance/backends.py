@@ -78,7 +78,11 @@ class Batch:
         if case_id in self.results:
             return self.results[case_id]
         if case_id in self.render_errors:
-            raise AssertionError(f"{self.backend}: {case_id}: {self.render_errors[case_id]}")
+            from conformance.checks import KNOWN_RENDER_GAPS, KnownGap
+
+            why = self.render_errors[case_id]
+            known = any(b == self.backend and text in why for b, text in KNOWN_RENDER_GAPS)
+            raise (KnownGap if known else AssertionError)(f"{self.backend}: {case_id}: {why}")
         raise AssertionError(f"{self.backend}: {case_id}: the guest did not run: "
                              f"{self.errors.get(case_id, 'not in the batch')}")
 
@@ -138,24 +142,17 @@ def run_qemu_cases(cases: Sequence[Case], qemu: str) -> Batch:
                      lambda c: run_qemu(c.qemu_cpu, c.queries, TIMEOUT, qemu), workers())
 
 
+# libvirt's stop path takes ~1.6 s per domain here while the guest itself
+# needs ~0.3 s: many guests in flight hide the teardowns (measured on 2 CPUs:
+# 2 at a time 1.0 s/guest, 8: 0.38 s, 16: 0.28 s).
+LIBVIRT_PARALLEL: Final = 16
+
+
 def run_libvirt_cases(cases: Sequence[Case], uri: str) -> Batch:
-    """libvirt: the probe's batch API when it has one, else guests in parallel."""
-    mod = importlib.import_module("kvmcpuid_virt.probe.libvirt")
-    run_many = getattr(mod, "run_many", None)
-    if run_many is None:
-        run_libvirt = mod.run_libvirt
+    """libvirt: one connection, LIBVIRT_PARALLEL transient domains in flight."""
+    from kvmcpuid_virt.probe.libvirt import LibvirtProbe
+
+    with LibvirtProbe(uri) as probe:
         return _parallel("libvirt", cases,
-                         lambda c: run_libvirt(c.libvirt_cpu, c.queries, TIMEOUT, uri),
-                         workers())
-    batch = Batch("libvirt")
-    cases = _renderable(batch, cases)
-    start = time.perf_counter()
-    outcomes = run_many([(c.libvirt_cpu, c.queries) for c in cases], timeout=TIMEOUT, uri=uri)
-    for case, outcome in zip(cases, outcomes, strict=True):
-        if isinstance(outcome, ProbeResult):
-            batch.results[case.id] = outcome
-        else:
-            batch.errors[case.id] = str(outcome)
-    batch.seconds = time.perf_counter() - start
-    batch.notes.append(f"{len(cases)} guests through run_many, {batch.seconds:.1f} s")
-    return batch
+                         lambda c: probe.run(c.libvirt_cpu, c.queries, TIMEOUT),
+                         LIBVIRT_PARALLEL)

@@ -26,19 +26,66 @@ from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Ignore, compare
 
 __all__ = [
+    "KNOWN_GAPS",
+    "KNOWN_RENDER_GAPS",
     "BitIssue",
+    "Gap",
+    "KnownGap",
     "Outcome",
     "UncontrolledMismatch",
     "at_stake",
     "check_delta",
     "check_table",
     "feature_words",
+    "predicted_gaps",
     "state_mask",
 ]
 
 Word = tuple[int, int, Register]
 BitKey = tuple[int, int, Register, int]
 _ALL = 0xFFFF_FFFF
+
+
+class KnownGap(AssertionError):
+    """Only bits of a documented, not yet fixed gap of this project differ
+    (KNOWN_GAPS): expected failure of a strict xfail, so the fix shows up."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gap:
+    """A known defect of this project's own layers, by where it shows."""
+
+    backends: tuple[str, ...]
+    kinds: tuple[str, ...]  # full, off, model, baseline
+    word: Word
+    mask: int
+    reason: str
+
+    def covers(self, backend: str, kind: str, issue: BitIssue) -> bool:
+        return (backend in self.backends and kind in self.kinds
+                and (issue.leaf, issue.subleaf, issue.reg) == self.word
+                and bool(self.mask >> issue.bit & 1))
+
+
+# QEMU builds 0x80000001 EDX's AMD aliases of leaf 1 EDX from the *guest's*
+# vendor; QEMU's vendor-neutral-looking models (pentium*, kvm64) are
+# GenuineIntel, while policy.select gives named models the host's vendor.
+KNOWN_GAPS: tuple[Gap, ...] = (
+    Gap(("qemu", "libvirt"), ("model",), (0x8000_0001, 0, "edx"), 0x0183_F3FF,
+        "policy: a named model's expected 0x80000001 EDX AMD aliases follow the host's "
+        "vendor, QEMU's follow the model's (pentium*: GenuineIntel)"),
+)
+# The libvirt adapter needs a cpu_map model whose every feature is on, so a
+# configuration without one of the oldest features (fpu, vme, pse...) has none.
+KNOWN_RENDER_GAPS: tuple[tuple[str, str], ...] = (
+    ("libvirt", "no libvirt cpu_map model fits"),
+)
+
+
+def predicted_gaps(backend: str, kind: str, expected: CpuidTable) -> list[str]:
+    """Known gaps that can show in this test: their bits are on in `expected`."""
+    return [g.reason for g in KNOWN_GAPS
+            if backend in g.backends and kind in g.kinds and expected.get(*g.word) & g.mask]
 
 
 class UncontrolledMismatch(AssertionError):
@@ -82,16 +129,24 @@ class Outcome:
     def uncontrolled(self) -> tuple[BitIssue, ...]:
         return tuple(i for i in self.issues if not i.controlled)
 
-    def raise_for(self, what: str) -> None:
-        """AssertionError on any controlled mismatch; UncontrolledMismatch
-        when only uncontrolled bits differ; nothing when all match."""
-        if self.failures:
-            lines = [i.text() for i in self.failures]
+    def raise_for(self, what: str, backend: str = "", kind: str = "") -> None:
+        """AssertionError on any controlled mismatch outside KNOWN_GAPS;
+        KnownGap when the rest are known gaps; UncontrolledMismatch when only
+        uncontrolled bits differ; nothing when all match."""
+        known = [i for i in self.failures
+                 if any(g.covers(backend, kind, i) for g in KNOWN_GAPS)]
+        unknown = [i for i in self.failures if i not in known]
+        if unknown:
+            lines = [i.text() for i in unknown]
             more = len(self.uncontrolled)
             if more:
                 lines.append(f"(and {more} mismatch(es) on bits this host does not control)")
-            raise AssertionError(f"{what}: {len(self.failures)} mismatch(es)\n  "
+            if known:
+                lines.append(f"(and {len(known)} mismatch(es) of known gaps)")
+            raise AssertionError(f"{what}: {len(unknown)} mismatch(es)\n  "
                                  + "\n  ".join(lines))
+        if known:
+            raise KnownGap(f"{what}: known gap\n  " + "\n  ".join(i.text() for i in known))
         if self.uncontrolled:
             raise UncontrolledMismatch(
                 f"{what}: only bits this host does not control differ\n  "

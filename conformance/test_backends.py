@@ -17,61 +17,95 @@ import pytest
 from conformance import report as reporting
 from conformance.backends import Batch, Case
 from conformance.checks import (
+    KNOWN_RENDER_GAPS,
+    KnownGap,
     Outcome,
     UncontrolledMismatch,
     at_stake,
     check_delta,
     check_table,
+    predicted_gaps,
 )
 from conformance.plan import Plan
 from kvmcpuid_virt.cpuid.features import registry
-from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Ignore
-from kvmcpuid_virt.probe.hostcontrol import HostControl
+from kvmcpuid_virt.probe.hostcontrol import VCPU_STATE, HostControl
+
+Word = tuple[int, int, Register]
 
 
-def _uncontrolled(control: HostControl) -> dict[tuple[int, int, str], int]:
-    return dict(control.uncontrolled())  # type: ignore[arg-type]
+def _uncontrolled(control: HostControl, backend: str) -> dict[Word, int]:
+    """Uncontrolled bits per word. Bits that follow vCPU state (APIC enable,
+    CR4) count as uncontrolled on raw KVM, where nothing sets that state up
+    from the table; QEMU and libvirt set it up from the configuration (no
+    APIC device with apic=off), so there they must follow it."""
+    out: dict[Word, int] = {}
+    for (leaf, sub, reg), mask in control.uncontrolled():
+        if backend != "kvm":
+            for bit in range(32):
+                if control.reasons.get((leaf, sub, reg, bit)) == VCPU_STATE:
+                    mask &= ~(1 << bit)
+        if mask:
+            out[(leaf, sub, reg)] = mask
+    return out
 
 
-def _libvirt_ignores(case: Case) -> tuple[Ignore, ...]:
-    """Features a <cpu> element cannot carry (the adapter's own list): their
-    bits follow libvirt's defaults, so libvirt's guest is not held to them."""
+def _libvirt_ignores(*cases: Case) -> tuple[Ignore, ...]:
+    """Features a <cpu> element cannot carry (the adapter's own list, for
+    each of the cases): their bits follow libvirt's defaults, so libvirt's
+    guest is not held to them."""
     from kvmcpuid_virt.adapters.libvirt import unexpressible
 
     reg = registry()
-    rules = []
-    for u in unexpressible(case.config):
-        f = reg.lookup(u.name)
-        rules.append(Ignore(f.leaf, f.subleaf, f.reg, f.mask, f"not in <cpu>: {u.where}"))
-    return tuple(rules)
+    rules = {}
+    for case in cases:
+        for u in unexpressible(case.config):
+            f = reg.lookup(u.name)
+            rules[u.name] = Ignore(f.leaf, f.subleaf, f.reg, f.mask, f"not in <cpu>: {u.where}")
+    return tuple(rules.values())
 
 
-def _ignores(backend: str, case: Case) -> tuple[Ignore, ...]:
-    extra = _libvirt_ignores(case) if backend == "libvirt" else ()
+def _ignores(backend: str, *cases: Case) -> tuple[Ignore, ...]:
+    extra = _libvirt_ignores(*cases) if backend == "libvirt" else ()
     return GUEST_STATE_MASKS + extra
 
 
-def _xfail_if(request: pytest.FixtureRequest, stake: list[str]) -> None:
+def _xfail_if(request: pytest.FixtureRequest, stake: list[str], gaps: list[str]) -> None:
+    """Strict xfail, decided before the guest is looked at: for uncontrolled
+    bits at stake and for known gaps of this project (checks.KNOWN_GAPS)."""
+    raises: tuple[type[AssertionError], ...] = ()
+    parts = []
     if stake:
-        reason = ("this host does not control " + "; ".join(stake[:6])
-                  + (f"; and {len(stake) - 6} more" if len(stake) > 6 else ""))
-        request.applymarker(pytest.mark.xfail(strict=True, raises=UncontrolledMismatch,
-                                              reason=reason))
+        raises += (UncontrolledMismatch,)
+        parts.append("this host does not control " + "; ".join(stake[:6])
+                     + (f"; and {len(stake) - 6} more" if len(stake) > 6 else ""))
+    if gaps:
+        raises += (KnownGap,)
+        parts.append("known gap: " + "; ".join(gaps))
+    if raises:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=raises,
+                                              reason=" | ".join(parts)))
 
 
 def _absolute(request: pytest.FixtureRequest, backend: str, kind: str, subject: str,
               case: Case, batch: Batch, control: HostControl, forced: CpuidTable,
               the_plan: Plan) -> None:
     ignores = _ignores(backend, case)
-    unc = _uncontrolled(control)
+    unc = _uncontrolled(control, backend)
+    gaps = predicted_gaps(backend, kind, case.expected) + _render_gap(backend, case)
     _xfail_if(request, at_stake(case.expected, forced, uncontrolled=unc,
-                                reasons=control.reasons, ignore=ignores))
+                                reasons=control.reasons, ignore=ignores), gaps)
     result = batch.get(case.id)
     outcome = check_table(case.expected, result.observed, backend=backend,
                           uncontrolled=unc, reasons=control.reasons,
                           supported=the_plan.supported, vmm=result.vmm_view, ignore=ignores)
     _finish(request, backend, kind, subject, outcome, result.seconds, case)
+
+
+def _render_gap(backend: str, case: Case) -> list[str]:
+    why = case.render_errors.get(backend, "")
+    return [why for b, text in KNOWN_RENDER_GAPS if b == backend and text in why]
 
 
 def _finish(request: pytest.FixtureRequest, backend: str, kind: str, subject: str,
@@ -81,7 +115,7 @@ def _finish(request: pytest.FixtureRequest, backend: str, kind: str, subject: st
                      bits=outcome.bits_compared, seconds=seconds,
                      qemu_cpu=case.qemu_cpu if backend == "qemu" else None)
     assert outcome.bits_compared > 0, "no bits compared: the guest answered nothing we check"
-    outcome.raise_for(f"{backend} {subject}")
+    outcome.raise_for(f"{backend} {subject}", backend, kind)
 
 
 def test_full_config(request: pytest.FixtureRequest, backend: str, batch: Batch,
@@ -98,16 +132,17 @@ def test_feature_off(request: pytest.FixtureRequest, backend: str, feature: str,
     configuration's guest, the guest loses exactly the bits the two expected
     tables differ in (the feature, and what the policy couples to it)."""
     full, off = the_plan.full, the_plan.off[feature]
-    ignores = _ignores(backend, off)
+    ignores = _ignores(backend, full, off)
     if backend == "libvirt":
         f = registry().lookup(feature)
         if any(rule.applies(f.leaf, f.subleaf, f.reg) and rule.mask & f.mask
                for rule in ignores[len(GUEST_STATE_MASKS):]):
             pytest.skip(f"libvirt: <cpu> cannot express {feature} "
                         "(adapters.libvirt.unexpressible); libvirt's default applies")
-    unc = _uncontrolled(control)
+    unc = _uncontrolled(control, backend)
     _xfail_if(request, at_stake(off.expected, full.expected, uncontrolled=unc,
-                                reasons=control.reasons, ignore=ignores))
+                                reasons=control.reasons, ignore=ignores),
+              predicted_gaps(backend, "off", off.expected) + _render_gap(backend, off))
     guest_full = batch.get(full.id)
     guest_off = batch.get(off.id)
     outcome = check_delta(full.expected, off.expected, guest_full.observed, guest_off.observed,
