@@ -72,9 +72,10 @@ def logreport(report: pytest.TestReport) -> None:
             entry["details"] = value
     outcome = _outcome(report)
     # The worst phase wins (setup skip, call failure, teardown error).
-    if report.when == "call" or outcome != "passed":
-        if entry["outcome"] in ("passed",) or outcome in ("failed", "error"):
-            entry["outcome"] = outcome
+    if (report.when == "call" or outcome != "passed") and (
+        entry["outcome"] == "passed" or outcome in ("failed", "error")
+    ):
+        entry["outcome"] = outcome
     if outcome == "skipped" and isinstance(report.longrepr, tuple):
         entry["reason"] = str(report.longrepr[2])
     elif outcome == "xfailed":

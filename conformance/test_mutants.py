@@ -1,0 +1,144 @@
+"""The suite catches broken adapters: each test breaks an adapter on
+purpose (a mutant), runs the same check the suite runs on the same backend,
+and asserts that the check FAILS, while the unbroken adapter passes the same
+check (so the failure is the mutant's doing).
+
+Mutants:
+- qemu-swap: two feature names swapped in the QEMU adapter's name mapping;
+- libvirt-disable-as-require: the libvirt adapter writes policy='require'
+  for features that are off (a source mutation of adapters/libvirt.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from conformance.backends import (
+    Batch,
+    Case,
+    make_case,
+    run_libvirt_cases,
+    run_qemu_cases,
+)
+from conformance.checks import KnownGap, UncontrolledMismatch, check_delta, check_table
+from conformance.plan import Plan
+from conformance.test_backends import _ignores, _uncontrolled
+from kvmcpuid_virt.cpuid.features import FeatureKind, registry
+from kvmcpuid_virt.cpuid.table import Register
+from kvmcpuid_virt.probe.hostcontrol import HostControl
+
+Word = tuple[int, int, Register]
+# The line of adapters/libvirt.py the libvirt mutant rewrites.
+LIBVIRT_POLICY = 'policy="require" if on else "disable"'
+
+
+def _controlled(control: HostControl, backend: str = "qemu") -> dict[Word, int]:
+    """The uncontrolled masks exactly as the suite uses them."""
+    return dict(_uncontrolled(control, backend))
+
+
+def _verdict(check: Callable[[], None]) -> str:
+    """'pass', or 'FAIL: ...' when the check fails the way the suite fails a
+    test (any AssertionError that is not an expected-failure kind)."""
+    try:
+        check()
+    except (UncontrolledMismatch, KnownGap) as exc:
+        return f"xfail: {exc}"
+    except AssertionError as exc:
+        return f"FAIL: {exc}"
+    return "pass"
+
+
+def _delta_check(plan_: Plan, full: Case, off: Case, batch_full: Batch, batch_off: Batch,
+                 control: HostControl) -> Callable[[], None]:
+    def check() -> None:
+        outcome = check_delta(full.expected, off.expected,
+                              batch_full.get(full.id).observed, batch_off.get(off.id).observed,
+                              uncontrolled=_controlled(control), reasons=control.reasons)
+        outcome.raise_for(f"mutant {off.id}", batch_off.backend, "off")
+    return check
+
+
+def _pick_two(plan_: Plan, control: HostControl) -> tuple[str, str]:
+    """Two plain features on in the full configuration whose bits this host
+    controls: a swap of their names must show."""
+    unc = _controlled(control)
+    reg = registry()
+    picked = []
+    for name in plan_.full.config.enabled():
+        f = reg.lookup(name)
+        if f.kind == FeatureKind.PLAIN and not unc.get((f.leaf, f.subleaf, f.reg), 0) & f.mask:
+            picked.append(name)
+        if len(picked) == 2:
+            return picked[0], picked[1]
+    pytest.skip("qemu-swap: this host controls fewer than two supported plain features")
+
+
+def test_mutant_qemu_names_swapped(the_plan: Plan, control: HostControl, batch_qemu: Batch,
+                                   qemu_binary: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _pick_two(the_plan, control)
+    full = the_plan.full
+    # Unbroken adapter: the suite's own results for these features pass.
+    for name in (a, b):
+        assert _verdict(_delta_check(the_plan, full, the_plan.off[name], batch_qemu,
+                                     batch_qemu, control)) == "pass", name
+    qemu_adapter = importlib.import_module("kvmcpuid_virt.adapters.qemu")
+    original = qemu_adapter._qemu_name
+    swap = {a: b, b: a}
+    monkeypatch.setattr(qemu_adapter, "_qemu_name",
+                        lambda reg, name: original(reg, swap.get(name, name)))
+    mutants = [make_case(f"mutant-{c.id}", c.config) for c in (the_plan.off[a],
+                                                                 the_plan.off[b])]
+    assert all(f"{a}=off" not in m.qemu_cpu for m in mutants[:1]), "the mutant did not apply"
+    mutant_batch = run_qemu_cases(mutants, qemu_binary)
+    verdicts = [_verdict(_delta_check(the_plan, full, m, batch_qemu, mutant_batch, control))
+                for m in mutants]
+    assert all(v.startswith("FAIL") for v in verdicts), (
+        f"the suite did not catch {a} and {b} swapped in the QEMU adapter: {verdicts}")
+
+
+@pytest.fixture
+def libvirt_mutant(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    """adapters.libvirt with 'disable' written as 'require', patched into
+    sys.modules (make_case imports the adapter at call time)."""
+    original = importlib.import_module("kvmcpuid_virt.adapters.libvirt")
+    source = inspect.getsource(original)
+    assert source.count(LIBVIRT_POLICY) == 1, (
+        "the mutation point moved; update LIBVIRT_POLICY to keep this mutant meaningful")
+    mutant = types.ModuleType(original.__name__)
+    mutant.__file__ = original.__file__
+    exec(compile(source.replace(LIBVIRT_POLICY, 'policy="require"'), "<libvirt mutant>",
+                 "exec"), mutant.__dict__)
+    monkeypatch.setitem(sys.modules, original.__name__, mutant)
+    yield mutant
+
+
+def test_mutant_libvirt_disable_as_require(the_plan: Plan, control: HostControl,
+                                           batch_libvirt: Batch, libvirt_uri: str,
+                                           libvirt_mutant: types.ModuleType) -> None:
+    full = the_plan.full
+    unc = _controlled(control, "libvirt")
+
+    def check(batch: Batch, case: Case) -> Callable[[], None]:
+        def run() -> None:
+            result = batch.get(case.id)
+            check_table(case.expected, result.observed, backend="libvirt", uncontrolled=unc,
+                        reasons=control.reasons, ignore=_ignores("libvirt", full)
+                        ).raise_for("mutant libvirt full", "libvirt", "full")
+        return run
+
+    mutant = make_case("mutant-full", full.config)
+    assert 'policy="disable"' not in mutant.libvirt_cpu.replace("'", '"'), "mutant not applied"
+    assert 'policy="disable"' in full.libvirt_cpu.replace("'", '"'), (
+        "the full configuration turns nothing off here: this mutant cannot show")
+    baseline = _verdict(check(batch_libvirt, full))
+    assert not baseline.startswith("FAIL"), f"the unbroken adapter fails already: {baseline}"
+    verdict = _verdict(check(run_libvirt_cases([mutant], libvirt_uri), mutant))
+    assert verdict.startswith("FAIL"), (
+        f"the suite did not catch 'disable' rendered as 'require': {verdict}")
