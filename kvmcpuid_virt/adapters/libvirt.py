@@ -85,7 +85,11 @@ def unexpressible(config: CpuConfig) -> list[Unexpressible]:
 def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
     """The cpu_map model to name: the config's own model when cpu_map has it
     and every one of its features is on, else the newest cpu_map model (of the
-    config's vendor, or vendor-neutral) whose features are all on."""
+    config's vendor, or vendor-neutral) whose features are all on. When none
+    fits (a configuration without fpu, say), the model that needs the fewest
+    of its features disabled: cpu_element() writes policy='disable' for every
+    feature that is off, model features included, so the guest still gets
+    exactly the configuration."""
     from kvmcpuid_virt.policy import models
 
     reg = registry()
@@ -93,15 +97,18 @@ def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
     if not found:
         raise PolicyError("libvirt's cpu_map is not installed: no model to name in <cpu>")
     on = set(config.enabled())
+    off = set(config.disabled())
 
-    def fits(m: models.CpuModel) -> bool:
-        names = set()
+    def missing(m: models.CpuModel) -> int | None:
+        """How many of the model's features are off; None when the model has a
+        feature we cannot reason about or that the config does not decide."""
+        count = 0
         for lv in m.features:
             f = reg.by_libvirt(lv)
-            if f is None:
-                return False  # a feature we cannot reason about: not a safe base
-            names.add(f.name)
-        return names <= on
+            if f is None or f.name not in on | off:
+                return None  # not a safe base: we could not disable it
+            count += f.name in off
+        return count
 
     try:
         usable: set[str] | None = set(models.qemu_info().definitions)
@@ -111,16 +118,23 @@ def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
         # libvirt refuses a model its QEMU does not define (cpu_map has
         # pentiumpro, QEMU 7.2 does not).
         found = {n: m for n, m in found.items() if n in usable}
-    if config.model in found and fits(found[config.model]):
+    if config.model in found and missing(found[config.model]) == 0:
         return config.model
     vendor = _VENDOR_SHORT.get(config.vendor, config.vendor)
-    best = None
-    for m in sorted(found.values(), key=lambda m: m.order):
-        if (m.vendor is None or m.vendor == vendor) and fits(m):
-            best = m.name
-    if best is None:
-        raise PolicyError("no libvirt cpu_map model fits inside this configuration")
-    return best
+    best: tuple[int, int] | None = None  # (features to disable, -order)
+    name = None
+    for m in found.values():
+        if m.vendor is not None and m.vendor != vendor:
+            continue
+        n = missing(m)
+        if n is None:
+            continue
+        rank = (n, -m.order)
+        if best is None or rank < best:
+            best, name = rank, m.name
+    if name is None:
+        raise PolicyError("no libvirt cpu_map model can express this configuration")
+    return name
 
 
 def cpu_element(config: CpuConfig, model: str | None = None) -> etree._Element:
