@@ -11,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${KVMCPUID_VENV:-$here/.venv}
 packages=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-          libvirt-dev pkg-config python3-venv python3-dev gcc)
+          libvirt-dev pkg-config python3-venv python3-dev gcc tini)
 
 say() { printf 'setup-host: %s\n' "$*" >&2; }
 
@@ -34,7 +34,14 @@ fi
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null ||
     useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
-getent group kvm >/dev/null && usermod -aG kvm libvirt-qemu 2>/dev/null || true
+# QEMU runs as libvirt-qemu under libvirt: give the kvm group /dev/kvm, as
+# Debian's udev rule does where udev runs (here it was root:root 0600).
+getent group kvm >/dev/null || groupadd --system kvm
+id -nG libvirt-qemu | grep -qw kvm || usermod -aG kvm libvirt-qemu
+if [ -c /dev/kvm ]; then
+    chgrp kvm /dev/kvm
+    chmod 0660 /dev/kvm
+fi
 install -d /var/log/libvirt /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/qemu
 
 # libvirt puts each QEMU in a private mount namespace with its own /dev;
@@ -54,11 +61,22 @@ if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     [ -z "$restart" ] || systemctl restart libvirtd
 else
     pgrep -x virtlogd >/dev/null || virtlogd -d
+    # libvirt double-forks QEMU, so an exited QEMU is reaped by PID 1; where
+    # PID 1 is not an init that reaps at once (a container's), libvirt's stop
+    # path waits for that zombie (~1.6 s per guest here, see
+    # docs/libvirt-teardown.md). Run libvirtd under tini as child subreaper.
+    if pid=$(pgrep -x libvirtd | head -n1); [ -n "$pid" ]; then
+        parent=$(ps -o comm= -p "$(ps -o ppid= -p "$pid" | tr -d ' ')" 2>/dev/null || true)
+        [ "$parent" = tini ] || restart=1
+    fi
     if [ -n "$restart" ] && pgrep -x libvirtd >/dev/null; then
+        say "restarting libvirtd under tini"
         pkill -x libvirtd
         for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
     fi
-    pgrep -x libvirtd >/dev/null || libvirtd -d
+    if ! pgrep -x libvirtd >/dev/null; then
+        setsid tini -s -- libvirtd </dev/null >>/var/log/libvirt/libvirtd.out 2>&1 &
+    fi
 fi
 
 # Python: the venv with the package (editable) and what the tests use.
