@@ -27,15 +27,16 @@ def _cpu_map_bits() -> dict[str, tuple[int, int, str, int]]:
         if c is None:
             continue
         for r in REGS:
-            if c.get(r):
-                out[f.get("name")] = (int(c.get("eax_in"), 16), int(c.get("ecx_in", "0"), 16),
-                                      r, int(c.get(r), 16))
+            value = c.get(r)
+            if value:
+                out[f.get("name", "")] = (int(c.get("eax_in", "0"), 16),
+                                          int(c.get("ecx_in", "0"), 16), r, int(value, 16))
     return out
 
 
 def _raw(path: Path) -> dict[tuple[int, int], dict[str, int]]:
     return {
-        (int(c.get("eax_in"), 16), int(c.get("ecx_in", "0"), 16)):
+        (int(c.get("eax_in", "0"), 16), int(c.get("ecx_in", "0"), 16)):
             {r: int(c.get(r, "0"), 16) for r in REGS}
         for c in etree.parse(str(path)).getroot().iter("cpuid")
     }

@@ -13,8 +13,8 @@ from tests.conftest import cpu_dump_paths
 
 def _leaf7_ebx(path: str) -> int:
     for c in etree.parse(path).getroot().iter("cpuid"):
-        if int(c.get("eax_in"), 16) == 7 and int(c.get("ecx_in", "0"), 16) == 0:
-            return int(c.get("ebx"), 16)
+        if int(c.get("eax_in", "0"), 16) == 7 and int(c.get("ecx_in", "0"), 16) == 0:
+            return int(c.get("ebx", "0"), 16)
     return 0
 
 
