@@ -17,18 +17,18 @@ ctypes (System V ABI: leaf in edi, subleaf in esi, result pointer in rdx):
     c3           ret
 
 Answers depend on the CPU the thread runs on (APIC IDs, topology), exactly
-like KVM_GET_SUPPORTED_CPUID: callers pin the thread (see `pinned`).
+like KVM_GET_SUPPORTED_CPUID: callers pin the thread (`pinned`, from
+kvmcpuid_virt.host).
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import platform
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Final
+
+from kvmcpuid_virt.host import pinned  # re-exported: the suite pins with it
 
 __all__ = ["CODE", "HostCpuid", "pinned"]
 
@@ -74,15 +74,3 @@ class HostCpuid:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextmanager
-def pinned(cpu: int | None = None) -> Iterator[int]:
-    """Run the calling thread on one CPU (the lowest allowed by default)."""
-    old = os.sched_getaffinity(0)
-    target = min(old) if cpu is None else cpu
-    os.sched_setaffinity(0, {target})
-    try:
-        yield target
-    finally:
-        os.sched_setaffinity(0, old)

@@ -8,7 +8,19 @@ import time
 
 from kvmcpuid_virt import __version__
 
-__all__ = ["cpuinfo_field", "host_metadata", "libvirt_version", "qemu_version"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from contextlib import AbstractContextManager
+
+__all__ = [
+    "boot_id",
+    "cpuinfo_field",
+    "host_metadata",
+    "libvirt_version",
+    "pinned",
+    "qemu_version",
+]
 
 # Where the versions are read from without running anything (`kvmcpuid dump`
 # must stay within 1.5x of a bare import; a QEMU process costs ~50 ms):
@@ -103,3 +115,34 @@ def host_metadata(kvm_api_version: int | None = None) -> dict[str, str]:
     if kvm_api_version is not None:
         meta["kvm_api_version"] = str(kvm_api_version)
     return meta
+
+
+def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """This boot's random id ('' when unreadable): caches of anything that
+    follows the running kernel and KVM are keyed by it."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def pinned(cpu: int | None = None) -> AbstractContextManager[int]:
+    """Run the calling thread on one CPU (the lowest it may run on by default)
+    inside the `with` block, which gets the CPU number; the old affinity is
+    restored on exit. KVM_GET_SUPPORTED_CPUID and the CPUID instruction answer
+    for the CPU the thread runs on (APIC IDs, topology), so repeated reads are
+    comparable only when pinned."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def pin() -> Iterator[int]:
+        old = os.sched_getaffinity(0)
+        target = min(old) if cpu is None else cpu
+        os.sched_setaffinity(0, {target})
+        try:
+            yield target
+        finally:
+            os.sched_setaffinity(0, old)
+
+    return pin()

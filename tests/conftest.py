@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmcpuid_virt.host import pinned
 from kvmcpuid_virt.kvm import Kvm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,9 +71,5 @@ def libvirt_conn_uri() -> str:
 def pin_cpu0() -> Iterator[None]:
     """KVM_GET_SUPPORTED_CPUID answers for the CPU the thread runs on (APIC
     IDs differ); pin to one CPU so repeated reads are comparable."""
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(old)})
-    try:
+    with pinned():
         yield
-    finally:
-        os.sched_setaffinity(0, old)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
+from kvmcpuid_virt.host import boot_id
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from hashlib import sha256
@@ -34,7 +36,7 @@ _DEPENDS = (
     "policy/select.py", "policy/qemu_adjust.py", "policy/models.py", "policy/config.py",
     "policy/options.py", "adapters/__init__.py", "adapters/qemu.py", "adapters/libvirt.py",
     "cpuid/features.py", "cpuid/table.py", "cpuid/formats.py", "cpuid/data/features.json",
-    "commands/qemu_flags.py",
+    "commands/qemu_flags.py", "qmp.py",
 )  # fmt: skip
 _CPU_MAP = "/usr/share/libvirt/cpu_map"
 
@@ -58,19 +60,11 @@ def _which(name: str) -> str:
     return ""
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def key(command: str, options: tuple[object, ...], table_bytes: bytes) -> str:
     """The memo key of one invocation."""
     h = sha256()
     parts: list[object] = [
-        command, options, sys.version_info[:2], os.uname().release, _boot_id(),
+        command, options, sys.version_info[:2], os.uname().release, boot_id(),
         _stat(_which("qemu-system-x86_64")), _stat(_CPU_MAP),
         _stat(os.path.join(_CPU_MAP, "index.xml")), os.environ.get("XDG_CACHE_HOME", ""),
         os.access("/dev/kvm", os.R_OK | os.W_OK),

@@ -32,14 +32,13 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import KvmIoctlError, ProbeError
 from kvmcpuid_virt.fsutil import atomic_write
-from kvmcpuid_virt.host import cpuinfo_field
+from kvmcpuid_virt.host import cpuinfo_field, pinned
 from kvmcpuid_virt.kvm.system import Kvm
 from kvmcpuid_virt.probe.kvm import KvmProbe
 
@@ -244,18 +243,6 @@ def _merge(a: _Seen, b: _Seen) -> _Seen:
     return out
 
 
-@contextmanager
-def _pinned() -> Iterator[None]:
-    # Per-CPU fields (APIC IDs) forced by an outer hypervisor would otherwise
-    # change between runs and look like bits that follow nothing.
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(old)})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, old)
-
-
 def probe_host_control(probe: KvmProbe | None = None, *, supported: CpuidTable | None = None,
                        timeout: float = 5.0) -> HostControl:
     """Find out, on raw KVM, which bits of the supported table's words follow
@@ -267,7 +254,9 @@ def probe_host_control(probe: KvmProbe | None = None, *, supported: CpuidTable |
     if supported is None:
         with Kvm() as kvm:
             supported = kvm.supported_cpuid()
-    with _pinned():
+    # Per-CPU fields (APIC IDs) forced by an outer hypervisor would otherwise
+    # change between runs and look like bits that follow nothing.
+    with pinned():
         p = _Prober(probe, supported, timeout)
         result = _probe(p, supported)
     result.seconds = time.perf_counter() - start
