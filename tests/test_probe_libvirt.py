@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmcpuid_virt.adapters.libvirt import LIBVIRT_KVM_ACTS_ON
 from kvmcpuid_virt.errors import InputError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.libvirt import DOMAIN_PREFIX, LibvirtProbe, domain_xml, run_libvirt
@@ -186,5 +187,41 @@ def test_domain_xml_shape() -> None:
 
 def test_cpu_xml_with_entities_is_refused() -> None:
     evil = '<!DOCTYPE cpu [<!ENTITY x SYSTEM "file:///etc/passwd">]><cpu><model>&x;</model></cpu>'
-    with pytest.raises(InputError, match="DOCTYPE"):
+    with pytest.raises(InputError, match="entity references are refused"):
         domain_xml(DOMAIN_PREFIX + "x", evil, Path("/i"), Path("/s"))
+    # A DOCTYPE without entity references is refused too.
+    with pytest.raises(InputError, match="DOCTYPE"):
+        domain_xml(DOMAIN_PREFIX + "x", "<!DOCTYPE cpu><cpu/>", Path("/i"), Path("/s"))
+
+
+@pytest.mark.parametrize("switch", sorted(LIBVIRT_KVM_ACTS_ON))
+def test_kvm_switch_states_libvirt_acts_on(switch: str, env: Env) -> None:
+    """LIBVIRT_KVM_ACTS_ON against real guests through libvirt. Bits from
+    Linux's kvm_para.h: CPUID.40000001H EAX KVM_FEATURE_PV_SEND_IPI (11) and
+    KVM_FEATURE_POLL_CONTROL (12), EDX KVM_HINTS_REALTIME (0)."""
+    from lxml import etree
+
+    where = {"pv-ipi": ("eax", 11), "poll-control": ("eax", 12), "hint-dedicated": ("edx", 0)}
+    reg_name, bit = where[switch]
+    named = "<cpu mode='custom' match='exact' check='none'><model>qemu64</model></cpu>"
+    host = ("<cpu mode='host-passthrough' check='none'>"
+            "<feature policy='disable' name='arch-capabilities'/></cpu>")
+
+    def seen(cpu: str, state: str | None) -> bool:
+        features = None if state is None else etree.fromstring(
+            f"<features><kvm><{switch} state='{state}'/></kvm></features>")
+        result = run_libvirt(cpu, [(0x4000_0001, 0)], uri=env.uri, features=features,
+                             name_prefix=env.prefix)
+        entry = result.observed.lookup(0x4000_0001)
+        assert entry is not None
+        return bool(entry.reg(reg_name) >> bit & 1)  # type: ignore[arg-type]
+
+    acts_on = LIBVIRT_KVM_ACTS_ON[switch]
+    # qemu64 leaves every one of these off: "on" reaches the guest only if
+    # libvirt passes it.
+    assert seen(named, None) is False
+    assert seen(named, "on") is acts_on
+    # host-passthrough's default is QEMU's `host` default; "off" changes it
+    # only if libvirt passes it.
+    default = seen(host, None)
+    assert seen(host, "off") is (False if not acts_on else default)

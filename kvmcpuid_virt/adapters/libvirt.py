@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Final
 
 from lxml import etree
 
@@ -38,6 +39,7 @@ __all__ = [
     "Unexpressible",
     "base_model",
     "cpu_element",
+    "kvm_features_element",
     "parse",
     "parse_config",
     "patch_domain",
@@ -64,20 +66,51 @@ def _feature(reg: Registry, name: str) -> Feature:
     return f
 
 
+# The one state of each <features><kvm> switch that libvirt (9.0) turns into a
+# QEMU flag; the other state leaves QEMU's default for the model (on for
+# `host`, off for named models). Measured with real guests through libvirt:
+# tests/test_probe_libvirt.py::test_kvm_switch_states_libvirt_acts_on.
+LIBVIRT_KVM_ACTS_ON: Final[dict[str, bool]] = {
+    "pv-ipi": False,
+    "poll-control": True,
+    "hint-dedicated": True,
+}
+
+
+def kvm_features_element(config: CpuConfig) -> etree._Element | None:
+    """`<features><kvm>` with the KVM paravirtual switches libvirt acts on
+    (see LIBVIRT_KVM_ACTS_ON), or None when there are none to write. Goes
+    beside `<cpu>` in a domain."""
+    reg = registry()
+    kvm = etree.Element("kvm")
+    for name, on in config.features.items():
+        f = _feature(reg, name)
+        if f.libvirt_kvm is not None and LIBVIRT_KVM_ACTS_ON.get(f.libvirt_kvm) == on:
+            etree.SubElement(kvm, safe_name(f.libvirt_kvm), state="on" if on else "off")
+    if not len(kvm):
+        return None
+    features = etree.Element("features")
+    features.append(kvm)
+    return features
+
+
 def unexpressible(config: CpuConfig) -> list[Unexpressible]:
     """Features the config decides that a `<cpu>` cannot carry: those on (an
     off one without a cpu_map name is off in every cpu_map model anyway) and
-    the KVM bits libvirt takes elsewhere."""
+    the KVM bits libvirt takes elsewhere, or not at all."""
     reg = registry()
     out = []
     for name, on in config.features.items():
         f = _feature(reg, name)
         if f.libvirt is None and (on or f.libvirt_kvm):
-            where = (
-                f"<features><kvm><{f.libvirt_kvm} state='{'on' if on else 'off'}'/>"
-                if f.libvirt_kvm
-                else "not expressible in libvirt XML; libvirt's default applies"
-            )
+            state = "on" if on else "off"
+            if f.libvirt_kvm and LIBVIRT_KVM_ACTS_ON.get(f.libvirt_kvm) == on:
+                where = f"<features><kvm><{f.libvirt_kvm} state='{state}'/>"
+            elif f.libvirt_kvm:
+                where = (f"not expressible: libvirt ignores <kvm><{f.libvirt_kvm} "
+                         f"state='{state}'/>; QEMU's default applies")
+            else:
+                where = "not expressible in libvirt XML; libvirt's default applies"
             out.append(Unexpressible(name, on, where))
     return out
 
@@ -320,6 +353,8 @@ def parse_config(
     from kvmcpuid_virt.policy.select import Policy, build
 
     model, enable, disable = parse(cpu_xml, source or "<cpu>")
+    # What QEMU runs for this string is its own model definition (see
+    # Policy.model_source).
     policy = Policy(model=model, enable=enable, disable=disable,
-                    allow_unsupported=allow_unsupported)  # fmt: skip
+                    allow_unsupported=allow_unsupported, model_source="qemu")  # fmt: skip
     return build(table, policy, source=source)

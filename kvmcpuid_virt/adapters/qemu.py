@@ -134,6 +134,8 @@ def parse_config(
     from kvmcpuid_virt.policy.select import Policy, build
 
     model, enable, disable = parse(text)
+    # What QEMU runs for this string is its own model definition (see
+    # Policy.model_source).
     policy = Policy(model=model, enable=enable, disable=disable,
-                    allow_unsupported=allow_unsupported)  # fmt: skip
+                    allow_unsupported=allow_unsupported, model_source="qemu")  # fmt: skip
     return build(table, policy, source=source)

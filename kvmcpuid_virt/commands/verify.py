@@ -82,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.libvirt_xml}: no <cpu> element")
         config = parse_libvirt(cpu, table, allow_unsupported=True, source=source)
         cpu_text = etree.tostring(cpu, encoding="unicode")
-        target = target_for(config, libvirt_cpu=cpu_text, label="--libvirt-xml")
+        features = root.find("features") if root.tag == "domain" else None
+        features_text = None if features is None else etree.tostring(features, encoding="unicode")
+        target = target_for(config, libvirt_cpu=cpu_text, libvirt_features=features_text,
+                            label="--libvirt-xml")
         backends = ("libvirt",) if args.backend == "all" else (args.backend,)
     else:
         config = config_from_args(args, table, source)

@@ -60,6 +60,12 @@ class Policy:
     kernel_irqchip: bool = True
     qemu: str | None = None  # QEMU binary to ask; None: find_qemu()
     cpu_map: str | Path | None = None  # None: the installed one
+    # Where a named model's content comes from. "cpu_map" (libvirt's, else
+    # QEMU's) for configurations we render, which name every feature anyway;
+    # "qemu" for an existing -cpu string or <cpu> being read back: there QEMU's
+    # own definition, with its KVM defaults (kvmclock, x2apic, hypervisor...),
+    # is what the guest gets for every feature the configuration leaves out.
+    model_source: str = "cpu_map"
 
 
 def _qemu(policy: Policy) -> QemuInfo | None:
@@ -223,19 +229,29 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "") -> 
     else:
         from kvmcpuid_virt.policy import models
 
-        m = models.model(
-            policy.model,
-            policy.cpu_map if policy.cpu_map is not None else models.CPU_MAP_DIR,
-            policy.qemu,
-        )
+        if policy.model_source == "qemu" and qemu is not None:
+            if policy.model not in qemu.definitions:
+                raise PolicyError(f"QEMU ({qemu.binary}) has no CPU model {policy.model!r}")
+            m = models.CpuModel(policy.model, None, qemu.expand(policy.model), "qemu", 0)
+        else:
+            m = models.model(
+                policy.model,
+                policy.cpu_map if policy.cpu_map is not None else models.CPU_MAP_DIR,
+                policy.qemu,
+            )
         model_name = m.name
         if qemu is not None and m.name not in qemu.definitions:
             raise PolicyError(f"QEMU ({qemu.binary}) has no CPU model {m.name!r}")
         wanted = _model_features(reg, m.features, m.source, relevant)
-        # Paravirtual bits are not CPU model content (cpu_map has none): they
-        # follow the host default whatever the model.
-        wanted = {n for n in wanted if relevant[n].kind != FeatureKind.KVM_PV}
-        wanted |= {n for n in host_default if relevant[n].kind == FeatureKind.KVM_PV}
+        if policy.model_source != "qemu":
+            # Paravirtual bits are not cpu_map model content: in a config we
+            # render, they follow the host default whatever the model.
+            wanted = {n for n in wanted if relevant[n].kind != FeatureKind.KVM_PV}
+            wanted |= {n for n in host_default if relevant[n].kind == FeatureKind.KVM_PV}
+        else:
+            # QEMU's KVM defaults for a model (kvmclock, kvm-pv-eoi, ...) are
+            # not the model's demands: where KVM lacks one, it is just off.
+            wanted -= {n for n in wanted - supported if relevant[n].kind == FeatureKind.KVM_PV}
         missing.extend(sorted(wanted - supported))
         on = wanted & supported
 

@@ -46,10 +46,12 @@ from typing import Any, Final
 
 from lxml import etree
 
+from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.process import PREFIX, Deadline, private_tempdir, read_serial
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = [
     "DOMAIN_PREFIX",
@@ -68,20 +70,9 @@ _POLL: Final = 0.003
 Query = tuple[int, int]
 
 
-def _hardened_parser() -> etree.XMLParser:
-    # <cpu> XML may come from another host: no entities, no network, no huge trees.
-    return etree.XMLParser(
-        resolve_entities=False, no_network=True, huge_tree=False, remove_comments=True
-    )
-
-
 def _cpu_element(cpu_xml: etree._Element | str | bytes) -> etree._Element:
     if isinstance(cpu_xml, str | bytes):
-        data = cpu_xml.encode() if isinstance(cpu_xml, str) else cpu_xml
-        try:
-            cpu = etree.fromstring(data, _hardened_parser())
-        except etree.XMLSyntaxError as exc:
-            raise InputError(f"<cpu> XML does not parse: {exc}") from exc
+        cpu = parse_xml(cpu_xml, "<cpu>")
         # A <cpu> element has no business declaring entities; refusing the
         # DTD is simpler to trust than keeping unexpanded references.
         if cpu.getroottree().docinfo.internalDTD is not None:
@@ -101,8 +92,11 @@ def domain_xml(
     *,
     machine: str = "pc",
     emulator: str | None = None,
+    features: etree._Element | None = None,
 ) -> bytes:
-    """The transient domain of one probe run, built with lxml."""
+    """The transient domain of one probe run, built with lxml. `features`: a
+    `<features>` element to include (the KVM paravirtual switches libvirt
+    takes there, see adapters.libvirt.kvm_features_element)."""
     root = etree.Element("domain", type="kvm", nsmap={"qemu": QEMU_NS})
     etree.SubElement(root, "name").text = name
     etree.SubElement(root, "memory", unit="MiB").text = "16"
@@ -110,6 +104,10 @@ def domain_xml(
     os_ = etree.SubElement(root, "os")
     etree.SubElement(os_, "type", arch="x86_64", machine=machine).text = "hvm"
     etree.SubElement(os_, "loader", type="rom", readonly="yes").text = str(loader)
+    if features is not None:
+        if features.tag != "features":
+            raise InputError(f"expected a <features> element, got <{features.tag}>")
+        root.append(copy.deepcopy(features))
     root.append(_cpu_element(cpu_xml))
     # Every way the guest can end (debug-exit looks like a crash to libvirt,
     # the image's reset fallbacks like a reboot) ends the domain.
@@ -244,13 +242,45 @@ class LibvirtProbe:
                 )
             time.sleep(_POLL)
 
+    def _vmm_view(self, dom: Any) -> tuple[CpuidTable, list[str]]:
+        """What QEMU configured for the paused guest: the CPU object's
+        feature-words and filtered-features, asked through libvirt's own
+        monitor connection (libvirt-qemu's qemuMonitorCommand; libvirt owns
+        the QMP socket, so this is the one way in)."""
+        import json
+
+        import libvirt_qemu
+
+        from kvmcpuid_virt.probe.qom import describe_filtered, vmm_view_from_qom
+
+        def ask(command: str, **arguments: object) -> Any:
+            text = libvirt_qemu.qemuMonitorCommand(
+                dom, json.dumps({"execute": command, "arguments": arguments}), 0
+            )
+            return json.loads(text)["return"]
+
+        try:
+            path = str(ask("query-cpus-fast")[0]["qom-path"])
+            words = ask("qom-get", path=path, property="feature-words")
+            filtered = ask("qom-get", path=path, property="filtered-features")
+        except (self._lv.libvirtError, KeyError, IndexError, ValueError) as exc:
+            raise ToolError(f"cannot read the guest CPU through libvirt: {exc}") from exc
+        return vmm_view_from_qom(words), describe_filtered(filtered)
+
     def run(
         self,
         cpu_xml: etree._Element | str | bytes,
         queries: Sequence[Query],
         timeout: float = 10.0,
+        *,
+        want_vmm_view: bool = False,
+        features: etree._Element | None = None,
     ) -> ProbeResult:
-        """Boot the image in a transient domain with `cpu_xml` as its <cpu>."""
+        """Boot the image in a transient domain with `cpu_xml` as its <cpu>
+        (and `features` as its <features>, see domain_xml).
+        want_vmm_view: also read what QEMU configured, while the guest is
+        still paused (two monitor commands; marks the domain tainted
+        'custom-monitor', as <qemu:commandline> already marks it 'custom-argv')."""
         queries = list(queries)
         deadline = Deadline(timeout)
         blob = image.build(queries)
@@ -261,10 +291,14 @@ class LibvirtProbe:
             loader.write_bytes(blob)
             loader.chmod(0o644)
             xml = domain_xml(name, cpu_xml, loader, serial, machine=self.machine,
-                             emulator=self.emulator)
+                             emulator=self.emulator, features=features)
             started = time.monotonic()
+            vmm_view: CpuidTable | None = None
+            notes: list[str] = []
             with self._domain(xml, name) as dom:
                 log.debug("created %s", name)
+                if want_vmm_view:
+                    vmm_view, notes = self._vmm_view(dom)
                 try:
                     dom.resume()
                 except self._lv.libvirtError as exc:
@@ -278,8 +312,8 @@ class LibvirtProbe:
             except ProbeError as exc:
                 raise ProbeError(f"libvirt guest {name}: {exc}") from exc
         return ProbeResult(
-            observed=observed, vmm_view=None, seconds=seconds, backend="libvirt",
-            diagnostics=[f"libvirt domain {name}"],
+            observed=observed, vmm_view=vmm_view, seconds=seconds, backend="libvirt",
+            diagnostics=[f"libvirt domain {name}", *notes],
         )
 
     def run_many(
@@ -315,8 +349,11 @@ def run_libvirt(
     uri: str = "qemu:///system",
     *,
     name_prefix: str = DOMAIN_PREFIX,
+    want_vmm_view: bool = False,
+    features: etree._Element | None = None,
 ) -> ProbeResult:
     """One probe guest through libvirt at `uri` (connection opened and closed
     here; use LibvirtProbe to reuse one)."""
     with LibvirtProbe(uri, name_prefix=name_prefix) as probe:
-        return probe.run(cpu_xml, queries, timeout)
+        return probe.run(cpu_xml, queries, timeout, want_vmm_view=want_vmm_view,
+                         features=features)

@@ -25,9 +25,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
-from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
+from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.process import (
@@ -37,12 +37,13 @@ from kvmcpuid_virt.probe.process import (
     qemu_opt_value,
     read_serial,
 )
+from kvmcpuid_virt.probe.qom import describe_filtered, vmm_view_from_qom
 from kvmcpuid_virt.probe.result import ProbeResult
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-__all__ = ["DEFAULT_MACHINE", "EXIT_STATUS", "qemu_argv", "run_qemu", "vmm_view_from_qom"]
+__all__ = ["DEFAULT_MACHINE", "EXIT_STATUS", "qemu_argv", "run_qemu"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ _MEMORY: Final = "16"
 
 Query = tuple[int, int]
 
-_REGISTERS: Final = {"EAX": "eax", "EBX": "ebx", "ECX": "ecx", "EDX": "edx"}
 
 
 def qemu_argv(
@@ -97,43 +97,6 @@ def qemu_argv(
     return argv
 
 
-def vmm_view_from_qom(feature_words: Sequence[dict[str, Any]]) -> CpuidTable:
-    """A CpuidTable of QEMU's `feature-words` (X86CPUFeatureWordInfo list):
-    one entry per (leaf, subleaf), only the registers QEMU tracks as feature
-    words filled in, the others 0."""
-    regs: dict[tuple[int, int | None], dict[str, int]] = {}
-    for word in feature_words:
-        leaf = int(word["cpuid-input-eax"])
-        sub = word.get("cpuid-input-ecx")
-        reg = _REGISTERS[str(word["cpuid-register"])]
-        key = (leaf, None if sub is None else int(sub))
-        regs.setdefault(key, {})[reg] = int(word["features"]) & 0xFFFF_FFFF
-    entries = [
-        CpuidEntry(
-            function=leaf,
-            index=sub or 0,
-            flags=EntryFlag.NONE if sub is None else EntryFlag.SIGNIFICANT_INDEX,
-            **values,
-        )
-        for (leaf, sub), values in sorted(regs.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
-    ]
-    return CpuidTable(entries)
-
-
-def _describe_filtered(words: Sequence[dict[str, Any]]) -> list[str]:
-    out = []
-    for word in words:
-        bits = int(word["features"])
-        if bits:
-            sub = word.get("cpuid-input-ecx")
-            where = f"{int(word['cpuid-input-eax']):#x}" + ("" if sub is None else f".{sub}")
-            out.append(
-                f"QEMU filtered (host cannot give) CPUID {where} "
-                f"{word['cpuid-register']} bits {bits:#010x}"
-            )
-    return out
-
-
 def _query_vmm_view(
     qmp: QEMUMonitorProtocol, proc: subprocess.Popen[bytes], deadline: Deadline
 ) -> tuple[CpuidTable, list[str]]:
@@ -166,7 +129,7 @@ def _query_vmm_view(
         # only a QEMU that is still there and still paused is a failure, and
         # that one the caller's wait turns into a timeout.
         log.debug("QMP cont: %r", exc)
-    return vmm_view_from_qom(words), _describe_filtered(filtered)
+    return vmm_view_from_qom(words), describe_filtered(filtered)
 
 
 def _close_qmp(qmp: QEMUMonitorProtocol) -> None:

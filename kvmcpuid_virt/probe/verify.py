@@ -16,11 +16,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
+from lxml import etree
+
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 from kvmcpuid_virt.errors import KvmcpuidError, ProbeError
 from kvmcpuid_virt.policy.config import CpuConfig
-from kvmcpuid_virt.probe.compare import Comparison, Word, compare
+from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
 from kvmcpuid_virt.probe.result import ProbeResult
 
 __all__ = ["BACKENDS", "BackendReport", "Target", "requested_table", "target_for", "verify"]
@@ -53,6 +55,7 @@ class Target:
     qemu_cpu_given: str | None = None  # the value of -cpu, as the user gave it
     libvirt_cpu_given: str | None = None  # a <cpu> element, as the user gave it
     label: str = ""
+    libvirt_features_given: str | None = None  # the domain's <features>, if given
 
     def qemu_cpu(self) -> str:
         if self.qemu_cpu_given is not None:
@@ -68,14 +71,42 @@ class Target:
 
         return render(self.config)
 
+    def libvirt_features(self) -> etree._Element | None:
+        """The <features> element beside <cpu>: the user's, or ours with the
+        KVM paravirtual switches libvirt takes there."""
+        if self.libvirt_cpu_given is not None:
+            if self.libvirt_features_given is None:
+                return None
+            from kvmcpuid_virt.xmlutil import parse_xml
+
+            return parse_xml(self.libvirt_features_given, "<features>")
+        from kvmcpuid_virt.adapters.libvirt import kvm_features_element
+
+        return kvm_features_element(self.config)
+
+    def libvirt_ignores(self) -> list[Ignore]:
+        """Bits a libvirt domain cannot state at all (KVM paravirtual
+        features with no libvirt name): their value is libvirt's and QEMU's
+        default, so the comparison leaves them out and says so."""
+        from kvmcpuid_virt.adapters.libvirt import unexpressible
+
+        reg = registry()
+        out = []
+        for u in unexpressible(self.config):
+            if u.where.startswith("not expressible"):
+                f = reg.lookup(u.name)
+                out.append(Ignore(f.leaf, f.subleaf, f.reg, f.mask, f"{f.name}: {u.where}"))
+        return out
+
 
 def target_for(
     config: CpuConfig, *, qemu_cpu: str | None = None, libvirt_cpu: str | None = None,
-    label: str = "",
+    libvirt_features: str | None = None, label: str = "",
 ) -> Target:
     """A Target for `config`; QEMU flags and libvirt XML default to the
     adapters' renderings of it."""
-    return Target(config, requested_table(config), qemu_cpu, libvirt_cpu, label)
+    return Target(config, requested_table(config), qemu_cpu, libvirt_cpu, label,
+                  libvirt_features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +156,9 @@ def _run(
     if backend == "libvirt":
         from kvmcpuid_virt.probe.libvirt import run_libvirt
 
-        return run_libvirt(target.libvirt_cpu(), queries, timeout=timeout)
+        result = run_libvirt(target.libvirt_cpu(), queries, timeout=timeout, want_vmm_view=True,
+                             features=target.libvirt_features())
+        return result
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -154,9 +187,16 @@ def verify(
             reports.append(BackendReport(backend, None, time.monotonic() - start,
                                          error=" ".join(str(exc).split())))
             continue
+        extra = target.libvirt_ignores() if backend == "libvirt" else []
         cmp = compare(
             target.requested, result.observed, backend=backend, supported=supported,
             vmm=result.vmm_view, uncontrolled=uncontrolled, uncontrolled_reasons=reasons,
+            ignore=(*GUEST_STATE_MASKS, *extra),
         )
-        reports.append(BackendReport(backend, cmp, result.seconds, tuple(result.diagnostics)))
+        notes = [
+            "left out, libvirt XML cannot set them: "
+            + ", ".join(rule.reason.split(":", 1)[0] for rule in extra)
+        ] if extra else []
+        reports.append(BackendReport(backend, cmp, result.seconds,
+                                     (*result.diagnostics, *notes)))
     return reports
