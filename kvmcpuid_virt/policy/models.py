@@ -19,12 +19,13 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from kvmcpuid_virt.errors import PolicyError, ToolError
+from kvmcpuid_virt.host import boot_id
+from kvmcpuid_virt.qmp import default_accel, run_commands
 
 __all__ = [
     "CPU_MAP_DIR",
@@ -36,14 +37,12 @@ __all__ = [
     "model",
     "models",
     "qemu_info",
-    "qmp",
 ]
 
 log = logging.getLogger(__name__)
 
 CPU_MAP_DIR: Final = "/usr/share/libvirt/cpu_map"
 QEMU_BINARY: Final = "qemu-system-x86_64"
-QMP_TIMEOUT: Final = 60.0
 _CACHE_VERSION: Final = 2
 
 Source = Literal["cpu_map", "qemu"]
@@ -107,60 +106,6 @@ def find_qemu() -> str | None:
     return shutil.which(QEMU_BINARY)
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _accel() -> str:
-    return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-
-
-def qmp(binary: str, commands: Sequence[Mapping[str, Any]], accel: str | None = None) -> list[Any]:
-    """Run `commands` against a `-machine none` QEMU and return each one's
-    "return" value, in order. QEMU is given an argument list (no shell) and a
-    bounded time; any QMP error becomes a ToolError naming the command."""
-    lines = [json.dumps({"execute": "qmp_capabilities", "id": "caps"})]
-    for i, cmd in enumerate(commands):
-        lines.append(json.dumps({**cmd, "id": i}))
-    lines.append(json.dumps({"execute": "quit", "id": "quit"}))
-    argv = [
-        binary, "-machine", f"none,accel={accel or _accel()}", "-nodefaults",
-        "-display", "none", "-no-user-config", "-qmp", "stdio",
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(
-            argv, input="\n".join(lines) + "\n", capture_output=True, text=True,
-            timeout=QMP_TIMEOUT, check=False,
-        )  # fmt: skip
-    except FileNotFoundError:
-        raise ToolError(f"{binary}: not found") from None
-    except subprocess.TimeoutExpired:
-        raise ToolError(f"{binary}: QMP did not answer within {QMP_TIMEOUT:.0f} s") from None
-    replies: dict[Any, Any] = {}
-    for line in proc.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(msg, dict) and "id" in msg:
-            replies[msg["id"]] = msg
-    out = []
-    for i, cmd in enumerate(commands):
-        msg = replies.get(i)
-        if msg is None:
-            err = proc.stderr.strip().splitlines()[-1:] or ["no reply"]
-            raise ToolError(f"{binary}: no answer to {cmd['execute']}: {err[0]}")
-        if "error" in msg:
-            desc = msg["error"].get("desc", msg["error"])
-            raise ToolError(f"{binary}: {cmd['execute']} failed: {desc}")
-        out.append(msg["return"])
-    return out
-
-
 def _bool_props(expansion: Mapping[str, Any]) -> dict[str, bool]:
     props = expansion.get("model", {}).get("props", {})
     return {k: v for k, v in props.items() if isinstance(v, bool)}
@@ -194,7 +139,7 @@ class QemuInfo:
         cached = doc.get("models", {}).get(name)
         if isinstance(cached, list):
             return frozenset(cached)
-        (reply,) = qmp(
+        (reply,) = run_commands(
             self.binary,
             [{"execute": "query-cpu-model-expansion",
               "arguments": {"type": "full", "model": {"name": name}}}],
@@ -220,31 +165,22 @@ def trial_start(binary: str) -> dict[str, str]:
     """Start `-cpu host` for real (a pc machine, stopped before the first
     instruction) and learn which features QEMU's host expansion lists but
     cannot set up a vCPU with. Bounded: at most TRIAL_LIMIT starts, each
-    within QMP_TIMEOUT. Returns feature -> QEMU's error line."""
+    within kvmcpuid_virt.qmp.QMP_TIMEOUT. Returns feature -> QEMU's error
+    line."""
     off: dict[str, str] = {}
     for _ in range(TRIAL_LIMIT):
         cpu = ",".join(["host", *(f"{f}=off" for f in sorted(off))])
-        argv = [
-            binary, "-machine", "pc,accel=kvm", "-cpu", cpu, "-nodefaults", "-display", "none",
-            "-no-user-config", "-S", "-qmp", "stdio",
-        ]  # fmt: skip
-        quit_ = '{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
         try:
-            proc = subprocess.run(
-                argv, input=quit_, capture_output=True, text=True, timeout=QMP_TIMEOUT,
-                check=False,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("trial start of %s failed: %s", binary, exc)
+            run_commands(binary, [], machine="pc", cpu=cpu, accel="kvm")
+        except ToolError as exc:
+            m = _MSR_FAIL.search(str(exc))
+            feature = _MSR_FEATURE.get(int(m.group(1), 16)) if m else None
+            if m is None or feature is None or feature in off:
+                log.warning("%s -cpu %s does not start: %s", binary, cpu, exc)
+                return off
+            off[feature] = m.group(0)
+        else:
             return off
-        if proc.returncode == 0:
-            return off
-        m = _MSR_FAIL.search(proc.stderr)
-        feature = _MSR_FEATURE.get(int(m.group(1), 16)) if m else None
-        if feature is None or feature in off:
-            log.warning("%s -cpu %s does not start: %s", binary, cpu, proc.stderr.strip()[-200:])
-            return off
-        off[feature] = m.group(0) if m else ""
     return off
 
 
@@ -255,7 +191,9 @@ def _qemu_key(binary: str) -> str:
         st = os.stat(real)
     except OSError:
         raise ToolError(f"{binary}: not found") from None
-    return _digest((real, st.st_mtime_ns, st.st_size, os.uname().release, _boot_id(), _accel()))
+    return _digest(
+        (real, st.st_mtime_ns, st.st_size, os.uname().release, boot_id(), default_accel())
+    )
 
 
 def qemu_info(binary: str | None = None) -> QemuInfo:
@@ -267,14 +205,14 @@ def qemu_info(binary: str | None = None) -> QemuInfo:
     name = f"qemu-{key}.json"
     doc = _read_cache(name, key)
     if doc is None:
-        accel = _accel()
+        accel = default_accel()
         cmds: list[dict[str, Any]] = [{"execute": "query-cpu-definitions"}]
         # `host` exists only under KVM; `max` names every property under TCG.
         cmds.append(
             {"execute": "query-cpu-model-expansion",
              "arguments": {"type": "full", "model": {"name": "host" if accel == "kvm" else "max"}}}
         )  # fmt: skip
-        defs, expansion = qmp(binary, cmds, accel)
+        defs, expansion = run_commands(binary, cmds, accel=accel)
         props = _bool_props(expansion)
         undeliverable = trial_start(binary) if accel == "kvm" else {}
         doc = {
