@@ -20,18 +20,23 @@ Run: .venv/bin/python scripts/gen_features.py [--accel kvm|tcg] [-o PATH]  (~10 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import subprocess
 import sys
-import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from lxml import etree
-from qemu.qmp import ConnectError, QMPClient
 
+from kvmcpuid_virt.errors import ToolError
+from kvmcpuid_virt.qmp import run_commands
+
+QEMU = "qemu-system-x86_64"
+# The CPU object of a `-machine pc` QEMU with one CPU.
+CPU_PATH = "/machine/unattached/device[0]"
+# QEMUs run at once (each is a process waiting on its own QMP conversation).
+PARALLEL = 16
 CPU_MAP = Path("/usr/share/libvirt/cpu_map/x86_features.xml")
 OUT = Path(__file__).resolve().parent.parent / "kvmcpuid_virt/cpuid/data/features.json"
 
@@ -138,51 +143,6 @@ def libvirt_features(path: Path) -> dict[Key, str]:
     return out
 
 
-async def _qmp(
-    accel: str, cpu: str | None, commands: list[tuple[str, dict[str, Any]]]
-) -> list[Any]:
-    """Start QEMU stopped with one CPU, run QMP commands, quit."""
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = os.path.join(tmp, "qmp.sock")
-        # `-machine none` has no CPU, which is all a model expansion needs
-        # (and avoids a nested-KVM host refusing `max`'s MSRs at realize).
-        machine = (
-            ["-machine", "none"]
-            if cpu is None
-            else ["-machine", "pc", "-S", "-m", "16", "-cpu", cpu]
-        )
-        argv = [
-            "qemu-system-x86_64",
-            *machine,
-            "-accel",
-            accel,
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-            f"unix:{sock},server=on,wait=off",
-        ]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = QMPClient("gen")
-        try:
-            for _ in range(200):
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise RuntimeError(f"qemu -cpu {cpu}: {err.strip()}")
-                try:
-                    await client.connect(sock)
-                    break
-                except ConnectError:
-                    await asyncio.sleep(0.02)
-            else:
-                raise RuntimeError("qemu did not open its QMP socket")
-            return [await client.execute(c, a) for c, a in commands]
-        finally:
-            await client.disconnect()
-            proc.kill()
-            proc.wait()
-
-
 def _bits(words: list[dict[str, Any]]) -> set[Key]:
     out: set[Key] = set()
     for w in words:
@@ -199,40 +159,48 @@ def _bits(words: list[dict[str, Any]]) -> set[Key]:
     return out
 
 
-async def qemu_bits_of(accel: str, name: str) -> set[Key]:
-    cpu = "/machine/unattached/device[0]"
-    fw, ff = await _qmp(
-        accel,
-        f"base,{name}=on",
+def qemu_bits_of(accel: str, name: str) -> set[Key]:
+    """The CPUID bits property `name` sets on an empty `base` CPU: QEMU is
+    started stopped with one CPU (`-machine pc -S -m 16`), never run."""
+    fw, ff = run_commands(
+        QEMU,
         [
-            ("qom-get", {"path": cpu, "property": "feature-words"}),
-            ("qom-get", {"path": cpu, "property": "filtered-features"}),
+            {"execute": "qom-get", "arguments": {"path": CPU_PATH, "property": prop}}
+            for prop in ("feature-words", "filtered-features")
         ],
+        machine="pc",
+        cpu=f"base,{name}=on",
+        accel=accel,
+        extra=("-m", "16"),
     )
     return _bits(fw) | _bits(ff)
 
 
-async def qemu_features(accel: str) -> dict[str, set[Key]]:
-    (exp,) = await _qmp(
-        accel, None, [("query-cpu-model-expansion", {"type": "full", "model": {"name": "max"}})]
-    )
+def qemu_features(accel: str) -> dict[str, set[Key]]:
+    # `-machine none` has no CPU, which is all a model expansion needs (and
+    # avoids a nested-KVM host refusing `max`'s MSRs at realize).
+    (exp,) = run_commands(
+        QEMU,
+        [{"execute": "query-cpu-model-expansion",
+          "arguments": {"type": "full", "model": {"name": "max"}}}],
+        accel=accel,
+    )  # fmt: skip
     names = sorted(k for k, v in exp["model"]["props"].items() if isinstance(v, bool))
-    sem = asyncio.Semaphore(16)
 
-    async def one(name: str) -> tuple[str, set[Key]]:
-        async with sem:
-            try:
-                return name, await qemu_bits_of(accel, name)
-            except RuntimeError as e:
-                print(f"skip {name}: {e}", file=sys.stderr)
-                return name, set()
+    def one(name: str) -> tuple[str, set[Key]]:
+        try:
+            return name, qemu_bits_of(accel, name)
+        except ToolError as e:
+            print(f"skip {name}: {e}", file=sys.stderr)
+            return name, set()
 
-    results = await asyncio.gather(*(one(n) for n in names))
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        results = list(pool.map(one, names))
     return {n: b for n, b in results if b}
 
 
 def build(accel: str) -> list[dict[str, Any]]:
-    qemu = asyncio.run(qemu_features(accel))
+    qemu = qemu_features(accel)
     libvirt = libvirt_features(CPU_MAP)
     canon: dict[Key, str] = {}
     aliases: dict[Key, list[str]] = {}
@@ -298,7 +266,7 @@ def main() -> int:
     ap.add_argument("-o", "--output", type=Path, default=OUT)
     args = ap.parse_args()
     version = subprocess.run(
-        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True
+        [QEMU, "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
     doc = {
         "comment": "Generated by scripts/gen_features.py; reviewed and shipped as data.",

@@ -10,17 +10,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from qemu.qmp import ConnectError, QMPClient
 
 from kvmcpuid_virt.cpuid.features import registry
+from kvmcpuid_virt.errors import ToolError
+from kvmcpuid_virt.qmp import run_commands
 
 pytestmark = pytest.mark.qemu
 
@@ -34,44 +32,21 @@ ALSO_SETS: dict[str, set[Key]] = {"kvmclock": {(0x40000001, 0, "eax", 3)}}
 DERIVED_WORDS = {(0xD, 0, "eax"), (0xD, 0, "edx")}
 
 
-async def _qmp(qemu: str, cpu: str | None, commands: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = os.path.join(tmp, "qmp.sock")
-        machine = (
-            ["-machine", "none"]
-            if cpu is None
-            else ["-machine", "pc", "-S", "-m", "16", "-cpu", cpu]
-        )
-        argv = [
-            qemu,
-            *machine,
-            "-accel",
-            "kvm",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-            f"unix:{sock},server=on,wait=off",
-        ]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = QMPClient("test")
-        try:
-            for _ in range(250):  # 5 s
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise AssertionError(f"qemu -cpu {cpu} exited: {err.strip()}")
-                try:
-                    await client.connect(sock)
-                    break
-                except ConnectError:
-                    await asyncio.sleep(0.02)
-            else:
-                raise AssertionError("qemu did not open its QMP socket in 5 s")
-            return [await asyncio.wait_for(client.execute(c, a), 30) for c, a in commands]
-        finally:
-            await client.disconnect()
-            proc.kill()
-            proc.wait()
+def _feature_words(qemu: str, cpu: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`feature-words` and `filtered-features` of a stopped one-CPU QEMU."""
+    fw, ff = run_commands(
+        qemu,
+        [
+            {"execute": "qom-get", "arguments": {"path": CPU, "property": prop}}
+            for prop in ("feature-words", "filtered-features")
+        ],
+        machine="pc",
+        cpu=cpu,
+        accel="kvm",
+        extra=("-m", "16"),
+        timeout=30,
+    )
+    return fw, ff
 
 
 def _bits(words: list[dict[str, Any]]) -> set[Key]:
@@ -86,13 +61,12 @@ def _bits(words: list[dict[str, Any]]) -> set[Key]:
 
 @pytest.fixture(scope="module")
 def max_props(qemu_binary: str) -> Iterator[dict[str, Any]]:
-    (reply,) = asyncio.run(
-        _qmp(
-            qemu_binary,
-            None,
-            [("query-cpu-model-expansion", {"type": "full", "model": {"name": "max"}})],
-        )
-    )
+    (reply,) = run_commands(
+        qemu_binary,
+        [{"execute": "query-cpu-model-expansion",
+          "arguments": {"type": "full", "model": {"name": "max"}}}],
+        accel="kvm",
+    )  # fmt: skip
     props: dict[str, Any] = reply["model"]["props"]
     yield props
 
@@ -121,29 +95,18 @@ def test_every_qemu_name_sets_its_bit_and_no_name_is_missing(
         cases[n] |= extra
     others = sorted(n for n, v in max_props.items() if isinstance(v, bool) and n not in cases)
 
-    async def one(sem: asyncio.Semaphore, name: str) -> tuple[str, set[Key] | str]:
-        async with sem:
-            try:
-                fw, ff = await _qmp(
-                    qemu_binary,
-                    f"base,{name}=on",
-                    [
-                        ("qom-get", {"path": CPU, "property": "feature-words"}),
-                        ("qom-get", {"path": CPU, "property": "filtered-features"}),
-                    ],
-                )
-            except AssertionError as exc:
-                return name, str(exc)
+    def one(name: str) -> tuple[str, set[Key] | str]:
+        try:
+            fw, ff = _feature_words(qemu_binary, f"base,{name}=on")
+        except ToolError as exc:
+            return name, str(exc)
         got = _bits(fw) | _bits(ff)
         if len(got) > 1:
             got = {k for k in got if k[:3] not in DERIVED_WORDS}
         return name, got
 
-    async def run_all() -> list[tuple[str, set[Key] | str]]:
-        sem = asyncio.Semaphore(16)
-        return await asyncio.gather(*(one(sem, n) for n in [*sorted(cases), *others]))
-
-    results = dict(asyncio.run(run_all()))
+    with ThreadPoolExecutor(16) as pool:
+        results = dict(pool.map(one, [*sorted(cases), *others]))
     wrong = {n: (sorted(cases[n]), results[n]) for n in cases if results[n] != cases[n]}
     assert wrong == {}
     unregistered = {n: results[n] for n in others if isinstance(results[n], set) and results[n]}
