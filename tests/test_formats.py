@@ -149,3 +149,11 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text", ["+1", "0x_1", "0x", "", "0x\u0661", "1 ", "0x1g", "-0x1"])
+def test_hex_fields_are_strict(text: str) -> None:
+    # int(x, 16) alone would take signs, underscores and non-ASCII digits.
+    doc = {"format": "kvmcpuid-dump", "version": 1, "entries": [{"function": text}]}
+    with pytest.raises(DumpFormatError, match="expected a hex string"):
+        loads(json.dumps(doc), "strict.json")
