@@ -83,7 +83,8 @@ def monitor(
     ]  # fmt: skip
     with ours, tempfile.TemporaryFile() as stderr:
         try:
-            with theirs:  # QEMU holds its own copy; ours must go for EOF to work
+            # Close our copy of QEMU's end at once: only then is QEMU's exit an EOF.
+            with theirs:
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                     pass_fds=(theirs.fileno(),),
