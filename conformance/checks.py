@@ -67,16 +67,10 @@ class Gap:
                 and bool(self.mask >> issue.bit & 1))
 
 
-# A named model's max extended leaf (QEMU's xlevel) is the model's, raised
-# only by the extended feature words QEMU expands; the AMD aliases QEMU copies
-# into 0x80000001 EDX at realize time do not raise it. pentium* have xlevel 0,
-# so their guest reads 0x80000001 as zeros, while policy.select still expects
-# the aliases there (it does not model xlevel yet). Seen with QEMU 7.2 here.
-KNOWN_GAPS: tuple[Gap, ...] = (
-    Gap(("qemu", "libvirt"), ("model",), (0x8000_0001, 0, "edx"), 0x0183_F3FF,
-        "policy: a named model's expected table ignores the model's max extended leaf "
-        "(pentium*: xlevel 0, so the guest reads no 0x80000001 AMD aliases)"),
-)
+# Known gaps of this project's own model of QEMU: (backends, kinds, word,
+# mask, reason). Empty now: named models' max leaves and signature follow
+# QEMU's model (policy.select.with_model_identity).
+KNOWN_GAPS: tuple[Gap, ...] = ()
 # Renderings an adapter cannot produce yet: (backend, text of its error).
 # Empty: the libvirt adapter now disables model features when no model fits.
 KNOWN_RENDER_GAPS: tuple[tuple[str, str], ...] = ()

@@ -4,6 +4,8 @@ answers on this host."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvmcpuid_virt.cpuid.features import registry
@@ -158,3 +160,48 @@ def test_auto_model_agrees_with_qemu_usability(kvm: Kvm, qemu_binary: str) -> No
     c = select.build(kvm.supported_cpuid(), select.Policy(model="auto"), source="/dev/kvm")
     info = models.qemu_info(qemu_binary)
     assert info.definitions[c.model] == ()
+
+
+@pytest.mark.parametrize(
+    ("dump", "family", "model", "stepping"),
+    [
+        # Published signatures; the raw leaf-1 EAX of the same CPUs' dumps is
+        # the independent check of the encoding.
+        ("x86_64-cpuid-Ice-Lake-Server.xml", 6, 0x6A, 0),
+        ("x86_64-cpuid-EPYC-9334-32-Core.xml", 0x19, 0x11, 1),
+        ("x86_64-cpuid-Core-i7-5600U.xml", 6, 0x3D, 4),
+    ],
+)
+def test_model_identity_signature_encoding(
+    data_dir: Path, dump: str, family: int, model: int, stepping: int
+) -> None:
+    from lxml import etree
+
+    from kvmcpuid_virt.policy.models import ModelIdentity
+    from kvmcpuid_virt.policy.select import with_model_identity
+
+    raw = next(
+        int(c.get("eax", "0"), 16)
+        for c in etree.parse(str(data_dir / dump)).getroot().iter("cpuid")
+        if int(c.get("eax_in", "0"), 16) == 1
+    )
+    t = table()
+    ident = ModelIdentity(min_level=7, min_xlevel=0x8000_0001, family=family, model=model,
+                          stepping=stepping)
+    out = with_model_identity(t, ident, [])
+    assert out.get(1, 0, "eax") & 0x0FFF_3FFF == raw & 0x0FFF_3FFF
+    # Leaves beyond the model's max leaves are gone, and leaf 0 says so.
+    assert out.get(0, 0, "eax") == 7 and out.get(0x8000_0000, 0, "eax") == 0x8000_0001
+    assert all(e.function <= 7 or e.function >= 0x4000_0000 for e in out)
+    assert all(e.function <= 0x8000_0001 for e in out if e.function >= 0x8000_0000)
+
+
+def test_model_identity_raised_by_enabled_features() -> None:
+    from kvmcpuid_virt.policy.models import ModelIdentity
+    from kvmcpuid_virt.policy.select import with_model_identity
+
+    reg = registry()
+    ident = ModelIdentity(min_level=1, min_xlevel=0, family=6, model=7, stepping=3)
+    out = with_model_identity(table(), ident, [reg.lookup("avx2"), reg.lookup("lm")])
+    # QEMU's full-cpuid-auto-level: avx2 lives in leaf 7, lm in 0x80000001.
+    assert out.get(0, 0, "eax") == 7 and out.get(0x8000_0000, 0, "eax") == 0x8000_0001

@@ -30,6 +30,7 @@ from kvmcpuid_virt.qmp import default_accel, run_commands
 __all__ = [
     "CPU_MAP_DIR",
     "CpuModel",
+    "ModelIdentity",
     "QemuInfo",
     "cache_dir",
     "cpu_map_models",
@@ -132,23 +133,54 @@ class QemuInfo:
 
     def expand(self, name: str) -> frozenset[str]:
         """The feature properties a named model turns on (cached per model)."""
+        return self._expansion(name)[0]
+
+    def identity(self, name: str) -> ModelIdentity:
+        """What a named model says besides features: its max leaves and
+        family/model/stepping, as QEMU sets them under this accelerator."""
+        return self._expansion(name)[1]
+
+    def _expansion(self, name: str) -> tuple[frozenset[str], ModelIdentity]:
         if name not in self.definitions:
             raise PolicyError(f"QEMU ({self.binary}) has no CPU model {name!r}")
         cache_name = f"qemu-{self.key}.json"
         doc = _read_cache(cache_name, self.key) or {}
         cached = doc.get("models", {}).get(name)
-        if isinstance(cached, list):
-            return frozenset(cached)
+        ident = doc.get("identities", {}).get(name)
+        if isinstance(cached, list) and isinstance(ident, dict):
+            return frozenset(cached), ModelIdentity(**ident)
         (reply,) = run_commands(
             self.binary,
             [{"execute": "query-cpu-model-expansion",
               "arguments": {"type": "full", "model": {"name": name}}}],
         )  # fmt: skip
         on = sorted(k for k, v in _bool_props(reply).items() if v)
+        props = reply.get("model", {}).get("props", {})
+        try:
+            identity = ModelIdentity(
+                **{f.name: int(props[f.name.replace("_", "-")])
+                   for f in dataclasses.fields(ModelIdentity)}
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ToolError(f"QEMU ({self.binary}) expansion of {name}: no {exc}") from None
         if doc:
             doc.setdefault("models", {})[name] = on
+            doc.setdefault("identities", {})[name] = dataclasses.asdict(identity)
             _write_cache(cache_name, doc)
-        return frozenset(on)
+        return frozenset(on), identity
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """A QEMU CPU model's non-feature CPUID content (QOM property names with
+    '-' for '_'): max basic and extended leaves before QEMU raises them for
+    enabled feature words, and the signature of leaf 1 EAX."""
+
+    min_level: int
+    min_xlevel: int
+    family: int
+    model: int
+    stepping: int
 
 
 # MSRs whose existence a CPUID feature announces, so that QEMU writes them

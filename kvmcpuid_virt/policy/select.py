@@ -26,7 +26,7 @@ from kvmcpuid_virt.policy import qemu_adjust
 from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
 
 if TYPE_CHECKING:
-    from kvmcpuid_virt.policy.models import QemuInfo
+    from kvmcpuid_virt.policy.models import ModelIdentity, QemuInfo
 
 __all__ = [
     "SETTABLE_KINDS",
@@ -146,6 +146,36 @@ def expected_table(
         if changes:
             table = table.replace_entry(entry.replace(**changes))
     return qemu_adjust.amd_alias_fixup(table, vendor)
+
+
+def with_model_identity(
+    table: CpuidTable, ident: ModelIdentity, enabled: Iterable[Feature]
+) -> CpuidTable:
+    """`table` as QEMU gives it to a guest of a named model: max basic and
+    extended leaves from the model, raised to every leaf that holds an enabled
+    feature (QEMU's full-cpuid-auto-level), leaves beyond them gone, and leaf
+    1's signature from the model's family/model/stepping (encoded with the
+    extended fields as in the Intel SDM and AMD APM, CPUID.01H:EAX)."""
+    level = max([ident.min_level, *(f.leaf for f in enabled if f.leaf < 0x4000_0000)])
+    xlevel = max([ident.min_xlevel,
+                  *(f.leaf for f in enabled if 0x8000_0000 <= f.leaf < 0xC000_0000)])  # fmt: skip
+    family, model = ident.family, ident.model
+    signature = ident.stepping | (model & 0xF) << 4 | (model >> 4 & 0xF) << 16
+    signature |= 0xF << 8 | (family - 0xF) << 20 if family > 0xF else family << 8
+    out = []
+    for e in table:
+        if e.function < 0x4000_0000 and e.function > level:
+            continue
+        if 0x8000_0000 <= e.function < 0xC000_0000 and e.function > max(xlevel, 0x8000_0000):
+            continue
+        if e.function == 0:
+            e = e.replace(eax=level)
+        elif e.function == 1:
+            e = e.replace(eax=e.eax & ~0x0FFF_3FFF | signature)
+        elif e.function == 0x8000_0000:
+            e = e.replace(eax=xlevel)
+        out.append(e)
+    return CpuidTable(out)
 
 
 def _resolve(reg: Registry, name: str) -> Feature:
@@ -283,6 +313,10 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "") -> 
 
     features = {name: name in on for name in relevant}
     expected = expected_table(supported_table, reg, features, vendor)
+    if model_name != "host" and qemu is not None and model_name in qemu.definitions:
+        expected = with_model_identity(
+            expected, qemu.identity(model_name), [relevant[n] for n in sorted(on)]
+        )
     return CpuConfig(
         model=model_name, features=features, expected=expected, vendor=vendor,
         dropped=tuple(dropped), source=source,

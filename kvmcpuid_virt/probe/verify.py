@@ -104,9 +104,12 @@ def target_for(
     libvirt_features: str | None = None, label: str = "",
 ) -> Target:
     """A Target for `config`; QEMU flags and libvirt XML default to the
-    adapters' renderings of it."""
-    return Target(config, requested_table(config), qemu_cpu, libvirt_cpu, label,
-                  libvirt_features)
+    adapters' renderings of it. A configuration the user wrote (flags or XML
+    given) still requests what the host cannot give (config.dropped); one
+    built with --allow-unsupported has dropped it on purpose."""
+    given = qemu_cpu is not None or libvirt_cpu is not None
+    requested = requested_table(config) if given else config.expected
+    return Target(config, requested, qemu_cpu, libvirt_cpu, label, libvirt_features)
 
 
 @dataclasses.dataclass(frozen=True)
