@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import bare_qemu_argv
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.libvirt import LibvirtProbe, run_libvirt
@@ -39,8 +40,7 @@ def _floor(qemu: str, blob: bytes, runs: int) -> float:
     with tempfile.TemporaryDirectory(prefix="kvmcpuid-bench-") as tmp:
         bios = Path(tmp) / "image.bin"
         bios.write_bytes(blob)
-        argv = [qemu, "-accel", "kvm", "-bios", str(bios), "-display", "none",
-                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+        argv = bare_qemu_argv(qemu, str(bios))
         samples = []
         for _ in range(runs):
             start = time.perf_counter()

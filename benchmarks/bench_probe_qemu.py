@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import report_ratio
+from benchmarks.common import bare_qemu_argv, report_ratio
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.qemu import qemu_argv, run_qemu
@@ -43,8 +43,7 @@ def main() -> int:
         tmp = Path(tmpname)
         bios = tmp / "image.bin"
         bios.write_bytes(blob)
-        bare = [qemu, "-accel", "kvm", "-bios", str(bios), "-display", "none",
-                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+        bare = bare_qemu_argv(qemu, str(bios))
         argv = qemu_argv(qemu, CPU, bios, tmp / "serial.log")
 
         def command(cmd: list[str]) -> Callable[[], object]:

@@ -8,7 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["median_call", "median_commands", "report_ratio"]
+__all__ = ["bare_qemu_argv", "median_call", "median_commands", "report_ratio"]
 
 
 def median_commands(
@@ -44,3 +44,10 @@ def report_ratio(name: str, value: float, floor_name: str, floor: float, target:
         f"{name}: {value * 1000:.1f} ms; {floor_name}: {floor * 1000:.1f} ms; "
         f"ratio {ratio:.2f} ({verdict} the {target}x target)"
     )
+
+
+def bare_qemu_argv(qemu: str, bios: str) -> list[str]:
+    """The floor every probe backend is measured against: QEMU with the image
+    as firmware and nothing else it needs (isa-debug-exit so it ends)."""
+    return [qemu, "-accel", "kvm", "-bios", bios, "-display", "none",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]

@@ -17,6 +17,26 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("KVMCPUID_DATA", REPO.parent / "shared" / "data" / "cpuid"))
 
 
+def host_vendor() -> str:
+    """This host's CPU vendor as /proc/cpuinfo reports it (independent of
+    KVM and of the code under test)."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    pytest.skip("no vendor_id in /proc/cpuinfo")
+
+
+def spin_image() -> bytes:
+    """A probe image that never exits (`jmp $` at the entry), for timeouts."""
+    from kvmcpuid_virt.probe import image
+
+    a = image.Asm(org=0)
+    a.label("spin")
+    a.jmp_short("spin")
+    return image.flat_image(a.assemble())
+
+
 def cpu_dump_paths() -> list[Path]:
     """The real CPU dumps (libvirt <cpudata>) shipped beside the repository."""
     return sorted(DATA.glob("*.xml"))

@@ -17,6 +17,7 @@ from kvmcpuid_virt.errors import ProbeError, ProbeTimeoutError
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.kvm import KvmProbe, run_kvm
+from tests.conftest import spin_image
 
 LAHF_LM = 1 << 0  # CPUID 0x80000001 ECX[0]
 KVM_FEATURE_CLOCKSOURCE = 1 << 0  # CPUID 0x40000001 EAX[0]
@@ -43,11 +44,6 @@ def _with(table: CpuidTable, leaf: int, sub: int, **regs: int) -> CpuidTable:
     return table.replace_entry(entry.replace(**regs))
 
 
-def _spin_image() -> bytes:
-    a = image.Asm()
-    a.label("spin")
-    a.jmp_short("spin")  # jmp $: no exit, ever
-    return image.flat_image(a.assemble())
 
 
 def _chatter_image() -> bytes:
@@ -125,7 +121,7 @@ def test_query_list_change_rewrites_image(probe: KvmProbe, supported: CpuidTable
 def test_timeout_stops_a_spinning_guest(probe: KvmProbe, supported: CpuidTable) -> None:
     start = time.monotonic()
     with pytest.raises(ProbeTimeoutError, match=r"did not finish within 0\.3 s"):
-        probe.run_image(supported, _spin_image(), timeout=0.3)
+        probe.run_image(supported, spin_image(), timeout=0.3)
     assert time.monotonic() - start < 2.0
     # The session still works after a timeout, and no kick is left pending.
     assert probe.run(supported, [(0, 0)], timeout=2.0).observed.lookup(0) is not None
@@ -139,7 +135,7 @@ def test_timeout_in_a_worker_thread(supported: CpuidTable) -> None:
     def work() -> None:
         try:
             with KvmProbe() as p:
-                p.run_image(supported, _spin_image(), timeout=0.2)
+                p.run_image(supported, spin_image(), timeout=0.2)
         except BaseException as exc:
             errors.append(exc)
 
@@ -164,7 +160,7 @@ def test_ctrl_c_interrupts_a_spinning_guest(supported: CpuidTable) -> None:
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt), KvmProbe() as p:
         timer.start()
-        p.run_image(supported, _spin_image(), timeout=30)
+        p.run_image(supported, spin_image(), timeout=30)
     timer.join()
     assert time.monotonic() - start < 5
     assert _fds() == before
@@ -180,6 +176,6 @@ def test_nothing_leaks(supported: CpuidTable) -> None:
             for _ in range(5):
                 p.run(supported, image.default_queries(supported))
             with pytest.raises(ProbeTimeoutError):
-                p.run_image(supported, _spin_image(), timeout=0.05)
+                p.run_image(supported, spin_image(), timeout=0.05)
     assert _fds() == before
     assert threading.active_count() == threads

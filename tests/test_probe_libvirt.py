@@ -23,6 +23,7 @@ from kvmcpuid_virt.errors import InputError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.libvirt import DOMAIN_PREFIX, LibvirtProbe, domain_xml, run_libvirt
 from kvmcpuid_virt.probe.process import PREFIX
+from tests.conftest import host_vendor, spin_image
 
 pytestmark = pytest.mark.libvirt
 
@@ -35,19 +36,8 @@ HOST = (
 LAHF_LM = 1 << 0  # CPUID 0x80000001 ECX bit 0
 
 
-def host_vendor() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    pytest.skip("no vendor_id in /proc/cpuinfo")
 
 
-def spin_image() -> bytes:
-    a = image.Asm(org=0)
-    a.label("spin")
-    a.jmp_short("spin")
-    return image.flat_image(a.assemble())
 
 
 class Env:

@@ -20,6 +20,7 @@ from kvmcpuid_virt.probe import qemu as qemu_backend
 from kvmcpuid_virt.probe.process import PREFIX
 from kvmcpuid_virt.probe.qemu import run_qemu
 from kvmcpuid_virt.probe.qom import vmm_view_from_qom
+from tests.conftest import host_vendor, spin_image
 
 pytestmark = pytest.mark.qemu
 
@@ -35,20 +36,8 @@ def vendor_of(table_get: tuple[int, int, int]) -> str:
     return b"".join(r.to_bytes(4, "little") for r in (ebx, edx, ecx)).decode()
 
 
-def host_vendor() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    pytest.skip("no vendor_id in /proc/cpuinfo")
 
 
-def spin_image() -> bytes:
-    """A guest that never exits: `jmp $` at the image's entry."""
-    a = image.Asm(org=0)
-    a.label("spin")
-    a.jmp_short("spin")
-    return image.flat_image(a.assemble())
 
 
 @pytest.fixture

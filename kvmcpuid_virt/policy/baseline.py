@@ -388,22 +388,18 @@ def _min_fields(
             eax = addr.eax & 0xFF000000 | (0 if guest == phys else guest) << 16 | virt << 8 | phys
             entries[(0x80000008, 0)] = addr.replace(eax=eax)
             notes.append(f"address sizes: {phys} physical, {virt} virtual bits (the smallest)")
-    main = entries.get((0xD, 0))
-    if main is not None:
-        xcr0_lo, xcr0_hi = _U32, _U32
+    # XSAVE components every host has: XCR0 in 0xD.0 EAX:EDX, IA32_XSS in
+    # 0xD.1 ECX:EDX (a host without the leaf has none).
+    for subleaf, regs in ((0, ("eax", "edx")), (1, ("ecx", "edx"))):
+        entry = entries.get((0xD, subleaf))
+        if entry is None:
+            continue
+        common = {r: _U32 for r in regs}
         for d in full:
-            e = d.table.lookup(0xD, 0)
-            xcr0_lo &= 0 if e is None else e.eax
-            xcr0_hi &= 0 if e is None else e.edx
-        entries[(0xD, 0)] = main.replace(eax=xcr0_lo, edx=xcr0_hi)
-    sub1 = entries.get((0xD, 1))
-    if sub1 is not None:
-        xss_lo, xss_hi = _U32, _U32
-        for d in full:
-            e = d.table.lookup(0xD, 1)
-            xss_lo &= 0 if e is None else e.ecx
-            xss_hi &= 0 if e is None else e.edx
-        entries[(0xD, 1)] = sub1.replace(ecx=xss_lo, edx=xss_hi)
+            e = d.table.lookup(0xD, subleaf)
+            for r in regs:
+                common[r] &= 0 if e is None else e.reg(r)  # type: ignore[arg-type]
+        entries[(0xD, subleaf)] = entry.replace(**common)
 
 
 # --- libvirt host-model as an input ------------------------------------------------
