@@ -52,17 +52,26 @@ def run(args: argparse.Namespace) -> int:
             else:
                 with open(args.patch, encoding="utf-8") as f:
                     domain = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{source}: cannot read: {exc}") from None
+        except OSError as exc:
+            raise InputError(f"{source}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{source}: not UTF-8 text ({exc.reason})") from None
     config = config_from_args(args)
-    sys.stderr.write(dropped_warnings("kvmcpuid libvirt-xml", config))
-    for u in lv.unexpressible(config):
-        state = "on" if u.on else "off"
-        print(f"kvmcpuid libvirt-xml: note: {u.name}={state} is not in <cpu>: {u.where}",
-              file=sys.stderr)  # fmt: skip
     text = (
         lv.patch_domain(domain, config, source) if domain is not None else lv.render(config) + "\n"
     )
+    sys.stderr.write(dropped_warnings(PROG, config))
+    # The paravirtual switches a <cpu> cannot carry, in two lines rather than
+    # one per feature: where libvirt takes them, and what it cannot set.
+    elsewhere = [u.where for u in lv.unexpressible(config) if u.where.startswith("<")]
+    nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lv.unexpressible(config)
+               if not u.where.startswith("<")]  # fmt: skip
+    if elsewhere:
+        print(f"{PROG}: note: put in the domain's features: {' '.join(elsewhere)}",
+              file=sys.stderr)  # fmt: skip
+    if nowhere:
+        print(f"{PROG}: note: libvirt XML cannot set {', '.join(nowhere)} "
+              "(libvirt's and QEMU's defaults apply)", file=sys.stderr)  # fmt: skip
     if args.output:
         from kvmcpuid_virt.fsutil import atomic_write
 
