@@ -11,9 +11,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${KVMCPUID_VENV:-$here/.venv}
 packages=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-          libvirt-dev pkg-config python3-venv python3-dev gcc tini)
+          libvirt-dev pkg-config python3-venv python3-dev gcc tini procps)
 
 say() { printf 'setup-host: %s\n' "$*" >&2; }
+# The PID of a live (not zombie) process named $1: a daemon killed a moment
+# ago can linger as a zombie until init reaps it, and is not running.
+alive() { ps -eo pid=,stat=,comm= | awk -v n="$1" '$3 == n && $2 !~ /^Z/ {print $1; exit}'; }
 
 if [ "$(id -u)" -ne 0 ]; then
     say "run as root (it installs packages and starts libvirtd)"; exit 1
@@ -60,21 +63,21 @@ if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     systemctl start virtlogd libvirtd
     [ -z "$restart" ] || systemctl restart libvirtd
 else
-    pgrep -x virtlogd >/dev/null || virtlogd -d
+    [ -n "$(alive virtlogd)" ] || virtlogd -d
     # libvirt double-forks QEMU, so an exited QEMU is reaped by PID 1; where
     # PID 1 is not an init that reaps at once (a container's), libvirt's stop
     # path waits for that zombie (~1.6 s per guest here, see
     # docs/libvirt-teardown.md). Run libvirtd under tini as child subreaper.
-    if pid=$(pgrep -x libvirtd | head -n1); [ -n "$pid" ]; then
+    if pid=$(alive libvirtd); [ -n "$pid" ]; then
         parent=$(ps -o comm= -p "$(ps -o ppid= -p "$pid" | tr -d ' ')" 2>/dev/null || true)
         [ "$parent" = tini ] || restart=1
+        if [ -n "$restart" ]; then
+            say "restarting libvirtd under tini"
+            kill "$pid"
+            for _ in $(seq 1 50); do [ -n "$(alive libvirtd)" ] || break; sleep 0.1; done
+        fi
     fi
-    if [ -n "$restart" ] && pgrep -x libvirtd >/dev/null; then
-        say "restarting libvirtd under tini"
-        pkill -x libvirtd
-        for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
-    fi
-    if ! pgrep -x libvirtd >/dev/null; then
+    if [ -z "$(alive libvirtd)" ]; then
         setsid tini -s -- libvirtd </dev/null >>/var/log/libvirt/libvirtd.out 2>&1 &
     fi
 fi
