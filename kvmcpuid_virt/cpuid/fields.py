@@ -16,6 +16,7 @@ from typing import Any, Final
 from kvmcpuid_virt.cpuid.table import CpuidTable
 
 __all__ = [
+    "LIBVIRT_VENDOR",
     "AddressSizes",
     "CacheInfo",
     "Signature",
@@ -36,6 +37,8 @@ __all__ = [
     "xsave",
 ]
 
+# libvirt (cpu_map, domain capabilities) names vendors by these short names.
+LIBVIRT_VENDOR: Final = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
 HYPERVISOR_BASE: Final = 0x40000000
 EXTENDED_BASE: Final = 0x80000000
 # Indexed leaves are walked subleaf by subleaf until a terminator; a table

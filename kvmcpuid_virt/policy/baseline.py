@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Final
 
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import FeatureKind, Registry, registry
+from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
 from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.table import (
     INDEXED_LEAVES,
@@ -404,7 +405,7 @@ def _min_fields(
 
 # --- libvirt host-model as an input ------------------------------------------------
 
-_LIBVIRT_VENDORS: Final = {"Intel": "GenuineIntel", "AMD": "AuthenticAMD", "Hygon": "HygonGenuine"}
+_LIBVIRT_VENDORS: Final = {short: full for full, short in LIBVIRT_VENDOR.items()}
 
 
 def host_model_dump(

@@ -12,12 +12,10 @@ __all__ = ["CpuConfig", "vendor_of"]
 
 
 def vendor_of(table: CpuidTable) -> str:
-    """The 12-character vendor string of leaf 0 (EBX, EDX, ECX), '' without one."""
-    entry = table.lookup(0)
-    if entry is None:
-        return ""
-    raw = b"".join(v.to_bytes(4, "little") for v in (entry.ebx, entry.edx, entry.ecx))
-    return raw.decode("ascii", errors="replace").rstrip("\x00")
+    """The vendor string of leaf 0 (EBX, EDX, ECX), '' without one."""
+    from kvmcpuid_virt.cpuid.fields import vendor
+
+    return vendor(table) or ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,7 +215,8 @@ def _auto_model(
     candidates = models.models(
         policy.cpu_map if policy.cpu_map is not None else models.CPU_MAP_DIR, policy.qemu
     )
-    vendor_short = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
+    from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR as vendor_short
+
     best: str | None = None
     for m in candidates:  # oldest first: the last fit is the newest
         if m.vendor is not None and m.vendor != vendor_short.get(vendor, vendor):
