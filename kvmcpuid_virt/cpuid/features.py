@@ -176,27 +176,10 @@ class Registry:
         A leaf beyond the table's max basic/extended/hypervisor leaf reads as
         absent: real CPUs answer such leaves with some other leaf's data, and
         a stale entry must not name features the CPU does not claim."""
-        limits = _leaf_limits(table)
-        return [f for f in self.features if _in_range(f.leaf, limits) and f.present(table)]
+        from kvmcpuid_virt.cpuid.fields import in_range, leaf_limits
 
-
-def _leaf_limits(table: CpuidTable) -> dict[int, int]:
-    """Max leaf per range (0, 0x40000000, 0x80000000, 0xC0000000), by the
-    range's own EAX; a missing base entry leaves the range unlimited (tables
-    from KVM need not carry 0x40000000 before QEMU adds it)."""
-    limits: dict[int, int] = {}
-    for base in (0x0, 0x40000000, 0x80000000, 0xC0000000):
-        entry = table.lookup(base, 0)
-        if entry is not None and (base == 0 or entry.eax & 0xFFFF0000 == base):
-            limits[base] = entry.eax
-    return limits
-
-
-def _in_range(leaf: int, limits: dict[int, int]) -> bool:
-    top = leaf & 0xF0000000
-    base = top if top in (0x40000000, 0x80000000, 0xC0000000) else 0
-    limit = limits.get(base)
-    return limit is None or leaf <= limit
+        limits = leaf_limits(table)
+        return [f for f in self.features if in_range(f.leaf, limits) and f.present(table)]
 
 
 def _feature_from_json(raw: dict[str, Any]) -> Feature:

@@ -28,9 +28,12 @@ __all__ = [
     "caches",
     "decode",
     "hypervisor_signature",
+    "in_range",
+    "leaf_limits",
     "max_basic_leaf",
     "max_extended_leaf",
     "max_hypervisor_leaf",
+    "range_base",
     "signature",
     "topology",
     "vendor",
@@ -41,6 +44,7 @@ __all__ = [
 LIBVIRT_VENDOR: Final = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
 HYPERVISOR_BASE: Final = 0x40000000
 EXTENDED_BASE: Final = 0x80000000
+CENTAUR_BASE: Final = 0xC0000000
 # Indexed leaves are walked subleaf by subleaf until a terminator; a table
 # whose entry answers every subleaf (no SIGNIFICANT_INDEX) must not loop forever.
 _MAX_SUBLEAVES: Final = 64
@@ -79,6 +83,40 @@ def max_hypervisor_leaf(table: CpuidTable) -> int | None:
     if entry.eax == 0:
         return HYPERVISOR_BASE + 1
     return entry.eax if entry.eax & 0xFFFF0000 == HYPERVISOR_BASE else None
+
+
+def leaf_limits(table: CpuidTable) -> dict[int, int]:
+    """The max leaf of each range the table announces (basic 0, hypervisor
+    0x40000000, extended 0x80000000, Centaur 0xC0000000), keyed by base."""
+    out: dict[int, int] = {}
+    for base, limit in (
+        (0, max_basic_leaf(table)),
+        (HYPERVISOR_BASE, max_hypervisor_leaf(table)),
+        (EXTENDED_BASE, max_extended_leaf(table)),
+    ):
+        if limit is not None:
+            out[base] = limit
+    centaur = table.lookup(CENTAUR_BASE, 0)
+    if centaur is not None and centaur.eax & 0xFFFF0000 == CENTAUR_BASE:
+        out[CENTAUR_BASE] = centaur.eax
+    return out
+
+
+def in_range(leaf: int, limits: dict[int, int], *, strict: bool = False) -> bool:
+    """Whether CPUID answers `leaf` from its own entry under `limits`. A range
+    the table does not announce is out of range when `strict` (a full dump
+    without 0x80000000 has no extended leaves), unlimited otherwise (a table
+    from KVM need not carry 0x40000000 before QEMU adds it)."""
+    limit = limits.get(range_base(leaf))
+    if limit is None:
+        return not strict
+    return leaf <= limit
+
+
+def range_base(leaf: int) -> int:
+    """The base leaf of `leaf`'s range (0, 0x40000000, 0x80000000, 0xC0000000)."""
+    top = leaf & 0xF0000000
+    return top if top in (HYPERVISOR_BASE, EXTENDED_BASE, CENTAUR_BASE) else 0
 
 
 def hypervisor_signature(table: CpuidTable) -> str | None:

@@ -89,9 +89,9 @@ VENDOR_NEUTRAL: Final[Mapping[tuple[int, int | None, str], int]] = {
     (0x80000008, 0, "ebx"): 1 << 9,
 }
 
-_HYPERVISOR: Final = 0x40000000
-_EXTENDED: Final = 0x80000000
-_CENTAUR: Final = 0xC0000000
+_HYPERVISOR: Final = fields.HYPERVISOR_BASE
+_EXTENDED: Final = fields.EXTENDED_BASE
+_CENTAUR: Final = fields.CENTAUR_BASE
 # Legacy FXSAVE area (512 bytes) plus the XSAVE header (64): the smallest
 # XSAVE area whatever the components.
 _XSAVE_LEGACY: Final = 576
@@ -102,43 +102,10 @@ def neutral_mask(leaf: int, subleaf: int, reg: str) -> int:
     return VENDOR_NEUTRAL.get((leaf, subleaf, reg), VENDOR_NEUTRAL.get((leaf, None, reg), 0))
 
 
-def _limits(table: CpuidTable) -> dict[int, int]:
-    """Max leaf per range, for ranges the table announces (see fields)."""
-    out: dict[int, int] = {}
-    basic = fields.max_basic_leaf(table)
-    if basic is not None:
-        out[0] = basic
-    ext = fields.max_extended_leaf(table)
-    if ext is not None:
-        out[_EXTENDED] = ext
-    hyp = fields.max_hypervisor_leaf(table)
-    if hyp is not None:
-        out[_HYPERVISOR] = hyp
-    centaur = table.lookup(_CENTAUR)
-    if centaur is not None and centaur.eax & 0xFFFF0000 == _CENTAUR:
-        out[_CENTAUR] = centaur.eax
-    return out
-
-
-def _base(leaf: int) -> int:
-    top = leaf & 0xF0000000
-    return top if top in (_HYPERVISOR, _EXTENDED, _CENTAUR) else 0
-
-
-def _in_range(leaf: int, limits: Mapping[int, int], strict: bool) -> bool:
-    """strict: a range the table does not announce is out of range (a full
-    dump without 0x80000000 has no extended leaves); otherwise unlimited (a
-    feature-only view carries no max leaves)."""
-    limit = limits.get(_base(leaf))
-    if limit is None:
-        return not strict
-    return leaf <= limit
-
-
 def word_value(dump: Dump, leaf: int, subleaf: int, reg: Register) -> int:
     """A register as a guest would read it: 0 beyond the dump's max leaf."""
-    limits = _limits(dump.table)
-    if not _in_range(leaf, limits, strict=dump.kind != "config"):
+    limits = fields.leaf_limits(dump.table)
+    if not fields.in_range(leaf, limits, strict=dump.kind != "config"):
         return 0
     return dump.table.get(leaf, subleaf, reg)
 
@@ -277,7 +244,7 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
 
     # Feature words: AND over every input, each read within its own leaf range.
     masks = _flag_words(reg)
-    all_limits = [(_limits(d.table), d.kind != "config", d.table) for d in dumps]
+    all_limits = [(fields.leaf_limits(d.table), d.kind != "config", d.table) for d in dumps]
     words: dict[tuple[int, int, Register], int] = {}
     for (leaf, subleaf, r), mask in masks.items():
         if mixed:
@@ -286,7 +253,7 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
         for limits, strict, table in all_limits:
             if not value:
                 break
-            if not _in_range(leaf, limits, strict):
+            if not fields.in_range(leaf, limits, strict=strict):
                 value = 0
                 break
             value &= table.get(leaf, subleaf, r)
@@ -294,7 +261,7 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
 
     # Ranges: the minimum max leaf of each range over the full inputs; a range
     # some full input lacks is dropped (raw CPU dumps have no KVM leaves).
-    full_limits = [_limits(d.table) for d in full] or [_limits(template.table)]
+    full_limits = [fields.leaf_limits(d.table) for d in full or [template]]
     top: dict[int, int] = {}
     for base in (0, _HYPERVISOR, _EXTENDED, _CENTAUR):
         values = [lim.get(base) for lim in full_limits]
@@ -305,7 +272,7 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
             what = {0: "basic", _HYPERVISOR: "hypervisor (KVM)", _EXTENDED: "extended",
                     _CENTAUR: "Centaur"}[base]  # fmt: skip
             notes.append(f"{what} leaves dropped: not every host has them")
-    tmpl_limits = _limits(template.table)
+    tmpl_limits = fields.leaf_limits(template.table)
     for base, value in top.items():
         if tmpl_limits.get(base) != value:
             notes.append(f"max leaf {base:#x} range: {value:#x} (the smallest of the hosts)")
@@ -313,7 +280,7 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
     entries: dict[tuple[int, int], CpuidEntry] = {}
     dropped_leaves: set[tuple[int, int]] = set()
     for e in template.table:
-        base = _base(e.function)
+        base = fields.range_base(e.function)
         if base not in top or e.function > top[base]:
             continue
         if any(d.table.lookup(e.function, e.index) is None for d in full):
