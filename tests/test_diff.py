@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from lxml import etree
@@ -38,3 +39,16 @@ def test_diff_exit_status_and_named_bits(capsys: pytest.CaptureFixture[str]) -> 
 def test_diff_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diff", "/nonexistent-a", "/nonexistent-b"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_diff_refuses_a_table_without_leaf_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without leaf 0 every word reads as beyond the max leaf: two different
+    # such tables would otherwise compare "identical".
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("   0x00000001 0x00: eax=0x1 ebx=0x0 ecx=0x0 edx=0x1\n")
+    b.write_text("   0x00000001 0x00: eax=0x1 ebx=0x0 ecx=0x0 edx=0x0\n")
+    assert main(["diff", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "no leaf 0" in err and err.count("\n") == 1

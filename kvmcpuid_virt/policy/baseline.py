@@ -41,7 +41,7 @@ from kvmcpuid_virt.cpuid.table import (
     EntryFlag,
     Register,
 )
-from kvmcpuid_virt.errors import InputError, PolicyError
+from kvmcpuid_virt.errors import InputError, PolicyError, ToolError
 from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
 
 if TYPE_CHECKING:
@@ -100,6 +100,15 @@ _XSAVE_LEGACY: Final = 576
 def neutral_mask(leaf: int, subleaf: int, reg: str) -> int:
     """The vendor-neutral bits of a feature word (0 for a vendor-specific one)."""
     return VENDOR_NEUTRAL.get((leaf, subleaf, reg), VENDOR_NEUTRAL.get((leaf, None, reg), 0))
+
+
+def require_vendor(dump: Dump) -> str:
+    """The dump's vendor string; a table without leaf 0 is not a CPUID dump
+    (every word would read as 0 beyond its missing max leaf)."""
+    vendor = vendor_of(dump.table)
+    if not vendor:
+        raise InputError(f"{dump.source}: no leaf 0 (vendor), not a CPUID dump")
+    return vendor
 
 
 def word_value(dump: Dump, leaf: int, subleaf: int, reg: Register) -> int:
@@ -202,10 +211,7 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
         raise InputError("a baseline needs at least one host")
     reg = registry()
     notes: list[str] = []
-    vendors = [vendor_of(d.table) for d in dumps]
-    for d, v in zip(dumps, vendors, strict=True):
-        if not v:
-            raise InputError(f"{d.source}: no leaf 0 (vendor), not a CPUID dump")
+    vendors = [require_vendor(d) for d in dumps]
     mixed = len(set(vendors)) > 1
     if mixed:
         by_vendor: dict[str, list[str]] = {}
@@ -507,7 +513,14 @@ def limit_to_model(
             off.append(fname)
         features[fname] = keep
     expected = select.expected_table(config.expected, reg, features, config.vendor)
-    model = m.name if config.model in ("host", "auto") else config.model
+    model = m.name if config.model == "host" else config.model
+    try:
+        info = models.qemu_info(qemu)
+    except ToolError:
+        info = None  # no QEMU to say what the model's leaves are: keep the table's
+    if info is not None and model in info.definitions:
+        enabled = [reg.lookup(n) for n, on in features.items() if on]
+        expected = select.with_model_identity(expected, info.identity(model), enabled)
     capped = dataclasses.replace(config, model=model, features=features, expected=expected)
     return capped, off
 

@@ -19,7 +19,7 @@ from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.table import Register
-from kvmcpuid_virt.policy.baseline import word_value
+from kvmcpuid_virt.policy.baseline import require_vendor, word_value
 
 __all__ = ["FieldDiff", "HostDiff", "WordDiff", "diff", "render_json", "render_table"]
 
@@ -85,6 +85,8 @@ def _fields(d: Dump) -> dict[str, str]:
 
 
 def diff(a: Dump, b: Dump) -> HostDiff:
+    require_vendor(a)
+    require_vendor(b)
     reg = registry()
     words = []
     for leaf, subleaf, r in reg.words():
