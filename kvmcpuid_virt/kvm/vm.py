@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 # KVM_CREATE_VM can fail with EINTR when a signal arrives during VM setup;
 # retry a few times, never forever.
 _CREATE_TRIES: Final = 5
-# The same for every VM of a kernel: ask once per process.
-_mmap_size_cache: dict[str, int] = {}
+# The same for every VM of a kernel: ask once per process (per device and
+# ioctl function, so a simulated kernel never answers for the real one).
+_mmap_size_cache: dict[tuple[str, object], int] = {}
 # struct kvm_run: exit_reason at offset 8; the exit union at 32, whose io
 # member is { __u8 direction, size; __u16 port; __u32 count; __u64 data_offset; }.
 _EXIT_REASON_OFFSET: Final = kvm_run.exit_reason.offset
@@ -59,7 +60,7 @@ _ENTRY: Final = ctypes.sizeof(kvm_coalesced_mmio)
 _RING_MAX: Final = (mmap.PAGESIZE - _RING_HEAD.size) // _ENTRY
 _LEN_OFF: Final = kvm_coalesced_mmio.len.offset
 _DATA_OFF: Final = kvm_coalesced_mmio.data.offset
-_cap_cache: dict[tuple[str, int], int] = {}
+_cap_cache: dict[tuple[object, int], int] = {}
 
 
 class GuestMemory:
@@ -117,7 +118,7 @@ class Vm(KvmFd):
     @classmethod
     def create(cls, kvm: Kvm) -> Vm:
         """KVM_CREATE_VM (machine type 0) on `kvm`; the Vm uses kvm's ioctl."""
-        key = kvm.path
+        key = (kvm.path, kvm._ioctl_fn)
         size = _mmap_size_cache.get(key)
         if size is None:
             size = _mmap_size_cache[key] = kvm.vcpu_mmap_size()
@@ -132,8 +133,9 @@ class Vm(KvmFd):
         raise AssertionError("unreachable")
 
     def check_extension(self, cap: int) -> int:
-        """KVM_CHECK_EXTENSION on the VM fd (cached per process)."""
-        key = ("vm", cap)
+        """KVM_CHECK_EXTENSION on the VM fd (cached per process and ioctl
+        function)."""
+        key = (self._ioctl_fn, cap)
         value = _cap_cache.get(key)
         if value is None:
             value = _cap_cache[key] = self.ioctl(Ioctl.CHECK_EXTENSION, cap)
@@ -201,10 +203,11 @@ class Vcpu(KvmFd):
                  *, coalesced_page: int = 0) -> None:
         super().__init__(fd, ioctl)
         ring = coalesced_page * mmap.PAGESIZE
+        self._mm: mmap.mmap | None = None
         if coalesced_page and ring + mmap.PAGESIZE > mmap_size:
+            self.close()  # this object owns fd from the start: never leak it
             raise KvmError(f"coalesced ring page {coalesced_page} is outside the vcpu mmap")
         self._ring = ring
-        self._mm: mmap.mmap | None = None
         try:
             self._mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)

@@ -98,9 +98,9 @@ def qemu_supported(
         leaf1_clear |= _X2APIC | _TSC_DEADLINE
         leaf1_set &= ~_TSC_DEADLINE
     t = _set(t, 1, 0, "ecx", leaf1_set, leaf1_clear)
-    # arat: the emulated APIC timer keeps running in deep C-states, always.
-    if t.lookup(6) is not None:
-        t = _set(t, 6, 0, "eax", _ARAT, 0)
+    # arat: the emulated APIC timer keeps running in deep C-states, always
+    # (QEMU ORs it in whether or not KVM listed leaf 6).
+    t = _set(t, 6, 0, "eax", _ARAT, 0)
     # AMD aliases: Intel-style KVM answers leave 0x80000001 EDX without the
     # leaf 1 EDX copies; QEMU adds them back (and drops them again for non-AMD
     # vendors when building the guest's CPUID: see amd_alias_fixup).

@@ -71,19 +71,24 @@ class Deadline:
 
 def kill_process(proc: subprocess.Popen[bytes], grace: float = 0.5) -> None:
     """Make sure `proc` is gone and reaped: SIGTERM, then SIGKILL after
-    `grace` seconds. Safe to call on a process that already exited."""
-    if proc.poll() is not None:
-        return
-    log.debug("terminating pid %d", proc.pid)
+    `grace` seconds; then close our ends of its pipes (a timed-out run never
+    got to communicate()). Safe to call on a process that already exited."""
     try:
-        proc.terminate()
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        log.debug("killing pid %d", proc.pid)
-        proc.kill()
-        proc.wait()
-    except ProcessLookupError:
-        proc.wait()
+        if proc.poll() is None:
+            log.debug("terminating pid %d", proc.pid)
+            try:
+                proc.terminate()
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log.debug("killing pid %d", proc.pid)
+                proc.kill()
+                proc.wait()
+            except ProcessLookupError:
+                proc.wait()
+    finally:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def qemu_opt_value(value: str) -> str:

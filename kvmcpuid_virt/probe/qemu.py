@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import ProbeError, ProbeTimeoutError, ToolError
+from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.process import (
     Deadline,
@@ -172,13 +172,18 @@ def run_qemu(
         serial = tmp / "serial.log"
         bios.write_bytes(blob)
         qmp: QEMUMonitorProtocol | None = None
-        qmp_socket: Path | None = None
-        if want_vmm_view:
+        qmp_socket = tmp / "qmp.sock" if want_vmm_view else None
+        # The command line first: a bad -cpu value must fail before anything
+        # (the QMP server socket) is there to leak.
+        try:
+            argv = qemu_argv(qemu, cpu_arg, bios, serial, machine=machine,
+                             qmp_socket=qmp_socket)  # fmt: skip
+        except ValueError as exc:
+            raise InputError(f"cannot run QEMU with -cpu {cpu_arg!r}: {exc}") from None
+        if qmp_socket is not None:
             from qemu.qmp.legacy import QEMUMonitorProtocol
 
-            qmp_socket = tmp / "qmp.sock"
             qmp = QEMUMonitorProtocol(str(qmp_socket), server=True)
-        argv = qemu_argv(qemu, cpu_arg, bios, serial, machine=machine, qmp_socket=qmp_socket)
         log.debug("starting %s", argv)
         started = time.monotonic()
         try:
