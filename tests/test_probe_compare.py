@@ -86,3 +86,12 @@ def test_guest_state_masks_cover_osxsave_and_apic_id() -> None:
     assert (1, "ecx", 1 << 27) in masked  # OSXSAVE, SDM Vol. 2A CPUID leaf 1
     assert (1, "ebx", 0xFF00_0000) in masked  # initial APIC ID
     assert (7, "ecx", 1 << 4) in masked  # OSPKE
+
+
+def test_words_the_guest_was_not_asked_for_do_not_pass(supported: CpuidTable) -> None:
+    # A requested feature word the probe never read is not a match.
+    result = run_kvm(supported, [q for q in default_queries(supported) if q[0] != 0x8000_0001])
+    cmp = compare(supported, result.observed, backend="kvm", vmm=result.vmm_view,
+                  words=[(0x8000_0001, 0, "ecx")])
+    assert cmp.words_missing == ((0x8000_0001, 0, "ecx"),)
+    assert not cmp.ok and "NOT CHECKED" in cmp.summary()

@@ -36,9 +36,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 _U32: Final = 0xFFFF_FFFF
 
-# Leaves whose answer depends on ECX (the subleaf). KVM marks exactly these
-# SIGNIFICANT_INDEX (arch/x86/kvm/cpuid.c); dumps from `cpuid -r` or libvirt's
-# <cpudata> carry no flags, so readers use this list to restore them.
+# Leaves whose answer depends on ECX (the subleaf), per the Intel SDM and AMD
+# APM. KVM marks the ones it enumerates SIGNIFICANT_INDEX (arch/x86/kvm/
+# cpuid.c); dumps from `cpuid -r` or libvirt's <cpudata> carry no flags, so
+# readers use this list to restore them. It names some leaves KVM does not
+# flag (0x1B, 0x20, 0x23, 0x80000020, 0x80000026), which raw dumps need.
 INDEXED_LEAVES: Final = frozenset(
     {
         0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1B, 0x1D, 0x1E,

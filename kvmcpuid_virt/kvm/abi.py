@@ -297,7 +297,6 @@ class Cap:
 
     IRQCHIP: Final = 0
     EXT_CPUID: Final = 7
-    NR_VCPUS: Final = 9
     SET_TSS_ADDR: Final = 4
     MAX_VCPUS: Final = 66
     EXT_EMUL_CPUID: Final = 95

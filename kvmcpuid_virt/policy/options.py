@@ -5,7 +5,6 @@ the command modules import this while argparse is being built."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 TYPE_CHECKING = False  # typing costs ms to import; mypy reads this as True
 
@@ -15,7 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "add_policy_options", "config_from_args", "dropped_warnings", "policy_key", "read_table",
-    "table_bytes", "warn_dropped",
+    "table_bytes",
 ]  # fmt: skip
 
 
@@ -99,7 +98,3 @@ def dropped_warnings(prog: str, config: CpuConfig) -> str:
     return "".join(
         f"{prog}: warning: dropped {name}: this host cannot give it\n" for name in config.dropped
     )
-
-
-def warn_dropped(prog: str, config: CpuConfig) -> None:
-    sys.stderr.write(dropped_warnings(prog, config))

@@ -15,7 +15,6 @@ documented list GUEST_STATE_MASKS, never by skipping whole leaves.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
@@ -30,7 +29,6 @@ __all__ = [
     "Mismatch",
     "compare",
     "feature_words",
-    "report_json",
 ]
 
 Word = tuple[int, int, Register]
@@ -112,8 +110,9 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        """True when every bit this host controls matches."""
-        return all(not m.controlled for m in self.mismatches)
+        """True when every bit this host controls matches and the guest was
+        asked for every word that has a requested bit."""
+        return not self.words_missing and all(not m.controlled for m in self.mismatches)
 
     @property
     def failures(self) -> tuple[Mismatch, ...]:
@@ -123,10 +122,14 @@ class Comparison:
         known = len(self.mismatches) - len(self.failures)
         text = f"{self.backend}: {self.bits_compared} bits compared, "
         if not self.mismatches:
-            return text + "all match"
-        text += f"{len(self.failures)} mismatch(es)"
-        if known:
-            text += f", {known} on bits this host does not control"
+            text += "all match"
+        else:
+            text += f"{len(self.failures)} mismatch(es)"
+            if known:
+                text += f", {known} on bits this host does not control"
+        if self.words_missing:
+            words = ", ".join(f"{leaf:#x}.{sub} {reg}" for leaf, sub, reg in self.words_missing)
+            text += f"; NOT CHECKED (the guest was not asked): {words}"
         return text
 
     def as_json(self) -> dict[str, object]:
@@ -271,11 +274,3 @@ def _attribute(
     text = f"requested {want}, {kvm}{set_by}guest sees {seen} -> {where}"
     return Mismatch(leaf, subleaf, reg, bit, name, requested, guest, supported, vmm, layer,
                     controlled, text)
-
-
-def report_json(comparisons: Sequence[Comparison]) -> str:
-    return json.dumps(
-        {"ok": all(c.ok for c in comparisons), "backends": [c.as_json() for c in comparisons]},
-        indent=2,
-    )
-
