@@ -1,4 +1,9 @@
-"""Writing output files so that nobody ever sees half of one."""
+"""Files in and out: writing output files so that nobody ever sees half of
+one, reading text input with one-line errors, and the cache directory.
+
+This module is on the path of `kvmcpuid dump` (benchmarks/bench_dump.py):
+module-level imports stay stdlib-light (no tempfile, logging, typing,
+pathlib or hashlib here)."""
 
 from __future__ import annotations
 
@@ -7,40 +12,48 @@ import os
 import stat
 import sys
 
-from kvmcpuid_virt.errors import OutputError
+from kvmcpuid_virt.errors import InputError, OutputError
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "cache_dir", "read_text", "write_cache"]
 
 
 def atomic_write(path: str, data: str | bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` through a temporary file in the same directory and
     a rename, so readers see the old file or the new one, never a torn one.
     `-` writes to standard output; a path that is not a regular file (a
-    device or FIFO) is written into, never replaced."""
+    device or FIFO) is written into, never replaced. A symlink is followed:
+    the file it points to is replaced and the link stays. An existing file
+    keeps its permission bits; a new one gets `mode`."""
     raw = data.encode() if isinstance(data, str) else data
     if path == "-":
         sys.stdout.buffer.write(raw)
         sys.stdout.buffer.flush()
         return
+    # Renaming over a symlink would replace the link with a regular file and
+    # leave its target stale; write beside the target instead.
+    target = os.path.realpath(path)
     try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
+        st: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
-        special = False
+        st = None
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None
-    if special:
+    if st is not None and not stat.S_ISREG(st.st_mode):
         # A device, FIFO or socket (/dev/null, /dev/stdout, a pipe): write
         # into it. Renaming over it would replace /dev/null with a file.
         try:
-            with open(path, "wb") as f:
+            with open(target, "wb") as f:
                 f.write(raw)
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror}") from None
         return
-    directory = os.path.dirname(os.path.abspath(path))
+    if st is not None:
+        mode = stat.S_IMODE(st.st_mode)  # a chmod 0600 secret must stay 0600
+    directory = os.path.dirname(target)
     # Not tempfile.mkstemp: it imports random and hashlib, which the fast
     # `kvmcpuid dump` path cannot afford. O_EXCL gives the same safety.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}")
+    name = f".{os.path.basename(target)}.{os.getpid()}.{os.urandom(4).hex()}"
+    tmp = os.path.join(directory, name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -51,10 +64,82 @@ def atomic_write(path: str, data: str | bytes, mode: int = 0o644) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # The rename is durable only once the directory entry is on disk; without
+    # this a crash can bring back the old file (or no file) after we said it
+    # was written. Best effort: some filesystems refuse fsync on a directory,
+    # and the data itself is already safe.
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def cache_dir() -> str:
+    """This package's cache directory: $XDG_CACHE_HOME/kvmcpuid_virt, or
+    ~/.cache/kvmcpuid_virt when it is unset or relative (the XDG base
+    directory spec says to ignore a relative value). Not created here."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvmcpuid_virt")
+
+
+def write_cache(path: str, text: str, *, warn: bool = False) -> bool:
+    """Write a cache file (creating its directory), best effort: a cache that
+    cannot be written only costs speed, so failure is logged (at debug, or at
+    warning when `warn`: for caches whose loss is expensive) and reported as
+    False, never raised."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, text)
+    except (OSError, OutputError) as exc:
+        # Imported only here: logging costs ~10 ms, more than the budget of
+        # the fast commands that call this on success.
+        import logging
+
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        logging.getLogger(__name__).log(
+            logging.WARNING if warn else logging.DEBUG, "cannot write cache %s: %s", path, reason
+        )
+        return False
+    return True
+
+
+def read_text(path: str) -> tuple[str, str]:
+    """(text, source name) of a UTF-8 text file, or of standard input for
+    `-` (named `<stdin>`). Errors are one-line InputErrors naming the source:
+    `SOURCE: cannot read: STRERROR`, `SOURCE: not UTF-8 text (...)`."""
+    source = "<stdin>" if path == "-" else path
+    try:
+        if path == "-":
+            # Bytes, not sys.stdin's text layer: its encoding follows the
+            # locale, and a non-UTF-8 stdin must get the same error as a file.
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except OSError as exc:
+        raise InputError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8"), source
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{source}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})"
+        ) from None
