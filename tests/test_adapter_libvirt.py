@@ -12,6 +12,7 @@ import pytest
 from lxml import etree
 
 from kvmcpuid_virt.adapters import libvirt as lv
+from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.kvm import Kvm
@@ -168,3 +169,62 @@ def test_libvirt_accepts_defines_and_starts(kvm: Kvm, libvirt_conn_uri: str) -> 
             dom.undefine()
     finally:
         conn.close()
+
+
+def test_patch_parses_only_with_the_hardened_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every parse behind --patch (the self-check's copies too) goes through
+    xmlutil.parse_xml, whose parser expands no entities and fetches nothing;
+    lxml's default parser would do both."""
+    _needs_cpu_map()
+    real = etree.fromstring
+    parsers: list[object] = []
+
+    def spy(text: object, parser: object = None, **kwargs: object) -> etree._Element:
+        parsers.append(parser)
+        return real(text, parser, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(etree, "fromstring", spy)
+    lv.patch_domain(DOMAIN, select.build(table()))
+    assert parsers, "patch_domain parsed nothing?"
+    probe = b'<!DOCTYPE d [<!ENTITY e "expanded">]><d>&e;</d>'
+    for parser in parsers:
+        # None is lxml's default parser; a hardened one leaves &e; alone.
+        assert isinstance(parser, etree.XMLParser)
+        assert real(probe, parser).text != "expanded"
+
+
+def test_base_model_vendor_names_come_from_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One vendor-name map (fields.LIBVIRT_VENDOR): what base_model() matches
+    cpu_map's <vendor> against follows it."""
+    _needs_cpu_map()
+    found = models.cpu_map_models()
+    amd = [p for p in cpu_dump_paths() if "EPYC" in p.stem]
+    if not amd:
+        pytest.skip("no AMD EPYC dump in the CPU dump directory")
+    c = select.build(load(str(amd[0])).table)
+    assert c.vendor == "AuthenticAMD"
+    assert found[lv.base_model(c)].vendor == "AMD"
+    monkeypatch.setitem(fields.LIBVIRT_VENDOR, "AuthenticAMD", "Intel")
+    assert found[lv.base_model(c)].vendor == "Intel"
+
+
+def test_one_feature_name_pattern() -> None:
+    """adapters.NAME_RE is the registry's pattern itself, not a copy that
+    could drift from what the registry validates on load."""
+    import ast
+    import inspect
+
+    import kvmcpuid_virt.adapters as adapters
+    from kvmcpuid_virt.cpuid import features
+
+    assert adapters.NAME_RE is features.NAME_RE
+    # re.compile caches, so identity alone would not catch a second literal.
+    tree = ast.parse(inspect.getsource(adapters))
+    assigned = {
+        t.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(t, ast.Name)
+    }
+    assert "NAME_RE" not in assigned

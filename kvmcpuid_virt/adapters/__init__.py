@@ -7,14 +7,16 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from kvmcpuid_virt.cpuid.features import NAME_RE
 from kvmcpuid_virt.errors import InputError
 
 __all__ = ["MODEL_RE", "NAME_RE", "safe_model", "safe_name"]
 
-# A feature name as the registry spells them, and a CPU model name as QEMU and
-# cpu_map spell them. Neither admits ',', '=', quotes, '<', '&' or spaces:
-# nothing that could start another -cpu option or break out of an attribute.
-NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
+# A feature name as the registry spells them (NAME_RE, the registry's own, so
+# that what it accepts on load and what reaches output cannot drift apart), and
+# a CPU model name as QEMU and cpu_map spell them. Neither admits ',', '=',
+# quotes, '<', '&' or spaces: nothing that could start another -cpu option or
+# break out of an attribute.
 MODEL_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 

@@ -30,6 +30,7 @@ from lxml import etree
 
 from kvmcpuid_virt.adapters import safe_model, safe_name
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
+from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, PolicyError, ToolError
 from kvmcpuid_virt.policy.config import CpuConfig
@@ -46,9 +47,6 @@ __all__ = [
     "render",
     "unexpressible",
 ]
-
-_VENDOR_SHORT = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Unexpressible:
@@ -153,7 +151,7 @@ def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
         found = {n: m for n, m in found.items() if n in usable}
     if config.model in found and missing(found[config.model]) == 0:
         return config.model
-    vendor = _VENDOR_SHORT.get(config.vendor, config.vendor)
+    vendor = LIBVIRT_VENDOR.get(config.vendor, config.vendor)
     best: tuple[int, int] | None = None  # (features to disable, -order)
     name = None
     for m in found.values():
@@ -210,7 +208,7 @@ def render(config: CpuConfig, model: str | None = None, indent: str = "") -> str
 
 
 def _without_cpu(root: etree._Element) -> bytes:
-    copy = etree.fromstring(etree.tostring(root))
+    copy = parse_xml(etree.tostring(root), "<domain copy>")
     for cpu in copy.findall("cpu"):
         copy.remove(cpu)
     for el in copy.iter():
