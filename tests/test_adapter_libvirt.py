@@ -179,9 +179,10 @@ def test_patch_parses_only_with_the_hardened_parser(monkeypatch: pytest.MonkeyPa
     real = etree.fromstring
     parsers: list[object] = []
 
-    def spy(text: object, parser: object = None, **kwargs: object) -> etree._Element:
+    def spy(text: str | bytes, parser: etree.XMLParser | None = None) -> etree._Element:
         parsers.append(parser)
-        return real(text, parser, **kwargs)  # type: ignore[arg-type]
+        el: etree._Element = real(text, parser)
+        return el
 
     monkeypatch.setattr(etree, "fromstring", spy)
     lv.patch_domain(DOMAIN, select.build(table()))
