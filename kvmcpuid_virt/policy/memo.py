@@ -5,8 +5,9 @@ The output is a pure function of: the CPUID table (read live every time, or
 the dump's bytes), the policy options, the QEMU binary (path, mtime, size),
 the kernel and boot (QEMU's trial start and host expansion depend on them),
 libvirt's cpu_map (named models), and this package's own code and registry
-data. The key hashes all of them, so a change to any one recomputes. Only
-successful runs are memoized; errors are always recomputed and reported.
+data (every *.py and *.json file in it). The key hashes all of them, so a
+change to any one recomputes. Only successful runs are memoized; errors are
+always recomputed and reported.
 Imports here are stdlib-only and cheap; nothing of lxml, libvirt or QEMU.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
+from kvmcpuid_virt.fsutil import cache_dir, write_cache
 from kvmcpuid_virt.host import boot_id
 
 TYPE_CHECKING = False
@@ -31,13 +33,6 @@ else:
 __all__ = ["key", "load", "store"]
 
 _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The code and data the output depends on (relative to the package).
-_DEPENDS = (
-    "policy/select.py", "policy/qemu_adjust.py", "policy/models.py", "policy/config.py",
-    "policy/options.py", "adapters/__init__.py", "adapters/qemu.py", "adapters/libvirt.py",
-    "cpuid/features.py", "cpuid/table.py", "cpuid/formats.py", "cpuid/data/features.json",
-    "commands/qemu_flags.py", "qmp.py",
-)  # fmt: skip
 _CPU_MAP = "/usr/share/libvirt/cpu_map"
 
 
@@ -47,6 +42,33 @@ def _stat(path: str) -> tuple[str, int, int]:
     except OSError:
         return (path, -1, -1)
     return (path, st.st_mtime_ns, st.st_size)
+
+
+def _package_files(top: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every *.py and *.json file under the package.
+    All of them, not a hand-kept list of what the output depends on: that
+    list went stale (it missed policy/baseline.py behind --max-model, host.py,
+    this module, cpuid/fields.py). os.scandir, because its entries know
+    whether they are directories without a stat (~60 files: well under 1 ms)."""
+    found: list[tuple[str, int, int]] = []
+    stack = [top]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                if entry.name.endswith((".py", ".json")):
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    found.append((entry.path, st.st_size, st.st_mtime_ns))
+                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    found.sort()  # scandir's order is the filesystem's, not stable
+    return found
 
 
 def _which(name: str) -> str:
@@ -69,7 +91,7 @@ def key(command: str, options: tuple[object, ...], table_bytes: bytes) -> str:
         _stat(os.path.join(_CPU_MAP, "index.xml")), os.environ.get("XDG_CACHE_HOME", ""),
         os.access("/dev/kvm", os.R_OK | os.W_OK),
     ]  # fmt: skip
-    parts += [_stat(os.path.join(_PKG, rel)) for rel in _DEPENDS]
+    parts += _package_files(_PKG)
     h.update(repr(parts).encode())
     h.update(table_bytes)
     digest: str = h.hexdigest()
@@ -77,8 +99,7 @@ def key(command: str, options: tuple[object, ...], table_bytes: bytes) -> str:
 
 
 def _path(k: str) -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "kvmcpuid_virt", "memo", k)
+    return os.path.join(cache_dir(), "memo", k)
 
 
 def load(k: str) -> tuple[str, str] | None:
@@ -93,11 +114,6 @@ def load(k: str) -> tuple[str, str] | None:
 
 
 def store(k: str, stdout: str, stderr: str) -> None:
-    from kvmcpuid_virt.fsutil import atomic_write
-
-    path = _path(k)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, stdout + "\0" + stderr)
-    except OSError:
-        pass  # a read-only cache directory only costs speed
+    """Remember a successful run, best effort: an unwritable cache directory
+    only costs speed (fsutil.write_cache logs it at debug level)."""
+    write_cache(_path(k), stdout + "\0" + stderr)

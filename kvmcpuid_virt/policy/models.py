@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from kvmcpuid_virt.errors import PolicyError, ToolError
+from kvmcpuid_virt.fsutil import cache_dir, write_cache
 from kvmcpuid_virt.host import boot_id
 from kvmcpuid_virt.qmp import default_accel, run_commands
 
@@ -32,7 +33,6 @@ __all__ = [
     "CpuModel",
     "ModelIdentity",
     "QemuInfo",
-    "cache_dir",
     "cpu_map_models",
     "find_qemu",
     "model",
@@ -66,16 +66,13 @@ class CpuModel:
 # --- cache ----------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvmcpuid_virt"
-
-
 def _read_cache(name: str, key: str) -> dict[str, Any] | None:
     try:
-        with open(cache_dir() / name, encoding="utf-8") as f:
+        with open(os.path.join(cache_dir(), name), encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        # Missing, unreadable, corrupt, or nested deeper than json's C
+        # recursion limit (a hostile or garbage file): recompute.
         return None
     if not isinstance(doc, dict) or doc.get("version") != _CACHE_VERSION or doc.get("key") != key:
         return None
@@ -83,13 +80,8 @@ def _read_cache(name: str, key: str) -> dict[str, Any] | None:
 
 
 def _write_cache(name: str, doc: dict[str, Any]) -> None:
-    from kvmcpuid_virt.fsutil import atomic_write
-
-    try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        atomic_write(str(cache_dir() / name), json.dumps(doc, sort_keys=True))
-    except OSError as exc:  # a read-only home must not break the tool
-        log.debug("cannot write cache %s: %s", name, exc)
+    # Best effort: an unwritable cache must not break the tool, only slow it.
+    write_cache(os.path.join(cache_dir(), name), json.dumps(doc, sort_keys=True))
 
 
 def _digest(parts: Sequence[object]) -> str:

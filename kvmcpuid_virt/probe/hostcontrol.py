@@ -35,9 +35,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
+from kvmcpuid_virt import fsutil
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import KvmIoctlError, ProbeError
-from kvmcpuid_virt.fsutil import atomic_write
 from kvmcpuid_virt.host import cpuinfo_field, pinned
 from kvmcpuid_virt.kvm.system import Kvm
 from kvmcpuid_virt.probe.kvm import KvmProbe
@@ -103,9 +103,6 @@ class HostControl:
         for word, mask in sorted(self.controlled.items()):
             if mask != _ALL:
                 yield word, ~mask & _ALL
-
-    def words_fully_controlled(self) -> list[Word]:
-        return sorted(w for w, m in self.controlled.items() if m == _ALL)
 
     def summary(self) -> list[str]:
         lines = []
@@ -417,8 +414,8 @@ def fingerprint(supported: CpuidTable) -> dict[str, str]:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kvmcpuid_virt"
+    """fsutil.cache_dir() as a Path (this module's callers and tests take one)."""
+    return Path(fsutil.cache_dir())
 
 
 def _cache_path(fp: dict[str, str], directory: Path) -> Path:
@@ -439,14 +436,12 @@ def host_control(*, directory: Path | None = None, refresh: bool = False,
             cached = HostControl.from_json(path.read_text())
             if cached.fingerprint == fp:
                 return cached
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # no cache yet, or a cache directory that cannot exist
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             log.warning("ignoring unreadable host-control cache %s: %s", path, exc)
     result = probe_host_control(probe, supported=supported)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(str(path), result.to_json())
-    except OSError as exc:
-        log.warning("cannot write host-control cache %s: %s", path, exc)
+    # Best effort, but at warning level: without the cache every run probes
+    # again (most of a second).
+    fsutil.write_cache(str(path), result.to_json(), warn=True)
     return result
