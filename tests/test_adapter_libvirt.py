@@ -229,3 +229,95 @@ def test_one_feature_name_pattern() -> None:
         if isinstance(t, ast.Name)
     }
     assert "NAME_RE" not in assigned
+
+
+# --- --patch keeps what <cpu> holds besides CPUID ----------------------------------------
+
+# As `virsh dumpxml` shows a host-passthrough guest (libvirt adds
+# migratable='on'), with the non-CPUID children in an order libvirt would not
+# write, so that the patched order is ours.
+RICH_CPU = """<cpu mode='host-passthrough' check='none' migratable='on'>
+    <numa>
+      <cell id='0' cpus='0-3' memory='1048576' unit='KiB'/>
+    </numa>
+    <feature policy='disable' name='svm'/>
+    <maxphysaddr mode='emulate' bits='42'/>
+    <topology sockets='1' dies='1' cores='2' threads='2'/>
+    <cache level='3' mode='emulate'/>
+  </cpu>"""
+KEPT = ("topology", "cache", "maxphysaddr", "numa")
+
+
+def _rich_domain(name: str = "t") -> str:
+    # Four vCPUs: libvirt refuses a topology that does not add up to <vcpu>.
+    return _domain(RICH_CPU, name).replace(
+        "<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>4</vcpu>"
+    )
+
+
+def _c14n(el: etree._Element | None) -> bytes:
+    assert el is not None
+    el = etree.fromstring(etree.tostring(el, with_tail=False))  # a standalone copy
+    for node in el.iter():  # indentation is the one thing allowed to differ
+        node.text = node.text if node.text and node.text.strip() else None
+        node.tail = None
+    out: bytes = etree.tostring(el, method="c14n", exclusive=True)
+    return out
+
+
+def test_patch_keeps_topology_numa_cache() -> None:
+    _needs_cpu_map()
+    before = _rich_domain()
+    after = lv.patch_domain(before, select.build(table()))
+    old, new = etree.fromstring(before.encode()).find("cpu"), etree.fromstring(after.encode())
+    cpu = new.find("cpu")
+    assert old is not None and cpu is not None
+    for tag in KEPT:
+        assert _c14n(cpu.find(tag)) == _c14n(old.find(tag)), tag
+    # libvirt refuses migratable outside host-passthrough/maximum.
+    assert sorted(cpu.attrib.items()) == [("check", "full"), ("match", "exact"), ("mode", "custom")]
+    tags = [str(el.tag) for el in cpu]
+    features = tags.count("feature")
+    assert features > 0
+    # libvirt's own order (what `virsh dumpxml` writes, checked live below).
+    assert tags == ["model", "topology", "cache", "maxphysaddr", *["feature"] * features, "numa"]
+    rng = _rng()
+    assert rng.validate(new), rng.error_log.last_error
+
+
+def test_patch_self_check_covers_what_cpu_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were the carried children lost or altered, --patch refuses rather
+    than write a domain that lost its topology."""
+    _needs_cpu_map()
+
+    def lossy(old: etree._Element) -> tuple[list[etree._Element], list[etree._Element]]:
+        before, after = real(old)
+        return before[1:], after
+
+    real = lv._carried
+    monkeypatch.setattr(lv, "_carried", lossy)
+    with pytest.raises(InputError, match="more than <cpu>"):
+        lv.patch_domain(_rich_domain(), select.build(table()))
+
+
+@pytest.mark.libvirt
+def test_libvirt_defines_patched_rich_domain(libvirt_conn_uri: str) -> None:
+    import libvirt
+
+    _needs_cpu_map()
+    name = f"kvmcpuid-test-{uuid.uuid4().hex[:12]}"
+    xml = lv.patch_domain(_rich_domain(name), select.build(table()))
+    conn = libvirt.open(libvirt_conn_uri)
+    try:
+        dom = conn.defineXML(xml)  # persistent but never started
+        try:
+            back = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+    ours, theirs = etree.fromstring(xml.encode()).find("cpu"), back.find("cpu")
+    assert ours is not None and theirs is not None
+    for tag in KEPT:
+        assert _c14n(theirs.find(tag)) == _c14n(ours.find(tag)), tag
+    assert [el.tag for el in theirs] == [el.tag for el in ours]

@@ -21,6 +21,7 @@ the element is built with lxml, never by string formatting.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -168,12 +169,52 @@ def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
     return name
 
 
-def cpu_element(config: CpuConfig, model: str | None = None) -> etree._Element:
-    """The `<cpu>` element (not yet indented)."""
+# What cpu_element() writes itself; the rest of a domain's old <cpu> (the
+# guest's topology, NUMA cells, cache and address-size settings, extensions)
+# is not CPUID and is carried over. `migratable` goes too: libvirt refuses it
+# outside host-passthrough/maximum ("Attribute migratable is only allowed
+# for 'host-passthrough' / 'maximum' CPU mode"), and every feature it would
+# have filtered is explicit in our element.
+_REPLACED_ATTRS: Final = frozenset({"mode", "match", "check", "migratable"})
+_REPLACED_CHILDREN: Final = frozenset({"model", "vendor", "feature"})
+# libvirt's order (virCPUDefFormatBuf: model, vendor, topology, cache,
+# maxphysaddr, features; then the NUMA cells), which is what `virsh dumpxml`
+# writes back. cputypes.rng interleaves <cpu>'s children, so any order
+# validates; following libvirt's keeps a define/dumpxml round trip stable.
+_BEFORE_FEATURES: Final = ("topology", "cache", "maxphysaddr")
+
+
+def _carried(old: etree._Element) -> tuple[list[etree._Element], list[etree._Element]]:
+    """Copies of the nodes of `old` (a <cpu>) that cpu_element() does not
+    write: (those libvirt puts before the features, the rest in their order)."""
+    before: list[etree._Element] = []
+    after: list[etree._Element] = []
+    for node in old:
+        if node.tag in _REPLACED_CHILDREN:
+            continue
+        (before if node.tag in _BEFORE_FEATURES else after).append(copy.deepcopy(node))
+    before.sort(key=lambda n: _BEFORE_FEATURES.index(str(n.tag)))
+    return before, after
+
+
+def cpu_element(
+    config: CpuConfig, model: str | None = None, *, carry: etree._Element | None = None
+) -> etree._Element:
+    """The `<cpu>` element (not yet indented). With `carry` (a domain's old
+    `<cpu>`), everything of it but the model, vendor, features and the
+    attributes in _REPLACED_ATTRS is kept, in libvirt's order."""
     reg = registry()
     cpu = etree.Element("cpu", mode="custom", match="exact", check="full")
+    before: list[etree._Element] = []
+    after: list[etree._Element] = []
+    if carry is not None:
+        for key, value in carry.attrib.items():
+            if key not in _REPLACED_ATTRS:
+                cpu.set(key, value)
+        before, after = _carried(carry)
     m = etree.SubElement(cpu, "model", fallback="forbid")
     m.text = safe_model(model if model is not None else base_model(config))
+    cpu.extend(before)
     for on in (True, False):
         for name in config.enabled() if on else config.disabled():
             f = _feature(reg, name)
@@ -182,6 +223,7 @@ def cpu_element(config: CpuConfig, model: str | None = None) -> etree._Element:
             etree.SubElement(
                 cpu, "feature", policy="require" if on else "disable", name=safe_name(f.libvirt)
             )
+    cpu.extend(after)
     return cpu
 
 
@@ -196,9 +238,13 @@ def _indent(el: etree._Element, level: int, step: str = "  ", base: str = "") ->
         children[-1].tail = "\n" + base + step * level
 
 
-def render(config: CpuConfig, model: str | None = None, indent: str = "") -> str:
-    """The `<cpu>` element as text, indented as if it started at `indent`."""
-    cpu = cpu_element(config, model)
+def render(
+    config: CpuConfig, model: str | None = None, indent: str = "",
+    *, carry: etree._Element | None = None,
+) -> str:  # fmt: skip
+    """The `<cpu>` element as text, indented as if it started at `indent`
+    (`carry`: see cpu_element)."""
+    cpu = cpu_element(config, model, carry=carry)
     _indent(cpu, 0, base=indent)
     text: str = etree.tostring(cpu, encoding="unicode")
     return text
@@ -208,18 +254,44 @@ def render(config: CpuConfig, model: str | None = None, indent: str = "") -> str
 
 
 def _without_cpu(root: etree._Element) -> bytes:
-    copy = parse_xml(etree.tostring(root), "<domain copy>")
-    for cpu in copy.findall("cpu"):
-        copy.remove(cpu)
-    for el in copy.iter():
+    dup = parse_xml(etree.tostring(root), "<domain copy>")
+    for cpu in dup.findall("cpu"):
+        dup.remove(cpu)
+    for el in dup.iter():
         # Whitespace-only text around the removed <cpu> is the one thing we
         # are allowed to change; ignore it everywhere in the comparison.
         if el.text is not None and not el.text.strip():
             el.text = None
         if el.tail is not None and not el.tail.strip():
             el.tail = None
-    out: bytes = etree.tostring(copy, method="c14n")
+    out: bytes = etree.tostring(dup, method="c14n")
     return out
+
+
+def _canonical(node: etree._Element) -> bytes:
+    """`node` canonicalized, whitespace-only text ignored (the one thing
+    re-indenting may change). Exclusive C14N: a copied child re-declares only
+    the namespaces it uses, which inclusive C14N would count as a change."""
+    node = copy.deepcopy(node)
+    node.tail = None
+    for el in node.iter():
+        if el.text is not None and not el.text.strip():
+            el.text = None
+        if el is not node and el.tail is not None and not el.tail.strip():
+            el.tail = None
+    out: bytes = etree.tostring(node, method="c14n", exclusive=True, with_tail=False)
+    return out
+
+
+def _kept(cpu: etree._Element | None) -> tuple[list[tuple[str, str]], list[bytes]]:
+    """What of a <cpu> must survive patching: its attributes and children
+    other than those cpu_element() writes (sorted: libvirt's order is ours
+    to choose, their content is not)."""
+    if cpu is None:
+        return [], []
+    attrs = sorted((str(k), str(v)) for k, v in cpu.attrib.items() if k not in _REPLACED_ATTRS)
+    nodes = sorted(_canonical(n) for n in cpu if n.tag not in _REPLACED_CHILDREN)
+    return attrs, nodes
 
 
 _TOKEN = re.compile(
@@ -261,9 +333,12 @@ def _indentation(text: str, pos: int) -> str:
 def patch_domain(domain_xml: str, config: CpuConfig, source: str = "<domain>",
                  model: str | None = None) -> str:  # fmt: skip
     """`domain_xml` with its `<cpu>` replaced by this config's (or added
-    before `</domain>` when it has none). Everything else stays byte for
-    byte; the result is re-parsed and compared to the input without `<cpu>`
-    to prove it."""
+    before `</domain>` when it has none). Only the model, vendor, features
+    and mode/match/check/migratable of `<cpu>` change: its other children
+    (topology, numa, cache, maxphysaddr, ...) and attributes are kept, and
+    everything outside `<cpu>` stays byte for byte. The result is re-parsed
+    and compared to the input, outside `<cpu>` and on what `<cpu>` keeps, to
+    prove it."""
     root = parse_xml(domain_xml, source)
     if root.tag != "domain":
         raise InputError(f"{source}: expected a <domain>, found <{root.tag}>")
@@ -275,7 +350,8 @@ def patch_domain(domain_xml: str, config: CpuConfig, source: str = "<domain>",
         if span is None:
             raise InputError(f"{source}: cannot locate <cpu> in the text")
         start, end, indent = span
-        new = domain_xml[:start] + render(config, model, indent) + domain_xml[end:]
+        cpu = render(config, model, indent, carry=cpus[0])
+        new = domain_xml[:start] + cpu + domain_xml[end:]
     else:
         close = domain_xml.rfind("</domain>")
         if close < 0:
@@ -289,7 +365,11 @@ def patch_domain(domain_xml: str, config: CpuConfig, source: str = "<domain>",
             cpu = inner + render(config, model, inner) + "\n"
             new = domain_xml[:line_start] + cpu + domain_xml[line_start:]
     new_root = parse_xml(new, f"{source} (patched)")
-    if _without_cpu(new_root) != _without_cpu(root) or len(new_root.findall("cpu")) != 1:
+    if (
+        _without_cpu(new_root) != _without_cpu(root)
+        or len(new_root.findall("cpu")) != 1
+        or _kept(new_root.find("cpu")) != _kept(root.find("cpu"))
+    ):
         raise InputError(f"{source}: patching <cpu> would change more than <cpu>; refusing")
     return new
 
