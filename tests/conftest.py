@@ -46,6 +46,24 @@ def qmp_reply_path(xml: Path) -> Path:
     return xml.with_suffix(".json")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh $XDG_CACHE_HOME for the whole session, in os.environ so that the
+    CLI subprocesses tests start inherit it: no test may pass or fail because
+    of a cache an earlier run (or the user) left behind. Tests about caching
+    set their own directory on top of this one."""
+    path = tmp_path_factory.mktemp("xdg-cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():

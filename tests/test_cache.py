@@ -198,3 +198,12 @@ def test_memo_key_is_the_same_in_another_process() -> None:
                            check=True, cwd=REPO).stdout for _ in range(2)}  # fmt: skip
     assert len(runs) == 1 and len(runs.pop().strip()) == 40
 
+
+
+def test_the_session_uses_a_fresh_cache_home(
+    fresh_cache_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # tests/conftest.py: nothing a test (or a CLI it starts) caches may come
+    # from an earlier run; the directory is this session's own.
+    assert os.environ["XDG_CACHE_HOME"] == str(fresh_cache_home)
+    assert fresh_cache_home.parent == tmp_path_factory.getbasetemp()
