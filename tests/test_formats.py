@@ -157,3 +157,64 @@ def test_hex_fields_are_strict(text: str) -> None:
     doc = {"format": "kvmcpuid-dump", "version": 1, "entries": [{"function": text}]}
     with pytest.raises(DumpFormatError, match="expected a hex string"):
         loads(json.dumps(doc), "strict.json")
+
+
+DEEP_JSON = '{"a": ' + "[" * 100_000
+
+
+def test_json_nested_too_deeply_is_a_dump_error() -> None:
+    # json's decoder recurses per bracket: a RecursionError, not a format error.
+    with pytest.raises(DumpFormatError) as info:
+        loads(DEEP_JSON, "deep.json")
+    assert str(info.value) == "deep.json: JSON nested too deeply"
+
+
+def test_cli_json_nested_too_deeply_is_one_line_error(tmp_path: Path) -> None:
+    f = tmp_path / "deep.json"
+    f.write_text(DEEP_JSON)
+    r = subprocess.run(
+        [sys.executable, "-m", "kvmcpuid_virt.cli", "features", "--from", str(f)],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr == f"kvmcpuid: {f}: JSON nested too deeply\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<cpudata arch='x86'><cpuid eax_in='0x" + "1" * 100_000 + "'/></cpudata>",
+        "<cpudata arch='x86'><cpuid eax_in='" + "z" * 100_000 + "'/></cpudata>",
+        json.dumps({"format": "kvmcpuid-dump", "version": 1,
+                    "entries": [{"function": "0x1", "eax": "q" * 100_000}]}),
+        json.dumps({"format": "kvmcpuid-dump", "version": 1,
+                    "entries": [{"function": 10 ** 1000}]}),
+    ],
+    ids=["long-hex", "long-garbage", "long-json-register", "huge-json-int"],
+)  # fmt: skip
+def test_bad_hex_values_are_cut_in_messages(text: str) -> None:
+    # A hostile dump must not turn a one-line error into a 100 kB one.
+    with pytest.raises(DumpFormatError) as info:
+        loads(text, "long")
+    message = str(info.value)
+    assert len(message) < 150, message
+    assert "..." in message
+
+
+def test_short_bad_hex_values_are_shown_whole() -> None:
+    with pytest.raises(DumpFormatError, match=r"got 'xyz'$"):
+        loads("<cpudata arch='x86'><cpuid eax_in='xyz'/></cpudata>", "short")
+
+
+def test_load_read_errors_stay_dump_errors(tmp_path: Path) -> None:
+    # Callers (features, diff, baseline, --from) catch DumpFormatError.
+    missing = tmp_path / "missing.json"
+    with pytest.raises(DumpFormatError) as info:
+        load(str(missing))
+    assert str(info.value) == f"{missing}: cannot read: No such file or directory"
+    assert info.value.source == str(missing) and info.value.line is None
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"CPU:\n# caf\xe9\n")
+    with pytest.raises(DumpFormatError, match=r"latin1\.txt: not UTF-8 text") as info2:
+        load(str(latin1))
+    assert info2.value.source == str(latin1)

@@ -20,7 +20,7 @@ from kvmcpuid_virt.cpuid.table import (
     CpuidTable,
     EntryFlag,
 )
-from kvmcpuid_virt.errors import DumpFormatError
+from kvmcpuid_virt.errors import DumpFormatError, InputError
 
 # typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
 # benchmarks/bench_dump.py); mypy treats this name as always true.
@@ -104,20 +104,19 @@ def sniff(text: str) -> Format:
 
 
 def load(path: str) -> Dump:
-    """Read a dump in any supported format (`-` is standard input)."""
-    name = "<stdin>" if path == "-" else path
-    try:
-        if path == "-":
-            import sys
+    """Read a dump in any supported format (`-` is standard input). Every
+    error, reading included, is a DumpFormatError naming the source."""
+    from kvmcpuid_virt.fsutil import read_text
 
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DumpFormatError(name, None, f"cannot read: {reason}") from None
-    return loads(text, name)
+    try:
+        text, source = read_text(path)
+    except InputError as exc:
+        # read_text's message is "SOURCE: REASON", which is exactly what
+        # DumpFormatError(SOURCE, None, REASON) prints; keep the type callers
+        # catch (and its .source) without changing the message.
+        source = "<stdin>" if path == "-" else path
+        raise DumpFormatError(source, None, str(exc).removeprefix(f"{source}: ")) from None
+    return loads(text, source)
 
 
 def loads(text: str, source: str = "<string>") -> Dump:
@@ -180,6 +179,13 @@ def _entry_line(text: str, n: int) -> int | None:
     return text.count("\n", 0, pos) + 1
 
 
+def _show(value: object) -> str:
+    """repr() for an error message, cut to ~40 characters: a hostile dump's
+    'register' can be megabytes, and the message must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _hex32(value: Any, what: str) -> int:
     """A register or leaf number from a dump: a hex string ('0x1f', '1f') or
     an int, within 32 bits. Stricter than int(x, 16), which also takes signs,
@@ -195,13 +201,13 @@ def _hex32(value: Any, what: str) -> int:
             if 0 <= number <= _U32:
                 return number
             if number > _U32:
-                raise ValueError(f"{what}: {value!r} does not fit 32 bits")
-        raise ValueError(f"{what}: expected a hex string like '0x1f', got {value!r}")
+                raise ValueError(f"{what}: {_show(value)} does not fit 32 bits")
+        raise ValueError(f"{what}: expected a hex string like '0x1f', got {_show(value)}")
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value <= _U32:
-            raise ValueError(f"{what}: {value!r} does not fit 32 bits")
+            raise ValueError(f"{what}: {_show(value)} does not fit 32 bits")
         return value
-    raise ValueError(f"{what}: expected a hex string like '0x1f', got {value!r}")
+    raise ValueError(f"{what}: expected a hex string like '0x1f', got {_show(value)}")
 
 
 def _load_json(text: str, source: str) -> Dump:
@@ -209,6 +215,10 @@ def _load_json(text: str, source: str) -> Dump:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DumpFormatError(source, exc.lineno, f"not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        # json's decoder recurses per '[' or '{'; 100000 of them used to
+        # crash the CLI with a traceback.
+        raise DumpFormatError(source, None, "JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise DumpFormatError(source, 1, "expected a JSON object")
     if "return" in doc and "entries" not in doc:
