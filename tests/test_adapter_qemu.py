@@ -10,16 +10,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
 from kvmcpuid_virt.adapters import qemu
 from kvmcpuid_virt.commands.qemu_flags import main as qemu_flags_main
 from kvmcpuid_virt.cpuid.formats import load
-from kvmcpuid_virt.errors import InputError, UnknownFeatureError
+from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.errors import InputError, ProbeError, UnknownFeatureError
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.policy import select
+from kvmcpuid_virt.probe.qemu import run_qemu
 from tests.conftest import cpu_dump_paths, qmp_reply_path
 from tests.test_policy import table
 
@@ -54,15 +56,87 @@ def test_injection_refused(bad: str) -> None:
         qemu.cpu_value(dataclasses.replace(c, model="host,kvm=off"))
 
 
-def test_parse_spellings_and_last_wins() -> None:
+def test_parse_spellings() -> None:
     model, on, off = qemu.parse("-cpu Skylake-Server,+avx,-sse4_1,pclmuldq=on,avx=off,enforce")
     assert model == "Skylake-Server"
-    assert set(on) == {"pclmulqdq"}
-    assert set(off) == {"avx", "sse4.1"}
+    # +avx is applied after avx=off (QEMU's plus features come after every
+    # property), so avx ends up on.
+    assert set(on) == {"pclmulqdq", "avx"}
+    assert set(off) == {"sse4.1"}
     with pytest.raises(UnknownFeatureError):
         qemu.parse("host,+notafeature")
     with pytest.raises(InputError):
         qemu.parse("host,level=13")
+
+
+def _lahf(text: str | list[str]) -> bool | None:
+    """lahf-lm as parse() leaves it: True/False when set, None when not."""
+    _, on, off = qemu.parse(text)
+    return True if "lahf-lm" in on else False if "lahf-lm" in off else None
+
+
+# (-cpu value, lahf-lm as QEMU leaves it). The live test below boots each one.
+PRECEDENCE: list[tuple[str, bool]] = [
+    # Properties in order, the last wins.
+    ("host,lahf-lm=off,lahf-lm=on", True),
+    ("host,lahf-lm=on,lahf-lm=off", False),
+    ("host,lahf-lm=on,lahf_lm=off", False),  # the same property, `_` read as `-`
+    ("host,lahf-lm=off,lahf-lm", True),  # a bare name is =on
+    # +f and -f come after every property...
+    ("host,-lahf-lm,lahf-lm=on,enforce", False),
+    ("host,+lahf-lm,lahf-lm=off", True),
+    # ...and -f after +f, whatever the order.
+    ("host,-lahf-lm,+lahf-lm", False),
+    ("host,+lahf-lm,-lahf-lm", False),
+    ("host,lahf-lm=off,+lahf_lm", True),  # a QEMU alias
+    # QEMU's bool spellings.
+    ("host,lahf-lm=n", False),
+    ("host,lahf-lm=off,lahf-lm=yes", True),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), PRECEDENCE)
+def test_parse_follows_qemu_precedence(value: str, expected: bool) -> None:
+    assert _lahf(value) is expected
+
+
+def test_parse_uses_the_last_cpu_option() -> None:
+    assert _lahf(["-cpu", "host,lahf-lm=off", "-m", "16", "-cpu", "qemu64"]) is None
+    assert qemu.parse("-cpu qemu64,lahf-lm=on --cpu host,lahf-lm=off")[0] == "host"
+    assert _lahf("-cpu qemu64,lahf-lm=on --cpu host,lahf-lm=off") is False
+
+
+# (value, hint): hint is the QEMU name suggested for an unknown name, "" when
+# there is none to suggest, None when the name is fine and the value is not.
+REFUSED_BY_QEMU: list[tuple[str, str | None]] = [
+    ("host,LAHF-LM=off", "lahf-lm"),  # QEMU's names are case-sensitive
+    ("host,+Lahf-lm", "lahf-lm"),
+    ("host,cvt16=off", ""),  # libvirt's name; QEMU 7.2 has no such property
+    ("host,-tsc_deadline", "tsc-deadline"),  # no `_` to `-` for +f/-f
+    ("host,+lahf-lm=on", "lahf-lm"),  # +f takes no value: a name with '='
+    ("host,lahf-lm=OFF", None),  # bool values are case-sensitive too
+]
+
+
+@pytest.mark.parametrize(("value", "hint"), REFUSED_BY_QEMU)
+def test_parse_refuses_what_qemu_refuses(value: str, hint: str | None) -> None:
+    with pytest.raises(InputError) as info:
+        qemu.parse(value)
+    message = str(info.value)
+    if hint is None:
+        assert not isinstance(info.value, UnknownFeatureError), message
+        return
+    assert isinstance(info.value, UnknownFeatureError)
+    assert message.startswith("QEMU does not know the -cpu feature"), message
+    if hint:
+        assert f"did you mean {hint!r}" in message, message
+    else:
+        assert "did you mean" not in message, message
+
+
+def test_parse_accepts_underscore_in_properties() -> None:
+    # tsc_deadline=off is tsc-deadline=off to QEMU (feat2prop).
+    assert qemu.parse("host,tsc_deadline=off")[2] == ("tsc-deadline",)
 
 
 def test_parse_round_trip() -> None:
@@ -190,6 +264,71 @@ def test_plain_host_breaks_where_ours_does_not(kvm: Kvm, qemu_binary: str) -> No
     proc = _start(qemu_binary, ["-cpu", "host"])
     broken = proc.returncode != 0
     assert broken == bool(qemu_info(qemu_binary).undeliverable)
+
+
+# --- live: parse() and QEMU agree ---------------------------------------------------
+
+LAHF_LEAF: Final = (0x80000001, 0)  # lahf-lm is ECX[0]
+# Plain `-cpu host` aborts on this host (README: KVM lists arch-capabilities
+# but refuses its MSR).
+LIVE_HOST: Final = "host,arch-capabilities=off"
+
+
+def _guest_lahf(observed: CpuidTable) -> bool:
+    return bool(observed.get(*LAHF_LEAF, "ecx") & 1)
+
+
+@pytest.fixture(scope="module")
+def host_has_lahf(qemu_binary: str) -> None:
+    """The on/off cases only tell something where the guest can have it."""
+    if not _guest_lahf(run_qemu(LIVE_HOST, [LAHF_LEAF], qemu=qemu_binary).observed):
+        pytest.skip("this host's KVM does not give a guest lahf-lm")
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+@pytest.mark.parametrize(("value", "expected"), PRECEDENCE)
+def test_parse_agrees_with_qemu(
+    qemu_binary: str, host_has_lahf: None, value: str, expected: bool
+) -> None:
+    live = value.replace("host", LIVE_HOST, 1)
+    assert _lahf(live) is expected
+    assert _guest_lahf(run_qemu(live, [LAHF_LEAF], qemu=qemu_binary).observed) is expected
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+@pytest.mark.parametrize(("value", "hint"), REFUSED_BY_QEMU)
+def test_qemu_refuses_what_parse_refuses(qemu_binary: str, value: str, hint: str | None) -> None:
+    live = value.replace("host", LIVE_HOST, 1)
+    with pytest.raises(InputError):
+        qemu.parse(live)
+    with pytest.raises(ProbeError, match=r"not found|expects"):
+        run_qemu(live, [LAHF_LEAF], qemu=qemu_binary)
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+def test_qemu_uses_the_last_cpu_option(
+    qemu_binary: str, host_has_lahf: None, tmp_path: Path
+) -> None:
+    from kvmcpuid_virt.probe import image
+    from kvmcpuid_virt.probe.qemu import EXIT_STATUS, qemu_argv
+
+    def boot(first: str, last: str) -> bool:
+        bios, serial = tmp_path / "image.bin", tmp_path / "serial.log"
+        bios.write_bytes(image.build([LAHF_LEAF]))
+        serial.unlink(missing_ok=True)
+        argv = qemu_argv(qemu_binary, last, bios, serial)  # its -cpu is the last
+        argv[1:1] = ["-cpu", first]
+        proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        assert proc.returncode == EXIT_STATUS, proc.stderr
+        return _guest_lahf(image.parse(serial.read_bytes(), [LAHF_LEAF]))
+
+    off, on = f"{LIVE_HOST},lahf-lm=off", f"{LIVE_HOST},lahf-lm=on"
+    for first, last in ((off, on), (on, off)):
+        assert _lahf(["-cpu", first, "-cpu", last]) is (last == on)
+        assert boot(first, last) is (last == on)
 
 
 def test_cli_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

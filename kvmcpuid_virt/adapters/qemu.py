@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import Final, Literal
 
 from kvmcpuid_virt.adapters import safe_model, safe_name
-from kvmcpuid_virt.cpuid.features import Registry, registry
+from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import InputError
+from kvmcpuid_virt.errors import InputError, UnknownFeatureError
 from kvmcpuid_virt.policy.config import CpuConfig
 
 __all__ = ["Format", "cpu_value", "parse", "parse_config", "render", "render_argv"]
@@ -24,8 +24,10 @@ __all__ = ["Format", "cpu_value", "parse", "parse_config", "render", "render_arg
 Format = Literal["arg", "argv", "json"]
 FORMATS: Final[tuple[Format, ...]] = ("arg", "argv", "json")
 
-_ON: Final = frozenset({"on", "true", "yes"})
-_OFF: Final = frozenset({"off", "false", "no"})
+# What QEMU 7.2 takes for a bool property (qapi_bool_parse): exactly these,
+# case included (`avx=OFF` makes QEMU exit).
+_ON: Final = frozenset({"on", "yes", "true", "y"})
+_OFF: Final = frozenset({"off", "no", "false", "n"})
 # -cpu options that are not CPUID features; parse accepts and ignores these
 # (enforce/check only change how QEMU reports a mismatch).
 _IGNORED_FLAGS: Final = frozenset({"enforce", "check"})
@@ -75,48 +77,101 @@ def render(config: CpuConfig, fmt: Format = "arg") -> str:
     raise ValueError(f"unknown format {fmt!r}")
 
 
+def _unknown_to_qemu(reg: Registry, name: str) -> UnknownFeatureError:
+    """The error for a -cpu feature QEMU has no property for, hinting at the
+    QEMU spelling when the name is the bit's in another spelling (libvirt's,
+    Linux's, another case) and at close QEMU names otherwise."""
+    try:
+        known: Feature | None = reg.lookup(name)
+        suggestions: list[str] = []
+    except UnknownFeatureError as exc:
+        known, suggestions = None, list(exc.suggestions)
+    if known is not None:
+        suggestions = [known.qemu] if known.qemu is not None else []
+    # A canonical name is QEMU's only when the bit has one.
+    suggestions = [s for s in suggestions if reg.by_qemu(s) is not None]
+    err = UnknownFeatureError(name, suggestions)
+    # Same error and hint, said as what it is: a name other tools may know.
+    err.args = (str(err).replace("unknown feature", "QEMU does not know the -cpu feature", 1),)
+    return err
+
+
+def _qemu_feature(reg: Registry, name: str) -> Feature:
+    """The feature whose QOM property (canonical or alias) is exactly `name`:
+    QEMU looks property names up as given, so `LAHF-LM` or libvirt's `cvt16`
+    make it exit."""
+    feature = reg.by_qemu(name)
+    if feature is None:
+        raise _unknown_to_qemu(reg, name)
+    return feature
+
+
+def _cpu_value(words: list[str]) -> str:
+    """The -cpu value of an argv, or the value itself."""
+    # QEMU takes `--cpu` as `-cpu`, and the last -cpu of a command line wins.
+    at = [i for i, w in enumerate(words) if w in ("-cpu", "--cpu")]
+    if at:
+        if at[-1] + 1 >= len(words):
+            raise InputError("-cpu without a value")
+        return words[at[-1] + 1]
+    if len(words) == 1:
+        return words[0]
+    raise InputError("expected a -cpu value or an argument list with -cpu")
+
+
 def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """(model, enabled names, disabled names) from a -cpu value, `-cpu VALUE`,
-    or an argv containing `-cpu VALUE`. Names become registry canonical names;
-    any spelling QEMU accepts (`+f`, `-f`, `f`, `f=on|off|true|false|yes|no`,
-    aliases such as sse4_1) is understood. A later setting of a feature wins,
-    as in QEMU. Unknown features and non-feature properties are InputError."""
+    or an argv containing `-cpu VALUE` (the last one, as QEMU does). Names
+    become registry canonical names. The result is what QEMU 7.2 makes of
+    the string (x86_cpu_parse_featurestr, x86_cpu_expand_features):
+
+    - `f=VALUE` and bare `f` (=on) are QOM properties, applied in order (the
+      last wins); QEMU turns `_` into `-` in their names first;
+    - `+f` and `-f` are collected and applied after all of them, every `+f`
+      then every `-f`: `-f` beats `+f` and `f=on` whatever the order; their
+      names are taken as written;
+    - names must be QEMU's property names exactly (canonical or QEMU alias,
+      exact case): anything else is UnknownFeatureError, as QEMU refuses it;
+    - VALUE is on/yes/true/y or off/no/false/n, exactly.
+
+    `enforce` and `check` are accepted and ignored; any other non-feature
+    property is InputError."""
     words = text.split() if isinstance(text, str) else list(text)
-    if "-cpu" in words:
-        i = words.index("-cpu")
-        if i + 1 >= len(words):
-            raise InputError("-cpu without a value")
-        value = words[i + 1]
-    elif len(words) == 1:
-        value = words[0]
-    else:
-        raise InputError("expected a -cpu value or an argument list with -cpu")
+    value = _cpu_value(words)
     model, *opts = value.split(",")
     if not model:
         raise InputError(f"-cpu {value!r}: no model name")
     safe_model(model)
     reg = registry()
-    state: dict[str, bool] = {}
+    props: dict[str, bool] = {}
+    plus: list[str] = []
+    minus: list[str] = []
     for opt in opts:
-        if not opt or opt in _IGNORED_FLAGS:
-            continue
+        if not opt:
+            continue  # QEMU's strtok() skips empty options
         if opt[0] in "+-":
-            name, on = opt[1:], opt[0] == "+"
-        elif "=" in opt:
-            name, _, val = opt.partition("=")
-            if val.lower() in _ON:
-                on = True
-            elif val.lower() in _OFF:
-                on = False
-            else:
-                raise InputError(f"-cpu option {opt!r}: not a CPUID feature switch")
-        else:
-            name, on = opt, True
+            name = opt[1:]
+            if name not in _IGNORED_FLAGS:
+                (plus if opt[0] == "+" else minus).append(_qemu_feature(reg, name).name)
+            continue
+        name, eq, val = opt.partition("=")
+        name = name.replace("_", "-")  # QEMU's feat2prop()
         if name in _IGNORED_FLAGS:
             continue
-        feature = reg.lookup(name)  # UnknownFeatureError names close matches
-        state.pop(feature.name, None)  # the last setting wins
-        state[feature.name] = on
+        if not eq or val in _ON:  # a bare name is name=on
+            on = True
+        elif val in _OFF:
+            on = False
+        else:
+            raise InputError(f"-cpu option {opt!r}: not a CPUID feature switch")
+        canonical = _qemu_feature(reg, name).name
+        props.pop(canonical, None)  # the last setting wins; keep it in its place
+        props[canonical] = on
+    state = dict(props)
+    for names, on in ((plus, True), (minus, False)):
+        for canonical in names:
+            state.pop(canonical, None)
+            state[canonical] = on
     enable = tuple(n for n, on in state.items() if on)
     disable = tuple(n for n, on in state.items() if not on)
     return model, enable, disable
