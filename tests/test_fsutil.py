@@ -15,6 +15,7 @@ import pytest
 
 from kvmcpuid_virt.errors import InputError, OutputError
 from kvmcpuid_virt.fsutil import atomic_write, cache_dir, read_text, write_cache
+from tests.conftest import REPO
 
 
 def test_replaces_regular_file_whole(tmp_path: Path) -> None:
@@ -170,3 +171,45 @@ def test_write_cache_failure_is_false_not_raised(
     with caplog.at_level(logging.DEBUG, logger="kvmcpuid_virt.fsutil"):
         assert write_cache(str(path), "{}", warn=True) is False
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+# --- the commands that read through read_text ------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmcpuid_virt.cli", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+
+
+@pytest.fixture
+def latin1_domain(tmp_path: Path) -> Path:
+    f = tmp_path / "domain.xml"
+    f.write_bytes("<domain><description>Caf\u00e9</description><cpu/></domain>".encode("latin-1"))
+    return f
+
+
+@pytest.mark.kvm
+def test_verify_libvirt_xml_latin1_is_one_line_error(latin1_domain: Path) -> None:
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine (verify reads the live table first)")
+    # Was a UnicodeDecodeError traceback.
+    r = _cli("verify", "--backend", "kvm", "--libvirt-xml", str(latin1_domain))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"kvmcpuid: {latin1_domain}: not UTF-8 text (byte 0xe9 at offset 24)\n"
+
+
+@pytest.mark.kvm
+def test_verify_libvirt_xml_missing_file_names_it_first(tmp_path: Path) -> None:
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine (verify reads the live table first)")
+    missing = tmp_path / "missing.xml"
+    r = _cli("verify", "--backend", "kvm", "--libvirt-xml", str(missing))
+    assert r.returncode == 2
+    assert r.stderr == f"kvmcpuid: {missing}: cannot read: No such file or directory\n"
+
+
+def test_libvirt_xml_patch_latin1_is_one_line_error(latin1_domain: Path) -> None:
+    # The domain is read before /dev/kvm is opened, so this needs no KVM.
+    r = _cli("libvirt-xml", "--patch", str(latin1_domain))
+    assert r.returncode == 2
+    assert r.stderr == f"kvmcpuid: {latin1_domain}: not UTF-8 text (byte 0xe9 at offset 24)\n"

@@ -38,24 +38,14 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
 
 def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.adapters import libvirt as lv
-    from kvmcpuid_virt.errors import InputError
+    from kvmcpuid_virt.fsutil import read_text
     from kvmcpuid_virt.policy.options import config_from_args, dropped_warnings
 
     domain: str | None = None
     source = ""
     if args.patch is not None:
         # Read the domain before touching /dev/kvm: a bad path fails fast.
-        source = "<stdin>" if args.patch == "-" else args.patch
-        try:
-            if args.patch == "-":
-                domain = sys.stdin.read()
-            else:
-                with open(args.patch, encoding="utf-8") as f:
-                    domain = f.read()
-        except OSError as exc:
-            raise InputError(f"{source}: cannot read: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{source}: not UTF-8 text ({exc.reason})") from None
+        domain, source = read_text(args.patch)
     config = config_from_args(args)
     text = (
         lv.patch_domain(domain, config, source) if domain is not None else lv.render(config) + "\n"

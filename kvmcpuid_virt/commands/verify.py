@@ -36,18 +36,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="do not probe (or use the cached probe of) which bits this host controls")
 
 
-def _read(path: str) -> str:
-    from kvmcpuid_virt.errors import InputError
-
-    try:
-        if path == "-":
-            return sys.stdin.read()
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -69,17 +57,18 @@ def run(args: argparse.Namespace) -> int:
         backends: tuple[str, ...] = ("qemu",) if args.backend == "all" else (args.backend,)
     elif args.libvirt_xml is not None:
         from kvmcpuid_virt.adapters.libvirt import parse_config as parse_libvirt
+        from kvmcpuid_virt.fsutil import read_text
         from kvmcpuid_virt.xmlutil import parse_xml
 
-        text = _read(args.libvirt_xml)
-        root = parse_xml(text, args.libvirt_xml)
+        text, xml_source = read_text(args.libvirt_xml)
+        root = parse_xml(text, xml_source)
         cpu = root if root.tag == "cpu" else root.find("cpu")
         from lxml import etree
 
         if cpu is None:
             from kvmcpuid_virt.errors import InputError
 
-            raise InputError(f"{args.libvirt_xml}: no <cpu> element")
+            raise InputError(f"{xml_source}: no <cpu> element")
         config = parse_libvirt(cpu, table, allow_unsupported=True, source=source)
         cpu_text = etree.tostring(cpu, encoding="unicode")
         features = root.find("features") if root.tag == "domain" else None
