@@ -128,6 +128,16 @@ def test_run_many_in_order(env: Env) -> None:
         assert lahf == [LAHF_LM, 0, LAHF_LM]
 
 
+def test_probe_still_runs_after_a_failed_run_many(env: Env) -> None:
+    # A failed batch cancels its own guests, not the probe's later runs.
+    jobs = [(cpu(), QUERIES), ("<cpu mode='custom'><model>no-such-model</model></cpu>", QUERIES)]
+    with env.probe() as probe:
+        with pytest.raises(ToolError):
+            probe.run_many(jobs, parallel=2)
+        after = probe.run(cpu(), QUERIES)
+    assert after.observed.get(0, 0, "ebx") != 0
+
+
 def test_spinning_guest_times_out_and_is_destroyed(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -325,17 +325,23 @@ class LibvirtProbe:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         self._cancel.clear()
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="kvmcpuid-lv") as pool:
-            futures = [pool.submit(self.run, cpu, qs, timeout) for cpu, qs in jobs]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                # Ctrl-C or a failed guest: stop queued jobs, make running
-                # ones destroy their domains now rather than at their timeout.
-                self._cancel.set()
-                for f in futures:
-                    f.cancel()
-                raise
+        try:
+            with ThreadPoolExecutor(max_workers=parallel,
+                                    thread_name_prefix="kvmcpuid-lv") as pool:  # fmt: skip
+                futures = [pool.submit(self.run, cpu, qs, timeout) for cpu, qs in jobs]
+                try:
+                    return [f.result() for f in futures]
+                except BaseException:
+                    # Ctrl-C or a failed guest: stop queued jobs, make running
+                    # ones destroy their domains now rather than at their timeout.
+                    self._cancel.set()
+                    for f in futures:
+                        f.cancel()
+                    raise
+        finally:
+            # Every worker has finished here (the pool's exit waited): a later
+            # run() on this probe must not find itself cancelled.
+            self._cancel.clear()
 
 
 def run_libvirt(
