@@ -1,5 +1,10 @@
 """`kvmcpuid` and `kvmcpuid-qemu-flags`: argument parsing and error handling.
 
+The one error handling of both: a KvmcpuidError is `PROG: message` on one
+line (exit 2), Ctrl-C is `PROG: interrupted` (130), a reader that left
+(`... | head`) ends the command quietly (0). `kvmcpuid-qemu-flags` is
+`main(["qemu-flags", ...], prog="kvmcpuid-qemu-flags")`.
+
 Each subcommand lives in kvmcpuid_virt/commands/<module>.py with
 `add_parser(subparsers)` and `run(args) -> int`. Only the module of the
 command being run is imported, so `kvmcpuid dump` never pays for lxml,
@@ -88,8 +93,12 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _parser(command: str | None) -> tuple[argparse.ArgumentParser, object | None]:
-    """The parser, with only `command`'s module imported (returned too)."""
+def _parser(
+    command: str | None, prog: str = PROG
+) -> tuple[argparse.ArgumentParser, object | None]:
+    """The parser, with only `command`'s module imported (returned too).
+    With a `prog` of its own (a console script for one command), that
+    command's usage and errors carry `prog` rather than `kvmcpuid COMMAND`."""
     from kvmcpuid_virt import __version__
 
     parser = _Parser(
@@ -107,6 +116,8 @@ def _parser(command: str | None) -> tuple[argparse.ArgumentParser, object | None
         # Only the chosen command's parser: each placeholder costs ~0.5 ms.
         chosen = _load(available[command][0])
         chosen.add_parser(sub)  # type: ignore[attr-defined]
+        if prog != PROG:
+            sub.choices[command].prog = prog
         return parser, chosen
     for name, (_module, summary) in available.items():
         # Every command appears in --help without importing its module.
@@ -128,11 +139,16 @@ def _setup_logging(prog: str, verbose: int) -> None:
 
 def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
     try:
-        parser, module = _parser(command)
+        parser, module = _parser(command, prog)
         args = parser.parse_args(argv)
         _setup_logging(prog, getattr(args, "verbose", 0))
         run: Callable[[argparse.Namespace], int] = module.run  # type: ignore[union-attr,attr-defined]
-        return run(args)
+        status = run(args)
+        # Output to a pipe is buffered: a reader that left shows up at this
+        # flush, inside the handlers below, not in the interpreter's exit-time
+        # flush (which prints "Exception ignored ... BrokenPipeError").
+        sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -145,16 +161,21 @@ def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
         from kvmcpuid_virt.errors import KvmcpuidError
 
         if isinstance(exc, KvmcpuidError):
-            print(f"{prog}: {exc}", file=sys.stderr)
+            # One line whatever the message (QEMU's stderr, multi-line XML
+            # errors): scripts and logs read errors a line at a time.
+            message = " ".join(str(exc).split())
+            print(f"{prog}: {message}", file=sys.stderr)
             return EXIT_ERROR
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """The `kvmcpuid` console script (argv: sys.argv[1:] when None); `prog`
+    is the name errors carry (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args if not a.startswith("-")), None)
     _untranslated_argparse()
-    return _run(args, PROG, command)
+    return _run(args, prog, command)
 
 
 if __name__ == "__main__":

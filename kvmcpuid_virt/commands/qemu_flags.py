@@ -13,6 +13,7 @@ import sys
 # typing costs milliseconds to import; mypy treats this name as always true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
 
 __all__ = ["add_parser", "main", "run"]
@@ -61,19 +62,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The `kvmcpuid-qemu-flags` console script."""
-    from kvmcpuid_virt.errors import KvmcpuidError
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `kvmcpuid-qemu-flags` console script: `kvmcpuid qemu-flags` with
+    its own name in usage and errors, and the same error handling
+    (cli._run)."""
+    from kvmcpuid_virt import cli
 
-    parser = argparse.ArgumentParser(prog=PROG, description=HELP)
-    _configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KvmcpuidError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the message
-        print(f"{PROG}: {message}", file=sys.stderr)
-        return 2
+    args = sys.argv[1:] if argv is None else argv
+    return cli.main(["qemu-flags", *args], prog=PROG)
 
 
 if __name__ == "__main__":
