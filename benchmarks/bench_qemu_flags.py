@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
 
-from benchmarks.common import median_commands, report_ratio
+from benchmarks.common import paired_ratio, report_ratio, timed_commands
 
 
 def main() -> int:
@@ -29,11 +30,13 @@ def main() -> int:
     }
     if script is not None:
         commands["console-script"] = [script]
-    med = median_commands(commands, runs=40)
-    print(report_ratio("kvmcpuid-qemu-flags", med["qemu-flags"], "import floor", med["import"], 2))
-    if "console-script" in med:
-        print(report_ratio("console script", med["console-script"], "import floor",
-                           med["import"], 2))  # fmt: skip
+    times = timed_commands(commands, runs=40)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    labels = {"qemu-flags": "kvmcpuid-qemu-flags", "console-script": "console script"}
+    for name, label in labels.items():
+        if name in med:
+            print(report_ratio(label, med[name], "import floor", med["import"], 2,
+                               ratio=paired_ratio(times, name, "import")))
     return 0
 
 

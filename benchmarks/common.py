@@ -8,13 +8,17 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["bare_qemu_argv", "median_call", "median_commands", "report_ratio"]
+__all__ = [
+    "bare_qemu_argv", "median_call", "median_commands", "paired_ratio", "report_ratio",
+    "timed_commands",
+]
 
 
-def median_commands(
+def timed_commands(
     commands: dict[str, Sequence[str]], runs: int = 30, warmup: int = 3
-) -> dict[str, float]:
-    """Median wall seconds per command, runs interleaved round-robin."""
+) -> dict[str, list[float]]:
+    """Wall seconds of each run of each command, runs interleaved round-robin
+    so that every command sees the same drift of a noisy machine."""
     times: dict[str, list[float]] = {name: [] for name in commands}
     for i in range(warmup + runs):
         for name, argv in commands.items():
@@ -23,7 +27,21 @@ def median_commands(
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times[name].append(elapsed)
+    return times
+
+
+def median_commands(
+    commands: dict[str, Sequence[str]], runs: int = 30, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall seconds per command, runs interleaved round-robin."""
+    times = timed_commands(commands, runs, warmup)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, floor: str) -> float:
+    """The median of per-round ratios name/floor: each round ran both back to
+    back, so a slow stretch of the machine slows both and cancels out."""
+    return statistics.median(a / b for a, b in zip(times[name], times[floor], strict=True))
 
 
 def median_call(fn: Callable[[], object], runs: int = 200, warmup: int = 5) -> float:
@@ -37,8 +55,13 @@ def median_call(fn: Callable[[], object], runs: int = 200, warmup: int = 5) -> f
     return statistics.median(samples)
 
 
-def report_ratio(name: str, value: float, floor_name: str, floor: float, target: float) -> str:
-    ratio = value / floor
+def report_ratio(
+    name: str, value: float, floor_name: str, floor: float, target: float,
+    ratio: float | None = None,
+) -> str:
+    """One line: both medians and their ratio (or `ratio`, e.g. a paired
+    one), and whether it meets `target`."""
+    ratio = value / floor if ratio is None else ratio
     verdict = "meets" if ratio <= target else "MISSES"
     return (
         f"{name}: {value * 1000:.1f} ms; {floor_name}: {floor * 1000:.1f} ms; "

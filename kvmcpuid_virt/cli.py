@@ -13,11 +13,40 @@ libvirt or the feature registry.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+
+
+def _c_locale() -> bool:
+    """Whether gettext would translate nothing (the C locale): the variables
+    gettext itself reads, in its order."""
+    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(var)
+        if value:
+            return all(lang in ("C", "POSIX", "C.UTF-8", "C.utf8") for lang in value.split(":"))
+    return True
+
+
+if _c_locale() and "argparse" not in sys.modules and "gettext" not in sys.modules:
+    # argparse imports gettext (~1 ms: it compiles a plural-forms parser) and
+    # then searches the filesystem for a catalog on every message (~30 us
+    # each): ~3 ms of `kvmcpuid dump`, for translations the C locale never
+    # has. Hand argparse identity functions for that one import; anything
+    # imported later gets the real gettext.
+    import types
+
+    _stand_in = types.ModuleType("gettext")
+    _stand_in.gettext = str  # type: ignore[attr-defined]
+    _stand_in.ngettext = lambda s, p, n: s if n == 1 else p  # type: ignore[attr-defined]
+    sys.modules["gettext"] = _stand_in
+    try:
+        import argparse
+    finally:
+        del sys.modules["gettext"]
+else:
+    import argparse
 
 # typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
 # benchmarks/bench_dump.py); mypy treats this name as always true.
@@ -50,22 +79,6 @@ def _load(module: str) -> object | None:
         if exc.name == f"kvmcpuid_virt.commands.{module}":
             return None  # not built yet in this version
         raise
-
-
-def _untranslated_argparse() -> None:
-    """argparse passes every message it builds through gettext, which
-    searches the filesystem for a catalog each time (~30 us a call, plus
-    importing locale): ~2 ms of `kvmcpuid dump`. Under the C locale gettext
-    never translates, so skip the search; any other locale keeps it."""
-    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
-        value = os.environ.get(var)
-        if value:
-            break
-    else:
-        value = "C"
-    if all(lang in ("C", "POSIX", "C.UTF-8", "C.utf8") for lang in value.split(":")):
-        argparse._ = str  # type: ignore[attr-defined]
-        argparse.ngettext = lambda single, plural, n: single if n == 1 else plural  # type: ignore[attr-defined]
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -174,7 +187,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     is the name errors carry (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args if not a.startswith("-")), None)
-    _untranslated_argparse()
     return _run(args, prog, command)
 
 
