@@ -15,7 +15,6 @@ Prints medians; no asserts (numbers go in notes)."""
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import bare_qemu_argv
-from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.probe import image
+from benchmarks.common import bare_qemu_argv, probe_inputs
 from kvmcpuid_virt.probe.libvirt import LibvirtProbe, run_libvirt
 
 CPU = (
@@ -52,13 +49,10 @@ def _floor(qemu: str, blob: bytes, runs: int) -> float:
 
 def main() -> int:
     uri = os.environ.get("KVMCPUID_LIBVIRT_URI", "qemu:///system")
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        print("qemu-system-x86_64 not installed")
+    inputs = probe_inputs()
+    if inputs is None:
         return 1
-    with Kvm() as kvm:
-        queries = image.default_queries(kvm.supported_cpuid())
-    blob = image.build(queries)
+    qemu, queries, blob = inputs
     print(f"libvirt at {uri}; {len(queries)} queries")
     run_libvirt(CPU, queries, uri=uri)  # warm libvirt's capability cache
 

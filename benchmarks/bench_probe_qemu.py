@@ -12,7 +12,6 @@ Prints medians and ratios to the floor; no asserts (numbers go in notes)."""
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 import sys
@@ -21,9 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import bare_qemu_argv, report_ratio
-from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.probe import image
+from benchmarks.common import bare_qemu_argv, probe_inputs, report_ratio
 from kvmcpuid_virt.probe.qemu import qemu_argv, run_qemu
 
 CPU = "host,arch-capabilities=off"  # this AMD host's nested KVM refuses MSR 0x10a
@@ -32,13 +29,10 @@ WARMUP = 3
 
 
 def main() -> int:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        print("qemu-system-x86_64 not installed")
+    inputs = probe_inputs()
+    if inputs is None:
         return 1
-    with Kvm() as kvm:
-        queries = image.default_queries(kvm.supported_cpuid())
-    blob = image.build(queries)
+    qemu, queries, blob = inputs
     with tempfile.TemporaryDirectory(prefix="kvmcpuid-bench-") as tmpname:
         tmp = Path(tmpname)
         bios = tmp / "image.bin"

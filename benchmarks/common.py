@@ -9,7 +9,12 @@ import time
 from collections.abc import Callable, Sequence
 
 __all__ = [
-    "bare_qemu_argv", "median_call", "median_commands", "paired_ratio", "report_ratio",
+    "bare_qemu_argv",
+    "median_call",
+    "median_commands",
+    "paired_ratio",
+    "probe_inputs",
+    "report_ratio",
     "timed_commands",
 ]
 
@@ -74,3 +79,21 @@ def bare_qemu_argv(qemu: str, bios: str) -> list[str]:
     as firmware and nothing else it needs (isa-debug-exit so it ends)."""
     return [qemu, "-accel", "kvm", "-bios", bios, "-display", "none",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+
+
+def probe_inputs() -> tuple[str, list[tuple[int, int]], bytes] | None:
+    """What the probe benchmarks boot: the QEMU binary, the queries for this
+    host's supported table, and the image; None (after saying why) without
+    QEMU."""
+    import shutil
+
+    from kvmcpuid_virt.kvm import Kvm
+    from kvmcpuid_virt.probe import image
+
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("qemu-system-x86_64 not installed")
+        return None
+    with Kvm() as kvm:
+        queries = image.default_queries(kvm.supported_cpuid())
+    return qemu, queries, image.build(queries)
