@@ -36,7 +36,7 @@ table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left;vertical-align:top}
 th{background:#f0f0f0}
 td.passed{background:#d9f2d9}td.failed,td.error,td.xpassed{background:#f7c6c6;font-weight:bold}
-td.xfailed{background:#fbeec1}td.skipped{background:#e8e8e8;color:#666}
+td.xfailed{background:#fbeec1}div.why{font-size:85%}td.skipped{background:#e8e8e8;color:#666}
 pre{white-space:pre-wrap;font-size:12px;margin:0}
 """
 
@@ -229,7 +229,14 @@ def _html(doc: dict[str, Any]) -> str:
                 td.set("title", tip)
             td.text = sym
             if tip and sym != "pass":
-                S(td, "pre").text = tip[:600]
+                # The first line says why in a few words; the per-bit detail
+                # folds away so the matrix stays readable at a glance.
+                first, _, rest = tip.partition("\n")
+                S(td, "div", {"class": "why"}).text = first
+                if rest.strip():
+                    det = S(td, "details")
+                    S(det, "summary").text = "bits"
+                    S(det, "pre").text = rest.strip()[:2000]
     hc = EXTRAS.get("host_control")
     if isinstance(hc, list) and hc:
         S(body, "h2").text = "Bits this host does not let KVM_SET_CPUID2 control"
