@@ -303,13 +303,14 @@ class LibvirtProbe:
                     log.debug("resume of %s: %s", name, exc)
                 self._wait_gone(dom, deadline)
             seconds = time.monotonic() - started
+            log.debug("libvirt domain %s ran in %.3f s", name, seconds)
             try:
                 observed = image.parse(read_serial(serial), queries)
             except ProbeError as exc:
                 raise ProbeError(f"libvirt guest {name}: {exc}") from exc
         return ProbeResult(
             observed=observed, vmm_view=vmm_view, seconds=seconds, backend="libvirt",
-            diagnostics=[f"libvirt domain {name}", *notes],
+            diagnostics=notes,
         )
 
     def run_many(
