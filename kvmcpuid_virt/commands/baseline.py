@@ -47,7 +47,6 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
                    help="never expose more than CPU model NAME (features outside it turn off)")
     p.add_argument("-o", "--output", default="-", metavar="FILE",
                    help="write FILE atomically (default: standard output)")
-    p.set_defaults(handler=run)
 
 
 def _note(text: str) -> None:

@@ -28,7 +28,6 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     p.add_argument("b", metavar="B", help="another dump")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="default: table")  # fmt: skip
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-o", "--output", default="-", metavar="FILE",
                    help="write FILE atomically (default: standard output)")
     p.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,7 +36,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
     p.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

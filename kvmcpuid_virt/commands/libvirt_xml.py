@@ -33,7 +33,6 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     parser.add_argument(
         "-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout"
     )
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

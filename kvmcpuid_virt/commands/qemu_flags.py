@@ -31,7 +31,6 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="arg: `-cpu VALUE` on one line; argv: one argument per line; "
         "json: argv and the decisions",
     )  # fmt: skip
-    parser.set_defaults(handler=run)
 
 
 def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
