@@ -329,7 +329,11 @@ def test_command_json_names_are_the_cpu_map_reading(path: Path) -> None:
 def test_command_table_fits_80_columns(path: Path, names: str) -> None:
     rc, text = _cli("features", "--from", str(path), "--names", names)
     assert rc == 0
-    assert max(len(line) for line in text.splitlines()) <= 80
+    # The source line carries the path as given, which no layout can shorten;
+    # everything the command itself lays out must fit.
+    source, *rest = text.splitlines()
+    assert source.split(maxsplit=1) == ["source", str(path)]
+    assert max(len(line) for line in rest) <= 80
     sig = KNOWN_SIGNATURES[path.stem.removeprefix("x86_64-cpuid-")]
     assert f"family {sig[1]:#x} model {sig[2]:#x}" in text
     # sse2 is in every x86-64 CPU; libvirt and QEMU spell it the same.
