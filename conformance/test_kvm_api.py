@@ -10,7 +10,7 @@ import pytest
 
 from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES
 from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.kvm.abi import Ioctl, make_kvm_cpuid2
+from kvmcpuid_virt.kvm.abi import Ioctl, kvm_cpuid2
 
 KINDS = {
     "supported": Ioctl.GET_SUPPORTED_CPUID,
@@ -29,7 +29,7 @@ def test_e2big_below_needed_size_leaves_nent_unchanged(kvm: Kvm, kind: str) -> N
     small = need - 1
     if small < 1:
         pytest.skip(f"{kind}: the table has a single entry; no smaller size to try")
-    buf = make_kvm_cpuid2(small)
+    buf = kvm_cpuid2(small)
     with pytest.raises(OSError) as info:
         fcntl.ioctl(kvm.fd, KINDS[kind], buf)
     assert info.value.errno == errno.E2BIG
@@ -40,7 +40,7 @@ def test_e2big_below_needed_size_leaves_nent_unchanged(kvm: Kvm, kind: str) -> N
 @pytest.mark.parametrize("extra", [0, 1, 100])
 def test_success_adjusts_nent_to_entries_written(kvm: Kvm, kind: str, extra: int) -> None:
     need = _needed(kvm, kind)
-    buf = make_kvm_cpuid2(need + extra)
+    buf = kvm_cpuid2(need + extra)
     try:
         fcntl.ioctl(kvm.fd, KINDS[kind], buf)
     except OSError as exc:

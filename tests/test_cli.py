@@ -109,3 +109,19 @@ def test_console_script_entry_point_is_kept() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["kvmcpuid-qemu-flags"] == "kvmcpuid_virt.commands.qemu_flags:main"
     assert scripts["kvmcpuid"] == "kvmcpuid_virt.cli:main"
+
+
+def test_dump_path_imports_stay_light(kvm: object, tmp_path: Path) -> None:
+    # Issue 2's start-up budget: `kvmcpuid dump` must not pay for lxml,
+    # libvirt, ctypes (the CPUID buffer is struct-packed), typing or logging.
+    out_file = tmp_path / "host.json"
+    code = (
+        "import sys; from kvmcpuid_virt.cli import main; rc = main(['dump', '-o', sys.argv[1]]); "
+        "print(rc, [n for n in ('lxml', 'libvirt', 'ctypes', 'typing', 'logging') "
+        "if n in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(out_file)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "0 []"
+    assert out_file.read_text().startswith("{")

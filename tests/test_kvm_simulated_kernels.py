@@ -88,9 +88,7 @@ class SimulatedKernel:
             buf.nent = need
             raise OSError(errno.ENOMEM, "simulated ENOMEM")
         for i, e in enumerate(self.table):
-            dst = buf.entries[i]
-            dst.function, dst.index, dst.flags = e.function, e.index, int(e.flags)
-            dst.eax, dst.ebx, dst.ecx, dst.edx = e.regs()
+            buf.set_entry(i, e.function, e.index, int(e.flags), *e.regs())
         buf.nent = need
         return 0
 

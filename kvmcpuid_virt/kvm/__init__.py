@@ -1,4 +1,4 @@
-"""The Linux KVM API through ctypes: one class per file descriptor."""
+"""The Linux KVM API: one class per file descriptor (ABI facts in abi.py and structs.py)."""
 
 from kvmcpuid_virt.kvm.system import KVM_PATH, Kvm
 

@@ -1,13 +1,16 @@
-"""The Linux KVM ABI used here: ioctl numbers, constants and ctypes structs,
+"""The Linux KVM ABI used here: ioctl numbers, constants and the CPUID buffer,
 declared once. Values come from include/uapi/linux/kvm.h and
-arch/x86/include/uapi/asm/kvm.h; each struct's C declaration is in its
-docstring so a reader can check the layout against the header.
+arch/x86/include/uapi/asm/kvm.h; tests/test_kvm_abi.py checks every number
+and size against the kernel headers installed on the machine.
+
+The VM and vCPU structs (regs, sregs, kvm_run, ...) are ctypes layouts in
+kvm/structs.py; this module stays free of ctypes (~2 ms to import) because
+the CPUID path, which `kvmcpuid dump` runs, needs nothing else.
 """
 
 from __future__ import annotations
 
-import ctypes
-from functools import cache
+import struct
 
 # typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
 # benchmarks/bench_dump.py); mypy treats this name as always true.
@@ -27,18 +30,8 @@ __all__ = [
     "Cap",
     "ExitReason",
     "Ioctl",
-    "kvm_coalesced_mmio",
-    "kvm_coalesced_mmio_zone",
+    "StructSize",
     "kvm_cpuid2",
-    "kvm_cpuid_entry2",
-    "kvm_dtable",
-    "kvm_regs",
-    "kvm_run",
-    "kvm_run_io",
-    "kvm_segment",
-    "kvm_sregs",
-    "kvm_userspace_memory_region",
-    "make_kvm_cpuid2",
 ]
 
 KVMIO: Final = 0xAE
@@ -59,197 +52,68 @@ def _ioc(direction: int, nr: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
 
 
-class kvm_cpuid_entry2(ctypes.Structure):
-    """struct kvm_cpuid_entry2 {
+class kvm_cpuid2(bytearray):
+    """struct kvm_cpuid2 { __u32 nent; __u32 padding; struct kvm_cpuid_entry2 entries[]; };
+    struct kvm_cpuid_entry2 {
         __u32 function; __u32 index; __u32 flags;
         __u32 eax; __u32 ebx; __u32 ecx; __u32 edx;
         __u32 padding[3];
-    };"""
+    };
 
-    _fields_ = [
-        ("function", ctypes.c_uint32),
-        ("index", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("eax", ctypes.c_uint32),
-        ("ebx", ctypes.c_uint32),
-        ("ecx", ctypes.c_uint32),
-        ("edx", ctypes.c_uint32),
-        ("padding", ctypes.c_uint32 * 3),
-    ]
+    A zeroed buffer in that layout with room for `capacity` entries and nent
+    set to it; fcntl.ioctl reads and writes it in place."""
 
+    __slots__ = ()
+    HEADER: Final = struct.Struct("=II")
+    # function, index, flags, eax, ebx, ecx, edx, then padding[3]
+    ENTRY: Final = struct.Struct("=7I12x")
 
-class kvm_cpuid2(ctypes.Structure):
-    """struct kvm_cpuid2 { __u32 nent; __u32 padding; struct kvm_cpuid_entry2 entries[]; };
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("a kvm_cpuid2 cannot hold a negative number of entries")
+        super().__init__(self.HEADER.size + capacity * self.ENTRY.size)
+        self.nent = capacity
 
-    The header only; make_kvm_cpuid2(n) builds the type with room for n entries.
-    """
+    @property
+    def capacity(self) -> int:
+        return (len(self) - self.HEADER.size) // self.ENTRY.size
 
-    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
+    @property
+    def nent(self) -> int:
+        value: int = self.HEADER.unpack_from(self)[0]
+        return value
 
+    @nent.setter
+    def nent(self, value: int) -> None:
+        self.HEADER.pack_into(self, 0, value, 0)
 
-@cache
-def _kvm_cpuid2_type(n: int) -> type[ctypes.Structure]:
-    return type(
-        f"kvm_cpuid2_{n}",
-        (ctypes.Structure,),
-        {
-            "_fields_": [
-                ("nent", ctypes.c_uint32),
-                ("padding", ctypes.c_uint32),
-                ("entries", kvm_cpuid_entry2 * n),
-            ]
-        },
-    )
+    def _offset(self, i: int) -> int:
+        if not 0 <= i < self.capacity:
+            raise IndexError(f"entry {i} of a kvm_cpuid2 with room for {self.capacity}")
+        return self.HEADER.size + i * self.ENTRY.size
 
-
-def make_kvm_cpuid2(n: int) -> ctypes.Structure:
-    """A zeroed kvm_cpuid2 with room for n entries and nent = n."""
-    buf = _kvm_cpuid2_type(n)()
-    buf.nent = n
-    return buf
-
-
-class kvm_userspace_memory_region(ctypes.Structure):
-    """struct kvm_userspace_memory_region {
-        __u32 slot; __u32 flags; __u64 guest_phys_addr;
-        __u64 memory_size; __u64 userspace_addr;
-    };"""
-
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("guest_phys_addr", ctypes.c_uint64),
-        ("memory_size", ctypes.c_uint64),
-        ("userspace_addr", ctypes.c_uint64),
-    ]
-
-
-class kvm_coalesced_mmio_zone(ctypes.Structure):
-    """struct kvm_coalesced_mmio_zone { __u64 addr; __u32 size;
-        union { __u32 pad; __u32 pio; }; };"""
-
-    _fields_ = [
-        ("addr", ctypes.c_uint64),
-        ("size", ctypes.c_uint32),
-        ("pio", ctypes.c_uint32),
-    ]
-
-
-class kvm_coalesced_mmio(ctypes.Structure):
-    """One ring entry: struct kvm_coalesced_mmio { __u64 phys_addr; __u32 len;
-        union { __u32 pad; __u32 pio; }; __u8 data[8]; };
-
-    The ring (struct kvm_coalesced_mmio_ring { __u32 first, last; entries[]; })
-    fills one page at page KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO) of the
-    vcpu mmap; the kernel appends at `last`, userspace consumes from `first`."""
-
-    _fields_ = [
-        ("phys_addr", ctypes.c_uint64),
-        ("len", ctypes.c_uint32),
-        ("pio", ctypes.c_uint32),
-        ("data", ctypes.c_uint8 * 8),
-    ]
-
-
-class kvm_regs(ctypes.Structure):
-    """struct kvm_regs { __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
-        __u64 r8, ..., r15; __u64 rip, rflags; };"""
-
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            *("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"),
-            *("r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"),
-            *("rip", "rflags"),
+    def entry(self, i: int) -> tuple[int, int, int, int, int, int, int]:
+        """(function, index, flags, eax, ebx, ecx, edx) of entry i."""
+        fields: tuple[int, int, int, int, int, int, int] = self.ENTRY.unpack_from(
+            self, self._offset(i)
         )
-    ]
+        return fields
+
+    def set_entry(self, i: int, function: int, index: int, flags: int,
+                  eax: int, ebx: int, ecx: int, edx: int) -> None:
+        self.ENTRY.pack_into(self, self._offset(i), function, index, flags, eax, ebx, ecx, edx)
 
 
-class kvm_segment(ctypes.Structure):
-    """struct kvm_segment { __u64 base; __u32 limit; __u16 selector;
-        __u8 type, present, dpl, db, s, l, g, avl; __u8 unusable; __u8 padding; };"""
+class StructSize:
+    """sizeof() of the structs the ioctl numbers encode (the ctypes layouts
+    are in kvm/structs.py; tests/test_kvm_abi.py checks both against the
+    installed headers)."""
 
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint32),
-        ("selector", ctypes.c_uint16),
-        ("type", ctypes.c_uint8),
-        ("present", ctypes.c_uint8),
-        ("dpl", ctypes.c_uint8),
-        ("db", ctypes.c_uint8),
-        ("s", ctypes.c_uint8),
-        ("l", ctypes.c_uint8),
-        ("g", ctypes.c_uint8),
-        ("avl", ctypes.c_uint8),
-        ("unusable", ctypes.c_uint8),
-        ("padding", ctypes.c_uint8),
-    ]
-
-
-class kvm_dtable(ctypes.Structure):
-    """struct kvm_dtable { __u64 base; __u16 limit; __u16 padding[3]; };"""
-
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint16),
-        ("padding", ctypes.c_uint16 * 3),
-    ]
-
-
-class kvm_sregs(ctypes.Structure):
-    """struct kvm_sregs { struct kvm_segment cs, ds, es, fs, gs, ss, tr, ldt;
-        struct kvm_dtable gdt, idt; __u64 cr0, cr2, cr3, cr4, cr8, efer, apic_base;
-        __u64 interrupt_bitmap[(KVM_NR_INTERRUPTS + 63) / 64]; };"""
-
-    _fields_ = [
-        *((name, kvm_segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
-        ("gdt", kvm_dtable),
-        ("idt", kvm_dtable),
-        *(
-            (name, ctypes.c_uint64)
-            for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
-        ),
-        ("interrupt_bitmap", ctypes.c_uint64 * 4),
-    ]
-
-
-class kvm_run_io(ctypes.Structure):
-    """The KVM_EXIT_IO member of kvm_run's exit union:
-    struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;"""
-
-    _fields_ = [
-        ("direction", ctypes.c_uint8),
-        ("size", ctypes.c_uint8),
-        ("port", ctypes.c_uint16),
-        ("count", ctypes.c_uint32),
-        ("data_offset", ctypes.c_uint64),
-    ]
-
-
-class _kvm_run_exit(ctypes.Union):
-    # Only the members this package reads; the kernel's union is 256 bytes.
-    _fields_ = [("io", kvm_run_io), ("hardware_exit_reason", ctypes.c_uint64),
-                ("padding", ctypes.c_char * 256)]
-
-
-class kvm_run(ctypes.Structure):
-    """The head of struct kvm_run (mmap'ed from the vcpu fd):
-        __u8 request_interrupt_window; __u8 immediate_exit; __u8 padding1[6];
-        __u32 exit_reason; __u8 ready_for_interrupt_injection; __u8 if_flag;
-        __u16 flags; __u64 cr8; __u64 apic_base; union { ... } (256 bytes);"""
-
-    _fields_ = [
-        ("request_interrupt_window", ctypes.c_uint8),
-        ("immediate_exit", ctypes.c_uint8),
-        ("padding1", ctypes.c_uint8 * 6),
-        ("exit_reason", ctypes.c_uint32),
-        ("ready_for_interrupt_injection", ctypes.c_uint8),
-        ("if_flag", ctypes.c_uint8),
-        ("flags", ctypes.c_uint16),
-        ("cr8", ctypes.c_uint64),
-        ("apic_base", ctypes.c_uint64),
-        ("exit", _kvm_run_exit),
-    ]
+    KVM_CPUID2: Final = kvm_cpuid2.HEADER.size
+    KVM_USERSPACE_MEMORY_REGION: Final = 32
+    KVM_COALESCED_MMIO_ZONE: Final = 16
+    KVM_REGS: Final = 144
+    KVM_SREGS: Final = 312
 
 
 class Ioctl:
@@ -259,27 +123,27 @@ class Ioctl:
     CREATE_VM: Final = _ioc(_IOC_NONE, 0x01, 0)
     CHECK_EXTENSION: Final = _ioc(_IOC_NONE, 0x03, 0)
     GET_VCPU_MMAP_SIZE: Final = _ioc(_IOC_NONE, 0x04, 0)
-    GET_SUPPORTED_CPUID: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x05, ctypes.sizeof(kvm_cpuid2))
-    GET_EMULATED_CPUID: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x09, ctypes.sizeof(kvm_cpuid2))
+    GET_SUPPORTED_CPUID: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x05, StructSize.KVM_CPUID2)
+    GET_EMULATED_CPUID: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x09, StructSize.KVM_CPUID2)
     CREATE_VCPU: Final = _ioc(_IOC_NONE, 0x41, 0)
     SET_USER_MEMORY_REGION: Final = _ioc(
-        _IOC_WRITE, 0x46, ctypes.sizeof(kvm_userspace_memory_region)
+        _IOC_WRITE, 0x46, StructSize.KVM_USERSPACE_MEMORY_REGION
     )
     SET_TSS_ADDR: Final = _ioc(_IOC_NONE, 0x47, 0)
     SET_IDENTITY_MAP_ADDR: Final = _ioc(_IOC_WRITE, 0x48, 8)
     CREATE_IRQCHIP: Final = _ioc(_IOC_NONE, 0x60, 0)
     RUN: Final = _ioc(_IOC_NONE, 0x80, 0)
-    GET_REGS: Final = _ioc(_IOC_READ, 0x81, ctypes.sizeof(kvm_regs))
-    SET_REGS: Final = _ioc(_IOC_WRITE, 0x82, ctypes.sizeof(kvm_regs))
-    GET_SREGS: Final = _ioc(_IOC_READ, 0x83, ctypes.sizeof(kvm_sregs))
-    SET_SREGS: Final = _ioc(_IOC_WRITE, 0x84, ctypes.sizeof(kvm_sregs))
-    SET_CPUID2: Final = _ioc(_IOC_WRITE, 0x90, ctypes.sizeof(kvm_cpuid2))
-    GET_CPUID2: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x91, ctypes.sizeof(kvm_cpuid2))
+    GET_REGS: Final = _ioc(_IOC_READ, 0x81, StructSize.KVM_REGS)
+    SET_REGS: Final = _ioc(_IOC_WRITE, 0x82, StructSize.KVM_REGS)
+    GET_SREGS: Final = _ioc(_IOC_READ, 0x83, StructSize.KVM_SREGS)
+    SET_SREGS: Final = _ioc(_IOC_WRITE, 0x84, StructSize.KVM_SREGS)
+    SET_CPUID2: Final = _ioc(_IOC_WRITE, 0x90, StructSize.KVM_CPUID2)
+    GET_CPUID2: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x91, StructSize.KVM_CPUID2)
     REGISTER_COALESCED_MMIO: Final = _ioc(
-        _IOC_WRITE, 0x67, ctypes.sizeof(kvm_coalesced_mmio_zone)
+        _IOC_WRITE, 0x67, StructSize.KVM_COALESCED_MMIO_ZONE
     )
     UNREGISTER_COALESCED_MMIO: Final = _ioc(
-        _IOC_WRITE, 0x68, ctypes.sizeof(kvm_coalesced_mmio_zone)
+        _IOC_WRITE, 0x68, StructSize.KVM_COALESCED_MMIO_ZONE
     )
     # struct kvm_signal_mask { __u32 len; __u8 sigset[]; }: 4 bytes of header.
     SET_SIGNAL_MASK: Final = _ioc(_IOC_WRITE, 0x8B, 4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -22,7 +21,7 @@ from kvmcpuid_virt.kvm.abi import (
     KVM_MAX_CPUID_ENTRIES,
     Cap,
     Ioctl,
-    make_kvm_cpuid2,
+    kvm_cpuid2,
 )
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
 
@@ -56,20 +55,24 @@ if TYPE_CHECKING:
     CpuidKind = Literal["supported", "emulated"]
 
 
-def entries_from_buffer(buf: ctypes.Structure, count: int) -> list[CpuidEntry]:
+def entries_from_buffer(buf: kvm_cpuid2, count: int) -> list[CpuidEntry]:
     """The first `count` kvm_cpuid_entry2 of a kvm_cpuid2 buffer as CpuidEntry."""
-    raw = buf.entries
+    end = kvm_cpuid2.HEADER.size + count * kvm_cpuid2.ENTRY.size
+    if count > buf.capacity:
+        raise ValueError(f"{count} entries asked of a kvm_cpuid2 with room for {buf.capacity}")
     return [
         CpuidEntry(
-            function=e.function,
-            index=e.index,
-            flags=EntryFlag(e.flags & 7),
-            eax=e.eax,
-            ebx=e.ebx,
-            ecx=e.ecx,
-            edx=e.edx,
+            function=function,
+            index=index,
+            flags=EntryFlag(flags & 7),
+            eax=eax,
+            ebx=ebx,
+            ecx=ecx,
+            edx=edx,
         )
-        for e in raw[:count]
+        for function, index, flags, eax, ebx, ecx, edx in kvm_cpuid2.ENTRY.iter_unpack(
+            memoryview(buf)[kvm_cpuid2.HEADER.size : end]
+        )
     ]
 
 
@@ -164,7 +167,7 @@ class Kvm(KvmFd):
         request = Ioctl.GET_SUPPORTED_CPUID if kind == "supported" else Ioctl.GET_EMULATED_CPUID
         nent = min(max(int(first_nent), 1), MAX_NENT)
         for attempt in range(1, MAX_TRIES + 1):
-            buf = make_kvm_cpuid2(nent)
+            buf = kvm_cpuid2(nent)
             try:
                 self.ioctl(request, buf)
             except KvmIoctlError as exc:

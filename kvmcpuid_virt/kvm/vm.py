@@ -24,15 +24,17 @@ from kvmcpuid_virt.kvm.abi import (
     KVM_SIGSET_BYTES,
     Cap,
     Ioctl,
+    kvm_cpuid2,
+)
+from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
+from kvmcpuid_virt.kvm.structs import (
     kvm_coalesced_mmio,
     kvm_coalesced_mmio_zone,
     kvm_regs,
     kvm_run,
     kvm_sregs,
     kvm_userspace_memory_region,
-    make_kvm_cpuid2,
 )
-from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
 from kvmcpuid_virt.kvm.system import MAX_NENT, MAX_TRIES, entries_from_buffer
 
 if TYPE_CHECKING:
@@ -313,12 +315,9 @@ class Vcpu(KvmFd):
             raise KvmError(
                 f"{len(table)} CPUID entries exceed KVM's limit of {KVM_MAX_CPUID_ENTRIES}"
             )
-        buf = make_kvm_cpuid2(len(table))
-        raw = buf.entries
+        buf = kvm_cpuid2(len(table))
         for i, e in enumerate(table):
-            dst = raw[i]
-            dst.function, dst.index, dst.flags = e.function, e.index, int(e.flags)
-            dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx
+            buf.set_entry(i, e.function, e.index, int(e.flags), e.eax, e.ebx, e.ecx, e.edx)
         self.ioctl(Ioctl.SET_CPUID2, buf)
 
     def get_cpuid2(self, first_nent: int = KVM_MAX_CPUID_ENTRIES) -> CpuidTable:
@@ -326,7 +325,7 @@ class Vcpu(KvmFd):
         buffer is too small (the kernel does not say how small): grow, bounded."""
         nent = min(max(int(first_nent), 1), MAX_NENT)
         for _ in range(MAX_TRIES):
-            buf = make_kvm_cpuid2(nent)
+            buf = kvm_cpuid2(nent)
             try:
                 self.ioctl(Ioctl.GET_CPUID2, buf)
             except KvmIoctlError as exc:
