@@ -34,10 +34,7 @@ HOST = (
     "<feature policy='disable' name='arch-capabilities'/>{extra}</cpu>"
 )
 LAHF_LM = 1 << 0  # CPUID 0x80000001 ECX bit 0
-
-
-
-
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 
 
 class Env:
@@ -183,6 +180,27 @@ def test_domain_xml_shape() -> None:
     assert xml.find("devices/serial/source").get("path") == "/d/serial.log"  # type: ignore[union-attr]
     assert xml.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
     assert xml.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+    # The guest ends by resetting; nothing is passed behind libvirt's back.
+    assert not [e for e in xml.iter() if "libvirt.org/schemas/domain/qemu" in str(e.tag)]
+
+
+def test_probe_domain_is_not_tainted(env: Env) -> None:
+    # libvirt writes "Domain id=N is tainted: REASON" into the domain's log
+    # for <qemu:commandline> (custom-argv), monitor passthrough
+    # (custom-monitor) and the like; a plain probe run must cause none.
+    if not env.uri.startswith("qemu:///") or not QEMU_LOG_DIR.is_dir():
+        pytest.skip(f"no local libvirt QEMU log directory ({QEMU_LOG_DIR})")
+    result = run_libvirt(cpu(), QUERIES, uri=env.uri, name_prefix=env.prefix)
+    assert result.observed.lookup(0, 0) is not None
+    logs = list(QEMU_LOG_DIR.glob(env.prefix + "*.log"))
+    try:
+        assert len(logs) == 1
+        text = logs[0].read_text(errors="replace")
+        assert "-bios" in text or "image.bin" in text  # the log of this run
+        assert "tainted" not in text
+    finally:
+        for log in logs:
+            log.unlink(missing_ok=True)
 
 
 def test_cpu_xml_with_entities_is_refused() -> None:
