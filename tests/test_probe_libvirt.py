@@ -21,7 +21,13 @@ import pytest
 from kvmcpuid_virt.adapters.libvirt import LIBVIRT_KVM_ACTS_ON
 from kvmcpuid_virt.errors import InputError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
-from kvmcpuid_virt.probe.libvirt import DOMAIN_PREFIX, LibvirtProbe, domain_xml, run_libvirt
+from kvmcpuid_virt.probe.libvirt import (
+    DOMAIN_PREFIX,
+    LibvirtProbe,
+    domain_log,
+    domain_xml,
+    run_libvirt,
+)
 from kvmcpuid_virt.probe.process import PREFIX
 from tests.conftest import host_vendor, spin_image
 
@@ -86,6 +92,13 @@ def env(libvirt_conn_uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]
         assert not list(tmp.glob(PREFIX + "*")), "temporary directory left behind"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for log in _our_logs(libvirt_conn_uri, prefix):  # kept by failing runs
+            log.unlink(missing_ok=True)
+
+
+def _our_logs(uri: str, prefix: str) -> list[Path]:
+    probe_log = domain_log(uri, prefix + "x")
+    return [] if probe_log is None else list(probe_log.parent.glob(prefix + "*.log"))
 
 
 def cpu(extra: str = "") -> str:
@@ -139,8 +152,21 @@ def test_spinning_guest_times_out_and_is_destroyed(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(image, "build", lambda queries: spin_image())
-    with env.probe() as probe, pytest.raises(ProbeTimeoutError):
+    with env.probe() as probe, pytest.raises(ProbeTimeoutError) as info:
         probe.run(cpu(), QUERIES, timeout=1.5)
+    # A failed run keeps libvirt's log of its domain and says where it is.
+    logs = _our_logs(env.uri, env.prefix)
+    if logs:
+        assert str(logs[0]) in str(info.value)
+
+
+def test_successful_runs_leave_no_domain_log(env: Env) -> None:
+    if domain_log(env.uri, "x") is None or not QEMU_LOG_DIR.is_dir():
+        pytest.skip(f"no local libvirt QEMU log directory ({QEMU_LOG_DIR})")
+    with env.probe() as probe:
+        probe.run_many([(cpu(), QUERIES)] * 2, parallel=2)
+        probe.run(cpu(), QUERIES)
+    assert _our_logs(env.uri, env.prefix) == []
 
 
 def test_ctrl_c_destroys_domain(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,7 +216,8 @@ def test_probe_domain_is_not_tainted(env: Env) -> None:
     # (custom-monitor) and the like; a plain probe run must cause none.
     if not env.uri.startswith("qemu:///") or not QEMU_LOG_DIR.is_dir():
         pytest.skip(f"no local libvirt QEMU log directory ({QEMU_LOG_DIR})")
-    result = run_libvirt(cpu(), QUERIES, uri=env.uri, name_prefix=env.prefix)
+    with LibvirtProbe(env.uri, name_prefix=env.prefix, keep_domain_logs=True) as probe:
+        result = probe.run(cpu(), QUERIES)
     assert result.observed.lookup(0, 0) is not None
     logs = list(QEMU_LOG_DIR.glob(env.prefix + "*.log"))
     try:

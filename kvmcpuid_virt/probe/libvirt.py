@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import threading
 import time
 import uuid
@@ -59,6 +60,7 @@ from kvmcpuid_virt.xmlutil import parse_xml
 __all__ = [
     "DOMAIN_PREFIX",
     "LibvirtProbe",
+    "domain_log",
     "domain_xml",
     "run_libvirt",
 ]
@@ -70,6 +72,23 @@ DOMAIN_PREFIX: Final = PREFIX
 _POLL: Final = 0.003
 
 Query = tuple[int, int]
+# libvirt's QEMU driver logs each domain (command line, taints, QEMU's
+# stderr) to LOGDIR/NAME.log through virtlogd, and keeps the file after a
+# transient domain is gone: thousands of probe runs would leave thousands of
+# files. The probe removes the log of a run that succeeded and names it in
+# the error of one that did not. Only for a daemon on this machine.
+_SYSTEM_LOG_DIR: Final = Path("/var/log/libvirt/qemu")
+
+
+def domain_log(uri: str, name: str) -> Path | None:
+    """Where libvirtd at `uri` logs domain `name`, when that is a local file."""
+    base, _, _params = uri.partition("?")
+    if base == "qemu:///system":
+        return _SYSTEM_LOG_DIR / f"{name}.log"
+    if base == "qemu:///session":
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return Path(cache) / "libvirt" / "qemu" / "log" / f"{name}.log"
+    return None
 
 
 def _cpu_element(cpu_xml: etree._Element | str | bytes) -> etree._Element:
@@ -152,12 +171,14 @@ class LibvirtProbe:
     crashed run left)."""
 
     def __init__(self, uri: str = "qemu:///system", *, machine: str = "pc",
-                 emulator: str | None = None, name_prefix: str = DOMAIN_PREFIX) -> None:
+                 emulator: str | None = None, name_prefix: str = DOMAIN_PREFIX,
+                 keep_domain_logs: bool = False) -> None:
         if not name_prefix.startswith(DOMAIN_PREFIX) or not all(
             c.isalnum() or c in "-_" for c in name_prefix
         ):
             raise ValueError(f"domain name prefix {name_prefix!r} must start {DOMAIN_PREFIX!r}")
         self.name_prefix = name_prefix
+        self.keep_domain_logs = keep_domain_logs
         self._lv = _libvirt()
         self.uri = uri
         self.machine = machine
@@ -237,6 +258,11 @@ class LibvirtProbe:
                 )
             time.sleep(_POLL)
 
+    def _drop_log(self, path: Path | None) -> None:
+        if path is not None and not self.keep_domain_logs:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
     def _vmm_view(self, dom: Any) -> tuple[CpuidTable, list[str]]:
         """What QEMU configured for the paused guest: the CPU object's
         feature-words and filtered-features, asked through libvirt's own
@@ -290,23 +316,34 @@ class LibvirtProbe:
             started = time.monotonic()
             vmm_view: CpuidTable | None = None
             notes: list[str] = []
-            with self._domain(xml, name) as dom:
-                log.debug("created %s", name)
-                if want_vmm_view:
-                    vmm_view, notes = self._vmm_view(dom)
-                try:
-                    dom.resume()
-                except self._lv.libvirtError as exc:
-                    # The guest may finish before `cont` returns; the serial
-                    # output decides whether it ran.
-                    log.debug("resume of %s: %s", name, exc)
-                self._wait_gone(dom, deadline)
-            seconds = time.monotonic() - started
-            log.debug("libvirt domain %s ran in %.3f s", name, seconds)
+            domain_log_path = domain_log(self.uri, name)
             try:
-                observed = image.parse(read_serial(serial), queries)
-            except ProbeError as exc:
-                raise ProbeError(f"libvirt guest {name}: {exc}") from exc
+                with self._domain(xml, name) as dom:
+                    log.debug("created %s", name)
+                    if want_vmm_view:
+                        vmm_view, notes = self._vmm_view(dom)
+                    try:
+                        dom.resume()
+                    except self._lv.libvirtError as exc:
+                        # The guest may finish before `cont` returns; the serial
+                        # output decides whether it ran.
+                        log.debug("resume of %s: %s", name, exc)
+                    self._wait_gone(dom, deadline)
+                seconds = time.monotonic() - started
+                log.debug("libvirt domain %s ran in %.3f s", name, seconds)
+                try:
+                    observed = image.parse(read_serial(serial), queries)
+                except ProbeError as exc:
+                    raise ProbeError(f"libvirt guest {name}: {exc}") from exc
+            except (ProbeError, ToolError) as exc:
+                # The log says what QEMU and libvirt made of the domain: keep it.
+                if domain_log_path is not None and domain_log_path.exists():
+                    raise type(exc)(f"{exc} (libvirt's log: {domain_log_path})") from exc
+                raise
+            except BaseException:
+                self._drop_log(domain_log_path)  # Ctrl-C: nothing to diagnose
+                raise
+            self._drop_log(domain_log_path)
         return ProbeResult(
             observed=observed, vmm_view=vmm_view, seconds=seconds, backend="libvirt",
             diagnostics=notes,
