@@ -142,9 +142,11 @@ def run_qemu_cases(cases: Sequence[Case], qemu: str) -> Batch:
                      lambda c: run_qemu(c.qemu_cpu, c.queries, TIMEOUT, qemu), workers())
 
 
-# libvirt's stop path takes ~1.6 s per domain here while the guest itself
-# needs ~0.3 s: many guests in flight hide the teardowns (measured on 2 CPUs:
-# 2 at a time 1.0 s/guest, 8: 0.38 s, 16: 0.28 s).
+# Each libvirt guest spends ~0.2 s in libvirt's stop poll and ~0.3 s of its
+# start in libvirt's per-property CPU read-back, both mostly waiting: many
+# guests in flight hide that (each worker thread has its own connection, see
+# LibvirtProbe._connection). Whole suite on 2 CPUs: 6 at a time 19.2 s,
+# 8: 18.8 s, 16: 17.8 s.
 LIBVIRT_PARALLEL: Final = 16
 
 

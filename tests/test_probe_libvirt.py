@@ -138,6 +138,26 @@ def test_run_many_in_order(env: Env) -> None:
         assert lahf == [LAHF_LM, 0, LAHF_LM]
 
 
+def test_run_many_workers_use_their_own_connections(env: Env) -> None:
+    # libvirtd serves at most 5 calls of one connection at a time; each worker
+    # thread gets its own, and they are closed when run_many returns.
+    with env.probe() as probe:
+        seen: set[int] = set()
+        real = probe._connection
+
+        def spy() -> object:
+            conn = real()
+            seen.add(id(conn))
+            return conn
+
+        probe._connection = spy  # type: ignore[method-assign]
+        probe.run_many([(cpu(), QUERIES)] * 3, parallel=3)
+        assert id(probe.conn) not in seen
+        assert len(seen) >= 2  # three workers, at least two of them started a guest
+        assert probe._extra == {}
+        assert probe.run(cpu(), QUERIES).observed.get(0, 0, "ebx") != 0
+
+
 def test_probe_still_runs_after_a_failed_run_many(env: Env) -> None:
     # A failed batch cancels its own guests, not the probe's later runs.
     jobs = [(cpu(), QUERIES), ("<cpu mode='custom'><model>no-such-model</model></cpu>", QUERIES)]

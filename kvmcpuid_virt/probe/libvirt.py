@@ -183,13 +183,47 @@ class LibvirtProbe:
         self.uri = uri
         self.machine = machine
         self.emulator = emulator
-        try:
-            self.conn: Any = self._lv.open(uri)
-        except self._lv.libvirtError as exc:
-            raise ToolError(f"cannot connect to libvirt at {uri}: {exc}") from exc
+        self.conn: Any = self._open()
+        self._owner = threading.get_ident()
+        # Other threads (run_many, callers' pools) get a connection each:
+        # libvirtd serves at most max_client_requests (default 5) calls of one
+        # connection at a time and queues the rest with a warning in its log.
+        self._local = threading.local()
+        self._extra: dict[threading.Thread, Any] = {}
+        self._extra_lock = threading.Lock()
         self._cancel = threading.Event()
 
+    def _open(self) -> Any:
+        try:
+            return self._lv.open(self.uri)
+        except self._lv.libvirtError as exc:
+            raise ToolError(f"cannot connect to libvirt at {self.uri}: {exc}") from exc
+
+    def _connection(self) -> Any:
+        """This thread's connection: the probe's own in the thread that made
+        it, one per other thread (closed by close(), or once its thread has
+        ended, at the end of run_many)."""
+        if self.conn is None:
+            raise ToolError("the libvirt probe is closed")
+        if threading.get_ident() == self._owner:
+            return self.conn
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._open()
+            with self._extra_lock:
+                self._extra[threading.current_thread()] = conn
+        return conn
+
+    def _close_extra(self, *, all_threads: bool) -> None:
+        with self._extra_lock:
+            done = [t for t in self._extra if all_threads or not t.is_alive()]
+            conns = [self._extra.pop(t) for t in done]
+        for conn in conns:
+            with contextlib.suppress(self._lv.libvirtError):
+                conn.close()
+
     def close(self) -> None:
+        self._close_extra(all_threads=True)
         if self.conn is not None:
             with contextlib.suppress(self._lv.libvirtError):
                 self.conn.close()
@@ -210,7 +244,7 @@ class LibvirtProbe:
         lv = self._lv
         flags = lv.VIR_DOMAIN_START_PAUSED | lv.VIR_DOMAIN_START_AUTODESTROY
         try:
-            dom = self.conn.createXML(xml.decode(), flags)
+            dom = self._connection().createXML(xml.decode(), flags)
         except lv.libvirtError as exc:
             raise ToolError(f"libvirt refused the probe domain: {exc}") from exc
         try:
@@ -377,8 +411,10 @@ class LibvirtProbe:
                     raise
         finally:
             # Every worker has finished here (the pool's exit waited): a later
-            # run() on this probe must not find itself cancelled.
+            # run() on this probe must not find itself cancelled, and the
+            # workers' connections are done with.
             self._cancel.clear()
+            self._close_extra(all_threads=False)
 
 
 def run_libvirt(
