@@ -183,3 +183,24 @@ def test_vmm_view_from_qom_shapes_entries() -> None:
     assert table.get(0x80000001, 0, "ecx") == 0x393
     assert table.get(7, 0, "ebx") == 5
     assert table.get(7, 1, "ebx") == 0  # indexed: subleaf 1 is not subleaf 0
+
+
+def test_filtered_features_are_named_by_the_registry_positions() -> None:
+    # The positions are the AMD APM's (abm/lzcnt: CPUID 0x80000001 ECX bit 5)
+    # and the Intel SDM's (pni/SSE3: CPUID 1 ECX bit 0); the reply has the
+    # shape QEMU's X86CPUFeatureWordInfo has in QMP.
+    from kvmcpuid_virt.probe.qom import describe_filtered
+
+    words = [
+        {"cpuid-input-eax": 0x80000001, "cpuid-register": "ECX", "features": 1 << 5},
+        {"cpuid-input-eax": 1, "cpuid-register": "ECX", "features": 0},
+        {"cpuid-input-eax": 7, "cpuid-input-ecx": 0, "cpuid-register": "EBX",
+         "features": 1 << 5 | 1 << 15},
+    ]
+    lines = describe_filtered(words)
+    assert len(lines) == 2
+    assert lines[0].startswith("QEMU filtered out (the host cannot give them): abm ")
+    assert "0x80000001 ECX 0x00000020" in lines[0]
+    # 7.0 EBX bit 5 is AVX2 (SDM Vol. 2A, CPUID leaf 7); bit 15 (RDT-A) has
+    # no name in QEMU 7.2 or libvirt's cpu_map, so it shows as a number.
+    assert lines[1].split(": ", 1)[1].startswith("avx2, bit 15 (CPUID 0x7.0 EBX")

@@ -38,14 +38,27 @@ def vmm_view_from_qom(feature_words: Sequence[dict[str, Any]]) -> CpuidTable:
 
 
 def describe_filtered(words: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per register in which QEMU filtered bits out (the host could
+    not give them), the bits named as QEMU names them."""
+    from kvmcpuid_virt.cpuid.features import registry
+
+    reg = registry()
     out = []
     for word in words:
-        bits = int(word["features"])
-        if bits:
-            sub = word.get("cpuid-input-ecx")
-            where = f"{int(word['cpuid-input-eax']):#x}" + ("" if sub is None else f".{sub}")
-            out.append(
-                f"QEMU filtered (host cannot give) CPUID {where} "
-                f"{word['cpuid-register']} bits {bits:#010x}"
-            )
+        bits = int(word["features"]) & 0xFFFF_FFFF
+        if not bits:
+            continue
+        leaf = int(word["cpuid-input-eax"])
+        sub = word.get("cpuid-input-ecx")
+        register = _REGISTERS[str(word["cpuid-register"])]
+        names = []
+        for bit in range(32):
+            if bits >> bit & 1:
+                f = reg.at(leaf, int(sub or 0), register, bit)
+                names.append(f.name if f is not None else f"bit {bit}")
+        where = f"{leaf:#x}" + ("" if sub is None else f".{sub}")
+        out.append(
+            f"QEMU filtered out (the host cannot give them): {', '.join(names)} "
+            f"(CPUID {where} {register.upper()} {bits:#010x})"
+        )
     return out
