@@ -52,3 +52,73 @@ def test_diff_refuses_a_table_without_leaf_0(
     assert main(["diff", str(a), str(b)]) == 2
     err = capsys.readouterr().err
     assert "no leaf 0" in err and err.count("\n") == 1
+
+
+def _dump(stem: str) -> str:
+    path = next((str(p) for p in cpu_dump_paths() if stem in p.name and p.suffix == ".xml"), None)
+    if path is None:
+        pytest.skip(f"no {stem} dump")
+    return path
+
+
+def test_diff_of_two_qemu_configurations_names_exactly_the_switched_feature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # LAHF/SAHF in 64-bit mode is CPUID.80000001H:ECX[0] (Intel SDM, AMD
+    # APM); Skylake-SP (Xeon Gold 6148) has it. Applied to that dump, the two
+    # -cpu strings differ in that bit and nothing else.
+    base = _dump("Xeon-Gold-6148")
+    a, b = tmp_path / "a.args", tmp_path / "b.args"
+    a.write_text("-cpu host,lahf-lm=on,enforce\n")
+    b.write_text("-cpu\nhost,lahf-lm=off,enforce\n")  # argv format, one per line
+    assert main(["diff", "--from", base, "--format", "json", str(a), str(b)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["features"] == [
+        {"leaf": "0x80000001", "subleaf": 0, "reg": "ecx", "only_a": ["lahf-lm"], "only_b": []}
+    ]
+    assert doc["fields"] == [] and doc["notes"] == []
+    assert "QEMU -cpu applied to" in doc["a"]
+
+
+def test_diff_of_a_libvirt_cpu_and_the_domain_holding_it_is_identical(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _dump("Xeon-Gold-6148")
+    cpu = ("<cpu mode='custom' match='exact' check='full'><model fallback='forbid'>"
+           "Skylake-Server</model><feature policy='disable' name='avx512f'/></cpu>")
+    (tmp_path / "cpu.xml").write_text(cpu)
+    (tmp_path / "dom.xml").write_text(
+        f"<domain type='kvm'><name>x</name><memory>65536</memory>{cpu}</domain>"
+    )
+    assert main(["diff", "--from", base, str(tmp_path / "cpu.xml"),
+                 str(tmp_path / "dom.xml")]) == 0  # fmt: skip
+    assert capsys.readouterr().out.rstrip().endswith("identical CPUID")
+
+
+def test_diff_notes_what_a_configuration_asks_beyond_the_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Broadwell-U (Core i7-5600U) has no AVX-512 (CPUID.7.0:EBX[16] clear in
+    # its dump); a configuration asking for it is diffed without it, and the
+    # output says so.
+    base = _dump("Core-i7-5600U")
+    a, b = tmp_path / "a.args", tmp_path / "b.args"
+    a.write_text("-cpu host,avx512f=on\n")
+    b.write_text("-cpu host\n")
+    assert main(["diff", "--from", base, "--format", "json", str(a), str(b)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["notes"]) == 1 and doc["notes"][0].endswith("avx512f")
+
+
+def test_diff_of_a_bad_configuration_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.args"
+    bad.write_text("-cpu host,avx2=on -m 1G\n")
+    assert main(["diff", "--from", _dump("Xeon-Gold-6148"), str(bad), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected one -cpu value" in err
+    (tmp_path / "nocpu.xml").write_text("<domain type='kvm'><name>x</name></domain>")
+    assert main(["diff", "--from", _dump("Xeon-Gold-6148"), str(tmp_path / "nocpu.xml"),
+                 str(bad)]) == 2  # fmt: skip
+    assert "no <cpu> element" in capsys.readouterr().err

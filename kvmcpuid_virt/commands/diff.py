@@ -1,4 +1,7 @@
-"""`kvmcpuid diff A B`: named per-bit differences between two dumps.
+"""`kvmcpuid diff A B`: named per-bit differences between two dumps or
+configurations. A configuration (a QEMU -cpu string, a libvirt <cpu> or a
+domain XML) counts as the CPUID a guest would get from it on this host, or
+on the host of `--from DUMP`.
 
 Exit status as diff(1): 0 identical CPUID, 1 they differ, 2 error.
 Stdlib-only imports at module level."""
@@ -12,6 +15,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from kvmcpuid_virt.cpuid.table import CpuidTable
+
 __all__ = ["add_parser", "run"]
 
 HELP = "named per-bit differences between two dumps or configurations"
@@ -24,16 +29,39 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
         "differing fields (family/model, max leaves, address sizes, XSAVE) and host "
         "fingerprints. Exit status: 0 identical CPUID, 1 different, 2 error.",
     )  # fmt: skip
-    p.add_argument("a", metavar="A", help="a dump (JSON, <cpudata>, `cpuid -1r`; - for stdin)")
-    p.add_argument("b", metavar="B", help="another dump")
+    p.add_argument("a", metavar="A",
+                   help="a dump (JSON, <cpudata>, `cpuid -1r`) or a configuration (a file "
+                   "with `-cpu VALUE` or kvmcpuid-qemu-flags output, a libvirt <cpu> or "
+                   "domain XML); - for stdin")  # fmt: skip
+    p.add_argument("b", metavar="B", help="another dump or configuration")
+    p.add_argument("--from", dest="from_", metavar="DUMP",
+                   help="apply configurations to this dump's supported CPUID instead of "
+                   "this host's /dev/kvm")  # fmt: skip
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="default: table")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmcpuid_virt.cpuid.formats import load
-    from kvmcpuid_virt.policy.diff import diff, render_json, render_table
+    from functools import cache
 
-    result = diff(load(args.a), load(args.b))
+    from kvmcpuid_virt.fsutil import read_text
+    from kvmcpuid_virt.policy.diff import diff, render_json, render_table
+    from kvmcpuid_virt.policy.given import load_operand
+    from kvmcpuid_virt.policy.options import read_table
+
+    @cache
+    def supported() -> tuple[CpuidTable, str]:
+        # Read once, and only when a configuration needs it.
+        return read_table(args)
+
+    operands = []
+    notes = []
+    for path in (args.a, args.b):
+        dump, config = load_operand(*read_text(path), supported)
+        operands.append(dump)
+        if config is not None and config.dropped:
+            notes.append(f"{dump.source}: left out, this host cannot give them: "
+                         f"{', '.join(config.dropped)}")  # fmt: skip
+    result = diff(operands[0], operands[1], notes=tuple(notes))
     sys.stdout.write(render_json(result) if args.format == "json" else render_table(result))
     return 0 if result.identical else 1

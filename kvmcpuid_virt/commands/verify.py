@@ -48,33 +48,24 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--timeout must be positive")
     table, source = read_table(args)
     if args.qemu_flags is not None:
-        from kvmcpuid_virt.adapters.qemu import parse_config
+        from kvmcpuid_virt.policy.given import qemu_config, qemu_cpu_value
 
-        value = args.qemu_flags.strip()
-        value = value[len("-cpu"):].strip() if value.startswith("-cpu") else value
-        config = parse_config(value, table, allow_unsupported=True, source=source)
+        value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
+        config = qemu_config(value, "--qemu-flags", table, source)
         target = target_for(config, qemu_cpu=value, label="--qemu-flags")
         backends: tuple[str, ...] = ("qemu",) if args.backend == "all" else (args.backend,)
     elif args.libvirt_xml is not None:
-        from kvmcpuid_virt.adapters.libvirt import parse_config as parse_libvirt
-        from kvmcpuid_virt.fsutil import read_text
-        from kvmcpuid_virt.xmlutil import parse_xml
-
-        text, xml_source = read_text(args.libvirt_xml)
-        root = parse_xml(text, xml_source)
-        cpu = root if root.tag == "cpu" else root.find("cpu")
         from lxml import etree
 
-        if cpu is None:
-            from kvmcpuid_virt.errors import InputError
+        from kvmcpuid_virt.fsutil import read_text
+        from kvmcpuid_virt.policy.given import libvirt_cpu
 
-            raise InputError(f"{xml_source}: no <cpu> element")
-        config = parse_libvirt(cpu, table, allow_unsupported=True, source=source)
-        cpu_text = etree.tostring(cpu, encoding="unicode")
-        features = root.find("features") if root.tag == "domain" else None
-        features_text = None if features is None else etree.tostring(features, encoding="unicode")
-        target = target_for(config, libvirt_cpu=cpu_text, libvirt_features=features_text,
-                            label="--libvirt-xml")
+        given_cpu = libvirt_cpu(*read_text(args.libvirt_xml))
+        config = given_cpu.config(table, source)
+        features_text = (None if given_cpu.features is None
+                         else etree.tostring(given_cpu.features, encoding="unicode"))  # fmt: skip
+        target = target_for(config, libvirt_cpu=etree.tostring(given_cpu.cpu, encoding="unicode"),
+                            libvirt_features=features_text, label="--libvirt-xml")
         backends = ("libvirt",) if args.backend == "all" else (args.backend,)
     else:
         config = config_from_args(args, table, source)

@@ -1,4 +1,5 @@
-"""Per-bit, named differences between two hosts' CPUID (dumps of any format):
+"""Per-bit, named differences between two hosts' CPUID (dumps of any format,
+or configurations as the table a guest would get from them):
 feature bits grouped by leaf/register as "only in A" / "only in B", the
 non-flag fields that differ (vendor, family/model, max leaves, address sizes,
 XSAVE), and the fingerprints (kernel, KVM API, QEMU, libvirt, microcode).
@@ -54,6 +55,9 @@ class HostDiff:
     words: tuple[WordDiff, ...]
     fields: tuple[FieldDiff, ...]
     fingerprint: tuple[FieldDiff, ...]
+    # What the caller wants said with the result (features a configuration
+    # asked for that the host it was applied to cannot give).
+    notes: tuple[str, ...] = ()
 
     @property
     def identical(self) -> bool:
@@ -84,7 +88,7 @@ def _fields(d: Dump) -> dict[str, str]:
     }  # fmt: skip
 
 
-def diff(a: Dump, b: Dump) -> HostDiff:
+def diff(a: Dump, b: Dump, *, notes: tuple[str, ...] = ()) -> HostDiff:
     require_vendor(a)
     require_vendor(b)
     reg = registry()
@@ -111,7 +115,7 @@ def diff(a: Dump, b: Dump) -> HostDiff:
         for k in keys
         if a.host.get(k) != b.host.get(k)
     )
-    return HostDiff(a.source, b.source, tuple(words), field_diffs, fp)
+    return HostDiff(a.source, b.source, tuple(words), field_diffs, fp, notes)
 
 
 def _wrap(names: tuple[str, ...], width: int) -> list[str]:
@@ -131,7 +135,7 @@ def _wrap(names: tuple[str, ...], width: int) -> list[str]:
 
 def render_table(d: HostDiff, width: int = 100) -> str:
     col = max(20, (width - 24) // 2)
-    out = [f"A: {d.a}", f"B: {d.b}", ""]
+    out = [f"A: {d.a}", f"B: {d.b}", *(f"note: {n}" for n in d.notes), ""]
     if d.words:
         out.append(f"{'leaf/register':<22}  {'only in A':<{col}}  only in B")
         for w in d.words:
@@ -165,5 +169,6 @@ def render_json(d: HostDiff) -> str:
         ],
         "fields": [dataclasses.asdict(f) for f in d.fields],
         "fingerprint": [dataclasses.asdict(f) for f in d.fingerprint],
+        "notes": list(d.notes),
     }
     return json.dumps(doc, indent=2) + "\n"

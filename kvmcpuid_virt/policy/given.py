@@ -1,0 +1,124 @@
+"""Configurations a user already has, given as text: a QEMU `-cpu` string
+(as `kvmcpuid-qemu-flags` prints it, in any of its formats) or a libvirt
+`<cpu>` element, alone or inside a domain XML. Each is applied to a supported
+table (this host's, or a dump's) to give the CpuConfig a guest would get.
+
+`kvmcpuid verify --qemu-flags/--libvirt-xml` and `kvmcpuid diff` read them
+through here; `classify` tells a configuration from a dump by its content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Literal
+
+from lxml import etree
+
+from kvmcpuid_virt.cpuid.formats import Dump, loads
+from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.errors import InputError
+from kvmcpuid_virt.policy.config import CpuConfig
+from kvmcpuid_virt.xmlutil import parse_xml
+
+__all__ = [
+    "Kind",
+    "LibvirtCpu",
+    "classify",
+    "libvirt_cpu",
+    "load_operand",
+    "qemu_config",
+    "qemu_cpu_value",
+]
+
+Kind = Literal["dump", "qemu", "libvirt"]
+
+
+def classify(text: str) -> Kind:
+    """What a file holds, by its first token: `-cpu ...` (arg or argv format)
+    or a JSON object with "argv" is QEMU; XML whose root is <cpu> or <domain>
+    is libvirt; anything else is left to the dump readers."""
+    head = text.lstrip()
+    if head.startswith("-cpu"):
+        return "qemu"
+    if head.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return "dump"  # the dump reader names the line of the error
+        return "qemu" if isinstance(doc, dict) and "argv" in doc else "dump"
+    if head.startswith("<"):
+        try:
+            root = parse_xml(text, "<classify>")
+        except InputError:
+            return "dump"  # the dump reader reports it, with the real source
+        return "libvirt" if root.tag in ("cpu", "domain") else "dump"
+    return "dump"
+
+
+def qemu_cpu_value(text: str, source: str) -> str:
+    """The -cpu value of `-cpu VALUE`, a bare VALUE, argv lines (`-cpu` and
+    VALUE on lines of their own) or kvmcpuid-qemu-flags' JSON."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            argv = json.loads(stripped)["argv"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{source}: not kvmcpuid-qemu-flags JSON ({exc})") from None
+        if not (isinstance(argv, list) and len(argv) == 2 and argv[0] == "-cpu"
+                and isinstance(argv[1], str)):  # fmt: skip
+            raise InputError(f"{source}: \"argv\" must be [\"-cpu\", VALUE]")
+        return str(argv[1])
+    if stripped.startswith("-cpu"):
+        stripped = stripped[len("-cpu"):].strip()
+    if not stripped or any(c.isspace() for c in stripped):
+        raise InputError(f"{source}: expected one -cpu value, e.g. 'host,avx2=off,enforce'")
+    return stripped
+
+
+def qemu_config(text: str, source: str, table: CpuidTable, table_source: str) -> CpuConfig:
+    from kvmcpuid_virt.adapters.qemu import parse_config
+
+    return parse_config(qemu_cpu_value(text, source), table, allow_unsupported=True,
+                        source=table_source)  # fmt: skip
+
+
+class LibvirtCpu:
+    """The <cpu> of a libvirt document, and the domain's <features> beside it
+    (where libvirt takes the KVM paravirtual switches), if any."""
+
+    def __init__(self, cpu: etree._Element, features: etree._Element | None) -> None:
+        self.cpu = cpu
+        self.features = features
+
+    def config(self, table: CpuidTable, table_source: str) -> CpuConfig:
+        from kvmcpuid_virt.adapters.libvirt import parse_config
+
+        return parse_config(self.cpu, table, allow_unsupported=True, source=table_source)
+
+
+def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
+    """The <cpu> of a <cpu> document or of a <domain>; an InputError without one."""
+    root = parse_xml(text, source)
+    cpu = root if root.tag == "cpu" else root.find("cpu") if root.tag == "domain" else None
+    if cpu is None:
+        raise InputError(f"{source}: no <cpu> element (expected <cpu> or a <domain> with one)")
+    features = root.find("features") if root.tag == "domain" else None
+    return LibvirtCpu(cpu, features)
+
+
+def load_operand(text: str, source: str,
+                 base: Callable[[], tuple[CpuidTable, str]]) -> tuple[Dump, CpuConfig | None]:
+    """A dump as it is, or a configuration as the table a guest would get
+    from it on `base()` (called only for configurations), with the config."""
+    kind = classify(text)
+    if kind == "dump":
+        return loads(text, source), None
+    table, table_source = base()
+    if kind == "qemu":
+        config = qemu_config(text, source, table, table_source)
+        label = f"{source} (QEMU -cpu applied to {table_source})"
+    else:
+        config = libvirt_cpu(text, source).config(table, table_source)
+        label = f"{source} (libvirt <cpu> applied to {table_source})"
+    return Dump(config.expected, kind="config", source=label), config
