@@ -150,11 +150,14 @@ def run_qemu_cases(cases: Sequence[Case], qemu: str) -> Batch:
 LIBVIRT_PARALLEL: Final = 16
 
 
-def run_libvirt_cases(cases: Sequence[Case], uri: str) -> Batch:
-    """libvirt: one connection, LIBVIRT_PARALLEL transient domains in flight."""
+def run_libvirt_cases(cases: Sequence[Case], uri: str, *,
+                      keep_failed_logs: bool = True) -> Batch:
+    """libvirt: LIBVIRT_PARALLEL transient domains in flight. keep_failed_logs:
+    False where failures are the point (the mutants), so no libvirt log of
+    them stays behind."""
     from kvmcpuid_virt.probe.libvirt import LibvirtProbe
 
-    with LibvirtProbe(uri) as probe:
+    with LibvirtProbe(uri, keep_failed_logs=keep_failed_logs) as probe:
         return _parallel("libvirt", cases,
                          lambda c: probe.run(c.libvirt_cpu, c.queries, TIMEOUT),
                          LIBVIRT_PARALLEL)

@@ -139,6 +139,7 @@ def test_mutant_libvirt_disable_as_require(the_plan: Plan, control: HostControl,
         "the full configuration turns nothing off here: this mutant cannot show")
     baseline = _verdict(check(batch_libvirt, full))
     assert not baseline.startswith("FAIL"), f"the unbroken adapter fails already: {baseline}"
-    verdict = _verdict(check(run_libvirt_cases([mutant], libvirt_uri), mutant))
+    verdict = _verdict(check(run_libvirt_cases([mutant], libvirt_uri, keep_failed_logs=False),
+                             mutant))
     assert verdict.startswith("FAIL"), (
         f"the suite did not catch 'disable' rendered as 'require': {verdict}")

@@ -17,6 +17,7 @@ from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.policy import models, select
+from kvmcpuid_virt.probe.libvirt import domain_log
 from tests.conftest import cpu_dump_paths
 from tests.test_policy import table
 
@@ -167,6 +168,9 @@ def test_libvirt_accepts_defines_and_starts(kvm: Kvm, libvirt_conn_uri: str) -> 
             if dom.isActive():
                 dom.destroy()
             dom.undefine()
+            log = domain_log(libvirt_conn_uri, name)
+            if log is not None:
+                log.unlink(missing_ok=True)  # libvirt keeps it after undefine
     finally:
         conn.close()
 

@@ -207,6 +207,27 @@ def test_refused_cpu_is_a_tool_error(env: Env) -> None:
         probe.run("<cpu mode='custom' match='exact'><model>no-such-model</model></cpu>", QUERIES)
 
 
+def test_failed_run_keeps_and_names_its_log_unless_told_not_to(env: Env) -> None:
+    if domain_log(env.uri, "x") is None or not QEMU_LOG_DIR.is_dir():
+        pytest.skip(f"no local libvirt QEMU log directory ({QEMU_LOG_DIR})")
+    # Required features this host lacks, with libvirt's own check: QEMU
+    # starts, libvirt finds the guest CPU short and stops it (a log exists).
+    missing = "".join(f"<feature policy='require' name='{n}'/>"
+                      for n in ("abm", "sse4a", "xop", "fma4", "tbm", "avx512f", "amx-tile"))
+    cpu_xml = f"<cpu mode='custom' match='exact' check='full'><model>qemu64</model>{missing}</cpu>"
+    with LibvirtProbe(env.uri, name_prefix=env.prefix) as probe, \
+            pytest.raises(ToolError) as info:
+        probe.run(cpu_xml, QUERIES)
+    [log] = _our_logs(env.uri, env.prefix)
+    assert f"(libvirt's log: {log})" in str(info.value)
+    log.unlink()
+    with LibvirtProbe(env.uri, name_prefix=env.prefix, keep_failed_logs=False) as probe, \
+            pytest.raises(ToolError) as info:
+        probe.run(cpu_xml, QUERIES)
+    assert _our_logs(env.uri, env.prefix) == []
+    assert "libvirt's log" not in str(info.value)
+
+
 def test_cpu_xml_must_be_a_cpu_element() -> None:
     with pytest.raises(InputError):
         domain_xml(DOMAIN_PREFIX + "x", "<domain/>", Path("/i"), Path("/s"))

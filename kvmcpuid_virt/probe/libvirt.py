@@ -172,13 +172,15 @@ class LibvirtProbe:
 
     def __init__(self, uri: str = "qemu:///system", *, machine: str = "pc",
                  emulator: str | None = None, name_prefix: str = DOMAIN_PREFIX,
-                 keep_domain_logs: bool = False) -> None:
+                 keep_domain_logs: bool = False, keep_failed_logs: bool = True) -> None:
         if not name_prefix.startswith(DOMAIN_PREFIX) or not all(
             c.isalnum() or c in "-_" for c in name_prefix
         ):
             raise ValueError(f"domain name prefix {name_prefix!r} must start {DOMAIN_PREFIX!r}")
         self.name_prefix = name_prefix
+        # Logs of runs that succeeded / failed (a failure's error names its log).
         self.keep_domain_logs = keep_domain_logs
+        self.keep_failed_logs = keep_failed_logs
         self._lv = _libvirt()
         self.uri = uri
         self.machine = machine
@@ -292,8 +294,8 @@ class LibvirtProbe:
                 )
             time.sleep(_POLL)
 
-    def _drop_log(self, path: Path | None) -> None:
-        if path is not None and not self.keep_domain_logs:
+    def _drop_log(self, path: Path | None, *, always: bool = False) -> None:
+        if path is not None and (always or not self.keep_domain_logs):
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
 
@@ -371,7 +373,9 @@ class LibvirtProbe:
                     raise ProbeError(f"libvirt guest {name}: {exc}") from exc
             except (ProbeError, ToolError) as exc:
                 # The log says what QEMU and libvirt made of the domain: keep it.
-                if domain_log_path is not None and domain_log_path.exists():
+                if not self.keep_failed_logs:
+                    self._drop_log(domain_log_path, always=True)
+                elif domain_log_path is not None and domain_log_path.exists():
                     raise type(exc)(f"{exc} (libvirt's log: {domain_log_path})") from exc
                 raise
             except BaseException:
