@@ -58,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.errors import InputError
     from kvmcpuid_virt.fsutil import atomic_write
     from kvmcpuid_virt.policy import baseline as bl
+    from kvmcpuid_virt.policy.host_model import connect_dump
 
     inputs: list[Dump] = [load(p) for p in args.dumps]
     notes: list[str] = []
     for uri in args.connect:
-        dump, unknown = bl.connect_dump(uri)
+        dump, unknown = connect_dump(uri)
         inputs.append(dump)
         if unknown:
             notes.append(f"{uri}: host-model features the registry does not know: "
@@ -118,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(result: Any, args: argparse.Namespace) -> Any:
-    from kvmcpuid_virt.policy import baseline as bl
+    from kvmcpuid_virt.policy.max_model import limit_to_model
     from kvmcpuid_virt.policy.select import Policy, build
 
     config = build(result.table, Policy(model=args.model), source="baseline")
     if args.max_model:
-        config, off = bl.limit_to_model(config, args.max_model)
+        config, off = limit_to_model(config, args.max_model)
         if off:
             _note(f"--max-model {args.max_model} turns off: {', '.join(off)}")
     return config

@@ -4,7 +4,7 @@ Inputs are Dumps: `kvmcpuid dump` files of KVM hosts (KVM_GET_SUPPORTED_CPUID),
 raw CPU dumps (libvirt <cpudata>, `cpuid -1r`; read as "what that host's CPU
 could give", an upper bound of what its KVM gives), or feature-only views of a
 host (kind "config", e.g. a libvirt host-model from domain capabilities, see
-`host_model_dump`).
+policy/host_model.py).
 
 Rules:
 - feature bits (every bit the registry names) are ANDed: a bit is on only if
@@ -18,20 +18,16 @@ Rules:
   leaves) comes from the oldest host of the first input's vendor, the
   "template"; an entry is kept only if every full input has it.
 Every such decision is reported in `Baseline.notes`.
-
-`limit_to_model` caps a CpuConfig at a named CPU model (--max-model).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from kvmcpuid_virt.cpuid import fields
-from kvmcpuid_virt.cpuid.features import FeatureKind, Registry, registry
-from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
+from kvmcpuid_virt.cpuid.features import Registry, registry
 from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.table import (
     INDEXED_LEAVES,
@@ -41,19 +37,15 @@ from kvmcpuid_virt.cpuid.table import (
     EntryFlag,
     Register,
 )
-from kvmcpuid_virt.errors import InputError, PolicyError, ToolError
-from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
-
-if TYPE_CHECKING:
-    from kvmcpuid_virt.policy.models import CpuModel
+from kvmcpuid_virt.errors import InputError, PolicyError
+from kvmcpuid_virt.policy.config import vendor_of
 
 __all__ = [
     "VENDOR_NEUTRAL",
     "Baseline",
     "baseline",
-    "host_model_dump",
-    "limit_to_model",
     "neutral_mask",
+    "require_vendor",
     "word_value",
 ]
 
@@ -374,153 +366,3 @@ def _min_fields(
             for r in regs:
                 common[r] &= 0 if e is None else e.reg(r)  # type: ignore[arg-type]
         entries[(0xD, subleaf)] = entry.replace(**common)
-
-
-# --- libvirt host-model as an input ------------------------------------------------
-
-_LIBVIRT_VENDORS: Final = {short: full for full, short in LIBVIRT_VENDOR.items()}
-
-
-def host_model_dump(
-    domcaps_xml: str, source: str, cpu_map: str | Path | None = None
-) -> tuple[Dump, list[str]]:
-    """A feature-only Dump (kind "config") from a libvirt domain capabilities
-    document: `<mode name='host-model'>`'s model (expanded through the local
-    cpu_map) plus its require features minus its disable features. Returns
-    the dump and the feature names the registry does not know (skipped)."""
-    from kvmcpuid_virt.policy import models
-    from kvmcpuid_virt.xmlutil import parse_xml
-
-    root = parse_xml(domcaps_xml, source)
-    mode = next(
-        (m for m in root.iter("mode") if m.get("name") == "host-model"), None
-    )
-    if mode is None or mode.get("supported") == "no":
-        raise InputError(f"{source}: domain capabilities have no supported host-model CPU")
-    names: set[str] = set()
-    model_el = mode.find("model")
-    if model_el is not None and model_el.text:
-        cm = models.cpu_map_models(cpu_map if cpu_map is not None else models.CPU_MAP_DIR)
-        m = cm.get(model_el.text.strip())
-        if m is None:
-            raise InputError(f"{source}: host-model {model_el.text!r} is not in the local cpu_map")
-        names |= set(m.features)
-    for f in mode.findall("feature"):
-        name, policy = f.get("name"), f.get("policy", "require")
-        if not name:
-            continue
-        if policy in ("require", "force", "optional"):
-            names.add(name)
-        elif policy in ("disable", "forbid"):
-            names.discard(name)
-    vendor_el = mode.find("vendor")
-    vendor = _LIBVIRT_VENDORS.get((vendor_el.text or "").strip() if vendor_el is not None else "")
-    if vendor is None:
-        raise InputError(f"{source}: host-model has no known <vendor>")
-    reg = registry()
-    words: dict[tuple[int, int], dict[str, int]] = {}
-    unknown = []
-    for name in sorted(names):
-        feat = reg.by_libvirt(name)
-        if feat is None:
-            unknown.append(name)
-            continue
-        regs = words.setdefault((feat.leaf, feat.subleaf), {})
-        regs[feat.reg] = regs.get(feat.reg, 0) | feat.mask
-    vb = vendor.encode()
-    leaf0 = {
-        "ebx": int.from_bytes(vb[0:4], "little"),
-        "edx": int.from_bytes(vb[4:8], "little"),
-        "ecx": int.from_bytes(vb[8:12], "little"),
-    }
-    entries = [CpuidEntry(0, 0, EntryFlag.NONE, **leaf0)]
-    for (leaf, subleaf), regs in sorted(words.items()):
-        flags = EntryFlag.SIGNIFICANT_INDEX if leaf in INDEXED_LEAVES else EntryFlag.NONE
-        if leaf == 0:
-            continue
-        entries.append(CpuidEntry(leaf, subleaf, flags, **regs))
-    return Dump(CpuidTable(entries), "config", {"libvirt_uri": source}, source), unknown
-
-
-def connect_dump(uri: str) -> tuple[Dump, list[str]]:
-    """host_model_dump of the domain capabilities libvirt at `uri` reports
-    (qemu+ssh://host/system for a remote host)."""
-    try:
-        import libvirt
-    except ImportError:
-        from kvmcpuid_virt.errors import ToolError
-
-        raise ToolError("--connect needs libvirt-python (pip install libvirt-python)") from None
-    from kvmcpuid_virt.errors import ToolError
-
-    # libvirt prints every error to stderr by default; ours carry the message.
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        # Read-only connections may not ask for domain capabilities.
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise ToolError(f"{uri}: {' '.join(str(exc).split())}") from None
-    try:
-        xml = conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
-    except libvirt.libvirtError as exc:
-        raise ToolError(f"{uri}: domain capabilities: {' '.join(str(exc).split())}") from None
-    finally:
-        conn.close()
-    return host_model_dump(str(xml), uri)
-
-
-# --- --max-model -------------------------------------------------------------------
-
-# Bits QEMU gives every model under KVM (qemu_adjust.qemu_supported and QEMU's
-# kvm_default_props): virtualization artefacts, not CPU model content, so a
-# model cap leaves them alone (cpu_map models never list them).
-QEMU_ADDED: Final = frozenset({"hypervisor", "tsc-deadline", "arat", "x2apic"})
-
-
-def _model_names(reg: Registry, m: CpuModel) -> set[str]:
-    out = set()
-    for name in m.features:
-        f = reg.by_libvirt(name) if m.source == "cpu_map" else reg.by_qemu(name)
-        if f is not None:
-            out.add(f.name)
-    return out
-
-
-def limit_to_model(
-    config: CpuConfig,
-    name: str,
-    cpu_map: str | Path | None = None,
-    qemu: str | None = None,
-) -> tuple[CpuConfig, list[str]]:
-    """`config` with every feature outside CPU model `name` turned off (KVM
-    paravirtual features are not model content and stay as they are). A config
-    based on `host` takes the model as its base, so the guest also sees the
-    model's family/model/stepping and max leaves, as the older CPU would.
-    Returns the new config and the names turned off."""
-    from kvmcpuid_virt.policy import models, select
-
-    m = models.model(name, cpu_map if cpu_map is not None else models.CPU_MAP_DIR, qemu)
-    reg = registry()
-    allowed = _model_names(reg, m)
-    features: dict[str, bool] = {}
-    off: list[str] = []
-    for fname, on in config.features.items():
-        f = reg.lookup(fname)
-        keep = on and (
-            fname in allowed or f.kind == FeatureKind.KVM_PV or fname in QEMU_ADDED
-        )
-        if on and not keep:
-            off.append(fname)
-        features[fname] = keep
-    expected = select.expected_table(config.expected, reg, features, config.vendor)
-    model = m.name if config.model == "host" else config.model
-    try:
-        info = models.qemu_info(qemu)
-    except ToolError:
-        info = None  # no QEMU to say what the model's leaves are: keep the table's
-    if info is not None and model in info.definitions:
-        enabled = [reg.lookup(n) for n, on in features.items() if on]
-        expected = select.with_model_identity(expected, info.identity(model), enabled)
-    capped = dataclasses.replace(config, model=model, features=features, expected=expected)
-    return capped, off
-

@@ -88,7 +88,7 @@ def config_from_args(
     config = build(table, policy, source=source)
     max_model = getattr(args, "max_model", None)
     if max_model:
-        from kvmcpuid_virt.policy.baseline import limit_to_model
+        from kvmcpuid_virt.policy.max_model import limit_to_model
 
         config, _ = limit_to_model(config, max_model)
     return config

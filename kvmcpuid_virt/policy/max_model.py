@@ -1,0 +1,71 @@
+"""--max-model: cap a CpuConfig at a named CPU model, the way an operator
+emulates older hardware (features outside the model off; a `host` config also
+takes the model's identity and max leaves)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from kvmcpuid_virt.cpuid.features import FeatureKind, Registry, registry
+from kvmcpuid_virt.errors import ToolError
+from kvmcpuid_virt.policy.config import CpuConfig
+
+if TYPE_CHECKING:
+    from kvmcpuid_virt.policy.models import CpuModel
+
+__all__ = ["QEMU_ADDED", "limit_to_model"]
+
+# Bits QEMU gives every model under KVM (qemu_adjust.qemu_supported and QEMU's
+# kvm_default_props): virtualization artefacts, not CPU model content, so a
+# model cap leaves them alone (cpu_map models never list them).
+QEMU_ADDED: Final = frozenset({"hypervisor", "tsc-deadline", "arat", "x2apic"})
+
+
+def _model_names(reg: Registry, m: CpuModel) -> set[str]:
+    out = set()
+    for name in m.features:
+        f = reg.by_libvirt(name) if m.source == "cpu_map" else reg.by_qemu(name)
+        if f is not None:
+            out.add(f.name)
+    return out
+
+
+def limit_to_model(
+    config: CpuConfig,
+    name: str,
+    cpu_map: str | Path | None = None,
+    qemu: str | None = None,
+) -> tuple[CpuConfig, list[str]]:
+    """`config` with every feature outside CPU model `name` turned off (KVM
+    paravirtual features are not model content and stay as they are). A config
+    based on `host` takes the model as its base, so the guest also sees the
+    model's family/model/stepping and max leaves, as the older CPU would.
+    Returns the new config and the names turned off."""
+    from kvmcpuid_virt.policy import models, select
+
+    m = models.model(name, cpu_map if cpu_map is not None else models.CPU_MAP_DIR, qemu)
+    reg = registry()
+    allowed = _model_names(reg, m)
+    features: dict[str, bool] = {}
+    off: list[str] = []
+    for fname, on in config.features.items():
+        f = reg.lookup(fname)
+        keep = on and (
+            fname in allowed or f.kind == FeatureKind.KVM_PV or fname in QEMU_ADDED
+        )
+        if on and not keep:
+            off.append(fname)
+        features[fname] = keep
+    expected = select.expected_table(config.expected, reg, features, config.vendor)
+    model = m.name if config.model == "host" else config.model
+    try:
+        info = models.qemu_info(qemu)
+    except ToolError:
+        info = None  # no QEMU to say what the model's leaves are: keep the table's
+    if info is not None and model in info.definitions:
+        enabled = [reg.lookup(n) for n, on in features.items() if on]
+        expected = select.with_model_identity(expected, info.identity(model), enabled)
+    capped = dataclasses.replace(config, model=model, features=features, expected=expected)
+    return capped, off
