@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lxml import etree
@@ -61,18 +62,26 @@ def _dump(stem: str) -> str:
     return path
 
 
+def _diff_configs(base: str, a_text: str, b_text: str, tmp_path: Path,
+                  capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    a, b = tmp_path / "a.args", tmp_path / "b.args"
+    a.write_text(a_text)
+    b.write_text(b_text)
+    rc = main(["diff", "--from", base, "--format", "json", str(a), str(b)])
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return rc, doc
+
+
 def test_diff_of_two_qemu_configurations_names_exactly_the_switched_feature(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # LAHF/SAHF in 64-bit mode is CPUID.80000001H:ECX[0] (Intel SDM, AMD
     # APM); Skylake-SP (Xeon Gold 6148) has it. Applied to that dump, the two
     # -cpu strings differ in that bit and nothing else.
-    base = _dump("Xeon-Gold-6148")
-    a, b = tmp_path / "a.args", tmp_path / "b.args"
-    a.write_text("-cpu host,lahf-lm=on,enforce\n")
-    b.write_text("-cpu\nhost,lahf-lm=off,enforce\n")  # argv format, one per line
-    assert main(["diff", "--from", base, "--format", "json", str(a), str(b)]) == 1
-    doc = json.loads(capsys.readouterr().out)
+    rc, doc = _diff_configs(_dump("Xeon-Gold-6148"), "-cpu host,lahf-lm=on,enforce\n",
+                            "-cpu\nhost,lahf-lm=off,enforce\n",  # argv: one per line
+                            tmp_path, capsys)  # fmt: skip
+    assert rc == 1
     assert doc["features"] == [
         {"leaf": "0x80000001", "subleaf": 0, "reg": "ecx", "only_a": ["lahf-lm"], "only_b": []}
     ]
@@ -101,12 +110,9 @@ def test_diff_notes_what_a_configuration_asks_beyond_the_host(
     # Broadwell-U (Core i7-5600U) has no AVX-512 (CPUID.7.0:EBX[16] clear in
     # its dump); a configuration asking for it is diffed without it, and the
     # output says so.
-    base = _dump("Core-i7-5600U")
-    a, b = tmp_path / "a.args", tmp_path / "b.args"
-    a.write_text("-cpu host,avx512f=on\n")
-    b.write_text("-cpu host\n")
-    assert main(["diff", "--from", base, "--format", "json", str(a), str(b)]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    rc, doc = _diff_configs(_dump("Core-i7-5600U"), "-cpu host,avx512f=on\n", "-cpu host\n",
+                            tmp_path, capsys)  # fmt: skip
+    assert rc == 0
     assert len(doc["notes"]) == 1 and doc["notes"][0].endswith("avx512f")
 
 
