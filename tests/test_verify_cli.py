@@ -123,3 +123,41 @@ def test_bad_input_is_one_line_error(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = _verify("--libvirt-xml", str(tmp_path / "missing.xml"))
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+@pytest.mark.parametrize(("uri", "local"), [
+    ("qemu:///system", True),
+    ("qemu:///session", True),
+    ("qemu+unix:///system?socket=/run/test/libvirt-sock", True),
+    ("qemu://localhost/system", True),
+    ("qemu+ssh://host.example/system", False),
+    ("qemu+tcp://10.0.0.1/system", False),
+    ("test:///default", False),
+])
+def test_libvirt_backend_uri_must_be_local(uri: str, local: bool) -> None:
+    # The probe hands libvirtd the image and the serial file by local path.
+    from kvmcpuid_virt.probe.libvirt import is_local
+
+    assert is_local(uri) is local
+
+
+def test_remote_connect_and_missing_qemu_are_usage_errors() -> None:
+    r = _verify("--connect", "qemu+ssh://host.example/system")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "libvirtd on this machine" in r.stderr
+    r = _verify("--backend", "qemu", "--qemu", "/nonexistent/qemu")
+    assert r.returncode == 2 and "not an executable file" in r.stderr
+
+
+def test_qemu_backend_runs_the_binary_it_is_given(
+    kvm: Kvm, qemu_binary: str, tmp_path: Path
+) -> None:
+    # A wrapper that records its arguments, then runs the real QEMU: the
+    # backend must start the guest through it.
+    marker = tmp_path / "ran"
+    wrapper = tmp_path / "qemu-wrapper"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" > {marker}\nexec {qemu_binary} "$@"\n')
+    wrapper.chmod(0o755)
+    r = _verify("--backend", "qemu", "--qemu", str(wrapper))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "-cpu" in marker.read_text()

@@ -34,18 +34,33 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="per-guest timeout in seconds (default 10)")
     p.add_argument("--no-host-control", action="store_true",
                    help="do not probe (or use the cached probe of) which bits this host controls")
+    p.add_argument("--qemu", metavar="PATH",
+                   help="QEMU binary of the qemu backend (default: $KVMCPUID_QEMU, else "
+                   "qemu-system-x86_64 on PATH)")  # fmt: skip
+    p.add_argument("--connect", metavar="URI",
+                   help="libvirtd of the libvirt backend, on this machine (default: "
+                   "$KVMCPUID_LIBVIRT_URI, else qemu:///system)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
 
+    from kvmcpuid_virt.errors import InputError
     from kvmcpuid_virt.policy.options import config_from_args, read_table
     from kvmcpuid_virt.probe.verify import BACKENDS, target_for, verify
 
     if args.timeout <= 0:
-        from kvmcpuid_virt.errors import InputError
-
         raise InputError("--timeout must be positive")
+    if args.qemu is not None and not (os.path.isfile(args.qemu) and os.access(args.qemu, os.X_OK)):
+        raise InputError(f"--qemu {args.qemu}: not an executable file")
+    uri = args.connect or os.environ.get("KVMCPUID_LIBVIRT_URI") or "qemu:///system"
+    if args.backend in ("libvirt", "all"):
+        from kvmcpuid_virt.probe.libvirt import is_local
+
+        if not is_local(uri):
+            raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
+                             "machine (qemu:///system or qemu:///session)")  # fmt: skip
     table, source = read_table(args)
     if args.qemu_flags is not None:
         from kvmcpuid_virt.policy.given import qemu_config, qemu_cpu_value
@@ -82,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         reasons = dict(hc.reasons)
         notes = hc.summary()
     reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
-                     reasons=reasons, timeout=args.timeout)
+                     reasons=reasons, timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
     ok = all(r.ok for r in reports)
     if args.format == "json":
         doc = {

@@ -62,6 +62,7 @@ __all__ = [
     "LibvirtProbe",
     "domain_log",
     "domain_xml",
+    "is_local",
     "run_libvirt",
 ]
 
@@ -78,6 +79,17 @@ Query = tuple[int, int]
 # files. The probe removes the log of a run that succeeded and names it in
 # the error of one that did not. Only for a daemon on this machine.
 _SYSTEM_LOG_DIR: Final = Path("/var/log/libvirt/qemu")
+
+
+def is_local(uri: str) -> bool:
+    """Whether libvirtd at `uri` runs on this machine: the probe hands it an
+    image and a serial file by local path, so a remote daemon cannot run it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    driver, _, transport = parts.scheme.partition("+")
+    return (driver == "qemu" and transport in ("", "unix")
+            and parts.hostname in (None, "", "localhost"))  # fmt: skip
 
 
 def domain_log(uri: str, name: str) -> Path | None:
@@ -177,6 +189,11 @@ class LibvirtProbe:
             c.isalnum() or c in "-_" for c in name_prefix
         ):
             raise ValueError(f"domain name prefix {name_prefix!r} must start {DOMAIN_PREFIX!r}")
+        if not is_local(uri):
+            raise InputError(
+                f"{uri}: the libvirt probe needs libvirtd on this machine "
+                "(qemu:///system or qemu:///session): it passes the guest image by path"
+            )
         self.name_prefix = name_prefix
         # Logs of runs that succeeded / failed (a failure's error names its log).
         self.keep_domain_logs = keep_domain_logs

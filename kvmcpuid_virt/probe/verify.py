@@ -143,24 +143,27 @@ class BackendReport:
 
 
 def _run(
-    backend: str, target: Target, queries: Sequence[tuple[int, int]], timeout: float
+    backend: str, target: Target, queries: Sequence[tuple[int, int]], timeout: float,
+    qemu: str | None, libvirt_uri: str,
 ) -> ProbeResult:
     if backend == "kvm":
         from kvmcpuid_virt.probe.kvm import run_kvm
 
         return run_kvm(target.requested, queries, timeout)
     if backend == "qemu":
+        from kvmcpuid_virt.policy.models import QEMU_BINARY, find_qemu
         from kvmcpuid_virt.probe.qemu import run_qemu
 
         result: ProbeResult = run_qemu(
-            target.qemu_cpu(), queries, timeout=timeout, want_vmm_view=True
+            target.qemu_cpu(), queries, timeout=timeout, want_vmm_view=True,
+            qemu=qemu or find_qemu() or QEMU_BINARY,
         )
         return result
     if backend == "libvirt":
         from kvmcpuid_virt.probe.libvirt import run_libvirt
 
         result = run_libvirt(target.libvirt_cpu(), queries, timeout=timeout, want_vmm_view=True,
-                             features=target.libvirt_features())
+                             features=target.libvirt_features(), uri=libvirt_uri)
         return result
     raise ValueError(f"unknown backend {backend!r}")
 
@@ -173,6 +176,8 @@ def verify(
     uncontrolled: Mapping[Word, int] | None = None,
     reasons: Mapping[tuple[int, int, Register, int], str] | None = None,
     timeout: float = 10.0,
+    qemu: str | None = None,
+    libvirt_uri: str = "qemu:///system",
 ) -> list[BackendReport]:
     """Boot `target` on each backend and compare. A backend that cannot run
     the guest (QEMU refusing the flags, libvirt refusing the XML) yields a
@@ -185,7 +190,7 @@ def verify(
     for backend in backends:
         start = time.monotonic()
         try:
-            result = _run(backend, target, queries, timeout)
+            result = _run(backend, target, queries, timeout, qemu, libvirt_uri)
         except (KvmcpuidError, ProbeError) as exc:
             reports.append(BackendReport(backend, None, time.monotonic() - start,
                                          error=" ".join(str(exc).split())))
