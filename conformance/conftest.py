@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -126,9 +125,12 @@ def batch_kvm(the_plan: Plan) -> Batch:
 
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
-    path = shutil.which("qemu-system-x86_64")
+    # $KVMCPUID_QEMU first, as the package itself resolves it (models.find_qemu).
+    from kvmcpuid_virt.policy.models import find_qemu
+
+    path = find_qemu()
     if path is None:
-        pytest.skip("QEMU backend: qemu-system-x86_64 is not installed")
+        pytest.skip("QEMU backend: qemu-system-x86_64 is not installed (or set KVMCPUID_QEMU)")
     return path
 
 

@@ -4,7 +4,6 @@ clear reason each where this machine lacks a part."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,9 +80,12 @@ def kvm() -> Iterator[Kvm]:
 
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
-    path = shutil.which("qemu-system-x86_64")
+    # $KVMCPUID_QEMU first, as the package itself resolves it (models.find_qemu).
+    from kvmcpuid_virt.policy.models import find_qemu
+
+    path = find_qemu()
     if path is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
+        pytest.skip("qemu-system-x86_64 is not installed (or set KVMCPUID_QEMU)")
     if not os.path.exists("/dev/kvm"):
         pytest.skip("no /dev/kvm on this machine (QEMU tests use -accel kvm)")
     return path
