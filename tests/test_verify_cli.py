@@ -161,3 +161,21 @@ def test_qemu_backend_runs_the_binary_it_is_given(
     r = _verify("--backend", "qemu", "--qemu", str(wrapper))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "-cpu" in marker.read_text()
+
+
+@pytest.mark.parametrize(("uri", "where"), [
+    ("qemu:///system", "/var/log/libvirt/qemu/d.log"),
+    ("qemu+unix:///system?socket=/run/x/sock", "/var/log/libvirt/qemu/d.log"),
+    ("qemu:///session", "/xdg/libvirt/qemu/log/d.log"),
+    ("qemu+ssh://host.example/system", None),
+])
+def test_domain_log_paths_are_libvirts(
+    uri: str, where: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libvirt's documented log locations: LOCALSTATEDIR/log/libvirt/qemu for
+    # the system daemon, $XDG_CACHE_HOME/libvirt/qemu/log for the session one.
+    from kvmcpuid_virt.probe.libvirt import domain_log
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    got = domain_log(uri, "d")
+    assert (None if got is None else str(got)) == where

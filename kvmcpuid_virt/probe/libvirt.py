@@ -93,11 +93,16 @@ def is_local(uri: str) -> bool:
 
 
 def domain_log(uri: str, name: str) -> Path | None:
-    """Where libvirtd at `uri` logs domain `name`, when that is a local file."""
-    base, _, _params = uri.partition("?")
-    if base == "qemu:///system":
+    """Where libvirtd at `uri` logs domain `name`, when that is a local file
+    (the system or the session daemon, whatever the socket)."""
+    from urllib.parse import urlsplit
+
+    if not is_local(uri):
+        return None
+    path = urlsplit(uri).path
+    if path == "/system":
         return _SYSTEM_LOG_DIR / f"{name}.log"
-    if base == "qemu:///session":
+    if path == "/session":
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return Path(cache) / "libvirt" / "qemu" / "log" / f"{name}.log"
     return None
