@@ -148,7 +148,15 @@ class Kvm(KvmFd):
             raise KvmCapabilityError(
                 f"{self.path}: KVM_CAP_EXT_CPUID is missing (kernel older than 2.6.25?)"
             )
-        return self._get_cpuid("supported", first_nent)
+        table = self._get_cpuid("supported", first_nent)
+        # CPUID.7.0:EDX[24] AMX-TILE: KVM shows tile data in leaf 0xD only to
+        # a process that asked for it, as a VMM does (kvm/xstate.py).
+        if table.get(7, 0, "edx") >> 24 & 1:
+            from kvmcpuid_virt.kvm.xstate import request_for_table
+
+            if request_for_table(table):
+                table = self._get_cpuid("supported", first_nent)
+        return table
 
     def emulated_cpuid(self, first_nent: int = DEFAULT_NENT) -> CpuidTable:
         """KVM_GET_EMULATED_CPUID: what KVM emulates in software (slowly)."""

@@ -36,6 +36,7 @@ from kvmcpuid_virt.kvm.structs import (
     kvm_userspace_memory_region,
 )
 from kvmcpuid_virt.kvm.system import MAX_NENT, MAX_TRIES, entries_from_buffer
+from kvmcpuid_virt.kvm.xstate import DYNAMIC_XFEATURES, request_for_table, xcr0_of
 
 if TYPE_CHECKING:
     from kvmcpuid_virt.kvm.system import Kvm
@@ -315,6 +316,8 @@ class Vcpu(KvmFd):
             raise KvmError(
                 f"{len(table)} CPUID entries exceed KVM's limit of {KVM_MAX_CPUID_ENTRIES}"
             )
+        if xcr0_of(table) & DYNAMIC_XFEATURES:
+            request_for_table(table)  # else KVM refuses the table (kvm/xstate.py)
         buf = kvm_cpuid2(len(table))
         for i, e in enumerate(table):
             buf.set_entry(i, e.function, e.index, int(e.flags), e.eax, e.ebx, e.ecx, e.edx)
