@@ -63,11 +63,14 @@ def run(args: argparse.Namespace) -> int:
     inputs: list[Dump] = [load(p) for p in args.dumps]
     notes: list[str] = []
     for uri in args.connect:
-        dump, unknown = connect_dump(uri)
-        inputs.append(dump)
-        if unknown:
+        host_model = connect_dump(uri)
+        inputs.append(host_model.dump)
+        if host_model.msr_features:
+            notes.append(f"{uri}: host-model MSR features, not CPUID bits, left out: "
+                         f"{', '.join(host_model.msr_features)}")  # fmt: skip
+        if host_model.unknown:
             notes.append(f"{uri}: host-model features the registry does not know: "
-                         f"{', '.join(unknown)}")  # fmt: skip
+                         f"{', '.join(host_model.unknown)}")  # fmt: skip
     if args.this_host:
         from kvmcpuid_virt.host import host_metadata
         from kvmcpuid_virt.kvm.system import Kvm

@@ -104,9 +104,12 @@ def require_vendor(dump: Dump) -> str:
 
 
 def word_value(dump: Dump, leaf: int, subleaf: int, reg: Register) -> int:
-    """A register as a guest would read it: 0 beyond the dump's max leaf."""
-    limits = fields.leaf_limits(dump.table)
-    if not fields.in_range(leaf, limits, strict=dump.kind != "config"):
+    """A register as a guest would read it: 0 beyond the dump's max leaf. A
+    feature-only input (kind "config") announces no max leaves: its words
+    count as they are."""
+    if dump.kind != "config" and not fields.in_range(
+        leaf, fields.leaf_limits(dump.table), strict=True
+    ):
         return 0
     return dump.table.get(leaf, subleaf, reg)
 
@@ -240,18 +243,20 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
             + ", ".join(configs_only)
         )
 
-    # Feature words: AND over every input, each read within its own leaf range.
+    # Feature words: AND over every input, each read within its own leaf range
+    # (a feature-only input has none: its leaf 0 carries only the vendor).
     masks = _flag_words(reg)
-    all_limits = [(fields.leaf_limits(d.table), d.kind != "config", d.table) for d in dumps]
+    all_limits = [(None if d.kind == "config" else fields.leaf_limits(d.table), d.table)
+                  for d in dumps]  # fmt: skip
     words: dict[tuple[int, int, Register], int] = {}
     for (leaf, subleaf, r), mask in masks.items():
         if mixed:
             mask &= neutral_mask(leaf, subleaf, r)
         value = mask
-        for limits, strict, table in all_limits:
+        for limits, table in all_limits:
             if not value:
                 break
-            if not fields.in_range(leaf, limits, strict=strict):
+            if limits is not None and not fields.in_range(leaf, limits, strict=True):
                 value = 0
                 break
             value &= table.get(leaf, subleaf, r)
@@ -296,15 +301,19 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
         if e.key in entries:
             continue  # first entry of a stateful run wins, as in CpuidTable
         entries[e.key] = e
-    # Feature words the template has no entry for (a feature-only template).
+    # Feature words the template has no entry for (a feature-only template):
+    # one entry per (sub)leaf, every register of it filled in.
+    from_template = set(entries)
     for (leaf, subleaf, r), value in words.items():
-        if value and (leaf, subleaf) not in entries:
+        key = (leaf, subleaf if leaf in INDEXED_LEAVES else 0)
+        if not value or key in from_template:
+            continue
+        entry = entries.get(key)
+        if entry is None:
             flags = EntryFlag.SIGNIFICANT_INDEX if leaf in INDEXED_LEAVES else EntryFlag.NONE
-            base_entry = entries.get((leaf, 0)) if leaf not in INDEXED_LEAVES else None
-            if base_entry is not None:
-                entries[(leaf, 0)] = base_entry.replace(**{r: base_entry.reg(r) | value})
-            else:
-                entries[(leaf, subleaf)] = CpuidEntry(leaf, subleaf, flags, **{r: value})
+            entries[key] = CpuidEntry(leaf, key[1], flags, **{r: value})
+        else:
+            entries[key] = entry.replace(**{r: entry.reg(r) | value})
     if dropped_leaves:
         notes.append(
             "(sub)leaves not every host has, dropped: "

@@ -121,4 +121,6 @@ def load_operand(text: str, source: str,
     else:
         config = libvirt_cpu(text, source).config(table, table_source)
         label = f"{source} (libvirt <cpu> applied to {table_source})"
-    return Dump(config.expected, kind="config", source=label), config
+    # "guest": a whole table as the guest reads it, max leaves included (not
+    # a feature-only "config" view).
+    return Dump(config.expected, kind="guest", source=label), config

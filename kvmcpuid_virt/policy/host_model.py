@@ -4,6 +4,7 @@ turned into a feature-only Dump (kind "config") through the local cpu_map."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Final
 
@@ -13,21 +14,52 @@ from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import InputError
 
-__all__ = ["connect_dump", "host_model_dump"]
+__all__ = ["HostModel", "connect_dump", "host_model_dump", "msr_features"]
 
 _LIBVIRT_VENDORS: Final = {short: full for full, short in LIBVIRT_VENDOR.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class HostModel:
+    """A host-model CPU as a baseline input, and what of it has no CPUID bit."""
+
+    dump: Dump
+    # cpu_map features defined by an MSR (IA32_ARCH_CAPABILITIES bits and the
+    # like), not by CPUID: outside what a CPUID baseline compares.
+    msr_features: tuple[str, ...]
+    # Names neither the registry nor cpu_map's MSR features know (a newer
+    # libvirt than this registry was made from).
+    unknown: tuple[str, ...]
+
+
+def msr_features(cpu_map: str | Path) -> frozenset[str]:
+    """The names x86_features.xml defines by an <msr> rather than a <cpuid>."""
+    from kvmcpuid_virt.fsutil import read_text
+    from kvmcpuid_virt.xmlutil import parse_xml
+
+    path = Path(cpu_map) / "x86_features.xml"
+    try:
+        text, source = read_text(str(path))
+    except InputError:
+        return frozenset()
+    root = parse_xml(text, source)
+    return frozenset(
+        str(f.get("name")) for f in root.iter("feature")
+        if f.get("name") and f.find("msr") is not None and f.find("cpuid") is None
+    )
+
+
 def host_model_dump(
     domcaps_xml: str, source: str, cpu_map: str | Path | None = None
-) -> tuple[Dump, list[str]]:
+) -> HostModel:
     """A feature-only Dump (kind "config") from a libvirt domain capabilities
     document: `<mode name='host-model'>`'s model (expanded through the local
-    cpu_map) plus its require features minus its disable features. Returns
-    the dump and the feature names the registry does not know (skipped)."""
+    cpu_map) plus its require features minus its disable features, with the
+    names that have no CPUID bit in the registry set apart."""
     from kvmcpuid_virt.policy import models
     from kvmcpuid_virt.xmlutil import parse_xml
 
+    cpu_map_dir = cpu_map if cpu_map is not None else models.CPU_MAP_DIR
     root = parse_xml(domcaps_xml, source)
     mode = next(
         (m for m in root.iter("mode") if m.get("name") == "host-model"), None
@@ -37,7 +69,7 @@ def host_model_dump(
     names: set[str] = set()
     model_el = mode.find("model")
     if model_el is not None and model_el.text:
-        cm = models.cpu_map_models(cpu_map if cpu_map is not None else models.CPU_MAP_DIR)
+        cm = models.cpu_map_models(cpu_map_dir)
         m = cm.get(model_el.text.strip())
         if m is None:
             raise InputError(f"{source}: host-model {model_el.text!r} is not in the local cpu_map")
@@ -55,12 +87,14 @@ def host_model_dump(
     if vendor is None:
         raise InputError(f"{source}: host-model has no known <vendor>")
     reg = registry()
+    msr = msr_features(cpu_map_dir)
     words: dict[tuple[int, int], dict[str, int]] = {}
-    unknown = []
+    unknown: list[str] = []
+    by_msr: list[str] = []
     for name in sorted(names):
         feat = reg.by_libvirt(name)
         if feat is None:
-            unknown.append(name)
+            (by_msr if name in msr else unknown).append(name)
             continue
         regs = words.setdefault((feat.leaf, feat.subleaf), {})
         regs[feat.reg] = regs.get(feat.reg, 0) | feat.mask
@@ -70,16 +104,24 @@ def host_model_dump(
         "edx": int.from_bytes(vb[4:8], "little"),
         "ecx": int.from_bytes(vb[8:12], "little"),
     }
-    entries = [CpuidEntry(0, 0, EntryFlag.NONE, **leaf0)]
+    # Max leaves just high enough for the features' own leaves, so that the
+    # table reads consistently on its own (a baseline of feature-only inputs
+    # keeps them); with full dumps beside it, theirs decide (policy/baseline).
+    basic = [leaf for leaf, _ in words if leaf < 0x4000_0000]
+    extended = [leaf for leaf, _ in words if leaf >= 0x8000_0000]
+    entries = [CpuidEntry(0, 0, EntryFlag.NONE, eax=max(basic, default=0), **leaf0)]
+    if extended:
+        entries.append(CpuidEntry(0x8000_0000, 0, EntryFlag.NONE, eax=max(extended)))
     for (leaf, subleaf), regs in sorted(words.items()):
         flags = EntryFlag.SIGNIFICANT_INDEX if leaf in INDEXED_LEAVES else EntryFlag.NONE
         if leaf == 0:
             continue
         entries.append(CpuidEntry(leaf, subleaf, flags, **regs))
-    return Dump(CpuidTable(entries), "config", {"libvirt_uri": source}, source), unknown
+    dump = Dump(CpuidTable(entries), "config", {"libvirt_uri": source}, source)
+    return HostModel(dump, tuple(by_msr), tuple(unknown))
 
 
-def connect_dump(uri: str) -> tuple[Dump, list[str]]:
+def connect_dump(uri: str) -> HostModel:
     """host_model_dump of the domain capabilities libvirt at `uri` reports
     (qemu+ssh://host/system for a remote host)."""
     try:
