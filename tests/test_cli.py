@@ -125,3 +125,19 @@ def test_dump_path_imports_stay_light(kvm: object, tmp_path: Path) -> None:
     ).stdout
     assert out.strip() == "0 []"
     assert out_file.read_text().startswith("{")
+
+
+def test_allow_unsupported_warns_once_naming_every_dropped_feature() -> None:
+    # Broadwell-U (Core i7-5600U) lacks AVX-512F (CPUID.7.0:EBX[16]) and
+    # SHA (CPUID.7.0:EBX[29]) in its dump: both are dropped, in one line.
+    dump = next((p for p in cpu_dump_paths() if "Core-i7-5600U" in p.name), None)
+    if dump is None:
+        pytest.skip("no Core i7-5600U dump")
+    r = subprocess.run(
+        [sys.executable, "-m", "kvmcpuid_virt.cli", "qemu-flags", "--from", str(dump),
+         "--enable", "avx512f", "--enable", "sha-ni", "--allow-unsupported"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("\n") == 1 and "avx512f" in r.stderr and "sha-ni" in r.stderr
+    assert "avx512f=off" in r.stdout and "sha-ni=off" in r.stdout

@@ -110,11 +110,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         given = args.qemu_flags is not None or args.libvirt_xml is not None
-        for name in config.dropped:
+        if config.dropped:
+            names = ", ".join(config.dropped)
             if given:
-                print(f"note: {name} is requested but this host's KVM does not support it")
+                print(f"note: requested, but this host's KVM does not support them: {names}")
             else:
-                print(f"note: {name} dropped (--allow-unsupported): this host cannot give it")
+                print(f"note: dropped (--allow-unsupported), this host cannot give them: {names}")
         for r in reports:
             print(r.text(include_host=args.verbose > 0))
         if args.verbose and notes:

@@ -95,6 +95,8 @@ def config_from_args(
 
 
 def dropped_warnings(prog: str, config: CpuConfig) -> str:
-    return "".join(
-        f"{prog}: warning: dropped {name}: this host cannot give it\n" for name in config.dropped
-    )
+    """One line naming every feature --allow-unsupported dropped ('' if none)."""
+    if not config.dropped:
+        return ""
+    return (f"{prog}: warning: dropped (this host cannot give them): "
+            f"{', '.join(config.dropped)}\n")  # fmt: skip
