@@ -128,3 +128,52 @@ def test_diff_of_a_bad_configuration_is_one_line_exit_2(
     assert main(["diff", "--from", _dump("Xeon-Gold-6148"), str(tmp_path / "nocpu.xml"),
                  str(bad)]) == 2  # fmt: skip
     assert "no <cpu> element" in capsys.readouterr().err
+
+
+def test_diff_table_puts_each_feature_in_its_host_column(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a, b = _dump("Xeon-Gold-6148"), _dump("Ice-Lake-Server")
+    assert main(["diff", a, b]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("leaf/register"))
+    col_b = header.index("only in B")
+    row = next(line for line in lines if line.startswith("CPUID.07H.0:EBX"))
+    # SHA-NI (CPUID.7.0:EBX[29]) is Ice Lake's only: it sits in B's column.
+    assert row.index("sha-ni") >= col_b
+    assert lines[-1].endswith("differ")
+
+
+@pytest.mark.parametrize("b", cpu_dump_paths(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("a", cpu_dump_paths(), ids=lambda p: p.stem)
+def test_diff_table_fits_100_columns(
+    a: Path, b: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Everything the command lays out fits (the A:/B: lines hold the paths as
+    # given); long values such as brand strings go on lines of their own.
+    main(["diff", str(a), str(b)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if len(line) > 100 and not line.startswith(("A: ", "B: "))] \
+        == []
+
+
+def test_diff_reads_every_qemu_flags_output_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmcpuid_virt.commands.qemu_flags import main as qemu_flags_main
+
+    base = _dump("Xeon-Gold-6148")
+    files = []
+    for fmt in ("arg", "argv", "json"):
+        assert qemu_flags_main(["--from", base, "--disable", "avx2", "--format", fmt]) == 0
+        path = tmp_path / f"flags.{fmt}"
+        path.write_text(capsys.readouterr().out)
+        files.append(str(path))
+    for other in files[1:]:
+        assert main(["diff", "--from", base, files[0], other]) == 0, other
+    capsys.readouterr()
+    # And the configuration really is the dump less avx2 (CPUID.7.0:EBX[5]).
+    assert main(["diff", "--from", base, "--format", "json", base, files[2]]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    word = next(w for w in doc["features"] if w["leaf"] == "0x7" and w["reg"] == "ebx")
+    assert "avx2" in word["only_a"]

@@ -119,11 +119,13 @@ def diff(a: Dump, b: Dump, *, notes: tuple[str, ...] = ()) -> HostDiff:
 
 
 def _wrap(names: tuple[str, ...], width: int) -> list[str]:
+    """Comma-separated names in lines of at most `width` characters, the
+    comma that continues a line included."""
     lines: list[str] = []
     cur = ""
     for n in names:
         piece = n if not cur else f", {n}"
-        if cur and len(cur) + len(piece) > width:
+        if cur and len(cur) + len(piece) + 1 > width:
             lines.append(cur + ",")
             cur = n
         else:
@@ -134,7 +136,8 @@ def _wrap(names: tuple[str, ...], width: int) -> list[str]:
 
 
 def render_table(d: HostDiff, width: int = 100) -> str:
-    col = max(20, (width - 24) // 2)
+    # leaf/register (22) + 2 spaces + A's column + 2 spaces + B's column
+    col = max(20, (width - 26) // 2)
     out = [f"A: {d.a}", f"B: {d.b}", *(f"note: {n}" for n in d.notes), ""]
     if d.words:
         out.append(f"{'leaf/register':<22}  {'only in A':<{col}}  only in B")
@@ -149,7 +152,12 @@ def render_table(d: HostDiff, width: int = 100) -> str:
     for title, rows in (("field", d.fields), ("fingerprint", d.fingerprint)):
         if rows:
             out.append(f"{title:<30}  {'A':<{col}}  B")
-            out.extend(f"{r.name:<30}  {r.a:<{col}}  {r.b}".rstrip() for r in rows)
+            for r in rows:
+                line = f"{r.name:<30}  {r.a:<{col}}  {r.b}".rstrip()
+                if len(line) <= width and len(r.a) <= col:
+                    out.append(line)
+                else:  # a value too long for its column (brand strings)
+                    out.extend((r.name, f"  A: {r.a}", f"  B: {r.b}"))
             out.append("")
     out.append("identical CPUID" if d.identical else
                f"{sum(len(w.only_a) + len(w.only_b) for w in d.words)} feature bit(s) and "
