@@ -10,13 +10,14 @@ from kvmcpuid_virt import __version__
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
     from contextlib import AbstractContextManager
 
 __all__ = [
     "boot_id",
     "cpuinfo_field",
     "host_metadata",
+    "is_this_host",
     "libvirt_version",
     "pinned",
     "qemu_version",
@@ -115,6 +116,27 @@ def host_metadata(kvm_api_version: int | None = None) -> dict[str, str]:
     if kvm_api_version is not None:
         meta["kvm_api_version"] = str(kvm_api_version)
     return meta
+
+
+# What makes a dump "of this machine as it runs now": what QEMU's start trial
+# (policy/models.trial_start) depends on besides QEMU itself.
+_SAME_HOST_KEYS = ("kernel", "cpu_model", "microcode", "hostname")
+
+
+def is_this_host(meta: Mapping[str, str]) -> bool:
+    """Whether a dump's host metadata describes this machine now: the same
+    kernel release, CPU model, microcode and hostname."""
+    # Microcode may be absent on both sides (some VMs do not show it).
+    if not all(meta.get(k) for k in _SAME_HOST_KEYS if k != "microcode"):
+        return False
+    uname = os.uname()
+    now = {
+        "kernel": uname.release,
+        "cpu_model": cpuinfo_field("model name"),
+        "microcode": cpuinfo_field("microcode"),
+        "hostname": uname.nodename,
+    }
+    return all(meta.get(k, "") == now[k] for k in _SAME_HOST_KEYS)
 
 
 def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:

@@ -255,6 +255,37 @@ def test_qemu_starts_without_warning(
 
 @pytest.mark.kvm
 @pytest.mark.qemu
+def test_qemu_starts_with_flags_from_a_dump_of_this_host(
+    kvm: Kvm, qemu_binary: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvmcpuid dump > h.json; kvmcpuid-qemu-flags --from h.json` on the same
+    machine: the dump's fingerprint says it is this host, so what QEMU's start
+    trial found here applies (it used not to, and QEMU aborted on MSR 0x10a)."""
+    from kvmcpuid_virt.cli import main as cli_main
+
+    dump = tmp_path / "h.json"
+    assert cli_main(["dump", "-o", str(dump)]) == 0
+    assert qemu_flags_main(["--from", str(dump), "--format", "argv"]) == 0
+    from_dump = capsys.readouterr().out.split()
+    assert qemu_flags_main(["--format", "argv"]) == 0
+    assert from_dump == capsys.readouterr().out.split()
+    proc = _start(qemu_binary, from_dump)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_a_dump_is_this_host_only_by_its_whole_fingerprint() -> None:
+    from kvmcpuid_virt.host import host_metadata, is_this_host
+
+    meta = host_metadata()
+    assert is_this_host(meta)
+    for key in ("kernel", "cpu_model", "microcode", "hostname"):
+        assert not is_this_host({**meta, key: meta[key] + "-other"}), key
+        if meta[key]:
+            assert not is_this_host({k: v for k, v in meta.items() if k != key}), key
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
 def test_plain_host_breaks_where_ours_does_not(kvm: Kvm, qemu_binary: str) -> None:
     """Why the trial start exists: on this host QEMU's own `-cpu host` dies
     setting MSR 0x10a. If a future kernel fixes that, this test says so and

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     @cache
     def supported() -> tuple[CpuidTable, str]:
         # Read once, and only when a configuration needs it.
-        return read_table(args)
+        table, source, _ = read_table(args)
+        return table, source
 
     operands = []
     notes = []

@@ -46,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
     # The table is read every time (live KVM, or the dump); everything derived
     # from it is memoized under a key that covers all inputs (policy/memo.py),
     # which keeps this command within 2x of a bare `import kvmcpuid_virt`.
-    table, source = read_table(args)
-    k = memo.key("qemu-flags", (*policy_key(args), args.format), table_bytes(table))
+    table, source, this_host = read_table(args)
+    k = memo.key("qemu-flags", (*policy_key(args), args.format, this_host), table_bytes(table))
     hit = memo.load(k)
     if hit is None:
         from kvmcpuid_virt.adapters.qemu import render
         from kvmcpuid_virt.policy.options import config_from_args, dropped_warnings
 
-        config = config_from_args(args, table, source)
+        config = config_from_args(args, table, source, this_host)
         hit = (render(config, args.format), dropped_warnings(PROG, config))
         memo.store(k, *hit)
     sys.stderr.write(hit[1])

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if not is_local(uri):
             raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
                              "machine (qemu:///system or qemu:///session)")  # fmt: skip
-    table, source = read_table(args)
+    table, source, this_host = read_table(args)
     if args.qemu_flags is not None:
         from kvmcpuid_virt.policy.given import qemu_config, qemu_cpu_value
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                             libvirt_features=features_text, label="--libvirt-xml")
         backends = ("libvirt",) if args.backend == "all" else (args.backend,)
     else:
-        config = config_from_args(args, table, source)
+        config = config_from_args(args, table, source, this_host)
         target = target_for(config)
         backends = BACKENDS if args.backend == "all" else (args.backend,)
 

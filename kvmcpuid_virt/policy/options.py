@@ -48,17 +48,21 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str]:
-    """The supported table: from --from DUMP, else live from /dev/kvm."""
+def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str, bool]:
+    """The supported table: from --from DUMP, else live from /dev/kvm; its
+    source; and whether it is this machine's own KVM as it runs now (live, or
+    a dump whose fingerprint is this host's), which is what QEMU's start
+    trial here speaks for (policy/select.build)."""
     if args.from_:
         from kvmcpuid_virt.cpuid.formats import load
+        from kvmcpuid_virt.host import is_this_host
 
         dump = load(args.from_)
-        return dump.table, dump.source
+        return dump.table, dump.source, dump.kind == "supported" and is_this_host(dump.host)
     from kvmcpuid_virt.kvm.system import Kvm
 
     with Kvm() as kvm:
-        return kvm.supported_cpuid(), "/dev/kvm"
+        return kvm.supported_cpuid(), "/dev/kvm", True
 
 
 def policy_key(args: argparse.Namespace) -> tuple[object, ...]:
@@ -72,20 +76,21 @@ def table_bytes(table: CpuidTable) -> bytes:
 
 
 def config_from_args(
-    args: argparse.Namespace, table: CpuidTable | None = None, source: str = ""
+    args: argparse.Namespace, table: CpuidTable | None = None, source: str = "",
+    this_host: bool | None = None,
 ) -> CpuConfig:
     """Build the CpuConfig for the table (read_table's when not given)."""
     from kvmcpuid_virt.policy.select import Policy, build
 
     if table is None:
-        table, source = read_table(args)
+        table, source, this_host = read_table(args)
     policy = Policy(
         model=args.model,
         enable=tuple(args.enable),
         disable=tuple(args.disable),
         allow_unsupported=args.allow_unsupported,
     )
-    config = build(table, policy, source=source)
+    config = build(table, policy, source=source, this_host=this_host)
     max_model = getattr(args, "max_model", None)
     if max_model:
         from kvmcpuid_virt.policy.max_model import limit_to_model

@@ -231,16 +231,20 @@ def _auto_model(
     return best
 
 
-def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "") -> CpuConfig:
+def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "",
+          this_host: bool | None = None) -> CpuConfig:  # fmt: skip
     """The CpuConfig for `table` (KVM's supported CPUID, live or from a dump)
-    under `policy`."""
+    under `policy`. this_host: the table is this machine's own KVM as it runs
+    now (default: when `source` is /dev/kvm)."""
     reg = registry()
     qemu = _qemu(policy)
     qemu_props = qemu.props if qemu is not None else None
     supported_table = qemu_adjust.qemu_supported(table, kernel_irqchip=policy.kernel_irqchip)
     relevant = {f.name: f for f in relevant_features(reg, qemu_props)}
     supported = supported_features(reg, supported_table, relevant.values())
-    if qemu is not None and source == "/dev/kvm":
+    if this_host is None:
+        this_host = source == "/dev/kvm"
+    if qemu is not None and this_host:
         # Only this host's QEMU start trial speaks for this host's KVM.
         supported -= set(qemu.undeliverable)
         for name in qemu.undeliverable:
