@@ -82,13 +82,18 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("no hosts: give dump files, --connect URI or --this-host")
     result = bl.baseline(inputs, allow_mixed_vendors=args.allow_mixed_vendors)
     notes.extend(result.notes)
+    from kvmcpuid_virt.host import is_this_host
+
+    # With this machine among the hosts, what QEMU cannot set up here (its
+    # start trial, policy/models.trial_start) is not common to every host.
+    among_hosts = any(d.kind == "supported" and is_this_host(d.host) for d in inputs)
 
     if args.format in ("json", "cpudata", "cpuid"):
         out = Dump(result.table, "supported", {"baseline_of": ", ".join(result.sources)},
                    "baseline")  # fmt: skip
         if args.max_model:
             # A dump has no model; cap its feature bits through a config.
-            config = _config(result, args)
+            config = _config(result, args, among_hosts)
             out = Dump(config.expected, "supported", out.host, "baseline")
         text = dumps(out, args.format)
         if args.format == "json":
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.output, text)
         return 0
 
-    config = _config(result, args)
+    config = _config(result, args, among_hosts)
     for n in notes:
         _note(n)
     if args.format == "qemu":
@@ -115,17 +120,18 @@ def run(args: argparse.Namespace) -> int:
         text = lv.render(config)
         if not text.endswith("\n"):
             text += "\n"
-    for name in config.dropped:
-        sys.stderr.write(f"{PROG}: warning: dropped {name}\n")
+    if config.dropped:
+        sys.stderr.write(f"{PROG}: warning: dropped: {', '.join(config.dropped)}\n")
     atomic_write(args.output, text)
     return 0
 
 
-def _config(result: Any, args: argparse.Namespace) -> Any:
+def _config(result: Any, args: argparse.Namespace, among_hosts: bool) -> Any:
     from kvmcpuid_virt.policy.max_model import limit_to_model
     from kvmcpuid_virt.policy.select import Policy, build
 
-    config = build(result.table, Policy(model=args.model), source="baseline")
+    config = build(result.table, Policy(model=args.model), source="baseline",
+                   this_host=among_hosts)
     if args.max_model:
         config, off = limit_to_model(config, args.max_model)
         if off:
