@@ -202,6 +202,31 @@ def test_ctrl_c_destroys_domain(env: Env, monkeypatch: pytest.MonkeyPatch) -> No
         timer.cancel()
 
 
+def test_ctrl_c_landing_after_libvirt_created_the_domain_destroys_it(env: Env) -> None:
+    """Simulates Ctrl-C arriving inside libvirt-python's createXML wrapper
+    after libvirtd created the domain but before the handle came back (seen
+    with real SIGINTs, but only now and then): the probe finds the domain by
+    name and destroys it before the KeyboardInterrupt leaves run(), rather
+    than leaving it to AUTODESTROY at disconnect."""
+    with env.probe() as probe:
+        real = probe._connection()
+
+        class Interrupting:
+            def createXML(self, xml: str, flags: int) -> object:
+                real.createXML(xml, flags)
+                raise KeyboardInterrupt
+
+            def lookupByName(self, name: str) -> object:
+                return real.lookupByName(name)
+
+        probe._connection = lambda: Interrupting()  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            probe.run(cpu(), QUERIES)
+        # Still connected: the domain is gone because run() destroyed it.
+        assert _our_domains(env.uri, env.prefix) == []
+        assert _our_logs(env.uri, env.prefix) == []
+
+
 def test_refused_cpu_is_a_tool_error(env: Env) -> None:
     with env.probe() as probe, pytest.raises(ToolError):
         probe.run("<cpu mode='custom' match='exact'><model>no-such-model</model></cpu>", QUERIES)

@@ -267,10 +267,19 @@ class LibvirtProbe:
         libvirt already stopped it."""
         lv = self._lv
         flags = lv.VIR_DOMAIN_START_PAUSED | lv.VIR_DOMAIN_START_AUTODESTROY
+        conn = self._connection()
         try:
-            dom = self._connection().createXML(xml.decode(), flags)
+            dom = conn.createXML(xml.decode(), flags)
         except lv.libvirtError as exc:
             raise ToolError(f"libvirt refused the probe domain: {exc}") from exc
+        except BaseException:
+            # Ctrl-C can land in libvirt-python's wrapper after the domain was
+            # created but before its handle got here: find it by its name.
+            # (AUTODESTROY would stop it only when the connection closes, and
+            # its log would outlive the run.)
+            with contextlib.suppress(lv.libvirtError):
+                self._destroy(conn.lookupByName(name), name)
+            raise
         try:
             yield dom
         finally:
