@@ -72,6 +72,8 @@ def monitor(
     from qemu.qmp import ExecuteError, QMPError
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
+    from kvmcpuid_virt.probe.process import dies_with_us
+
     ours, theirs = socket.socketpair()
     argv = [binary, "-machine", machine, "-accel", accel or default_accel()]
     if cpu is not None:
@@ -86,7 +88,8 @@ def monitor(
             # Close our copy of QEMU's end at once: only then is QEMU's exit an EOF.
             with theirs:
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                    dies_with_us(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=stderr,
                     pass_fds=(theirs.fileno(),),
                 )  # fmt: skip
         except OSError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 
 from kvmcpuid_virt.errors import ToolError
 from kvmcpuid_virt.qmp import monitor, run_commands
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.qemu
 
@@ -117,3 +119,44 @@ def test_error_in_the_block_still_ends_qemu(qemu_binary: str, name: tuple[str, .
         qmp.cmd("query-version")
         assert len(_running(name[1])) == 1  # the check in `name` does see QEMU
         raise KeyError("the caller's own error")
+
+
+@pytest.mark.parametrize("how", ["qmp-monitor", "qemu-probe"])
+def test_qemu_dies_with_a_tool_killed_by_sigkill(
+    qemu_binary: str, name: tuple[str, ...], how: str, tmp_path: Path
+) -> None:
+    """SIGKILL runs none of our cleanup. A QEMU paused for its monitor (or
+    running a guest that never ends) must still not outlive the tool: it is
+    started with the kernel's parent-death signal (probe.process.dies_with_us)."""
+    marker = name[1]
+    code = {
+        "qmp-monitor": (
+            "import sys\n"
+            "from kvmcpuid_virt.qmp import monitor\n"
+            f"with monitor({qemu_binary!r}, extra=({name[0]!r}, {marker!r}), timeout=60) as q:\n"
+            "    print('ready', flush=True)\n"
+            "    sys.stdin.read()\n"
+        ),
+        "qemu-probe": (
+            "import sys, threading, time\n"
+            "from kvmcpuid_virt.probe import image, qemu\n"
+            "from tests.conftest import spin_image\n"
+            "image.build = lambda queries: spin_image()\n"
+            "real = qemu.qemu_argv\n"
+            f"qemu.qemu_argv = lambda *a, **k: [*real(*a, **k), {name[0]!r}, {marker!r}]\n"
+            "threading.Timer(1.0, lambda: print('ready', flush=True)).start()\n"
+            f"qemu.run_qemu('host,arch-capabilities=off', [(0, 0)], 60, {qemu_binary!r})\n"
+        ),
+    }[how]
+    tool = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    try:
+        assert tool.stdout is not None and tool.stdout.readline().strip() == "ready"
+        assert _running(marker), "QEMU did not start"
+    finally:
+        tool.kill()
+        tool.wait()
+    deadline = time.monotonic() + 5
+    while _running(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _running(marker) == []

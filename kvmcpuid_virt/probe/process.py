@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Final
 
 __all__ = [
     "PREFIX",
     "Deadline",
+    "dies_with_us",
     "kill_process",
     "private_tempdir",
     "qemu_opt_value",
@@ -67,6 +70,26 @@ class Deadline:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+
+@cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
+def dies_with_us(argv: Sequence[str]) -> list[str]:
+    """`argv` started through util-linux setpriv(1) with --pdeathsig KILL:
+    the kernel kills the child when the thread that started it dies, even by
+    SIGKILL, where no cleanup of ours runs. A QEMU started with -S would
+    otherwise wait for its monitor forever. setpriv execs the program, so the
+    pid is QEMU's. The program must exist (OSError otherwise, as Popen would
+    raise); without setpriv, `argv` is returned as it is."""
+    program = argv[0]
+    found = shutil.which(program)
+    if found is None:
+        raise FileNotFoundError(2, os.strerror(2), program)
+    setpriv = _setpriv()
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else list(argv)
 
 
 def kill_process(proc: subprocess.Popen[bytes], grace: float = 0.5) -> None:

@@ -32,6 +32,7 @@ from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, Tool
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.process import (
     Deadline,
+    dies_with_us,
     kill_process,
     private_tempdir,
     qemu_opt_value,
@@ -188,7 +189,7 @@ def run_qemu(
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
-                argv,
+                dies_with_us(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
