@@ -148,8 +148,10 @@ def test_qemu_dies_with_a_tool_killed_by_sigkill(
             f"qemu.run_qemu('host,arch-capabilities=off', [(0, 0)], 60, {qemu_binary!r})\n"
         ),
     }[how]
+    # The killed tool cannot remove its temporary directory: keep it in ours.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     tool = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)  # fmt: skip
     try:
         assert tool.stdout is not None and tool.stdout.readline().strip() == "ready"
         assert _running(marker), "QEMU did not start"
