@@ -179,3 +179,12 @@ def test_domain_log_paths_are_libvirts(
     monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
     got = domain_log(uri, "d")
     assert (None if got is None else str(got)) == where
+
+
+def test_a_bad_libvirt_xml_error_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "cpu.xml"
+    bad.write_text("<cpu mode='custom'><model>qemu64</model>"
+                   "<feature policy='bogus' name='sse2'/></cpu>")  # fmt: skip
+    r = _verify("--backend", "kvm", "--libvirt-xml", str(bad))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"{bad}: feature 'sse2': unknown policy 'bogus'" in r.stderr

@@ -425,12 +425,13 @@ def parse(
 
 def parse_config(
     cpu_xml: str | etree._Element, table: CpuidTable, *, allow_unsupported: bool = False,
-    source: str = "",
+    source: str = "", xml_source: str = "",
 ) -> CpuConfig:  # fmt: skip
-    """A CpuConfig for an existing `<cpu>` applied to `table`."""
+    """A CpuConfig for an existing `<cpu>` applied to `table` (from `source`);
+    errors in the element name `xml_source`, the file it came from."""
     from kvmcpuid_virt.policy.select import Policy, build
 
-    model, enable, disable = parse(cpu_xml, source or "<cpu>")
+    model, enable, disable = parse(cpu_xml, xml_source or source or "<cpu>")
     # What QEMU runs for this string is its own model definition (see
     # Policy.model_source).
     policy = Policy(model=model, enable=enable, disable=disable,

@@ -87,14 +87,17 @@ class LibvirtCpu:
     """The <cpu> of a libvirt document, and the domain's <features> beside it
     (where libvirt takes the KVM paravirtual switches), if any."""
 
-    def __init__(self, cpu: etree._Element, features: etree._Element | None) -> None:
+    def __init__(self, cpu: etree._Element, features: etree._Element | None,
+                 source: str = "<cpu>") -> None:  # fmt: skip
         self.cpu = cpu
         self.features = features
+        self.source = source
 
     def config(self, table: CpuidTable, table_source: str) -> CpuConfig:
         from kvmcpuid_virt.adapters.libvirt import parse_config
 
-        return parse_config(self.cpu, table, allow_unsupported=True, source=table_source)
+        return parse_config(self.cpu, table, allow_unsupported=True, source=table_source,
+                            xml_source=self.source)  # fmt: skip
 
 
 def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
@@ -104,7 +107,7 @@ def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
     if cpu is None:
         raise InputError(f"{source}: no <cpu> element (expected <cpu> or a <domain> with one)")
     features = root.find("features") if root.tag == "domain" else None
-    return LibvirtCpu(cpu, features)
+    return LibvirtCpu(cpu, features, source)
 
 
 def load_operand(text: str, source: str,
