@@ -124,6 +124,10 @@ def test_diff_of_a_bad_configuration_is_one_line_exit_2(
     assert main(["diff", "--from", _dump("Xeon-Gold-6148"), str(bad), str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "expected one -cpu value" in err
+    bad.write_text("-cpu host,avx2=maybe\n")
+    assert main(["diff", "--from", _dump("Xeon-Gold-6148"), str(bad), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}: -cpu option 'avx2=maybe'" in err
     (tmp_path / "nocpu.xml").write_text("<domain type='kvm'><name>x</name></domain>")
     assert main(["diff", "--from", _dump("Xeon-Gold-6148"), str(tmp_path / "nocpu.xml"),
                  str(bad)]) == 2  # fmt: skip

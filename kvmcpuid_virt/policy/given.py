@@ -77,10 +77,15 @@ def qemu_cpu_value(text: str, source: str) -> str:
 
 
 def qemu_config(text: str, source: str, table: CpuidTable, table_source: str) -> CpuConfig:
+    """The CpuConfig of a -cpu value (see qemu_cpu_value) applied to `table`;
+    errors in the value name `source`."""
     from kvmcpuid_virt.adapters.qemu import parse_config
 
-    return parse_config(qemu_cpu_value(text, source), table, allow_unsupported=True,
-                        source=table_source)  # fmt: skip
+    value = qemu_cpu_value(text, source)
+    try:
+        return parse_config(value, table, allow_unsupported=True, source=table_source)
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
 
 
 class LibvirtCpu:
