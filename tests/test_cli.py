@@ -141,3 +141,12 @@ def test_allow_unsupported_warns_once_naming_every_dropped_feature() -> None:
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("\n") == 1 and "avx512f" in r.stderr and "sha-ni" in r.stderr
     assert "avx512f=off" in r.stdout and "sha-ni=off" in r.stdout
+
+
+def test_an_emulated_dump_is_refused_as_a_supported_table(kvm: object, tmp_path: Path) -> None:
+    emulated = tmp_path / "emulated.json"
+    assert cli.main(["dump", "--emulated", "-o", str(emulated)]) == 0
+    r = subprocess.run([sys.executable, "-m", "kvmcpuid_virt.cli", "qemu-flags", "--from",
+                        str(emulated)], capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "KVM_GET_EMULATED_CPUID" in r.stderr and r.stdout == ""

@@ -58,6 +58,13 @@ def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str, bool]:
         from kvmcpuid_virt.host import is_this_host
 
         dump = load(args.from_)
+        if dump.kind == "emulated":
+            from kvmcpuid_virt.errors import InputError
+
+            raise InputError(
+                f"{dump.source}: a KVM_GET_EMULATED_CPUID dump (what KVM emulates in "
+                "software), not what it supports: take `kvmcpuid dump` without --emulated"
+            )
         return dump.table, dump.source, dump.kind == "supported" and is_this_host(dump.host)
     from kvmcpuid_virt.kvm.system import Kvm
 
