@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.policy.host_model import connect_dump
 
     inputs: list[Dump] = [load(p) for p in args.dumps]
+    for d in inputs:
+        if d.kind == "emulated":
+            raise InputError(f"{d.source}: a KVM_GET_EMULATED_CPUID dump, not what a host "
+                             "supports: take `kvmcpuid dump` without --emulated")  # fmt: skip
     notes: list[str] = []
     for uri in args.connect:
         host_model = connect_dump(uri)
