@@ -188,3 +188,40 @@ def test_a_bad_libvirt_xml_error_names_the_file(tmp_path: Path) -> None:
     r = _verify("--backend", "kvm", "--libvirt-xml", str(bad))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert f"{bad}: feature 'sse2': unknown policy 'bogus'" in r.stderr
+
+
+def test_ctrl_c_during_verify_of_every_backend_leaves_nothing(
+    kvm: Kvm, qemu_binary: str, libvirt_conn_uri: str
+) -> None:
+    # The libvirt guest runs in a thread beside the other backends; Ctrl-C
+    # cancels it, and its domain and domain log are gone before exit 130.
+    import signal
+    import time
+
+    import libvirt
+
+    from kvmcpuid_virt.probe.libvirt import DOMAIN_PREFIX, domain_log
+
+    def ours() -> tuple[list[str], list[Path]]:
+        conn = libvirt.open(libvirt_conn_uri)
+        try:
+            doms = [d.name() for d in conn.listAllDomains() if d.name().startswith(DOMAIN_PREFIX)]
+        finally:
+            conn.close()
+        log = domain_log(libvirt_conn_uri, DOMAIN_PREFIX)
+        logs = [] if log is None else list(log.parent.glob(DOMAIN_PREFIX + "*.log"))
+        return doms, logs
+
+    before = ours()
+    proc = subprocess.Popen([sys.executable, "-m", "kvmcpuid_virt.cli", "verify", "--connect",
+                             libvirt_conn_uri], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # Interrupt once libvirt has the domain (while QEMU and raw KVM run too).
+    deadline = time.monotonic() + 20
+    while len(ours()[0]) == len(before[0]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(ours()[0]) > len(before[0]), "verify never started a libvirt domain"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), err
+    assert ours() == before

@@ -246,6 +246,12 @@ class LibvirtProbe:
             with contextlib.suppress(self._lv.libvirtError):
                 conn.close()
 
+    def cancel(self) -> None:
+        """Make the runs in progress in other threads stop waiting for their
+        guests and destroy their domains (run_many clears this for its next
+        batch; verify closes the probe after)."""
+        self._cancel.set()
+
     def close(self) -> None:
         self._close_extra(all_threads=True)
         if self.conn is not None:
@@ -403,8 +409,9 @@ class LibvirtProbe:
                 except ProbeError as exc:
                     raise ProbeError(f"libvirt guest {name}: {exc}") from exc
             except (ProbeError, ToolError) as exc:
-                # The log says what QEMU and libvirt made of the domain: keep it.
-                if not self.keep_failed_logs:
+                # The log says what QEMU and libvirt made of the domain: keep it
+                # (not for a run cancelled by Ctrl-C elsewhere: nothing failed).
+                if not self.keep_failed_logs or self._cancel.is_set():
                     self._drop_log(domain_log_path, always=True)
                 elif domain_log_path is not None and domain_log_path.exists():
                     raise type(exc)(f"{exc} (libvirt's log: {domain_log_path})") from exc
