@@ -156,7 +156,8 @@ def _field_lines(table: CpuidTable) -> list[str]:
     if xs is not None:
         out.append(
             f"xsave         xcr0 {xs.xcr0_mask:#x} xss {xs.xss_mask:#x}; max {xs.max_size}, "
-            f"enabled {xs.enabled_size}, compact {xs.compacted_size} bytes"
+            f"enabled {xs.enabled_size}, compact {xs.compacted_size or '-'} bytes"
+            # 0xD.1 EBX is 0 on CPUs without XSAVEC/XSAVES (Broadwell and older)
         )
     cache_text = ", ".join(
         f"L{c.level}{ {'data': 'd', 'instruction': 'i'}.get(c.type, '') } {_human(c.size)} "
