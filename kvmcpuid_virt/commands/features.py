@@ -156,8 +156,10 @@ def _field_lines(table: CpuidTable) -> list[str]:
     if xs is not None:
         out.append(
             f"xsave         xcr0 {xs.xcr0_mask:#x} xss {xs.xss_mask:#x}; max {xs.max_size}, "
-            f"enabled {xs.enabled_size}, compact {xs.compacted_size or '-'} bytes"
+            f"enabled {xs.enabled_size}, "
             # 0xD.1 EBX is 0 on CPUs without XSAVEC/XSAVES (Broadwell and older)
+            + (f"compact {xs.compacted_size} bytes" if xs.compacted_size
+               else "no compacted form")
         )
     cache_text = ", ".join(
         f"L{c.level}{ {'data': 'd', 'instruction': 'i'}.get(c.type, '') } {_human(c.size)} "
