@@ -148,8 +148,9 @@ class BackendReport:
 
 def _run(
     backend: str, target: Target, queries: Sequence[tuple[int, int]], timeout: float,
-    qemu: str | None, libvirt_uri: str,
+    qemu: str | None,
 ) -> ProbeResult:
+    """Raw KVM and QEMU, in this thread (libvirt: _LibvirtBeside)."""
     if backend == "kvm":
         from kvmcpuid_virt.probe.kvm import run_kvm
 
@@ -162,12 +163,6 @@ def _run(
             target.qemu_cpu(), queries, timeout=timeout, want_vmm_view=True,
             qemu=qemu or find_qemu() or QEMU_BINARY,
         )
-        return result
-    if backend == "libvirt":
-        from kvmcpuid_virt.probe.libvirt import run_libvirt
-
-        result = run_libvirt(target.libvirt_cpu(), queries, timeout=timeout, want_vmm_view=True,
-                             features=target.libvirt_features(), uri=libvirt_uri)
         return result
     raise ValueError(f"unknown backend {backend!r}")
 
@@ -196,10 +191,10 @@ def verify(
         for backend in backends:
             start = time.monotonic()
             try:
-                if backend == "libvirt" and beside.running:
+                if backend == "libvirt":
                     result = beside.result()
                 else:
-                    result = _run(backend, target, queries, timeout, qemu, libvirt_uri)
+                    result = _run(backend, target, queries, timeout, qemu)
             except (KvmcpuidError, ProbeError) as exc:
                 reports.append(BackendReport(backend, None, time.monotonic() - start,
                                              error=" ".join(str(exc).split())))
@@ -209,24 +204,20 @@ def verify(
 
 
 class _LibvirtBeside:
-    """The libvirt guest run in a thread while the other backends run here:
-    its ~0.6 s is mostly waiting on libvirtd (domain start and stop), so
-    `verify` with every backend takes about as long as libvirt alone. On
-    Ctrl-C (or any error here) the run is cancelled and its domain destroyed
-    before the exception goes on."""
+    """The libvirt guest, when asked for, run in a thread while the other
+    backends run here: its ~0.6 s is mostly waiting on libvirtd (domain start
+    and stop), so `verify` with every backend takes about as long as libvirt
+    alone. On Ctrl-C (or any error here) the run is cancelled and its domain
+    destroyed before the exception goes on."""
 
     def __init__(self, target: Target, queries: Sequence[tuple[int, int]], timeout: float,
                  uri: str, backends: Sequence[str]) -> None:  # fmt: skip
         self._args = (target, queries, timeout, uri)
-        self._wanted = "libvirt" in backends and len(backends) > 1
+        self._wanted = "libvirt" in backends
         self._probe: LibvirtProbe | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._future: Future[ProbeResult] | None = None
         self._error: KvmcpuidError | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._future is not None or self._error is not None
 
     def __enter__(self) -> _LibvirtBeside:
         if not self._wanted:
