@@ -24,6 +24,7 @@ from kvmcpuid_virt.kvm.abi import (
     kvm_cpuid2,
 )
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
+from kvmcpuid_virt.kvm.xstate import request_for_table, wants_dynamic_xfeatures
 
 # typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
 # benchmarks/bench_dump.py); mypy treats this name as always true.
@@ -149,13 +150,10 @@ class Kvm(KvmFd):
                 f"{self.path}: KVM_CAP_EXT_CPUID is missing (kernel older than 2.6.25?)"
             )
         table = self._get_cpuid("supported", first_nent)
-        # CPUID.7.0:EDX[24] AMX-TILE: KVM shows tile data in leaf 0xD only to
-        # a process that asked for it, as a VMM does (kvm/xstate.py).
-        if table.get(7, 0, "edx") >> 24 & 1:
-            from kvmcpuid_virt.kvm.xstate import request_for_table
-
-            if request_for_table(table):
-                table = self._get_cpuid("supported", first_nent)
+        # KVM shows AMX tile data in leaf 0xD only to a process that asked for
+        # it, as a VMM does (kvm/xstate.py); read again once granted.
+        if wants_dynamic_xfeatures(table) and request_for_table(table):
+            table = self._get_cpuid("supported", first_nent)
         return table
 
     def emulated_cpuid(self, first_nent: int = DEFAULT_NENT) -> CpuidTable:
