@@ -59,12 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.fsutil import atomic_write
     from kvmcpuid_virt.policy import baseline as bl
     from kvmcpuid_virt.policy.host_model import connect_dump
+    from kvmcpuid_virt.policy.options import refuse_emulated
 
-    inputs: list[Dump] = [load(p) for p in args.dumps]
-    for d in inputs:
-        if d.kind == "emulated":
-            raise InputError(f"{d.source}: a KVM_GET_EMULATED_CPUID dump, not what a host "
-                             "supports: take `kvmcpuid dump` without --emulated")  # fmt: skip
+    inputs: list[Dump] = [refuse_emulated(load(p)) for p in args.dumps]
     notes: list[str] = []
     for uri in args.connect:
         host_model = connect_dump(uri)

@@ -9,12 +9,13 @@ import argparse
 TYPE_CHECKING = False  # typing costs ms to import; mypy reads this as True
 
 if TYPE_CHECKING:
+    from kvmcpuid_virt.cpuid.formats import Dump
     from kvmcpuid_virt.cpuid.table import CpuidTable
     from kvmcpuid_virt.policy.config import CpuConfig
 
 __all__ = [
     "add_policy_options", "config_from_args", "dropped_warnings", "policy_key", "read_table",
-    "table_bytes",
+    "refuse_emulated", "table_bytes",
 ]  # fmt: skip
 
 
@@ -48,6 +49,19 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def refuse_emulated(dump: Dump) -> Dump:
+    """`dump`, unless it is a KVM_GET_EMULATED_CPUID dump, which says what KVM
+    emulates in software, not what a host supports (an InputError then)."""
+    if dump.kind == "emulated":
+        from kvmcpuid_virt.errors import InputError
+
+        raise InputError(
+            f"{dump.source}: a KVM_GET_EMULATED_CPUID dump (what KVM emulates in "
+            "software), not what it supports: take `kvmcpuid dump` without --emulated"
+        )
+    return dump
+
+
 def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str, bool]:
     """The supported table: from --from DUMP, else live from /dev/kvm; its
     source; and whether it is this machine's own KVM as it runs now (live, or
@@ -57,14 +71,7 @@ def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str, bool]:
         from kvmcpuid_virt.cpuid.formats import load
         from kvmcpuid_virt.host import is_this_host
 
-        dump = load(args.from_)
-        if dump.kind == "emulated":
-            from kvmcpuid_virt.errors import InputError
-
-            raise InputError(
-                f"{dump.source}: a KVM_GET_EMULATED_CPUID dump (what KVM emulates in "
-                "software), not what it supports: take `kvmcpuid dump` without --emulated"
-            )
+        dump = refuse_emulated(load(args.from_))
         return dump.table, dump.source, dump.kind == "supported" and is_this_host(dump.host)
     from kvmcpuid_virt.kvm.system import Kvm
 
