@@ -21,22 +21,22 @@ from kvmcpuid_virt.probe import hostcontrol
 from tests.conftest import REPO
 
 
-def _cli(args: list[str], xdg: Path) -> subprocess.CompletedProcess[str]:
+def _run_main(module: str, args: list[str], xdg: Path) -> subprocess.CompletedProcess[str]:
+    """`module`'s main() (a console script's) with args, its cache under `xdg`."""
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from kvmcpuid_virt.cli import main; "
-         "sys.exit(main())", *args],
+        [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())",
+         *args],
         capture_output=True, text=True, cwd=REPO, timeout=120,
         env={**os.environ, "XDG_CACHE_HOME": str(xdg)},
     )  # fmt: skip
+
+
+def _cli(args: list[str], xdg: Path) -> subprocess.CompletedProcess[str]:
+    return _run_main("kvmcpuid_virt.cli", args, xdg)
 
 
 def _qemu_flags(args: list[str], xdg: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "import sys; from kvmcpuid_virt.commands.qemu_flags import main; "
-         "sys.exit(main())", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-        env={**os.environ, "XDG_CACHE_HOME": str(xdg)},
-    )  # fmt: skip
+    return _run_main("kvmcpuid_virt.commands.qemu_flags", args, xdg)
 
 
 @pytest.fixture
