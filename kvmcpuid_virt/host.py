@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import cache
 
 from kvmcpuid_virt import __version__
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "boot_id",
-    "cpuinfo_field",
+    "cpuinfo_fields",
     "host_metadata",
     "is_this_host",
     "libvirt_version",
@@ -84,29 +85,33 @@ def qemu_version(
     return "unknown"
 
 
-def cpuinfo_field(name: str, path: str = "/proc/cpuinfo") -> str:
-    """The first value of `name` in /proc/cpuinfo ('' when absent or unreadable)."""
+def cpuinfo_fields(*names: str, path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first CPU's values of `names` in /proc/cpuinfo, read in one pass
+    ('' for one absent or unreadable)."""
+    found = dict.fromkeys(names, "")
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, sep, value = line.partition(":")
-                if sep and key.strip() == name:
-                    return value.strip()
+                key = key.strip()
+                if sep and key in found and not found[key]:
+                    found[key] = value.strip()
                 if not line.strip():
                     break  # the first CPU's block is enough
     except OSError:
         pass
-    return ""
+    return found
 
 
 def host_metadata(kvm_api_version: int | None = None) -> dict[str, str]:
     """Kernel, KVM API, CPU model and microcode, QEMU and libvirt versions,
     time and tool version: the host's fingerprint, shown by `kvmcpuid diff`."""
+    cpu = cpuinfo_fields("model name", "vendor_id", "microcode")
     meta = {
         "kernel": os.uname().release,
-        "cpu_model": cpuinfo_field("model name"),
-        "cpu_vendor": cpuinfo_field("vendor_id"),
-        "microcode": cpuinfo_field("microcode"),
+        "cpu_model": cpu["model name"],
+        "cpu_vendor": cpu["vendor_id"],
+        "microcode": cpu["microcode"],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tool_version": __version__,
         "hostname": os.uname().nodename,
@@ -129,14 +134,17 @@ def is_this_host(meta: Mapping[str, str]) -> bool:
     # Microcode may be absent on both sides (some VMs do not show it).
     if not all(meta.get(k) for k in _SAME_HOST_KEYS if k != "microcode"):
         return False
-    uname = os.uname()
-    now = {
-        "kernel": uname.release,
-        "cpu_model": cpuinfo_field("model name"),
-        "microcode": cpuinfo_field("microcode"),
-        "hostname": uname.nodename,
-    }
+    now = _this_host()
     return all(meta.get(k, "") == now[k] for k in _SAME_HOST_KEYS)
+
+
+@cache
+def _this_host() -> dict[str, str]:
+    # Read once per process: `baseline` asks this of every input dump.
+    uname = os.uname()
+    cpu = cpuinfo_fields("model name", "microcode")
+    return {"kernel": uname.release, "cpu_model": cpu["model name"],
+            "microcode": cpu["microcode"], "hostname": uname.nodename}  # fmt: skip
 
 
 def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:

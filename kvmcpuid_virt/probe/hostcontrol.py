@@ -38,7 +38,7 @@ from typing import Final
 from kvmcpuid_virt import fsutil
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import KvmIoctlError, ProbeError
-from kvmcpuid_virt.host import cpuinfo_field, pinned
+from kvmcpuid_virt.host import cpuinfo_fields, pinned
 from kvmcpuid_virt.kvm.system import Kvm
 from kvmcpuid_virt.probe.kvm import KvmProbe
 
@@ -405,10 +405,11 @@ def fingerprint(supported: CpuidTable) -> dict[str, str]:
                                        (0x8000001E, None, "eax", _ALL)])
         )
     ).hexdigest()[:16]
+    cpu = cpuinfo_fields("model name", "microcode")
     return {
         "kernel": os.uname().release,
-        "cpu_model": cpuinfo_field("model name"),
-        "microcode": cpuinfo_field("microcode"),
+        "cpu_model": cpu["model name"],
+        "microcode": cpu["microcode"],
         "supported_cpuid": digest,
     }
 
