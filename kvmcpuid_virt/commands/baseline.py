@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.fsutil import atomic_write
     from kvmcpuid_virt.policy import baseline as bl
     from kvmcpuid_virt.policy.host_model import connect_dump
-    from kvmcpuid_virt.policy.options import refuse_emulated
+    from kvmcpuid_virt.policy.options import of_this_host, refuse_emulated
 
     inputs: list[Dump] = [refuse_emulated(load(p)) for p in args.dumps]
     notes: list[str] = []
@@ -83,11 +83,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("no hosts: give dump files, --connect URI or --this-host")
     result = bl.baseline(inputs, allow_mixed_vendors=args.allow_mixed_vendors)
     notes.extend(result.notes)
-    from kvmcpuid_virt.host import is_this_host
-
     # With this machine among the hosts, what QEMU cannot set up here (its
     # start trial, policy/models.trial_start) is not common to every host.
-    among_hosts = any(d.kind == "supported" and is_this_host(d.host) for d in inputs)
+    among_hosts = any(of_this_host(d) for d in inputs)
 
     if args.format in ("json", "cpudata", "cpuid"):
         out = Dump(result.table, "supported", {"baseline_of": ", ".join(result.sources)},

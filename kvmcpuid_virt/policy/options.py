@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "add_policy_options", "config_from_args", "dropped_warnings", "policy_key", "read_table",
-    "refuse_emulated", "table_bytes",
+    "of_this_host", "refuse_emulated", "table_bytes",
 ]  # fmt: skip
 
 
@@ -62,6 +62,14 @@ def refuse_emulated(dump: Dump) -> Dump:
     return dump
 
 
+def of_this_host(dump: Dump) -> bool:
+    """Whether `dump` is KVM_GET_SUPPORTED_CPUID of this machine as it runs
+    now (by its fingerprint): what QEMU's start trial here speaks for."""
+    from kvmcpuid_virt.host import is_this_host
+
+    return dump.kind == "supported" and is_this_host(dump.host)
+
+
 def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str, bool]:
     """The supported table: from --from DUMP, else live from /dev/kvm; its
     source; and whether it is this machine's own KVM as it runs now (live, or
@@ -69,10 +77,9 @@ def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str, bool]:
     trial here speaks for (policy/select.build)."""
     if args.from_:
         from kvmcpuid_virt.cpuid.formats import load
-        from kvmcpuid_virt.host import is_this_host
 
         dump = refuse_emulated(load(args.from_))
-        return dump.table, dump.source, dump.kind == "supported" and is_this_host(dump.host)
+        return dump.table, dump.source, of_this_host(dump)
     from kvmcpuid_virt.kvm.system import Kvm
 
     with Kvm() as kvm:
