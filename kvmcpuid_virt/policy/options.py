@@ -14,8 +14,14 @@ if TYPE_CHECKING:
     from kvmcpuid_virt.policy.config import CpuConfig
 
 __all__ = [
-    "add_policy_options", "config_from_args", "dropped_warnings", "policy_key", "read_table",
-    "of_this_host", "refuse_emulated", "table_bytes",
+    "add_policy_options",
+    "config_from_args",
+    "dropped_warnings",
+    "of_this_host",
+    "policy_key",
+    "read_table",
+    "refuse_emulated",
+    "table_bytes",
 ]  # fmt: skip
 
 
