@@ -6,9 +6,7 @@ import errno
 import os
 import stat
 
-from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import (
-    CpuidSizeError,
     KvmApiVersionError,
     KvmCapabilityError,
     KvmIoctlError,
@@ -16,12 +14,13 @@ from kvmcpuid_virt.errors import (
     KvmUnavailableError,
     NotKvmDeviceError,
 )
-from kvmcpuid_virt.kvm.abi import (
-    KVM_API_VERSION,
-    KVM_MAX_CPUID_ENTRIES,
-    Cap,
-    Ioctl,
-    kvm_cpuid2,
+from kvmcpuid_virt.kvm.abi import KVM_API_VERSION, Cap, Ioctl
+from kvmcpuid_virt.kvm.cpuid_buffer import (
+    DEFAULT_NENT,
+    MAX_NENT,
+    MAX_TRIES,
+    entries_from_buffer,
+    read_cpuid,
 )
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
 from kvmcpuid_virt.kvm.xstate import request_for_table, wants_dynamic_xfeatures
@@ -32,49 +31,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final, Literal
 
+    from kvmcpuid_virt.cpuid.table import CpuidTable
     from kvmcpuid_virt.kvm.vm import Vm
 
-__all__ = ["DEFAULT_NENT", "KVM_PATH", "MAX_NENT", "MAX_TRIES", "Kvm", "entries_from_buffer"]
-
-
-def _debug(message: str, *args: object) -> None:
-    # logging costs ~10 ms to import; only the rare retry paths need it.
-    import logging
-
-    logging.getLogger(__name__).debug(message, *args)
-
-KVM_PATH: Final = "/dev/kvm"
-# A first guess that fits every kernel seen so far in one call (this host
-# needs ~60 entries; KVM's own cap is 256).
-DEFAULT_NENT: Final = KVM_MAX_CPUID_ENTRIES
-# Hard bounds on the nent negotiation: never allocate absurd buffers, never
-# loop forever on a kernel that keeps saying E2BIG.
-MAX_NENT: Final = 1 << 16
-MAX_TRIES: Final = 24
-
-if TYPE_CHECKING:
     CpuidKind = Literal["supported", "emulated"]
 
+# The nent bounds and the buffer decoding live in kvm/cpuid_buffer.py (vm.py
+# shares them); re-exported for callers that import them from here.
+__all__ = ["DEFAULT_NENT", "KVM_PATH", "MAX_NENT", "MAX_TRIES", "Kvm", "entries_from_buffer"]
 
-def entries_from_buffer(buf: kvm_cpuid2, count: int) -> list[CpuidEntry]:
-    """The first `count` kvm_cpuid_entry2 of a kvm_cpuid2 buffer as CpuidEntry."""
-    end = kvm_cpuid2.HEADER.size + count * kvm_cpuid2.ENTRY.size
-    if count > buf.capacity:
-        raise ValueError(f"{count} entries asked of a kvm_cpuid2 with room for {buf.capacity}")
-    return [
-        CpuidEntry(
-            function=function,
-            index=index,
-            flags=EntryFlag(flags & 7),
-            eax=eax,
-            ebx=ebx,
-            ecx=ecx,
-            edx=edx,
-        )
-        for function, index, flags, eax, ebx, ecx, edx in kvm_cpuid2.ENTRY.iter_unpack(
-            memoryview(buf)[kvm_cpuid2.HEADER.size : end]
-        )
-    ]
+KVM_PATH: Final = "/dev/kvm"
 
 
 class Kvm(KvmFd):
@@ -165,40 +131,5 @@ class Kvm(KvmFd):
         return self._get_cpuid("emulated", first_nent)
 
     def _get_cpuid(self, kind: CpuidKind, first_nent: int) -> CpuidTable:
-        """Negotiate nent. E2BIG: grow. ENOMEM with nent lowered (the original
-        2010 API for a too-large buffer): retry at the size the kernel named.
-        Current kernels clamp a large nent and succeed. The pre-5.13 spurious
-        E2BIG of KVM_GET_EMULATED_CPUID at exactly the right size is just
-        another E2BIG: growing past it succeeds."""
         request = Ioctl.GET_SUPPORTED_CPUID if kind == "supported" else Ioctl.GET_EMULATED_CPUID
-        nent = min(max(int(first_nent), 1), MAX_NENT)
-        for attempt in range(1, MAX_TRIES + 1):
-            buf = kvm_cpuid2(nent)
-            try:
-                self.ioctl(request, buf)
-            except KvmIoctlError as exc:
-                if exc.errno == errno.E2BIG:
-                    if nent >= MAX_NENT:
-                        break
-                    _debug("%s: E2BIG at nent=%d (try %d)", exc.request, nent, attempt)
-                    nent = min(nent * 2, MAX_NENT)
-                    continue
-                if exc.errno == errno.ENOMEM:
-                    adjusted = int(buf.nent)
-                    if 0 < adjusted < nent:
-                        _debug("%s: ENOMEM, kernel wants nent=%d", exc.request, adjusted)
-                        nent = adjusted
-                        continue
-                raise
-            got = int(buf.nent)
-            if got > nent:
-                raise CpuidSizeError(
-                    Ioctl.name(request), 0,
-                    f"{Ioctl.name(request)} reported nent={got} for a buffer of {nent}",
-                )
-            return CpuidTable(entries_from_buffer(buf, got))
-        raise CpuidSizeError(
-            Ioctl.name(request),
-            errno.E2BIG,
-            f"{Ioctl.name(request)}: gave up after {MAX_TRIES} tries (last nent={nent})",
-        )
+        return read_cpuid(self.ioctl, request, first_nent)

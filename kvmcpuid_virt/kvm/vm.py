@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import CpuidSizeError, KvmError, KvmIoctlError
+from kvmcpuid_virt.errors import KvmError, KvmIoctlError
 from kvmcpuid_virt.kvm.abi import (
     KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_READONLY,
@@ -26,6 +26,7 @@ from kvmcpuid_virt.kvm.abi import (
     Ioctl,
     kvm_cpuid2,
 )
+from kvmcpuid_virt.kvm.cpuid_buffer import DEFAULT_NENT, read_cpuid
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
 from kvmcpuid_virt.kvm.structs import (
     kvm_coalesced_mmio,
@@ -35,7 +36,6 @@ from kvmcpuid_virt.kvm.structs import (
     kvm_sregs,
     kvm_userspace_memory_region,
 )
-from kvmcpuid_virt.kvm.system import MAX_NENT, MAX_TRIES, entries_from_buffer
 from kvmcpuid_virt.kvm.xstate import DYNAMIC_XFEATURES, request_for_table, xcr0_of
 
 if TYPE_CHECKING:
@@ -323,26 +323,11 @@ class Vcpu(KvmFd):
             buf.set_entry(i, e.function, e.index, int(e.flags), e.eax, e.ebx, e.ecx, e.edx)
         self.ioctl(Ioctl.SET_CPUID2, buf)
 
-    def get_cpuid2(self, first_nent: int = KVM_MAX_CPUID_ENTRIES) -> CpuidTable:
+    def get_cpuid2(self, first_nent: int = DEFAULT_NENT) -> CpuidTable:
         """KVM_GET_CPUID2: the table this vCPU answers from. E2BIG means the
-        buffer is too small (the kernel does not say how small): grow, bounded."""
-        nent = min(max(int(first_nent), 1), MAX_NENT)
-        for _ in range(MAX_TRIES):
-            buf = kvm_cpuid2(nent)
-            try:
-                self.ioctl(Ioctl.GET_CPUID2, buf)
-            except KvmIoctlError as exc:
-                if exc.errno == errno.E2BIG and nent < MAX_NENT:
-                    nent = min(nent * 2, MAX_NENT)
-                    continue
-                raise
-            got = int(buf.nent)
-            if got > nent:
-                raise CpuidSizeError("KVM_GET_CPUID2", 0,
-                                     f"KVM_GET_CPUID2 reported nent={got} for a buffer of {nent}")
-            return CpuidTable(entries_from_buffer(buf, got))
-        raise CpuidSizeError("KVM_GET_CPUID2", errno.E2BIG,
-                             f"KVM_GET_CPUID2: gave up after {MAX_TRIES} tries (last nent={nent})")
+        buffer is too small (the kernel does not say how small): grow, bounded,
+        by the negotiation Kvm uses too (kvm/cpuid_buffer.py)."""
+        return read_cpuid(self.ioctl, Ioctl.GET_CPUID2, first_nent)
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
