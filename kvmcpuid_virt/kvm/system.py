@@ -41,6 +41,12 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_NENT", "KVM_PATH", "MAX_NENT", "MAX_TRIES", "Kvm", "entries_from_buffer"]
 
 KVM_PATH: Final = "/dev/kvm"
+# KVM_CREATE_VM can fail with EINTR when a signal arrives during VM setup;
+# retry a few times, never forever.
+_CREATE_TRIES: Final = 5
+# The same for every VM of a kernel: ask once per process (per device and
+# ioctl function, so a simulated kernel never answers for the real one).
+_mmap_size_cache: dict[tuple[str, object], int] = {}
 
 
 class Kvm(KvmFd):
@@ -104,10 +110,26 @@ class Kvm(KvmFd):
         return self.ioctl(Ioctl.GET_VCPU_MMAP_SIZE)
 
     def create_vm(self) -> Vm:
-        """KVM_CREATE_VM: a new, empty VM (see kvm/vm.py), owned by the caller."""
-        from kvmcpuid_virt.kvm.vm import Vm  # lazy: `kvmcpuid dump` never needs it
+        """KVM_CREATE_VM (machine type 0): a new, empty VM (see kvm/vm.py),
+        owned by the caller; it uses this Kvm's ioctl function."""
+        # Lazy: vm.py costs ~10 ms to import (ctypes, structs, logging) and
+        # `kvmcpuid dump` never needs it. Imported before the ioctl so a
+        # failing import cannot leak the new VM fd.
+        from kvmcpuid_virt.kvm.vm import Vm
 
-        return Vm.create(self)
+        key = (self.path, self._ioctl_fn)
+        size = _mmap_size_cache.get(key)
+        if size is None:
+            size = _mmap_size_cache[key] = self.vcpu_mmap_size()
+        for attempt in range(1, _CREATE_TRIES + 1):
+            try:
+                fd = self.ioctl(Ioctl.CREATE_VM, 0)
+            except KvmIoctlError as exc:
+                if exc.errno == errno.EINTR and attempt < _CREATE_TRIES:
+                    continue
+                raise
+            return Vm(fd, vcpu_mmap_size=size, ioctl=self._ioctl_fn)
+        raise AssertionError("unreachable")
 
     def supported_cpuid(self, first_nent: int = DEFAULT_NENT) -> CpuidTable:
         """KVM_GET_SUPPORTED_CPUID: what this KVM can give a guest."""

@@ -9,15 +9,14 @@ kvm_run mapping and unmaps it on close.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import mmap
 import struct
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import KvmError, KvmIoctlError
+from kvmcpuid_virt.errors import KvmError
 from kvmcpuid_virt.kvm.abi import (
     KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_READONLY,
@@ -38,19 +37,10 @@ from kvmcpuid_virt.kvm.structs import (
 )
 from kvmcpuid_virt.kvm.xstate import DYNAMIC_XFEATURES, request_for_table, xcr0_of
 
-if TYPE_CHECKING:
-    from kvmcpuid_virt.kvm.system import Kvm
-
 __all__ = ["GuestMemory", "Vcpu", "Vm"]
 
 log = logging.getLogger(__name__)
 
-# KVM_CREATE_VM can fail with EINTR when a signal arrives during VM setup;
-# retry a few times, never forever.
-_CREATE_TRIES: Final = 5
-# The same for every VM of a kernel: ask once per process (per device and
-# ioctl function, so a simulated kernel never answers for the real one).
-_mmap_size_cache: dict[tuple[str, object], int] = {}
 # struct kvm_run: exit_reason at offset 8; the exit union at 32, whose io
 # member is { __u8 direction, size; __u16 port; __u32 count; __u64 data_offset; }.
 _EXIT_REASON_OFFSET: Final = kvm_run.exit_reason.offset
@@ -107,7 +97,8 @@ class GuestMemory:
 
 
 class Vm(KvmFd):
-    """A VM fd from KVM_CREATE_VM. Create with Kvm.create_vm()."""
+    """A VM fd from KVM_CREATE_VM. Create with Kvm.create_vm(), which issues
+    the ioctl on /dev/kvm (so this module needs nothing of kvm/system.py)."""
 
     def __init__(self, fd: int, *, vcpu_mmap_size: int, ioctl: IoctlFn | None = None) -> None:
         super().__init__(fd, ioctl)
@@ -117,23 +108,6 @@ class Vm(KvmFd):
         # Slots keep their memory alive for as long as the VM may touch it.
         self._regions: dict[int, GuestMemory] = {}
         self._vcpus: list[Vcpu] = []
-
-    @classmethod
-    def create(cls, kvm: Kvm) -> Vm:
-        """KVM_CREATE_VM (machine type 0) on `kvm`; the Vm uses kvm's ioctl."""
-        key = (kvm.path, kvm._ioctl_fn)
-        size = _mmap_size_cache.get(key)
-        if size is None:
-            size = _mmap_size_cache[key] = kvm.vcpu_mmap_size()
-        for attempt in range(1, _CREATE_TRIES + 1):
-            try:
-                fd = kvm.ioctl(Ioctl.CREATE_VM, 0)
-            except KvmIoctlError as exc:
-                if exc.errno == errno.EINTR and attempt < _CREATE_TRIES:
-                    continue
-                raise
-            return cls(fd, vcpu_mmap_size=size, ioctl=kvm._ioctl_fn)
-        raise AssertionError("unreachable")
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (cached per process and ioctl
