@@ -5,6 +5,8 @@ simulates; everything else in the suite uses the real ioctl."""
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from kvmcpuid_virt.errors import (
 )
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.kvm.abi import Cap, Ioctl
+from kvmcpuid_virt.kvm.vm import Vcpu
 
 # A plausible table: 40 entries, some indexed, distinct values per entry so a
 # misplaced entry cannot go unnoticed.
@@ -71,6 +74,8 @@ class SimulatedKernel:
             return self.caps.get(arg, 0)
         if request in (Ioctl.GET_SUPPORTED_CPUID, Ioctl.GET_EMULATED_CPUID):
             return self._get_cpuid(arg)
+        if request == Ioctl.GET_CPUID2:
+            return self._get_cpuid2(arg)
         raise OSError(errno.ENOTTY, "simulated: unknown ioctl")
 
     def _get_cpuid(self, buf: Any) -> int:
@@ -93,9 +98,29 @@ class SimulatedKernel:
         return 0
 
 
+    def _get_cpuid2(self, buf: Any) -> int:
+        # kvm_vcpu_ioctl_get_cpuid2: E2BIG below the vCPU's nent, header not
+        # copied back on error; no ENOMEM and no clamping.
+        nent = buf.nent
+        self.calls.append(nent)
+        if self.always_e2big or nent < len(self.table):
+            raise OSError(errno.E2BIG, "simulated E2BIG")
+        for i, e in enumerate(self.table):
+            buf.set_entry(i, e.function, e.index, int(e.flags), *e.regs())
+        buf.nent = len(self.table)
+        return 0
+
+
 def _kvm(kernel: SimulatedKernel) -> Kvm:
     # /dev/null stands in for the device node; every ioctl goes to `kernel`.
     return Kvm("/dev/null", ioctl=kernel)
+
+
+def _vcpu(kernel: SimulatedKernel) -> Vcpu:
+    # A memfd stands in for the vCPU fd (Vcpu maps its kvm_run from it).
+    fd = os.memfd_create("simulated-vcpu", os.MFD_CLOEXEC)
+    os.ftruncate(fd, mmap.PAGESIZE)
+    return Vcpu(fd, mmap.PAGESIZE, ioctl=kernel)
 
 
 @pytest.mark.parametrize("first", [1, 2, 39, 40, 41, 256, 10000])
@@ -166,3 +191,19 @@ def test_kernel_error_other_than_size_is_reported_with_ioctl_name() -> None:
         KvmIoctlError, match="KVM_GET_SUPPORTED_CPUID failed: EFAULT"
     ):
         kvm.supported_cpuid()
+
+
+@pytest.mark.parametrize("first", [1, 39, 40, 41, 10000])
+def test_vcpu_get_cpuid2_grows_past_e2big(first: int) -> None:
+    kernel = SimulatedKernel()
+    with _vcpu(kernel) as vcpu:
+        assert vcpu.get_cpuid2(first) == TABLE
+    assert kernel.calls[-1] >= len(TABLE)
+
+
+def test_vcpu_get_cpuid2_that_always_says_e2big_gives_up_bounded() -> None:
+    # The same negotiation as Kvm's (kvm/cpuid_buffer.py): bounded, one error.
+    kernel = SimulatedKernel(always_e2big=True)
+    with _vcpu(kernel) as vcpu, pytest.raises(CpuidSizeError, match="KVM_GET_CPUID2: gave up"):
+        vcpu.get_cpuid2(1)
+    assert 1 < len(kernel.calls) <= 24
