@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kvmcpuid_virt.analysis.baseline import baseline
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.formats import Dump, dumps, load, loads
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.policy.baseline import baseline
 
 DATA = Path(os.environ.get("KVMCPUID_DATA", Path(__file__).resolve().parents[2] / "shared"
                            / "data" / "cpuid"))  # fmt: skip

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import KvmcpuidError
-from kvmcpuid_virt.policy.config import CpuConfig
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
 
 __all__ = ["BACKENDS", "Batch", "Case", "make_case", "run_kvm_cases", "run_libvirt_cases",
            "run_qemu_cases"]
@@ -43,21 +44,25 @@ class Case:
     render_errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def make_case(case_id: str, config: CpuConfig) -> Case:
+def make_case(case_id: str, config: CpuConfig, facts: ToolFacts) -> Case:
     """Render `config` with the adapters, looked up at call time so that a
     mutant adapter patched into the module is what gets rendered."""
     errors: dict[str, str] = {}
 
-    def render(backend: str, module: str, func: str) -> str:
+    def render(backend: str, module: str) -> str:
+        adapter = importlib.import_module(module)
         try:
-            text: str = getattr(importlib.import_module(module), func)(config)
+            if backend == "qemu":
+                text: str = adapter.cpu_value(config)
+            else:
+                text = adapter.render(config, adapter.base_model(config, facts))
         except KvmcpuidError as exc:
             errors[backend] = f"the {backend} adapter cannot render it: {exc}"
             return ""
         return text
 
-    qemu_cpu = render("qemu", "kvmcpuid_virt.adapters.qemu", "cpu_value")
-    libvirt_cpu = render("libvirt", "kvmcpuid_virt.adapters.libvirt", "render")
+    qemu_cpu = render("qemu", "kvmcpuid_virt.adapters.qemu")
+    libvirt_cpu = render("libvirt", "kvmcpuid_virt.adapters.libvirt")
     return Case(case_id, config, config.expected, qemu_cpu, libvirt_cpu,
                 tuple(image.default_queries(config.expected)), errors)
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
+from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Ignore, compare
 from kvmcpuid_virt.cpuid import features
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
-from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Ignore, compare
 
 __all__ = [
     "KNOWN_GAPS",

@@ -125,8 +125,8 @@ def batch_kvm(the_plan: Plan) -> Batch:
 
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
-    # $KVMCPUID_QEMU first, as the package itself resolves it (models.find_qemu).
-    from kvmcpuid_virt.policy.models import find_qemu
+    # $KVMCPUID_QEMU first, as the package itself resolves it (learn.find_qemu).
+    from kvmcpuid_virt.toolfacts.learn import find_qemu
 
     path = find_qemu()
     if path is None:

@@ -18,6 +18,7 @@ from typing import Final
 from conformance.backends import Case, make_case
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import KvmcpuidError
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
 
 __all__ = ["MAX_MODELS", "Plan", "data_dir", "plan"]
 
@@ -35,6 +36,7 @@ def data_dir() -> Path:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     supported: CpuidTable
+    facts: ToolFacts
     full: Case
     off: dict[str, Case]  # feature -> case
     models: dict[str, Case]  # model name -> case
@@ -49,22 +51,21 @@ class Plan:
         return out
 
 
-def _models(supported: CpuidTable, notes: list[str]) -> dict[str, Case]:
-    from kvmcpuid_virt.policy import models
-    from kvmcpuid_virt.policy.select import Policy, build
+def _models(supported: CpuidTable, facts: ToolFacts, notes: list[str]) -> dict[str, Case]:
+    from kvmcpuid_virt.config.build import Policy, build
 
     try:
-        candidates = models.models()
+        candidates = facts.models()
     except KvmcpuidError as exc:
         notes.append(f"no named CPU models: {exc}")
         return {}
     found: dict[str, Case] = {}
     for m in reversed(candidates):  # newest first
         try:
-            config = build(supported, Policy(model=m.name), source="/dev/kvm")
+            config = build(supported, Policy(model=m.name), facts=facts, source="/dev/kvm")
         except KvmcpuidError:
             continue  # needs a feature this host lacks, or QEMU lacks the model
-        found[m.name] = make_case(f"model:{m.name}", config)
+        found[m.name] = make_case(f"model:{m.name}", config, facts)
         if len(found) == MAX_MODELS:
             break
     if not found:
@@ -72,11 +73,11 @@ def _models(supported: CpuidTable, notes: list[str]) -> dict[str, Case]:
     return found
 
 
-def _baseline(supported: CpuidTable) -> tuple[Case | None, str]:
+def _baseline(supported: CpuidTable, facts: ToolFacts) -> tuple[Case | None, str]:
+    from kvmcpuid_virt.analysis.baseline import baseline
+    from kvmcpuid_virt.config.build import build
+    from kvmcpuid_virt.config.cpuconfig import vendor_of
     from kvmcpuid_virt.cpuid.formats import Dump, load
-    from kvmcpuid_virt.policy.baseline import baseline
-    from kvmcpuid_virt.policy.config import vendor_of
-    from kvmcpuid_virt.policy.select import build
 
     directory = data_dir()
     vendor = vendor_of(supported)
@@ -84,8 +85,8 @@ def _baseline(supported: CpuidTable) -> tuple[Case | None, str]:
         dump = load(str(path))
         if vendor_of(dump.table) == vendor:
             result = baseline([Dump(supported, "supported", {}, "/dev/kvm"), dump])
-            config = build(result.table, source="baseline")
-            return make_case("baseline", config), f"this host and {path.name}"
+            config = build(result.table, facts=facts, source="baseline")
+            return make_case("baseline", config, facts), f"this host and {path.name}"
     return None, f"no CPU dump of this host's vendor ({vendor}) in {directory}"
 
 
@@ -94,18 +95,20 @@ def plan() -> Plan | str:
     """The plan, or why there is none (no /dev/kvm)."""
     if not os.path.exists("/dev/kvm"):
         return "no /dev/kvm: every check needs a KVM host"
+    from kvmcpuid_virt.config.build import Policy, build
     from kvmcpuid_virt.kvm import Kvm
-    from kvmcpuid_virt.policy.select import Policy, build
+    from kvmcpuid_virt.toolfacts.learn import learn
 
     with Kvm() as kvm:
         supported = kvm.supported_cpuid()
+    facts = learn()  # once per process: every case is a function of these
     notes: list[str] = []
-    full = build(supported, source="/dev/kvm")
+    full = build(supported, facts=facts, source="/dev/kvm")
     off = {
-        name: make_case(f"off:{name}", build(supported, Policy(disable=(name,)),
-                                             source="/dev/kvm"))
+        name: make_case(f"off:{name}", build(supported, Policy(disable=(name,)), facts=facts,
+                                             source="/dev/kvm"), facts)
         for name in full.enabled()
     }
-    base, why = _baseline(supported)
-    return Plan(supported, make_case(FULL, full), off, _models(supported, notes), base, why,
-                tuple(notes))
+    base, why = _baseline(supported, facts)
+    return Plan(supported, facts, make_case(FULL, full, facts), off,
+                _models(supported, facts, notes), base, why, tuple(notes))

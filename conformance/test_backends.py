@@ -27,9 +27,9 @@ from conformance.checks import (
     predicted_gaps,
 )
 from conformance.plan import Plan
+from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Ignore
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
-from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Ignore
 from kvmcpuid_virt.probe.hostcontrol import VCPU_STATE, HostControl
 
 Word = tuple[int, int, Register]

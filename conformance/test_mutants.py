@@ -93,7 +93,7 @@ def test_mutant_qemu_names_swapped(the_plan: Plan, control: HostControl, batch_q
     swap = {a: b, b: a}
     monkeypatch.setattr(qemu_adapter, "_qemu_name",
                         lambda reg, name: original(reg, swap.get(name, name)))
-    mutants = [make_case(f"mutant-{c.id}", c.config) for c in (the_plan.off[a],
+    mutants = [make_case(f"mutant-{c.id}", c.config, the_plan.facts) for c in (the_plan.off[a],
                                                                  the_plan.off[b])]
     assert all(f"{a}=off" not in m.qemu_cpu for m in mutants[:1]), "the mutant did not apply"
     mutant_batch = run_qemu_cases(mutants, qemu_binary)
@@ -133,7 +133,7 @@ def test_mutant_libvirt_disable_as_require(the_plan: Plan, control: HostControl,
                         ).raise_for("mutant libvirt full", "libvirt", "full")
         return run
 
-    mutant = make_case("mutant-full", full.config)
+    mutant = make_case("mutant-full", full.config, the_plan.facts)
     assert 'policy="disable"' not in mutant.libvirt_cpu.replace("'", '"'), "mutant not applied"
     assert 'policy="disable"' in full.libvirt_cpu.replace("'", '"'), (
         "the full configuration turns nothing off here: this mutant cannot show")

@@ -124,7 +124,7 @@ def host_metadata(kvm_api_version: int | None = None) -> dict[str, str]:
 
 
 # What makes a dump "of this machine as it runs now": what QEMU's start trial
-# (policy/models.trial_start) depends on besides QEMU itself.
+# (toolfacts/learn.trial_start) depends on besides QEMU itself.
 _SAME_HOST_KEYS = ("kernel", "cpu_model", "microcode", "hostname")
 
 

@@ -72,7 +72,7 @@ def monitor(
     from qemu.qmp import ExecuteError, QMPError
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-    from kvmcpuid_virt.probe.process import dies_with_us
+    from kvmcpuid_virt.process import dies_with_us
 
     ours, theirs = socket.socketpair()
     argv = [binary, "-machine", machine, "-accel", accel or default_accel()]
@@ -172,6 +172,6 @@ def _failure(
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
-    from kvmcpuid_virt.probe.process import kill_process
+    from kvmcpuid_virt.process import kill_process
 
     kill_process(proc)

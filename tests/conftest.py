@@ -3,6 +3,8 @@ clear reason each where this machine lacks a part."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +13,23 @@ import pytest
 
 from kvmcpuid_virt.host import pinned
 from kvmcpuid_virt.kvm import Kvm
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("KVMCPUID_DATA", REPO.parent / "shared" / "data" / "cpuid"))
+# QEMU 7.2's and libvirt 9.0's cpu_map answers on a Debian 12 KVM host, as
+# scripts/record_toolfacts.py recorded them: the tool facts of pure-code tests,
+# which then need neither QEMU nor libvirt and are functions of their inputs.
+RECORDING = REPO / "tests" / "data" / "toolfacts-qemu-7.2.json"
+
+
+@functools.cache
+def recorded_facts() -> ToolFacts:
+    with open(RECORDING, encoding="utf-8") as f:
+        return ToolFacts.from_json(json.load(f))
+
+
+FACTS = recorded_facts()
 
 
 def host_vendor() -> str:
@@ -80,8 +96,8 @@ def kvm() -> Iterator[Kvm]:
 
 @pytest.fixture(scope="session")
 def qemu_binary() -> str:
-    # $KVMCPUID_QEMU first, as the package itself resolves it (models.find_qemu).
-    from kvmcpuid_virt.policy.models import find_qemu
+    # $KVMCPUID_QEMU first, as the package itself resolves it (learn.find_qemu).
+    from kvmcpuid_virt.toolfacts.learn import find_qemu
 
     path = find_qemu()
     if path is None:
@@ -89,6 +105,14 @@ def qemu_binary() -> str:
     if not os.path.exists("/dev/kvm"):
         pytest.skip("no /dev/kvm on this machine (QEMU tests use -accel kvm)")
     return path
+
+
+@pytest.fixture(scope="session")
+def live_facts(qemu_binary: str) -> ToolFacts:
+    """What this machine's QEMU and cpu_map say now (toolfacts.learn)."""
+    from kvmcpuid_virt.toolfacts.learn import learn
+
+    return learn(qemu_binary)
 
 
 @pytest.fixture(scope="session")

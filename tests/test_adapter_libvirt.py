@@ -12,13 +12,15 @@ import pytest
 from lxml import etree
 
 from kvmcpuid_virt.adapters import libvirt as lv
+from kvmcpuid_virt.analysis.given import applied
+from kvmcpuid_virt.config import build as select
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.policy import models, select
 from kvmcpuid_virt.probe.libvirt import domain_log
-from tests.conftest import cpu_dump_paths
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
+from tests.conftest import FACTS, cpu_dump_paths
 from tests.test_policy import table
 
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
@@ -42,9 +44,9 @@ DOMAIN = """<?xml version="1.0"?>
 """
 
 
-def _needs_cpu_map() -> None:
-    if not models.cpu_map_models():
-        pytest.skip("libvirt cpu_map is not installed")
+def _patch(domain: str) -> str:
+    c = select.build(table(), facts=FACTS)
+    return lv.patch_domain(domain, c, lv.base_model(c, FACTS))
 
 
 def _domain(cpu_xml: str, name: str = "t") -> str:
@@ -54,9 +56,8 @@ def _domain(cpu_xml: str, name: str = "t") -> str:
 
 
 def test_render_shape() -> None:
-    _needs_cpu_map()
-    c = select.build(table())
-    cpu = etree.fromstring(lv.render(c))
+    c = select.build(table(), facts=FACTS)
+    cpu = etree.fromstring(lv.render(c, lv.base_model(c, FACTS)))
     assert (cpu.get("mode"), cpu.get("match"), cpu.get("check")) == ("custom", "exact", "full")
     model = cpu.find("model")
     assert model is not None and model.get("fallback") == "forbid"
@@ -72,46 +73,45 @@ def test_render_shape() -> None:
 
 @pytest.mark.parametrize("bad", ['x"/><evil/><feature name="y', "a&b", "a<b"])
 def test_markup_injection_refused(bad: str) -> None:
-    _needs_cpu_map()
-    c = select.build(table())
+    c = select.build(table(), facts=FACTS)
     evil = dict(c.features)
     evil[bad] = True
     with pytest.raises(InputError):
-        lv.render(dataclasses.replace(c, features=evil))
+        lv.render(dataclasses.replace(c, features=evil), "pentium3")
     with pytest.raises(InputError, match="refusing"):
-        lv.render(c, model="pentium3'/><x a='")
+        lv.render(c, "pentium3'/><x a='")
 
 
 def test_patch_changes_only_cpu() -> None:
-    _needs_cpu_map()
-    c = select.build(table())
-    out = lv.patch_domain(DOMAIN, c)
+    c = select.build(table(), facts=FACTS)
+    out = lv.patch_domain(DOMAIN, c, lv.base_model(c, FACTS))
     start, end = DOMAIN.index("  <cpu "), DOMAIN.index("  <devices>")
     assert out.startswith(DOMAIN[:start])
     assert out.endswith(DOMAIN[end:])
     assert "host-passthrough" not in out[start:]
     # Without a <cpu>: one is added before </domain>, the rest is untouched.
     bare = DOMAIN[:start] + DOMAIN[end:]
-    out2 = lv.patch_domain(bare, c)
+    out2 = lv.patch_domain(bare, c, lv.base_model(c, FACTS))
     assert out2.startswith(bare[: bare.index("</domain>")])
     assert etree.fromstring(out2.encode()).find("cpu") is not None
 
 
 def test_patch_refuses_non_domain_and_entities() -> None:
-    c = select.build(table())
+    c = select.build(table(), facts=FACTS)
     with pytest.raises(InputError):
-        lv.patch_domain("<network/>", c)
+        lv.patch_domain("<network/>", c, "qemu64")
     with pytest.raises(InputError):
         lv.patch_domain(
-            '<!DOCTYPE domain [<!ENTITY x SYSTEM "file:///etc/passwd">]><domain>&x;</domain>', c
+            '<!DOCTYPE domain [<!ENTITY x SYSTEM "file:///etc/passwd">]><domain>&x;</domain>',
+            c, "qemu64",
         )
 
 
 def test_parse_round_trip() -> None:
-    _needs_cpu_map()
     t = table()
-    c = select.build(t, select.Policy(disable=("sse2",)))
-    back = lv.parse_config(lv.render(c), t)
+    c = select.build(t, select.Policy(disable=("sse2",)), facts=FACTS)
+    back = applied(lv.parse(lv.render(c, lv.base_model(c, FACTS))), t, FACTS,
+                   allow_unsupported=False)
     assert back.features == c.features
     assert lv.parse(DOMAIN) == ("host", (), ("svm",))
 
@@ -124,9 +124,9 @@ def _rng() -> etree.RelaxNG:
 
 @pytest.mark.parametrize("dump", cpu_dump_paths(), ids=lambda p: p.stem)
 def test_dump_xml_validates_against_schema(dump: Path) -> None:
-    _needs_cpu_map()
-    config = select.build(load(str(dump)).table, source=str(dump))
-    doc = etree.fromstring(_domain(lv.render(config, indent="  ")).encode())
+    config = select.build(load(str(dump)).table, source=str(dump), facts=FACTS)
+    cpu_xml = lv.render(config, lv.base_model(config, FACTS), indent="  ")
+    doc = etree.fromstring(_domain(cpu_xml).encode())
     rng = _rng()
     assert rng.validate(doc), rng.error_log.last_error
     # Independent check on the chosen base: every cpu_map feature of that
@@ -134,7 +134,7 @@ def test_dump_xml_validates_against_schema(dump: Path) -> None:
     cpu = doc.find("cpu")
     assert cpu is not None
     required = {f.get("name") for f in cpu.findall("feature") if f.get("policy") == "require"}
-    base = models.cpu_map_models()[cpu.findtext("model") or ""]
+    base = FACTS.cpu_map[cpu.findtext("model") or ""]
     assert set(base.features) <= required
 
 
@@ -143,12 +143,12 @@ def test_dump_xml_validates_against_schema(dump: Path) -> None:
 
 @pytest.mark.kvm
 @pytest.mark.libvirt
-def test_libvirt_accepts_defines_and_starts(kvm: Kvm, libvirt_conn_uri: str) -> None:
+def test_libvirt_accepts_defines_and_starts(kvm: Kvm, libvirt_conn_uri: str,
+                                            live_facts: ToolFacts) -> None:
     import libvirt
 
-    _needs_cpu_map()
-    config = select.build(kvm.supported_cpuid(), source="/dev/kvm")
-    cpu_xml = lv.render(config, indent="  ")
+    config = select.build(kvm.supported_cpuid(), source="/dev/kvm", facts=live_facts)
+    cpu_xml = lv.render(config, lv.base_model(config, live_facts), indent="  ")
     conn = libvirt.open(libvirt_conn_uri)
     try:
         verdict = conn.compareHypervisorCPU(None, "x86_64", None, "kvm", cpu_xml, 0)
@@ -179,7 +179,6 @@ def test_patch_parses_only_with_the_hardened_parser(monkeypatch: pytest.MonkeyPa
     """Every parse behind --patch (the self-check's copies too) goes through
     xmlutil.parse_xml, whose parser expands no entities and fetches nothing;
     lxml's default parser would do both."""
-    _needs_cpu_map()
     real = etree.fromstring
     parsers: list[object] = []
 
@@ -189,7 +188,7 @@ def test_patch_parses_only_with_the_hardened_parser(monkeypatch: pytest.MonkeyPa
         return el
 
     monkeypatch.setattr(etree, "fromstring", spy)
-    lv.patch_domain(DOMAIN, select.build(table()))
+    _patch(DOMAIN)
     assert parsers, "patch_domain parsed nothing?"
     probe = b'<!DOCTYPE d [<!ENTITY e "expanded">]><d>&e;</d>'
     for parser in parsers:
@@ -201,16 +200,15 @@ def test_patch_parses_only_with_the_hardened_parser(monkeypatch: pytest.MonkeyPa
 def test_base_model_vendor_names_come_from_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     """One vendor-name map (fields.LIBVIRT_VENDOR): what base_model() matches
     cpu_map's <vendor> against follows it."""
-    _needs_cpu_map()
-    found = models.cpu_map_models()
+    found = FACTS.cpu_map
     amd = [p for p in cpu_dump_paths() if "EPYC" in p.stem]
     if not amd:
         pytest.skip("no AMD EPYC dump in the CPU dump directory")
-    c = select.build(load(str(amd[0])).table)
+    c = select.build(load(str(amd[0])).table, facts=FACTS)
     assert c.vendor == "AuthenticAMD"
-    assert found[lv.base_model(c)].vendor == "AMD"
+    assert found[lv.base_model(c, FACTS)].vendor == "AMD"
     monkeypatch.setitem(fields.LIBVIRT_VENDOR, "AuthenticAMD", "Intel")
-    assert found[lv.base_model(c)].vendor == "Intel"
+    assert found[lv.base_model(c, FACTS)].vendor == "Intel"
 
 
 def test_one_feature_name_pattern() -> None:
@@ -270,9 +268,8 @@ def _c14n(el: etree._Element | None) -> bytes:
 
 
 def test_patch_keeps_topology_numa_cache() -> None:
-    _needs_cpu_map()
     before = _rich_domain()
-    after = lv.patch_domain(before, select.build(table()))
+    after = _patch(before)
     old, new = etree.fromstring(before.encode()).find("cpu"), etree.fromstring(after.encode())
     cpu = new.find("cpu")
     assert old is not None and cpu is not None
@@ -292,7 +289,6 @@ def test_patch_keeps_topology_numa_cache() -> None:
 def test_patch_self_check_covers_what_cpu_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Were the carried children lost or altered, --patch refuses rather
     than write a domain that lost its topology."""
-    _needs_cpu_map()
 
     def lossy(old: etree._Element) -> tuple[list[etree._Element], list[etree._Element]]:
         before, after = real(old)
@@ -301,16 +297,15 @@ def test_patch_self_check_covers_what_cpu_keeps(monkeypatch: pytest.MonkeyPatch)
     real = lv._carried
     monkeypatch.setattr(lv, "_carried", lossy)
     with pytest.raises(InputError, match="more than <cpu>"):
-        lv.patch_domain(_rich_domain(), select.build(table()))
+        _patch(_rich_domain())
 
 
 @pytest.mark.libvirt
 def test_libvirt_defines_patched_rich_domain(libvirt_conn_uri: str) -> None:
     import libvirt
 
-    _needs_cpu_map()
     name = f"kvmcpuid-test-{uuid.uuid4().hex[:12]}"
-    xml = lv.patch_domain(_rich_domain(name), select.build(table()))
+    xml = _patch(_rich_domain(name))
     conn = libvirt.open(libvirt_conn_uri)
     try:
         dom = conn.defineXML(xml)  # persistent but never started

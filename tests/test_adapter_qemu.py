@@ -15,21 +15,23 @@ from typing import Any, Final
 import pytest
 
 from kvmcpuid_virt.adapters import qemu
+from kvmcpuid_virt.analysis.given import applied
 from kvmcpuid_virt.commands.qemu_flags import main as qemu_flags_main
+from kvmcpuid_virt.config import build as select
 from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, UnknownFeatureError
 from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.policy import select
 from kvmcpuid_virt.probe.qemu import run_qemu
-from tests.conftest import cpu_dump_paths, qmp_reply_path
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
+from tests.conftest import FACTS, cpu_dump_paths, qmp_reply_path
 from tests.test_policy import table
 
 GOLDEN = Path(__file__).parent / "golden" / "qemu-flags"
 
 
 def test_render_rules() -> None:
-    c = select.build(table())
+    c = select.build(table(), facts=FACTS)
     value = qemu.cpu_value(c)
     parts = value.split(",")
     assert parts[0] == "host" and parts[-1] == "enforce"
@@ -47,7 +49,7 @@ def test_render_rules() -> None:
     "bad", ["sse2,x-foo=on", "sse2=on", "a'b", 'a"b', "kvm=off", "fpu -device"]
 )
 def test_injection_refused(bad: str) -> None:
-    c = select.build(table())
+    c = select.build(table(), facts=FACTS)
     evil = dict(c.features)
     evil[bad] = True
     with pytest.raises(InputError, match="refusing"):
@@ -141,8 +143,8 @@ def test_parse_accepts_underscore_in_properties() -> None:
 
 def test_parse_round_trip() -> None:
     t = table()
-    c = select.build(t, select.Policy(disable=("sse2",)))
-    back = qemu.parse_config(qemu.render(c), t)
+    c = select.build(t, select.Policy(disable=("sse2",)), facts=FACTS)
+    back = applied(qemu.parse(qemu.render(c)), t, FACTS, allow_unsupported=False)
     assert back.features == c.features and back.model == c.model
     assert back.expected == c.expected
 
@@ -186,7 +188,7 @@ def _qmp_props(path: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("dump", cpu_dump_paths(), ids=lambda p: p.stem)
 def test_golden_against_recorded_qmp(dump: Path) -> None:
-    config = select.build(load(str(dump)).table, source=str(dump))
+    config = select.build(load(str(dump)).table, source=str(dump), facts=FACTS)
     text = qemu.render(config)
     golden = GOLDEN / f"{dump.stem}.txt"
     if os.environ.get("KVMCPUID_REGEN_GOLDEN"):
@@ -217,7 +219,7 @@ def test_regenerating_golden_skips(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setattr(sys.modules[__name__], "GOLDEN", tmp_path)  # not the real files
     with pytest.raises(pytest.skip.Exception, match="regenerated"):
         test_golden_against_recorded_qmp(dumps[0])
-    config = select.build(load(str(dumps[0])).table, source=str(dumps[0]))
+    config = select.build(load(str(dumps[0])).table, source=str(dumps[0]), facts=FACTS)
     assert (tmp_path / f"{dumps[0].stem}.txt").read_text() == qemu.render(config)
 
 
@@ -286,15 +288,14 @@ def test_a_dump_is_this_host_only_by_its_whole_fingerprint() -> None:
 
 @pytest.mark.kvm
 @pytest.mark.qemu
-def test_plain_host_breaks_where_ours_does_not(kvm: Kvm, qemu_binary: str) -> None:
+def test_plain_host_breaks_where_ours_does_not(kvm: Kvm, qemu_binary: str,
+                                               live_facts: ToolFacts) -> None:
     """Why the trial start exists: on this host QEMU's own `-cpu host` dies
     setting MSR 0x10a. If a future kernel fixes that, this test says so and
     the undeliverable list should come back empty."""
-    from kvmcpuid_virt.policy.models import qemu_info
-
     proc = _start(qemu_binary, ["-cpu", "host"])
     broken = proc.returncode != 0
-    assert broken == bool(qemu_info(qemu_binary).undeliverable)
+    assert broken == bool(live_facts.require_qemu().undeliverable)
 
 
 # --- live: parse() and QEMU agree ---------------------------------------------------

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from kvmcpuid_virt.analysis.baseline import baseline
 from kvmcpuid_virt.cpuid.formats import Dump, load
 from kvmcpuid_virt.errors import PolicyError
-from kvmcpuid_virt.policy.baseline import baseline
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
 from tests.conftest import cpu_dump_paths
 
 CPU_MAP = Path("/usr/share/libvirt/cpu_map/x86_features.xml")
@@ -107,12 +108,13 @@ def test_mixed_vendors_refused_unless_allowed() -> None:
     assert not mixed.table.get(0x80000001, 0, "ecx") >> 6 & 1
 
 
-def test_qemu_starts_with_baseline_of_this_host_and_an_amd_dump(kvm: object,
-                                                                qemu_binary: str) -> None:
+def test_qemu_starts_with_baseline_of_this_host_and_an_amd_dump(
+    kvm: object, qemu_binary: str, live_facts: ToolFacts
+) -> None:
     from kvmcpuid_virt.adapters.qemu import render_argv
+    from kvmcpuid_virt.config.build import build
+    from kvmcpuid_virt.config.cpuconfig import vendor_of
     from kvmcpuid_virt.kvm import Kvm
-    from kvmcpuid_virt.policy.config import vendor_of
-    from kvmcpuid_virt.policy.select import build
 
     with Kvm() as k:
         live = Dump(k.supported_cpuid(), "supported", {}, "/dev/kvm")
@@ -121,8 +123,9 @@ def test_qemu_starts_with_baseline_of_this_host_and_an_amd_dump(kvm: object,
     if not others:
         pytest.skip("no dump of this host's vendor")
     result = baseline([live, others[0]])
+    config = build(result.table, facts=live_facts)
     argv = [qemu_binary, "-accel", "kvm", "-machine", "pc", "-nodefaults", "-display", "none",
-            "-no-user-config", "-S", "-qmp", "stdio", *render_argv(build(result.table))]
+            "-no-user-config", "-S", "-qmp", "stdio", *render_argv(config)]
     proc = subprocess.run(argv, input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -15,11 +15,18 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from kvmcpuid_virt.policy.baseline import baseline
-from kvmcpuid_virt.policy.host_model import host_model_dump, msr_features
+from kvmcpuid_virt.analysis.baseline import baseline
+from kvmcpuid_virt.config.host_model import host_model_dump
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
+from kvmcpuid_virt.toolfacts.learn import cpu_map_models, msr_features
 from tests.conftest import REPO
 
 CPU_MAP = Path("/usr/share/libvirt/cpu_map")
+
+
+def _cpu_map_facts() -> ToolFacts:
+    """The tool facts host_model_dump reads: this machine's cpu_map alone."""
+    return ToolFacts(qemu=None, cpu_map=cpu_map_models(CPU_MAP), msr_features=msr_features(CPU_MAP))
 
 Bit = tuple[int, int, str, int]
 
@@ -71,7 +78,7 @@ def test_host_model_is_its_model_plus_required_minus_disabled(
     model = {f.get("name", "") for f in etree.parse(str(model_file)).getroot().iter("feature")}
     xml = _domcaps("Opteron_G1", "AMD",
                    {"avx2": "require", "sse2": "disable", "mds-no": "require"})  # fmt: skip
-    hm = host_model_dump(xml, "synthetic", CPU_MAP)
+    hm = host_model_dump(xml, "synthetic", _cpu_map_facts())
     expected = {cpu_map_bits[n] for n in (model | {"avx2"}) - {"sse2"}}
     words: dict[tuple[int, int, str], int] = {}
     for e in hm.dump.table:
@@ -102,7 +109,8 @@ def test_feature_only_input_keeps_every_leaf(cpu_map_bits: dict[str, Bit]) -> No
     # The host-model view carries no max leaves (its leaf 0 has only the
     # vendor): basic-leaf features (sse2: CPUID.1:EDX[26]) must not read as
     # beyond a max basic leaf of 0. A regression: they were all dropped.
-    hm = host_model_dump(_domcaps("Opteron_G1", "AMD", {"avx2": "require"}), "s", CPU_MAP)
+    hm = host_model_dump(_domcaps("Opteron_G1", "AMD", {"avx2": "require"}), "s",
+                         _cpu_map_facts())
     result = baseline([hm.dump])
     leaf, sub, reg, bit = cpu_map_bits["sse2"]
     assert result.table.get(leaf, sub, reg) >> bit & 1  # type: ignore[arg-type]

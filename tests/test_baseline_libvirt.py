@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
+from kvmcpuid_virt.analysis.baseline import baseline
 from kvmcpuid_virt.cpuid.features import FeatureKind, registry
 from kvmcpuid_virt.cpuid.formats import load
-from kvmcpuid_virt.policy.baseline import baseline
 from tests.conftest import cpu_dump_paths
 
 CPU_MAP = Path("/usr/share/libvirt/cpu_map/x86_features.xml")

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmcpuid_virt.policy import memo, models
+from kvmcpuid_virt.cli import memo
 from kvmcpuid_virt.probe import hostcontrol
+from kvmcpuid_virt.toolfacts import learn as models
+from kvmcpuid_virt.toolfacts.facts import FORMAT_VERSION
 from tests.conftest import REPO
 
 
@@ -136,7 +138,7 @@ def test_models_cache_round_trip_and_unwritable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, under_a_file: Path
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    doc = {"version": models._CACHE_VERSION, "key": "k", "models": []}
+    doc = {"version": FORMAT_VERSION, "key": "k", "models": []}
     models._write_cache("x.json", doc)
     assert models._read_cache("x.json", "k") == doc
     assert models._read_cache("x.json", "other key") is None
@@ -150,7 +152,7 @@ def test_models_cache_round_trip_and_unwritable(
 
 def test_memo_key_covers_the_files_the_review_found_missing() -> None:
     files = {os.path.relpath(p, memo._PKG) for p, _, _ in memo._package_files(memo._PKG)}
-    for rel in ("policy/baseline.py", "host.py", "policy/memo.py", "cpuid/fields.py",
+    for rel in ("analysis/baseline.py", "host.py", "cli/memo.py", "cpuid/fields.py",
                 "cpuid/data/features.json", "commands/qemu_flags.py"):  # fmt: skip
         assert rel in files
     assert not any("__pycache__" in f for f in files)
@@ -193,7 +195,7 @@ def test_memo_key_follows_any_py_or_json_in_the_package(
 
 def test_memo_key_is_the_same_in_another_process() -> None:
     # The key must be stable across runs, or the memo never hits.
-    code = "from kvmcpuid_virt.policy import memo; print(memo.key('c', ('o',), b't'))"
+    code = "from kvmcpuid_virt.cli import memo; print(memo.key('c', ('o',), b't'))"
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, cwd=REPO).stdout for _ in range(2)}  # fmt: skip
     assert len(runs) == 1 and len(runs.pop().strip()) == 40

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from kvmcpuid_virt.config import build as select
+from kvmcpuid_virt.config import qemu_adjust
+from kvmcpuid_virt.config.cpuconfig import CpuConfig, vendor_of
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable
 from kvmcpuid_virt.errors import PolicyError, UnknownFeatureError, UnsupportedFeatureError
 from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.policy import models, qemu_adjust, select
-from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
+from tests.conftest import FACTS
 
 AMD = (0x68747541, 0x69746E65, 0x444D4163)  # "Auth" "enti" "cAMD" as ebx, edx, ecx
 INTEL = (0x756E6547, 0x49656E69, 0x6C65746E)
@@ -62,7 +65,7 @@ def test_amd_alias_fixup_follows_vendor() -> None:
 
 
 def test_host_policy_every_feature_explicit() -> None:
-    c = select.build(table())
+    c = select.build(table(), facts=FACTS)
     reg = registry()
     assert c.model == "host"
     assert set(c.enabled()) | set(c.disabled()) == set(c.features)
@@ -78,20 +81,21 @@ def test_host_policy_every_feature_explicit() -> None:
 
 
 def test_expected_follows_features() -> None:
-    c = select.build(table(), select.Policy(disable=("sse2", "kvmclock")))
+    c = select.build(table(), select.Policy(disable=("sse2", "kvmclock")), facts=FACTS)
     assert not c.features["sse2"]
     assert not c.expected.get(1, 0, "edx") & (1 << 26)
     # kvmclock owns two bits (0 and 3) in QEMU: both follow it.
     assert c.expected.get(0x40000001, 0, "eax") & 0b1001 == 0
-    c2 = select.build(table())
+    c2 = select.build(table(), facts=FACTS)
     assert c2.expected.get(1, 0, "edx") & (1 << 26)
     assert c2.expected.get(0x40000001, 0, "eax") & 0b1001 == 0b1001
 
 
 def test_enable_unsupported_is_an_error_naming_it() -> None:
     with pytest.raises(UnsupportedFeatureError, match="avx2"):
-        select.build(table(), select.Policy(enable=("avx2",)))
-    c = select.build(table(), select.Policy(enable=("avx2",), allow_unsupported=True))
+        select.build(table(), select.Policy(enable=("avx2",)), facts=FACTS)
+    c = select.build(table(), select.Policy(enable=("avx2",), allow_unsupported=True),
+                     facts=FACTS)
     assert c.dropped == ("avx2",)
     assert c.features["avx2"] is False
 
@@ -99,21 +103,21 @@ def test_enable_unsupported_is_an_error_naming_it() -> None:
 def test_enable_either_spelling() -> None:
     # lahf_lm is libvirt's spelling of QEMU's lahf-lm.
     t = table().replace_entry(CpuidEntry(0x80000001, ecx=1, edx=1 << 29))
-    c = select.build(t, select.Policy(disable=("lahf_lm",)))
+    c = select.build(t, select.Policy(disable=("lahf_lm",)), facts=FACTS)
     assert c.features["lahf-lm"] is False
 
 
 def test_unknown_and_conflicting_names() -> None:
     with pytest.raises(UnknownFeatureError, match=r"sse4\.2"):
-        select.build(table(), select.Policy(enable=("sse4.3",)))
+        select.build(table(), select.Policy(enable=("sse4.3",)), facts=FACTS)
     with pytest.raises(PolicyError, match="both"):
-        select.build(table(), select.Policy(enable=("sse2",), disable=("sse2",)))
+        select.build(table(), select.Policy(enable=("sse2",), disable=("sse2",)), facts=FACTS)
     with pytest.raises(PolicyError, match="cannot be set"):
-        select.build(table(), select.Policy(enable=("osxsave",)))
+        select.build(table(), select.Policy(enable=("osxsave",)), facts=FACTS)
 
 
 def test_config_is_frozen() -> None:
-    c = select.build(table())
+    c = select.build(table(), facts=FACTS)
     assert isinstance(c, CpuConfig)
     with pytest.raises(TypeError):
         c.features["fpu"] = False  # type: ignore[index]
@@ -121,11 +125,10 @@ def test_config_is_frozen() -> None:
 
 def test_named_model_missing_features_error_or_off() -> None:
     # cpu_map's Skylake-Server has avx512f; this table does not.
-    if not models.cpu_map_models():
-        pytest.skip("libvirt cpu_map is not installed")
     with pytest.raises(UnsupportedFeatureError, match="avx512f"):
-        select.build(table(INTEL), select.Policy(model="Skylake-Server"))
-    c = select.build(table(INTEL), select.Policy(model="Skylake-Server", allow_unsupported=True))
+        select.build(table(INTEL), select.Policy(model="Skylake-Server"), facts=FACTS)
+    c = select.build(table(INTEL), select.Policy(model="Skylake-Server", allow_unsupported=True),
+                     facts=FACTS)
     assert c.model == "Skylake-Server"
     assert "avx512f" in c.dropped and c.features["avx512f"] is False
     assert c.features["sse2"] is True
@@ -136,10 +139,10 @@ def test_named_model_missing_features_error_or_off() -> None:
 
 @pytest.mark.kvm
 @pytest.mark.qemu
-def test_cross_check_against_qemu_host_expansion(kvm: Kvm, qemu_binary: str) -> None:
+def test_cross_check_against_qemu_host_expansion(kvm: Kvm, live_facts: ToolFacts) -> None:
     """Our model of QEMU (qemu_supported + the trial start) against QEMU's own
     `host` expansion: every difference must carry an explanation."""
-    info = models.qemu_info(qemu_binary)
+    info = live_facts.require_qemu()
     reg = registry()
     relevant = select.relevant_features(reg, info.props)
     sup = select.supported_features(
@@ -154,11 +157,12 @@ def test_cross_check_against_qemu_host_expansion(kvm: Kvm, qemu_binary: str) -> 
 
 @pytest.mark.kvm
 @pytest.mark.qemu
-def test_auto_model_agrees_with_qemu_usability(kvm: Kvm, qemu_binary: str) -> None:
+def test_auto_model_agrees_with_qemu_usability(kvm: Kvm, live_facts: ToolFacts) -> None:
     """`auto` picks a model QEMU itself reports usable here (no
     unavailable-features in query-cpu-definitions), an independent check."""
-    c = select.build(kvm.supported_cpuid(), select.Policy(model="auto"), source="/dev/kvm")
-    info = models.qemu_info(qemu_binary)
+    c = select.build(kvm.supported_cpuid(), select.Policy(model="auto"), source="/dev/kvm",
+                     facts=live_facts)
+    info = live_facts.require_qemu()
     assert info.definitions[c.model] == ()
 
 
@@ -177,8 +181,8 @@ def test_model_identity_signature_encoding(
 ) -> None:
     from lxml import etree
 
-    from kvmcpuid_virt.policy.models import ModelIdentity
-    from kvmcpuid_virt.policy.select import with_model_identity
+    from kvmcpuid_virt.config.build import with_model_identity
+    from kvmcpuid_virt.toolfacts.facts import ModelIdentity
 
     raw = next(
         int(c.get("eax", "0"), 16)
@@ -197,8 +201,8 @@ def test_model_identity_signature_encoding(
 
 
 def test_model_identity_raised_by_enabled_features() -> None:
-    from kvmcpuid_virt.policy.models import ModelIdentity
-    from kvmcpuid_virt.policy.select import with_model_identity
+    from kvmcpuid_virt.config.build import with_model_identity
+    from kvmcpuid_virt.toolfacts.facts import ModelIdentity
 
     reg = registry()
     ident = ModelIdentity(min_level=1, min_xlevel=0, family=6, model=7, stepping=3)

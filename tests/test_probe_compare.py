@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Layer, compare
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Layer, compare
 from kvmcpuid_virt.probe.image import default_queries
 from kvmcpuid_virt.probe.kvm import run_kvm
 

@@ -28,7 +28,7 @@ from kvmcpuid_virt.probe.libvirt import (
     domain_xml,
     run_libvirt,
 )
-from kvmcpuid_virt.probe.process import PREFIX
+from kvmcpuid_virt.process import PREFIX
 from tests.conftest import host_vendor, spin_image
 
 pytestmark = pytest.mark.libvirt

@@ -17,9 +17,9 @@ import pytest
 from kvmcpuid_virt.errors import ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe import qemu as qemu_backend
-from kvmcpuid_virt.probe.process import PREFIX
 from kvmcpuid_virt.probe.qemu import run_qemu
 from kvmcpuid_virt.probe.qom import vmm_view_from_qom
+from kvmcpuid_virt.process import PREFIX
 from tests.conftest import host_vendor, spin_image
 
 pytestmark = pytest.mark.qemu

@@ -23,31 +23,39 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import re
-from pathlib import Path
 from typing import Final
 
 from lxml import etree
 
 from kvmcpuid_virt.adapters import safe_model, safe_name
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
-from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import InputError, PolicyError, ToolError
-from kvmcpuid_virt.policy.config import CpuConfig
+from kvmcpuid_virt.errors import InputError, PolicyError
+from kvmcpuid_virt.toolfacts.facts import CpuModel, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = [
+    "Carrier",
     "Unexpressible",
     "base_model",
     "cpu_element",
     "kvm_features_element",
     "parse",
-    "parse_config",
     "patch_domain",
     "render",
     "unexpressible",
 ]
+
+class Carrier(enum.Enum):
+    """Where a feature that a `<cpu>` cannot carry goes instead."""
+
+    KVM_FEATURES = "kvm-features"  # <features><kvm><NAME state=.../>
+    IGNORED = "ignored"  # libvirt has the switch but ignores this state
+    NOWHERE = "nowhere"  # libvirt has no name for it
+
 
 @dataclasses.dataclass(frozen=True)
 class Unexpressible:
@@ -55,7 +63,23 @@ class Unexpressible:
 
     name: str
     on: bool
-    where: str
+    carrier: Carrier
+    libvirt_kvm: str | None = None  # the <features><kvm> switch, if any
+
+    @property
+    def expressible(self) -> bool:
+        """libvirt XML can still say it (outside <cpu>)."""
+        return self.carrier == Carrier.KVM_FEATURES
+
+    @property
+    def where(self) -> str:
+        state = "on" if self.on else "off"
+        if self.carrier == Carrier.KVM_FEATURES:
+            return f"<features><kvm><{self.libvirt_kvm} state='{state}'/>"
+        if self.carrier == Carrier.IGNORED:
+            return (f"not expressible: libvirt ignores <kvm><{self.libvirt_kvm} "
+                    f"state='{state}'/>; QEMU's default applies")  # fmt: skip
+        return "not expressible in libvirt XML; libvirt's default applies"
 
 
 def _feature(reg: Registry, name: str) -> Feature:
@@ -102,19 +126,17 @@ def unexpressible(config: CpuConfig) -> list[Unexpressible]:
     for name, on in config.features.items():
         f = _feature(reg, name)
         if f.libvirt is None and (on or f.libvirt_kvm):
-            state = "on" if on else "off"
             if f.libvirt_kvm and LIBVIRT_KVM_ACTS_ON.get(f.libvirt_kvm) == on:
-                where = f"<features><kvm><{f.libvirt_kvm} state='{state}'/>"
+                carrier = Carrier.KVM_FEATURES
             elif f.libvirt_kvm:
-                where = (f"not expressible: libvirt ignores <kvm><{f.libvirt_kvm} "
-                         f"state='{state}'/>; QEMU's default applies")
+                carrier = Carrier.IGNORED
             else:
-                where = "not expressible in libvirt XML; libvirt's default applies"
-            out.append(Unexpressible(name, on, where))
+                carrier = Carrier.NOWHERE
+            out.append(Unexpressible(name, on, carrier, f.libvirt_kvm))
     return out
 
 
-def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
+def base_model(config: CpuConfig, facts: ToolFacts) -> str:
     """The cpu_map model to name: the config's own model when cpu_map has it
     and every one of its features is on, else the newest cpu_map model (of the
     config's vendor, or vendor-neutral) whose features are all on. When none
@@ -122,16 +144,14 @@ def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
     of its features disabled: cpu_element() writes policy='disable' for every
     feature that is off, model features included, so the guest still gets
     exactly the configuration."""
-    from kvmcpuid_virt.policy import models
-
     reg = registry()
-    found = models.cpu_map_models(cpu_map if cpu_map is not None else models.CPU_MAP_DIR)
+    found = dict(facts.cpu_map)
     if not found:
         raise PolicyError("libvirt's cpu_map is not installed: no model to name in <cpu>")
     on = set(config.enabled())
     off = set(config.disabled())
 
-    def missing(m: models.CpuModel) -> int | None:
+    def missing(m: CpuModel) -> int | None:
         """How many of the model's features are off; None when the model has a
         feature we cannot reason about or that the config does not decide."""
         count = 0
@@ -142,14 +162,10 @@ def base_model(config: CpuConfig, cpu_map: str | Path | None = None) -> str:
             count += f.name in off
         return count
 
-    try:
-        usable: set[str] | None = set(models.qemu_info().definitions)
-    except ToolError:
-        usable = None  # no QEMU here (a dump from elsewhere): cpu_map alone
-    if usable is not None:
+    if facts.qemu is not None:  # without QEMU (a dump from elsewhere): cpu_map alone
         # libvirt refuses a model its QEMU does not define (cpu_map has
         # pentiumpro, QEMU 7.2 does not).
-        found = {n: m for n, m in found.items() if n in usable}
+        found = {n: m for n, m in found.items() if n in facts.qemu.definitions}
     if config.model in found and missing(found[config.model]) == 0:
         return config.model
     vendor = LIBVIRT_VENDOR.get(config.vendor, config.vendor)
@@ -198,9 +214,10 @@ def _carried(old: etree._Element) -> tuple[list[etree._Element], list[etree._Ele
 
 
 def cpu_element(
-    config: CpuConfig, model: str | None = None, *, carry: etree._Element | None = None
+    config: CpuConfig, model: str, *, carry: etree._Element | None = None
 ) -> etree._Element:
-    """The `<cpu>` element (not yet indented). With `carry` (a domain's old
+    """The `<cpu>` element naming `model` (base_model's choice, or the
+    caller's), not yet indented. With `carry` (a domain's old
     `<cpu>`), everything of it but the model, vendor, features and the
     attributes in _REPLACED_ATTRS is kept, in libvirt's order."""
     reg = registry()
@@ -213,7 +230,7 @@ def cpu_element(
                 cpu.set(key, value)
         before, after = _carried(carry)
     m = etree.SubElement(cpu, "model", fallback="forbid")
-    m.text = safe_model(model if model is not None else base_model(config))
+    m.text = safe_model(model)
     cpu.extend(before)
     for on in (True, False):
         for name in config.enabled() if on else config.disabled():
@@ -239,7 +256,7 @@ def _indent(el: etree._Element, level: int, step: str = "  ", base: str = "") ->
 
 
 def render(
-    config: CpuConfig, model: str | None = None, indent: str = "",
+    config: CpuConfig, model: str, indent: str = "",
     *, carry: etree._Element | None = None,
 ) -> str:  # fmt: skip
     """The `<cpu>` element as text, indented as if it started at `indent`
@@ -330,8 +347,8 @@ def _indentation(text: str, pos: int) -> str:
     return before if not before.strip() else ""
 
 
-def patch_domain(domain_xml: str, config: CpuConfig, source: str = "<domain>",
-                 model: str | None = None) -> str:  # fmt: skip
+def patch_domain(domain_xml: str, config: CpuConfig, model: str,
+                 source: str = "<domain>") -> str:  # fmt: skip
     """`domain_xml` with its `<cpu>` replaced by this config's (or added
     before `</domain>` when it has none). Only the model, vendor, features
     and mode/match/check/migratable of `<cpu>` change: its other children
@@ -421,19 +438,3 @@ def parse(
         tuple(n for n, on in state.items() if on),
         tuple(n for n, on in state.items() if not on),
     )
-
-
-def parse_config(
-    cpu_xml: str | etree._Element, table: CpuidTable, *, allow_unsupported: bool = False,
-    source: str = "", xml_source: str = "",
-) -> CpuConfig:  # fmt: skip
-    """A CpuConfig for an existing `<cpu>` applied to `table` (from `source`);
-    errors in the element name `xml_source`, the file it came from."""
-    from kvmcpuid_virt.policy.select import Policy, build
-
-    model, enable, disable = parse(cpu_xml, xml_source or source or "<cpu>")
-    # What QEMU runs for this string is its own model definition (see
-    # Policy.model_source).
-    policy = Policy(model=model, enable=enable, disable=disable,
-                    allow_unsupported=allow_unsupported, model_source="qemu")  # fmt: skip
-    return build(table, policy, source=source)

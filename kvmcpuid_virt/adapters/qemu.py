@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from typing import Final, Literal
 
 from kvmcpuid_virt.adapters import safe_model, safe_name
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
-from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, UnknownFeatureError
-from kvmcpuid_virt.policy.config import CpuConfig
 
-__all__ = ["Format", "cpu_value", "parse", "parse_config", "render", "render_argv"]
+__all__ = ["Format", "cpu_value", "parse", "render", "render_argv"]
 
 Format = Literal["arg", "argv", "json"]
 FORMATS: Final[tuple[Format, ...]] = ("arg", "argv", "json")
@@ -175,22 +174,3 @@ def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, .
     enable = tuple(n for n, on in state.items() if on)
     disable = tuple(n for n, on in state.items() if not on)
     return model, enable, disable
-
-
-def parse_config(
-    text: str | Sequence[str],
-    table: CpuidTable,
-    *,
-    allow_unsupported: bool = False,
-    source: str = "",
-) -> CpuConfig:
-    """A CpuConfig for an existing -cpu value applied to `table` (what this
-    host, or a dump, supports): the model as base, then its switches."""
-    from kvmcpuid_virt.policy.select import Policy, build
-
-    model, enable, disable = parse(text)
-    # What QEMU runs for this string is its own model definition (see
-    # Policy.model_source).
-    policy = Policy(model=model, enable=enable, disable=disable,
-                    allow_unsupported=allow_unsupported, model_source="qemu")  # fmt: skip
-    return build(table, policy, source=source)

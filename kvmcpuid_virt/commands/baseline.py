@@ -54,17 +54,18 @@ def _note(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvmcpuid_virt.analysis import baseline as bl
+    from kvmcpuid_virt.cli.options import learn_facts, of_this_host, refuse_emulated
     from kvmcpuid_virt.cpuid.formats import Dump, dumps, load
     from kvmcpuid_virt.errors import InputError
     from kvmcpuid_virt.fsutil import atomic_write
-    from kvmcpuid_virt.policy import baseline as bl
-    from kvmcpuid_virt.policy.host_model import connect_dump
-    from kvmcpuid_virt.policy.options import of_this_host, refuse_emulated
+    from kvmcpuid_virt.libvirt_caps import connect_dump
 
     inputs: list[Dump] = [refuse_emulated(load(p)) for p in args.dumps]
     notes: list[str] = []
+    facts = learn_facts()
     for uri in args.connect:
-        host_model = connect_dump(uri)
+        host_model = connect_dump(uri, facts)
         inputs.append(host_model.dump)
         if host_model.msr_features:
             notes.append(f"{uri}: host-model MSR features, not CPUID bits, left out: "
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     result = bl.baseline(inputs, allow_mixed_vendors=args.allow_mixed_vendors)
     notes.extend(result.notes)
     # With this machine among the hosts, what QEMU cannot set up here (its
-    # start trial, policy/models.trial_start) is not common to every host.
+    # start trial, toolfacts/learn.trial_start) is not common to every host.
     among_hosts = any(of_this_host(d) for d in inputs)
 
     if args.format in ("json", "cpudata", "cpuid"):
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                    "baseline")  # fmt: skip
         if args.max_model:
             # A dump has no model; cap its feature bits through a config.
-            config = _config(result, args, among_hosts)
+            config = _config(result, args, among_hosts, facts)
             out = Dump(config.expected, "supported", out.host, "baseline")
         text = dumps(out, args.format)
         if args.format == "json":
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.output, text)
         return 0
 
-    config = _config(result, args, among_hosts)
+    config = _config(result, args, among_hosts, facts)
     for n in notes:
         _note(n)
     if args.format == "qemu":
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from kvmcpuid_virt.adapters import libvirt as lv
 
-        text = lv.render(config)
+        text = lv.render(config, lv.base_model(config, facts))
         if not text.endswith("\n"):
             text += "\n"
     if config.dropped:
@@ -125,14 +126,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(result: Any, args: argparse.Namespace, among_hosts: bool) -> Any:
-    from kvmcpuid_virt.policy.max_model import limit_to_model
-    from kvmcpuid_virt.policy.select import Policy, build
+def _config(result: Any, args: argparse.Namespace, among_hosts: bool, facts: Any) -> Any:
+    from kvmcpuid_virt.config.build import Policy, build
+    from kvmcpuid_virt.config.max_model import limit_to_model
 
-    config = build(result.table, Policy(model=args.model), source="baseline",
+    config = build(result.table, Policy(model=args.model), facts=facts, source="baseline",
                    this_host=among_hosts)
     if args.max_model:
-        config, off = limit_to_model(config, args.max_model)
+        config, off = limit_to_model(config, args.max_model, facts)
         if off:
             _note(f"--max-model {args.max_model} turns off: {', '.join(off)}")
     return config

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from kvmcpuid_virt.cpuid.table import CpuidTable
+    from kvmcpuid_virt.toolfacts.facts import ToolFacts
 
 __all__ = ["add_parser", "run"]
 
@@ -44,10 +45,10 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
 def run(args: argparse.Namespace) -> int:
     from functools import cache
 
+    from kvmcpuid_virt.analysis.diff import diff, render_json, render_table
+    from kvmcpuid_virt.analysis.given import classify, load_operand
+    from kvmcpuid_virt.cli.options import learn_facts, read_table
     from kvmcpuid_virt.fsutil import read_text
-    from kvmcpuid_virt.policy.diff import diff, render_json, render_table
-    from kvmcpuid_virt.policy.given import load_operand
-    from kvmcpuid_virt.policy.options import read_table
 
     @cache
     def supported() -> tuple[CpuidTable, str]:
@@ -55,10 +56,16 @@ def run(args: argparse.Namespace) -> int:
         table, source, _ = read_table(args)
         return table, source
 
+    @cache
+    def base() -> tuple[CpuidTable, str, ToolFacts]:
+        return (*supported(), learn_facts())
+
     operands = []
     notes = []
     for path in (args.a, args.b):
-        dump, config = load_operand(*read_text(path), supported)
+        text, source = read_text(path)
+        # The table and the tool facts only when a configuration needs them.
+        dump, config = load_operand(text, source, None if classify(text) == "dump" else base())
         operands.append(dump)
         if config is not None and config.dropped:
             notes.append(f"{dump.source}: left out, this host cannot give them: "

@@ -21,7 +21,7 @@ HELP = "print a libvirt <cpu> element, or replace the <cpu> of a domain XML"
 
 
 def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
-    from kvmcpuid_virt.policy.options import add_policy_options
+    from kvmcpuid_virt.cli.options import add_policy_options
 
     parser = subparsers.add_parser("libvirt-xml", help=HELP, description=HELP)
     add_policy_options(parser)
@@ -37,24 +37,27 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
 
 def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.adapters import libvirt as lv
+    from kvmcpuid_virt.cli.options import config_from_args, dropped_warnings, learn_facts
     from kvmcpuid_virt.fsutil import read_text
-    from kvmcpuid_virt.policy.options import config_from_args, dropped_warnings
 
     domain: str | None = None
     source = ""
     if args.patch is not None:
         # Read the domain before touching /dev/kvm: a bad path fails fast.
         domain, source = read_text(args.patch)
-    config = config_from_args(args)
+    facts = learn_facts()
+    config = config_from_args(args, facts)
+    model = lv.base_model(config, facts)
     text = (
-        lv.patch_domain(domain, config, source) if domain is not None else lv.render(config) + "\n"
-    )
+        lv.patch_domain(domain, config, model, source) if domain is not None
+        else lv.render(config, model) + "\n"
+    )  # fmt: skip
     sys.stderr.write(dropped_warnings(PROG, config))
     # The paravirtual switches a <cpu> cannot carry, in two lines rather than
     # one per feature: where libvirt takes them, and what it cannot set.
-    elsewhere = [u.where for u in lv.unexpressible(config) if u.where.startswith("<")]
+    elsewhere = [u.where for u in lv.unexpressible(config) if u.expressible]
     nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lv.unexpressible(config)
-               if not u.where.startswith("<")]  # fmt: skip
+               if not u.expressible]  # fmt: skip
     if elsewhere:
         print(f"{PROG}: note: put in the domain's features: {' '.join(elsewhere)}",
               file=sys.stderr)  # fmt: skip

@@ -23,7 +23,7 @@ HELP = "print `-cpu MODEL,feat=on,...,feat=off,enforce` for QEMU"
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    from kvmcpuid_virt.policy.options import add_policy_options
+    from kvmcpuid_virt.cli.options import add_policy_options
 
     add_policy_options(parser)
     parser.add_argument(
@@ -40,20 +40,20 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmcpuid_virt.policy import memo
-    from kvmcpuid_virt.policy.options import policy_key, read_table, table_bytes
+    from kvmcpuid_virt.cli import memo
+    from kvmcpuid_virt.cli.options import policy_key, read_table, table_bytes
 
     # The table is read every time (live KVM, or the dump); everything derived
-    # from it is memoized under a key that covers all inputs (policy/memo.py),
+    # from it is memoized under a key that covers all inputs (cli/memo.py),
     # which keeps this command within 2x of a bare `import kvmcpuid_virt`.
     table, source, this_host = read_table(args)
     k = memo.key("qemu-flags", (*policy_key(args), args.format, this_host), table_bytes(table))
     hit = memo.load(k)
     if hit is None:
         from kvmcpuid_virt.adapters.qemu import render
-        from kvmcpuid_virt.policy.options import config_from_args, dropped_warnings
+        from kvmcpuid_virt.cli.options import config_from_args, dropped_warnings, learn_facts
 
-        config = config_from_args(args, table, source, this_host)
+        config = config_from_args(args, learn_facts(), table, source, this_host)
         hit = (render(config, args.format), dropped_warnings(PROG, config))
         memo.store(k, *hit)
     sys.stderr.write(hit[1])

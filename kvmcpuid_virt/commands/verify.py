@@ -12,7 +12,7 @@ HELP = "boot a probe guest and check the CPUID it sees"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from kvmcpuid_virt.policy.options import add_policy_options
+    from kvmcpuid_virt.cli.options import add_policy_options
 
     p = sub.add_parser(
         "verify", help=HELP,
@@ -46,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from kvmcpuid_virt.cli.options import config_from_args, read_table
     from kvmcpuid_virt.errors import InputError
-    from kvmcpuid_virt.policy.options import config_from_args, read_table
-    from kvmcpuid_virt.probe.verify import BACKENDS, target_for, verify
+    from kvmcpuid_virt.toolfacts.learn import learn
+    from kvmcpuid_virt.verify import BACKENDS, target_for, verify
 
     if args.timeout <= 0:
         raise InputError("--timeout must be positive")
@@ -62,29 +63,31 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
                              "machine (qemu:///system or qemu:///session)")  # fmt: skip
     table, source, this_host = read_table(args)
+    facts = learn(uri=uri)
     if args.qemu_flags is not None:
-        from kvmcpuid_virt.policy.given import qemu_config, qemu_cpu_value
+        from kvmcpuid_virt.analysis.given import qemu_config, qemu_cpu_value
 
         value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
-        config = qemu_config(value, "--qemu-flags", table, source)
-        target = target_for(config, qemu_cpu=value, label="--qemu-flags")
+        config = qemu_config(value, "--qemu-flags", table, source, facts)
+        target = target_for(config, facts, qemu_cpu=value, label="--qemu-flags")
         backends: tuple[str, ...] = ("qemu",) if args.backend == "all" else (args.backend,)
     elif args.libvirt_xml is not None:
         from lxml import etree
 
+        from kvmcpuid_virt.analysis.given import libvirt_cpu
         from kvmcpuid_virt.fsutil import read_text
-        from kvmcpuid_virt.policy.given import libvirt_cpu
 
         given_cpu = libvirt_cpu(*read_text(args.libvirt_xml))
-        config = given_cpu.config(table, source)
+        config = given_cpu.config(table, source, facts)
         features_text = (None if given_cpu.features is None
                          else etree.tostring(given_cpu.features, encoding="unicode"))  # fmt: skip
-        target = target_for(config, libvirt_cpu=etree.tostring(given_cpu.cpu, encoding="unicode"),
+        cpu_text = etree.tostring(given_cpu.cpu, encoding="unicode")
+        target = target_for(config, facts, libvirt_cpu=cpu_text,
                             libvirt_features=features_text, label="--libvirt-xml")
         backends = ("libvirt",) if args.backend == "all" else (args.backend,)
     else:
-        config = config_from_args(args, table, source, this_host)
-        target = target_for(config)
+        config = config_from_args(args, facts, table, source, this_host)
+        target = target_for(config, facts)
         backends = BACKENDS if args.backend == "all" else (args.backend,)
 
     uncontrolled = reasons = None

@@ -53,8 +53,8 @@ from lxml import etree
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
-from kvmcpuid_virt.probe.process import PREFIX, Deadline, private_tempdir, read_serial
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.process import PREFIX, Deadline, private_tempdir, read_serial
 from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = [

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Final
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
-from kvmcpuid_virt.probe.process import (
+from kvmcpuid_virt.probe.qom import describe_filtered, vmm_view_from_qom
+from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.process import (
     Deadline,
     dies_with_us,
     kill_process,
@@ -38,8 +40,6 @@ from kvmcpuid_virt.probe.process import (
     qemu_opt_value,
     read_serial,
 )
-from kvmcpuid_virt.probe.qom import describe_filtered, vmm_view_from_qom
-from kvmcpuid_virt.probe.result import ProbeResult
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol

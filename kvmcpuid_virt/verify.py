@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Final
 
 from lxml import etree
 
+from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 from kvmcpuid_virt.errors import KvmcpuidError, ProbeError
-from kvmcpuid_virt.policy.config import CpuConfig
-from kvmcpuid_virt.probe.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.toolfacts.facts import QEMU_BINARY, ToolFacts
 
 if TYPE_CHECKING:
     from kvmcpuid_virt.probe.libvirt import LibvirtProbe
@@ -56,6 +57,7 @@ class Target:
 
     config: CpuConfig
     requested: CpuidTable
+    facts: ToolFacts
     qemu_cpu_given: str | None = None  # the value of -cpu, as the user gave it
     libvirt_cpu_given: str | None = None  # a <cpu> element, as the user gave it
     label: str = ""
@@ -71,9 +73,9 @@ class Target:
     def libvirt_cpu(self) -> str:
         if self.libvirt_cpu_given is not None:
             return self.libvirt_cpu_given
-        from kvmcpuid_virt.adapters.libvirt import render
+        from kvmcpuid_virt.adapters.libvirt import base_model, render
 
-        return render(self.config)
+        return render(self.config, base_model(self.config, self.facts))
 
     def libvirt_features(self) -> etree._Element | None:
         """The <features> element beside <cpu>: the user's, or ours with the
@@ -97,15 +99,15 @@ class Target:
         reg = registry()
         out = []
         for u in unexpressible(self.config):
-            if u.where.startswith("not expressible"):
+            if not u.expressible:
                 f = reg.lookup(u.name)
                 out.append(Ignore(f.leaf, f.subleaf, f.reg, f.mask, f"{f.name}: {u.where}"))
         return out
 
 
 def target_for(
-    config: CpuConfig, *, qemu_cpu: str | None = None, libvirt_cpu: str | None = None,
-    libvirt_features: str | None = None, label: str = "",
+    config: CpuConfig, facts: ToolFacts, *, qemu_cpu: str | None = None,
+    libvirt_cpu: str | None = None, libvirt_features: str | None = None, label: str = "",
 ) -> Target:
     """A Target for `config`; QEMU flags and libvirt XML default to the
     adapters' renderings of it. A configuration the user wrote (flags or XML
@@ -113,7 +115,7 @@ def target_for(
     built with --allow-unsupported has dropped it on purpose."""
     given = qemu_cpu is not None or libvirt_cpu is not None
     requested = requested_table(config) if given else config.expected
-    return Target(config, requested, qemu_cpu, libvirt_cpu, label, libvirt_features)
+    return Target(config, requested, facts, qemu_cpu, libvirt_cpu, label, libvirt_features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +158,12 @@ def _run(
 
         return run_kvm(target.requested, queries, timeout)
     if backend == "qemu":
-        from kvmcpuid_virt.policy.models import QEMU_BINARY, find_qemu
         from kvmcpuid_virt.probe.qemu import run_qemu
 
+        facts = target.facts.qemu
         result: ProbeResult = run_qemu(
             target.qemu_cpu(), queries, timeout=timeout, want_vmm_view=True,
-            qemu=qemu or find_qemu() or QEMU_BINARY,
+            qemu=qemu or (facts.binary if facts is not None else QEMU_BINARY),
         )
         return result
     raise ValueError(f"unknown backend {backend!r}")
@@ -176,7 +178,7 @@ def verify(
     reasons: Mapping[tuple[int, int, Register, int], str] | None = None,
     timeout: float = 10.0,
     qemu: str | None = None,
-    libvirt_uri: str = "qemu:///system",
+    libvirt_uri: str | None = None,
 ) -> list[BackendReport]:
     """Boot `target` on each backend and compare. A backend that cannot run
     the guest (QEMU refusing the flags, libvirt refusing the XML) yields a
@@ -187,7 +189,8 @@ def verify(
     queries = default_queries(target.requested)
     backends = list(backends)
     reports = []
-    with _LibvirtBeside(target, queries, timeout, libvirt_uri, backends) as beside:
+    uri = libvirt_uri or target.facts.libvirt_uri
+    with _LibvirtBeside(target, queries, timeout, uri, backends) as beside:
         for backend in backends:
             start = time.monotonic()
             try:

@@ -5,15 +5,12 @@ takes the model's identity and max leaves)."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from kvmcpuid_virt.config.build import expected_table, with_model_identity
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import FeatureKind, Registry, registry
-from kvmcpuid_virt.errors import ToolError
-from kvmcpuid_virt.policy.config import CpuConfig
-
-if TYPE_CHECKING:
-    from kvmcpuid_virt.policy.models import CpuModel
+from kvmcpuid_virt.toolfacts.facts import CpuModel, ModelSource, ToolFacts
 
 __all__ = ["QEMU_ADDED", "limit_to_model"]
 
@@ -26,26 +23,19 @@ QEMU_ADDED: Final = frozenset({"hypervisor", "tsc-deadline", "arat", "x2apic"})
 def _model_names(reg: Registry, m: CpuModel) -> set[str]:
     out = set()
     for name in m.features:
-        f = reg.by_libvirt(name) if m.source == "cpu_map" else reg.by_qemu(name)
+        f = reg.by_libvirt(name) if m.source == ModelSource.CPU_MAP else reg.by_qemu(name)
         if f is not None:
             out.add(f.name)
     return out
 
 
-def limit_to_model(
-    config: CpuConfig,
-    name: str,
-    cpu_map: str | Path | None = None,
-    qemu: str | None = None,
-) -> tuple[CpuConfig, list[str]]:
+def limit_to_model(config: CpuConfig, name: str, facts: ToolFacts) -> tuple[CpuConfig, list[str]]:
     """`config` with every feature outside CPU model `name` turned off (KVM
     paravirtual features are not model content and stay as they are). A config
     based on `host` takes the model as its base, so the guest also sees the
     model's family/model/stepping and max leaves, as the older CPU would.
     Returns the new config and the names turned off."""
-    from kvmcpuid_virt.policy import models, select
-
-    m = models.model(name, cpu_map if cpu_map is not None else models.CPU_MAP_DIR, qemu)
+    m = facts.model(name)
     reg = registry()
     allowed = _model_names(reg, m)
     features: dict[str, bool] = {}
@@ -58,14 +48,11 @@ def limit_to_model(
         if on and not keep:
             off.append(fname)
         features[fname] = keep
-    expected = select.expected_table(config.expected, reg, features, config.vendor)
+    expected = expected_table(config.expected, reg, features, config.vendor)
     model = m.name if config.model == "host" else config.model
-    try:
-        info = models.qemu_info(qemu)
-    except ToolError:
-        info = None  # no QEMU to say what the model's leaves are: keep the table's
-    if info is not None and model in info.definitions:
+    qemu = facts.qemu  # without QEMU to say what the model's leaves are: keep the table's
+    if qemu is not None and model in qemu.definitions:
         enabled = [reg.lookup(n) for n, on in features.items() if on]
-        expected = select.with_model_identity(expected, info.identity(model), enabled)
+        expected = with_model_identity(expected, qemu.identity(model), enabled)
     capped = dataclasses.replace(config, model=model, features=features, expected=expected)
     return capped, off

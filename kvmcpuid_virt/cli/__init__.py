@@ -82,7 +82,7 @@ def _load(module: str) -> object | None:
 
 
 def _available() -> dict[str, tuple[str, str]]:
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "commands")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "commands")
     return {
         name: spec
         for name, spec in COMMANDS.items()
@@ -188,7 +188,3 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args if not a.startswith("-")), None)
     return _run(args, prog, command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

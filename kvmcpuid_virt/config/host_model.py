@@ -1,11 +1,11 @@
 """A libvirt host's CPU as a baseline input: the host-model CPU its domain
 capabilities report (`kvmcpuid baseline --connect qemu+ssh://host/system`),
-turned into a feature-only Dump (kind "config") through the local cpu_map."""
+turned into a feature-only Dump (kind "config") through the local cpu_map
+(libvirt_caps.connect_dump asks a libvirt host for its domain capabilities)."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Final
 
 from kvmcpuid_virt.cpuid.features import registry
@@ -13,8 +13,10 @@ from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
 from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import InputError
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
+from kvmcpuid_virt.xmlutil import parse_xml
 
-__all__ = ["HostModel", "connect_dump", "host_model_dump", "msr_features"]
+__all__ = ["HostModel", "host_model_dump"]
 
 _LIBVIRT_VENDORS: Final = {short: full for full, short in LIBVIRT_VENDOR.items()}
 
@@ -32,34 +34,11 @@ class HostModel:
     unknown: tuple[str, ...]
 
 
-def msr_features(cpu_map: str | Path) -> frozenset[str]:
-    """The names x86_features.xml defines by an <msr> rather than a <cpuid>."""
-    from kvmcpuid_virt.fsutil import read_text
-    from kvmcpuid_virt.xmlutil import parse_xml
-
-    path = Path(cpu_map) / "x86_features.xml"
-    try:
-        text, source = read_text(str(path))
-    except InputError:
-        return frozenset()
-    root = parse_xml(text, source)
-    return frozenset(
-        str(f.get("name")) for f in root.iter("feature")
-        if f.get("name") and f.find("msr") is not None and f.find("cpuid") is None
-    )
-
-
-def host_model_dump(
-    domcaps_xml: str, source: str, cpu_map: str | Path | None = None
-) -> HostModel:
+def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostModel:
     """A feature-only Dump (kind "config") from a libvirt domain capabilities
     document: `<mode name='host-model'>`'s model (expanded through the local
     cpu_map) plus its require features minus its disable features, with the
     names that have no CPUID bit in the registry set apart."""
-    from kvmcpuid_virt.policy import models
-    from kvmcpuid_virt.xmlutil import parse_xml
-
-    cpu_map_dir = cpu_map if cpu_map is not None else models.CPU_MAP_DIR
     root = parse_xml(domcaps_xml, source)
     mode = next(
         (m for m in root.iter("mode") if m.get("name") == "host-model"), None
@@ -69,8 +48,7 @@ def host_model_dump(
     names: set[str] = set()
     model_el = mode.find("model")
     if model_el is not None and model_el.text:
-        cm = models.cpu_map_models(cpu_map_dir)
-        m = cm.get(model_el.text.strip())
+        m = facts.cpu_map.get(model_el.text.strip())
         if m is None:
             raise InputError(f"{source}: host-model {model_el.text!r} is not in the local cpu_map")
         names |= set(m.features)
@@ -87,7 +65,7 @@ def host_model_dump(
     if vendor is None:
         raise InputError(f"{source}: host-model has no known <vendor>")
     reg = registry()
-    msr = msr_features(cpu_map_dir)
+    msr = facts.msr_features
     words: dict[tuple[int, int], dict[str, int]] = {}
     unknown: list[str] = []
     by_msr: list[str] = []
@@ -119,30 +97,3 @@ def host_model_dump(
         entries.append(CpuidEntry(leaf, subleaf, flags, **regs))
     dump = Dump(CpuidTable(entries), "config", {"libvirt_uri": source}, source)
     return HostModel(dump, tuple(by_msr), tuple(unknown))
-
-
-def connect_dump(uri: str) -> HostModel:
-    """host_model_dump of the domain capabilities libvirt at `uri` reports
-    (qemu+ssh://host/system for a remote host)."""
-    try:
-        import libvirt
-    except ImportError:
-        from kvmcpuid_virt.errors import ToolError
-
-        raise ToolError("--connect needs libvirt-python (pip install libvirt-python)") from None
-    from kvmcpuid_virt.errors import ToolError
-
-    # libvirt prints every error to stderr by default; ours carry the message.
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        # Read-only connections may not ask for domain capabilities.
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise ToolError(f"{uri}: {' '.join(str(exc).split())}") from None
-    try:
-        xml = conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
-    except libvirt.libvirtError as exc:
-        raise ToolError(f"{uri}: domain capabilities: {' '.join(str(exc).split())}") from None
-    finally:
-        conn.close()
-    return host_model_dump(str(xml), uri)

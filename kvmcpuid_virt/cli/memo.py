@@ -47,7 +47,7 @@ def _stat(path: str) -> tuple[str, int, int]:
 def _package_files(top: str) -> list[tuple[str, int, int]]:
     """(path, size, mtime_ns) of every *.py and *.json file under the package.
     All of them, not a hand-kept list of what the output depends on: that
-    list went stale (it missed policy/baseline.py behind --max-model, host.py,
+    list went stale (it missed analysis/baseline.py behind --max-model, host.py,
     this module, cpuid/fields.py). os.scandir, because its entries know
     whether they are directories without a stat (~60 files: well under 1 ms)."""
     found: list[tuple[str, int, int]] = []

@@ -10,20 +10,24 @@ through here; `classify` tells a configuration from a dump by its content.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Literal
 
 from lxml import etree
 
+from kvmcpuid_virt.adapters import libvirt as lv
+from kvmcpuid_virt.adapters import qemu as qemu_adapter
+from kvmcpuid_virt.config.build import Policy, build
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.formats import Dump, loads
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError
-from kvmcpuid_virt.policy.config import CpuConfig
+from kvmcpuid_virt.toolfacts.facts import ModelSource, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = [
     "Kind",
     "LibvirtCpu",
+    "applied",
     "classify",
     "libvirt_cpu",
     "load_operand",
@@ -76,14 +80,26 @@ def qemu_cpu_value(text: str, source: str) -> str:
     return stripped
 
 
-def qemu_config(text: str, source: str, table: CpuidTable, table_source: str) -> CpuConfig:
+def applied(parsed: tuple[str, tuple[str, ...], tuple[str, ...]], table: CpuidTable,
+            facts: ToolFacts, *, allow_unsupported: bool = True,
+            source: str = "") -> CpuConfig:  # fmt: skip
+    """The CpuConfig of a parsed configuration (model, enable, disable) applied
+    to `table` (what this host, or a dump, supports): the model as base, then
+    its switches. What QEMU runs for a named model is its own definition
+    (see Policy.model_source)."""
+    model, enable, disable = parsed
+    policy = Policy(model=model, enable=enable, disable=disable,
+                    allow_unsupported=allow_unsupported, model_source=ModelSource.QEMU)  # fmt: skip
+    return build(table, policy, facts=facts, source=source)
+
+
+def qemu_config(text: str, source: str, table: CpuidTable, table_source: str,
+                facts: ToolFacts) -> CpuConfig:  # fmt: skip
     """The CpuConfig of a -cpu value (see qemu_cpu_value) applied to `table`;
     errors in the value name `source`."""
-    from kvmcpuid_virt.adapters.qemu import parse_config
-
     value = qemu_cpu_value(text, source)
     try:
-        return parse_config(value, table, allow_unsupported=True, source=table_source)
+        return applied(qemu_adapter.parse(value), table, facts, source=table_source)
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from None
 
@@ -98,11 +114,9 @@ class LibvirtCpu:
         self.features = features
         self.source = source
 
-    def config(self, table: CpuidTable, table_source: str) -> CpuConfig:
-        from kvmcpuid_virt.adapters.libvirt import parse_config
-
-        return parse_config(self.cpu, table, allow_unsupported=True, source=table_source,
-                            xml_source=self.source)  # fmt: skip
+    def config(self, table: CpuidTable, table_source: str, facts: ToolFacts) -> CpuConfig:
+        parsed = lv.parse(self.cpu, self.source or table_source or "<cpu>")
+        return applied(parsed, table, facts, source=table_source)
 
 
 def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
@@ -115,19 +129,23 @@ def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
     return LibvirtCpu(cpu, features, source)
 
 
-def load_operand(text: str, source: str,
-                 base: Callable[[], tuple[CpuidTable, str]]) -> tuple[Dump, CpuConfig | None]:
+def load_operand(
+    text: str, source: str, base: tuple[CpuidTable, str, ToolFacts] | None
+) -> tuple[Dump, CpuConfig | None]:
     """A dump as it is, or a configuration as the table a guest would get
-    from it on `base()` (called only for configurations), with the config."""
+    from it on `base` (table, its source, the tool facts; needed only for
+    configurations: see classify), with the config."""
     kind = classify(text)
     if kind == "dump":
         return loads(text, source), None
-    table, table_source = base()
+    if base is None:
+        raise ValueError(f"{source}: a configuration needs a supported table to apply it to")
+    table, table_source, facts = base
     if kind == "qemu":
-        config = qemu_config(text, source, table, table_source)
+        config = qemu_config(text, source, table, table_source, facts)
         label = f"{source} (QEMU -cpu applied to {table_source})"
     else:
-        config = libvirt_cpu(text, source).config(table, table_source)
+        config = libvirt_cpu(text, source).config(table, table_source, facts)
         label = f"{source} (libvirt <cpu> applied to {table_source})"
     # "guest": a whole table as the guest reads it, max leaves included (not
     # a feature-only "config" view).

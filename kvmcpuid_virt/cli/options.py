@@ -9,14 +9,16 @@ import argparse
 TYPE_CHECKING = False  # typing costs ms to import; mypy reads this as True
 
 if TYPE_CHECKING:
+    from kvmcpuid_virt.config.cpuconfig import CpuConfig
     from kvmcpuid_virt.cpuid.formats import Dump
     from kvmcpuid_virt.cpuid.table import CpuidTable
-    from kvmcpuid_virt.policy.config import CpuConfig
+    from kvmcpuid_virt.toolfacts.facts import ToolFacts
 
 __all__ = [
     "add_policy_options",
     "config_from_args",
     "dropped_warnings",
+    "learn_facts",
     "of_this_host",
     "policy_key",
     "read_table",
@@ -102,12 +104,20 @@ def table_bytes(table: CpuidTable) -> bytes:
     return repr([(e.function, e.index, int(e.flags), *e.regs()) for e in table]).encode()
 
 
+def learn_facts() -> ToolFacts:
+    """What this machine's QEMU and cpu_map say (cached): learned once per
+    command, here at its boundary, and passed down."""
+    from kvmcpuid_virt.toolfacts.learn import learn
+
+    return learn()
+
+
 def config_from_args(
-    args: argparse.Namespace, table: CpuidTable | None = None, source: str = "",
-    this_host: bool | None = None,
+    args: argparse.Namespace, facts: ToolFacts, table: CpuidTable | None = None,
+    source: str = "", this_host: bool | None = None,
 ) -> CpuConfig:
     """Build the CpuConfig for the table (read_table's when not given)."""
-    from kvmcpuid_virt.policy.select import Policy, build
+    from kvmcpuid_virt.config.build import Policy, build
 
     if table is None:
         table, source, this_host = read_table(args)
@@ -117,12 +127,12 @@ def config_from_args(
         disable=tuple(args.disable),
         allow_unsupported=args.allow_unsupported,
     )
-    config = build(table, policy, source=source, this_host=this_host)
+    config = build(table, policy, facts=facts, source=source, this_host=this_host)
     max_model = getattr(args, "max_model", None)
     if max_model:
-        from kvmcpuid_virt.policy.max_model import limit_to_model
+        from kvmcpuid_virt.config.max_model import limit_to_model
 
-        config, _ = limit_to_model(config, max_model)
+        config, _ = limit_to_model(config, max_model, facts)
     return config
 
 

@@ -4,7 +4,7 @@ Inputs are Dumps: `kvmcpuid dump` files of KVM hosts (KVM_GET_SUPPORTED_CPUID),
 raw CPU dumps (libvirt <cpudata>, `cpuid -1r`; read as "what that host's CPU
 could give", an upper bound of what its KVM gives), or feature-only views of a
 host (kind "config", e.g. a libvirt host-model from domain capabilities, see
-policy/host_model.py).
+config/host_model.py).
 
 Rules:
 - feature bits (every bit the registry names) are ANDed: a bit is on only if
@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+from kvmcpuid_virt.config.cpuconfig import vendor_of
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import Registry, registry
 from kvmcpuid_virt.cpuid.formats import Dump
@@ -38,7 +39,6 @@ from kvmcpuid_virt.cpuid.table import (
     Register,
 )
 from kvmcpuid_virt.errors import InputError, PolicyError
-from kvmcpuid_virt.policy.config import vendor_of
 
 __all__ = [
     "VENDOR_NEUTRAL",

@@ -16,17 +16,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING
 
+from kvmcpuid_virt.config import qemu_adjust
+from kvmcpuid_virt.config.cpuconfig import CpuConfig, vendor_of
 from kvmcpuid_virt.cpuid.features import Feature, FeatureKind, Registry, registry
+from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import PolicyError, ToolError, UnsupportedFeatureError
-from kvmcpuid_virt.policy import qemu_adjust
-from kvmcpuid_virt.policy.config import CpuConfig, vendor_of
-
-if TYPE_CHECKING:
-    from kvmcpuid_virt.policy.models import ModelIdentity, QemuInfo
+from kvmcpuid_virt.errors import PolicyError, UnsupportedFeatureError
+from kvmcpuid_virt.toolfacts.facts import (
+    CpuModel,
+    ModelIdentity,
+    ModelSource,
+    QemuFacts,
+    ToolFacts,
+)
 
 __all__ = [
     "SETTABLE_KINDS",
@@ -58,26 +61,12 @@ class Policy:
     disable: tuple[str, ...] = ()
     allow_unsupported: bool = False
     kernel_irqchip: bool = True
-    qemu: str | None = None  # QEMU binary to ask; None: find_qemu()
-    cpu_map: str | Path | None = None  # None: the installed one
-    # Where a named model's content comes from. "cpu_map" (libvirt's, else
+    # Where a named model's content comes from. CPU_MAP (libvirt's, else
     # QEMU's) for configurations we render, which name every feature anyway;
-    # "qemu" for an existing -cpu string or <cpu> being read back: there QEMU's
+    # QEMU for an existing -cpu string or <cpu> being read back: there QEMU's
     # own definition, with its KVM defaults (kvmclock, x2apic, hypervisor...),
     # is what the guest gets for every feature the configuration leaves out.
-    model_source: str = "cpu_map"
-
-
-def _qemu(policy: Policy) -> QemuInfo | None:
-    """What the QEMU binary says (cached), or None when there is no QEMU here
-    (building from a dump on a machine without it)."""
-    from kvmcpuid_virt.policy import models
-
-    try:
-        return models.qemu_info(policy.qemu)
-    except ToolError as exc:
-        log.debug("no QEMU to ask for its feature names: %s", exc)
-        return None
+    model_source: ModelSource = ModelSource.CPU_MAP
 
 
 def relevant_features(reg: Registry, qemu_props: frozenset[str] | None) -> list[Feature]:
@@ -190,40 +179,30 @@ def _resolve(reg: Registry, name: str) -> Feature:
 
 
 def _model_features(
-    reg: Registry, names: Iterable[str], source: str, relevant: Mapping[str, Feature]
+    reg: Registry, m: CpuModel, relevant: Mapping[str, Feature]
 ) -> set[str]:
     """A model's features as registry canonical names, limited to the
     relevant ones (a cpu_map feature QEMU cannot set is not ours to decide)."""
     out = set()
-    for name in names:
-        f = reg.by_libvirt(name) if source == "cpu_map" else reg.by_qemu(name)
+    for name in m.features:
+        f = reg.by_libvirt(name) if m.source == ModelSource.CPU_MAP else reg.by_qemu(name)
         if f is not None and f.name in relevant:
             out.add(f.name)
     return out
 
 
 def _auto_model(
-    reg: Registry,
-    policy: Policy,
-    supported: set[str],
-    relevant: Mapping[str, Feature],
+    reg: Registry, facts: ToolFacts, supported: set[str], relevant: Mapping[str, Feature],
     vendor: str,
-    qemu: QemuInfo | None,
 ) -> str:
-    from kvmcpuid_virt.policy import models
-
-    candidates = models.models(
-        policy.cpu_map if policy.cpu_map is not None else models.CPU_MAP_DIR, policy.qemu
-    )
-    from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR as vendor_short
-
+    """--model auto: the newest named model this host fully supports."""
     best: str | None = None
-    for m in candidates:  # oldest first: the last fit is the newest
-        if m.vendor is not None and m.vendor != vendor_short.get(vendor, vendor):
+    for m in facts.models():  # oldest first: the last fit is the newest
+        if m.vendor is not None and m.vendor != LIBVIRT_VENDOR.get(vendor, vendor):
             continue
-        if qemu is not None and m.name not in qemu.definitions:
+        if facts.qemu is not None and m.name not in facts.qemu.definitions:
             continue  # cpu_map knows models QEMU lacks (pentiumpro): -cpu would fail
-        feats = _model_features(reg, m.features, m.source, relevant)
+        feats = _model_features(reg, m, relevant)
         if feats and feats <= supported:
             best = m.name
     if best is None:
@@ -231,74 +210,71 @@ def _auto_model(
     return best
 
 
-def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "",
-          this_host: bool | None = None) -> CpuConfig:  # fmt: skip
-    """The CpuConfig for `table` (KVM's supported CPUID, live or from a dump)
-    under `policy`. this_host: the table is this machine's own KVM as it runs
-    now (default: when `source` is /dev/kvm)."""
-    reg = registry()
-    qemu = _qemu(policy)
-    qemu_props = qemu.props if qemu is not None else None
+@dataclasses.dataclass(frozen=True)
+class _Host:
+    """What the host can give, as the phases of build() see it."""
+
+    table: CpuidTable  # qemu_adjust.qemu_supported of the input
+    relevant: Mapping[str, Feature]  # what a config decides on
+    supported: frozenset[str]  # relevant features the host can give
+    default: frozenset[str]  # what `host` turns on by itself
+    vendor: str
+
+
+def _host(reg: Registry, table: CpuidTable, policy: Policy, qemu: QemuFacts | None,
+          this_host: bool) -> _Host:  # fmt: skip
     supported_table = qemu_adjust.qemu_supported(table, kernel_irqchip=policy.kernel_irqchip)
-    relevant = {f.name: f for f in relevant_features(reg, qemu_props)}
+    relevant = {f.name: f for f in relevant_features(reg, qemu.props if qemu else None)}
     supported = supported_features(reg, supported_table, relevant.values())
-    if this_host is None:
-        this_host = source == "/dev/kvm"
     if qemu is not None and this_host:
         # Only this host's QEMU start trial speaks for this host's KVM.
         supported -= set(qemu.undeliverable)
         for name in qemu.undeliverable:
             log.info("%s: QEMU cannot set up a vCPU with it here (%s)", name,
                      qemu.undeliverable[name])  # fmt: skip
-    vendor = vendor_of(table)
     # What `host` turns on by itself (see qemu_adjust for why these stay off).
-    host_default = supported - qemu_adjust.NO_AUTOENABLE - qemu_adjust.UNMIGRATABLE
+    default = supported - qemu_adjust.NO_AUTOENABLE - qemu_adjust.UNMIGRATABLE
+    return _Host(supported_table, relevant, frozenset(supported), frozenset(default),
+                 vendor_of(table))  # fmt: skip
 
-    dropped: list[str] = []
-    missing: list[str] = []
-    if policy.model == "host":
-        model_name, on = "host", set(host_default)
-    elif policy.model == "auto":
-        model_name = _auto_model(reg, policy, supported, relevant, vendor, qemu)
-        on = set(host_default)
+
+def _named_model(reg: Registry, policy: Policy, facts: ToolFacts,
+                 host: _Host) -> tuple[str, set[str], list[str]]:  # fmt: skip
+    """A named model's base: (its name, the features on, those it asks for
+    that the host cannot give)."""
+    qemu = facts.qemu
+    if policy.model_source == ModelSource.QEMU and qemu is not None:
+        m = qemu.model(policy.model)
     else:
-        from kvmcpuid_virt.policy import models
+        m = facts.model(policy.model)
+    if qemu is not None and m.name not in qemu.definitions:
+        raise PolicyError(f"QEMU ({qemu.binary}) has no CPU model {m.name!r}")
+    wanted = _model_features(reg, m, host.relevant)
+    if policy.model_source != ModelSource.QEMU:
+        # Paravirtual bits are not cpu_map model content: in a config we
+        # render, they follow the host default whatever the model.
+        wanted = {n for n in wanted if host.relevant[n].kind != FeatureKind.KVM_PV}
+        wanted |= {n for n in host.default if host.relevant[n].kind == FeatureKind.KVM_PV}
+    else:
+        # QEMU's KVM defaults for a model (kvmclock, kvm-pv-eoi, ...) are
+        # not the model's demands: where KVM lacks one, it is just off.
+        wanted -= {n for n in wanted - host.supported
+                   if host.relevant[n].kind == FeatureKind.KVM_PV}  # fmt: skip
+    return m.name, wanted & host.supported, sorted(wanted - host.supported)
 
-        if policy.model_source == "qemu" and qemu is not None:
-            if policy.model not in qemu.definitions:
-                raise PolicyError(f"QEMU ({qemu.binary}) has no CPU model {policy.model!r}")
-            m = models.CpuModel(policy.model, None, qemu.expand(policy.model), "qemu", 0)
-        else:
-            m = models.model(
-                policy.model,
-                policy.cpu_map if policy.cpu_map is not None else models.CPU_MAP_DIR,
-                policy.qemu,
-            )
-        model_name = m.name
-        if qemu is not None and m.name not in qemu.definitions:
-            raise PolicyError(f"QEMU ({qemu.binary}) has no CPU model {m.name!r}")
-        wanted = _model_features(reg, m.features, m.source, relevant)
-        if policy.model_source != "qemu":
-            # Paravirtual bits are not cpu_map model content: in a config we
-            # render, they follow the host default whatever the model.
-            wanted = {n for n in wanted if relevant[n].kind != FeatureKind.KVM_PV}
-            wanted |= {n for n in host_default if relevant[n].kind == FeatureKind.KVM_PV}
-        else:
-            # QEMU's KVM defaults for a model (kvmclock, kvm-pv-eoi, ...) are
-            # not the model's demands: where KVM lacks one, it is just off.
-            wanted -= {n for n in wanted - supported if relevant[n].kind == FeatureKind.KVM_PV}
-        missing.extend(sorted(wanted - supported))
-        on = wanted & supported
 
+def _switches(reg: Registry, policy: Policy, host: _Host, on: set[str],
+              missing: list[str]) -> None:  # fmt: skip
+    """--enable and --disable, applied to `on` and `missing` in place."""
     enable = [_resolve(reg, n) for n in policy.enable]
     disable = [_resolve(reg, n) for n in policy.disable]
     both = {f.name for f in enable} & {f.name for f in disable}
     if both:
         raise PolicyError(f"feature {sorted(both)[0]!r} is both enabled and disabled")
     for f in enable:
-        if f.name not in relevant:
+        if f.name not in host.relevant:
             raise PolicyError(f"feature {f.name!r} is not known to this QEMU binary")
-        if f.name in supported:
+        if f.name in host.supported:
             on.add(f.name)
         elif f.name not in missing:
             missing.append(f.name)
@@ -306,23 +282,40 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, source: str = "",
         on.discard(f.name)
         if f.name in missing:
             missing.remove(f.name)
-    if missing:
-        if not policy.allow_unsupported:
-            named = policy.model not in ("host", "auto")
-            why = f"--model {policy.model}" if named else "--enable"
-            raise UnsupportedFeatureError(
-                f"this host cannot give {', '.join(missing)} (asked for by {why}; "
-                "--allow-unsupported drops them with a warning)"
-            )
-        dropped = missing
 
-    features = {name: name in on for name in relevant}
-    expected = expected_table(supported_table, reg, features, vendor)
+
+def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
+          source: str = "", this_host: bool | None = None) -> CpuConfig:  # fmt: skip
+    """The CpuConfig for `table` (KVM's supported CPUID, live or from a dump)
+    under `policy`, with what `facts` say of this machine's QEMU and cpu_map.
+    this_host: the table is this machine's own KVM as it runs now (default:
+    when `source` is /dev/kvm)."""
+    reg = registry()
+    qemu = facts.qemu
+    host = _host(reg, table, policy, qemu, source == "/dev/kvm" if this_host is None else this_host)
+    missing: list[str] = []
+    if policy.model == "host":
+        model_name, on = "host", set(host.default)
+    elif policy.model == "auto":
+        model_name = _auto_model(reg, facts, set(host.supported), host.relevant, host.vendor)
+        on = set(host.default)
+    else:
+        model_name, on, missing = _named_model(reg, policy, facts, host)
+    _switches(reg, policy, host, on, missing)
+    if missing and not policy.allow_unsupported:
+        named = policy.model not in ("host", "auto")
+        why = f"--model {policy.model}" if named else "--enable"
+        raise UnsupportedFeatureError(
+            f"this host cannot give {', '.join(missing)} (asked for by {why}; "
+            "--allow-unsupported drops them with a warning)"
+        )
+    features = {name: name in on for name in host.relevant}
+    expected = expected_table(host.table, reg, features, host.vendor)
     if model_name != "host" and qemu is not None and model_name in qemu.definitions:
         expected = with_model_identity(
-            expected, qemu.identity(model_name), [relevant[n] for n in sorted(on)]
+            expected, qemu.identity(model_name), [host.relevant[n] for n in sorted(on)]
         )
     return CpuConfig(
-        model=model_name, features=features, expected=expected, vendor=vendor,
-        dropped=tuple(dropped), source=source,
+        model=model_name, features=features, expected=expected, vendor=host.vendor,
+        dropped=tuple(missing), source=source,
     )  # fmt: skip

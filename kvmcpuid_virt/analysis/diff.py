@@ -16,11 +16,11 @@ import dataclasses
 import json
 from typing import Any, Final
 
+from kvmcpuid_virt.analysis.baseline import require_vendor, word_value
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.table import Register
-from kvmcpuid_virt.policy.baseline import require_vendor, word_value
 
 __all__ = ["FieldDiff", "HostDiff", "WordDiff", "diff", "render_json", "render_table"]
 

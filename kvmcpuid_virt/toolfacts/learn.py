@@ -1,0 +1,309 @@
+"""Learn the ToolFacts of this machine: ask the QEMU binary (QMP
+query-version, query-cpu-definitions, query-cpu-model-expansion of `host` and
+of every model, a trial start of `-cpu host`) and read libvirt's installed
+cpu_map. The one place those tools are asked; callers build the facts once,
+at the command boundary, and pass them down.
+
+Both answers are cached as JSON in $XDG_CACHE_HOME/kvmcpuid_virt, keyed by
+what they depend on: the QEMU binary's path, mtime and size plus the running
+kernel and boot (its `host` expansion follows KVM), or the cpu_map files'
+names, mtimes and sizes. Cache files are written atomically; a corrupt or
+foreign one is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from kvmcpuid_virt.errors import InputError, ToolError
+from kvmcpuid_virt.fsutil import cache_dir, read_text, write_cache
+from kvmcpuid_virt.host import boot_id
+from kvmcpuid_virt.qmp import default_accel, run_commands
+from kvmcpuid_virt.toolfacts.facts import (
+    DEFAULT_LIBVIRT_URI,
+    FORMAT_VERSION,
+    QEMU_BINARY,
+    CpuModel,
+    ModelSource,
+    QemuFacts,
+    ToolFacts,
+)
+from kvmcpuid_virt.xmlutil import parse_xml
+
+__all__ = [
+    "CPU_MAP_DIR",
+    "TRIAL_LIMIT",
+    "cpu_map_models",
+    "find_qemu",
+    "learn",
+    "learn_qemu",
+    "libvirt_uri",
+    "msr_features",
+    "trial_start",
+]
+
+log = logging.getLogger(__name__)
+
+CPU_MAP_DIR: Final = "/usr/share/libvirt/cpu_map"
+TRIAL_LIMIT: Final = 4
+
+
+def learn(
+    qemu: str | None = None, cpu_map: str | Path = CPU_MAP_DIR, uri: str | None = None
+) -> ToolFacts:
+    """The facts of this machine's tools: the QEMU binary `qemu` (default
+    find_qemu(); none when there is no QEMU: the facts then say why),
+    libvirt's cpu_map at `cpu_map`, and the libvirt URI in use."""
+    binary = qemu or find_qemu()
+    qemu_facts: QemuFacts | None = None
+    missing = f"{QEMU_BINARY} not found (install qemu-system-x86 or set KVMCPUID_QEMU)"
+    if binary is not None:
+        try:
+            qemu_facts = learn_qemu(binary)
+        except ToolError as exc:
+            if qemu is not None:
+                raise  # asked for by name: its failure is the answer
+            log.debug("no QEMU to ask: %s", exc)
+            missing = str(exc)
+    models, msr = _cpu_map(Path(cpu_map))
+    return ToolFacts(qemu=qemu_facts, cpu_map=models, msr_features=msr,
+                     libvirt_uri=uri or libvirt_uri(), qemu_missing=missing)  # fmt: skip
+
+
+def libvirt_uri() -> str:
+    """$KVMCPUID_LIBVIRT_URI, else qemu:///system."""
+    return os.environ.get("KVMCPUID_LIBVIRT_URI") or DEFAULT_LIBVIRT_URI
+
+
+def find_qemu() -> str | None:
+    """$KVMCPUID_QEMU, else qemu-system-x86_64 on PATH."""
+    explicit = os.environ.get("KVMCPUID_QEMU")
+    if explicit:
+        return explicit
+    return shutil.which(QEMU_BINARY)
+
+
+# --- cache ----------------------------------------------------------------------
+
+
+def _read_cache(name: str, key: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(cache_dir(), name), encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        # Missing, unreadable, corrupt, or nested deeper than json's C
+        # recursion limit (a hostile or garbage file): recompute.
+        return None
+    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION or doc.get("key") != key:
+        return None
+    return doc
+
+
+def _write_cache(name: str, doc: dict[str, Any]) -> None:
+    # Best effort: an unwritable cache must not break the tool, only slow it.
+    write_cache(os.path.join(cache_dir(), name), json.dumps(doc, sort_keys=True))
+
+
+def _digest(parts: Sequence[object]) -> str:
+    return hashlib.sha256(repr(tuple(parts)).encode()).hexdigest()[:32]
+
+
+# --- QEMU -----------------------------------------------------------------------
+
+# MSRs whose existence a CPUID feature announces, so that QEMU writes them
+# when it creates the vCPU: "failed to set MSR 0x10a" means the feature that
+# enumerates the MSR cannot be given. (IA32_ARCH_CAPABILITIES is enumerated by
+# CPUID.7.0:EDX[29]; seen on this nested AMD host with QEMU 7.2 and Linux
+# 6.18: KVM lists the bit and the MSR, then refuses QEMU's write to it.)
+_MSR_FEATURE: Final = {0x10A: "arch-capabilities"}
+_MSR_FAIL = re.compile(r"failed to set MSR (0x[0-9a-fA-F]+)")
+
+
+def trial_start(binary: str) -> dict[str, str]:
+    """Start `-cpu host` for real (a pc machine, stopped before the first
+    instruction) and learn which features QEMU's host expansion lists but
+    cannot set up a vCPU with. Bounded: at most TRIAL_LIMIT starts, each
+    within kvmcpuid_virt.qmp.QMP_TIMEOUT. Returns feature -> QEMU's error
+    line."""
+    off: dict[str, str] = {}
+    for _ in range(TRIAL_LIMIT):
+        cpu = ",".join(["host", *(f"{f}=off" for f in sorted(off))])
+        try:
+            run_commands(binary, [], machine="pc", cpu=cpu, accel="kvm")
+        except ToolError as exc:
+            m = _MSR_FAIL.search(str(exc))
+            feature = _MSR_FEATURE.get(int(m.group(1), 16)) if m else None
+            if m is None or feature is None or feature in off:
+                log.warning("%s -cpu %s does not start: %s", binary, cpu, exc)
+                return off
+            off[feature] = m.group(0)
+        else:
+            return off
+    return off
+
+
+def qemu_key(binary: str) -> str:
+    """What QEMU's answers depend on: the binary, the kernel and boot, and
+    whether KVM is usable here."""
+    path = shutil.which(binary) or binary
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise ToolError(f"{binary}: not found") from None
+    return _digest(
+        (real, st.st_mtime_ns, st.st_size, os.uname().release, boot_id(), default_accel())
+    )
+
+
+def _expansion(name: str) -> dict[str, Any]:
+    return {"execute": "query-cpu-model-expansion",
+            "arguments": {"type": "full", "model": {"name": name}}}  # fmt: skip
+
+
+def _ask_qemu(binary: str) -> QemuFacts:
+    """Two QEMU conversations (the definitions, then every expansion: ~0.3 s
+    for QEMU 7.2's 132 models) and the trial start under KVM."""
+    accel = default_accel()
+    # `host` exists only under KVM; `max` names every property under TCG.
+    version, defs, host = run_commands(
+        binary, [{"execute": "query-version"}, {"execute": "query-cpu-definitions"},
+                 _expansion("host" if accel == "kvm" else "max")], accel=accel,
+    )  # fmt: skip
+    names = sorted(
+        str(d["name"]) for d in defs
+        if isinstance(d, dict) and "name" in d and d["name"] not in ("host", "max")
+    )  # fmt: skip
+    replies = run_commands(binary, [_expansion(n) for n in names], accel=accel)
+    qemu_ver = version.get("qemu", {}) if isinstance(version, dict) else {}
+    text = ".".join(str(qemu_ver.get(k, "?")) for k in ("major", "minor", "micro"))
+    return QemuFacts.from_replies(
+        binary=binary, version=text, accel=accel, definitions=defs, host_expansion=host,
+        expansions=dict(zip(names, replies, strict=True)),
+        undeliverable=trial_start(binary) if accel == "kvm" else {},
+    )  # fmt: skip
+
+
+def learn_qemu(binary: str) -> QemuFacts:
+    """QemuFacts for `binary`, from the cache when fresh."""
+    key = qemu_key(binary)
+    name = f"qemu-{key}.json"
+    doc = _read_cache(name, key)
+    if doc is not None:
+        try:
+            facts = QemuFacts.from_json(doc["facts"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # a damaged cache file: ask again
+        else:
+            if facts.binary == binary:
+                return facts
+    facts = _ask_qemu(binary)
+    _write_cache(name, {"version": FORMAT_VERSION, "key": key, "facts": facts.to_json()})
+    return facts
+
+
+# --- libvirt cpu_map -------------------------------------------------------------
+
+
+def _cpu_map_key(directory: Path) -> str:
+    parts: list[object] = [str(directory)]
+    for p in sorted(directory.glob("x86_*.xml")):
+        st = p.stat()
+        parts.append((p.name, st.st_mtime_ns, st.st_size))
+    index = directory / "index.xml"
+    if index.exists():
+        parts.append(("index.xml", index.stat().st_mtime_ns))
+    return _digest(parts)
+
+
+def _parse_file(path: Path) -> Any:
+    return parse_xml(*read_text(str(path)))
+
+
+def _parse_cpu_map(directory: Path) -> list[dict[str, Any]]:
+    # index.xml lists the model files oldest first within each vendor family.
+    order: list[str] = []
+    index = directory / "index.xml"
+    if index.exists():
+        root = _parse_file(index)
+        for inc in root.iter("include"):
+            fname = inc.get("filename", "")
+            if fname.startswith("x86_") and fname not in ("x86_features.xml", "x86_vendors.xml"):
+                order.append(fname)
+    files = order or sorted(
+        p.name for p in directory.glob("x86_*.xml")
+        if p.name not in ("x86_features.xml", "x86_vendors.xml")
+    )  # fmt: skip
+    raw: dict[str, dict[str, Any]] = {}
+    for n, fname in enumerate(files):
+        path = directory / fname
+        if not path.exists():
+            continue
+        for el in _parse_file(path).iter("model"):
+            name = el.get("name")
+            parent = el.getparent()
+            if not name or parent is None or parent.tag != "cpus":
+                continue  # <model name='Parent'/> inside a model, handled below
+            vendor_el = el.find("vendor")
+            parent_el = el.find("model")
+            raw[name] = {
+                "name": name,
+                "vendor": vendor_el.get("name") if vendor_el is not None else None,
+                "parent": parent_el.get("name") if parent_el is not None else None,
+                "features": [f.get("name") for f in el.findall("feature") if f.get("name")],
+                "order": n,
+            }
+    # Old cpu_map files build a model on a parent (<model name='Parent'/>).
+    out = []
+    for name, m in raw.items():
+        feats, vendor, seen, cur = set(m["features"]), m["vendor"], {name}, m
+        while cur["parent"] and cur["parent"] in raw and cur["parent"] not in seen:
+            seen.add(cur["parent"])
+            cur = raw[cur["parent"]]
+            feats |= set(cur["features"])
+            vendor = vendor or cur["vendor"]
+        out.append({"name": name, "vendor": vendor, "features": sorted(feats), "order": m["order"]})
+    return out
+
+
+def msr_features(cpu_map: str | Path) -> frozenset[str]:
+    """The names x86_features.xml defines by an <msr> rather than a <cpuid>."""
+    path = Path(cpu_map) / "x86_features.xml"
+    try:
+        root = _parse_file(path)
+    except InputError:
+        return frozenset()
+    return frozenset(
+        str(f.get("name")) for f in root.iter("feature")
+        if f.get("name") and f.find("msr") is not None and f.find("cpuid") is None
+    )  # fmt: skip
+
+
+def _cpu_map(d: Path) -> tuple[dict[str, CpuModel], frozenset[str]]:
+    if not (d / "x86_features.xml").exists():
+        return {}, frozenset()
+    key = _cpu_map_key(d)
+    doc = _read_cache("cpu_map.json", key)
+    if doc is None:
+        doc = {"version": FORMAT_VERSION, "key": key, "models": _parse_cpu_map(d),
+               "msr_features": sorted(msr_features(d))}  # fmt: skip
+        _write_cache("cpu_map.json", doc)
+    models = {
+        m["name"]: CpuModel(m["name"], m["vendor"], frozenset(m["features"]),
+                            ModelSource.CPU_MAP, m["order"])
+        for m in doc["models"]
+    }  # fmt: skip
+    return models, frozenset(doc.get("msr_features", ()))
+
+
+def cpu_map_models(directory: str | Path = CPU_MAP_DIR) -> dict[str, CpuModel]:
+    """libvirt's x86 cpu_map models (empty when cpu_map is not installed)."""
+    return _cpu_map(Path(directory))[0]
