@@ -18,8 +18,9 @@ from pathlib import Path
 
 from kvmcpuid_virt.analysis.baseline import baseline
 from kvmcpuid_virt.cpuid.features import registry
-from kvmcpuid_virt.cpuid.formats import Dump, dumps, load, loads
+from kvmcpuid_virt.cpuid.formats import Dump, dumps, loads
 from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.fsutil import load_dump
 
 DATA = Path(os.environ.get("KVMCPUID_DATA", Path(__file__).resolve().parents[2] / "shared"
                            / "data" / "cpuid"))  # fmt: skip
@@ -29,7 +30,7 @@ N = 1000
 def perturbed(seed: int = 7) -> dict[str, list[Dump]]:
     rng = random.Random(seed)
     reg = registry()
-    real = [load(str(p)) for p in sorted(DATA.glob("*.xml"))]
+    real = [load_dump(str(p)) for p in sorted(DATA.glob("*.xml"))]
     out: dict[str, list[Dump]] = {}
     for vendor in ("AuthenticAMD", "GenuineIntel"):
         ebx = int.from_bytes(vendor[:4].encode(), "little")  # leaf 0 EBX: vendor[0:4]

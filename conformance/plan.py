@@ -77,12 +77,13 @@ def _baseline(supported: CpuidTable, facts: ToolFacts) -> tuple[Case | None, str
     from kvmcpuid_virt.analysis.baseline import baseline
     from kvmcpuid_virt.config.build import build
     from kvmcpuid_virt.config.cpuconfig import vendor_of
-    from kvmcpuid_virt.cpuid.formats import Dump, load
+    from kvmcpuid_virt.cpuid.formats import Dump
+    from kvmcpuid_virt.fsutil import load_dump
 
     directory = data_dir()
     vendor = vendor_of(supported)
     for path in sorted(directory.glob("*.xml")):
-        dump = load(str(path))
+        dump = load_dump(str(path))
         if vendor_of(dump.table) == vendor:
             result = baseline([Dump(supported, "supported", {}, "/dev/kvm"), dump])
             config = build(result.table, facts=facts, source="baseline")

@@ -7,13 +7,11 @@ document is parsed). Use these functions rather than lxml's parsers directly."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lxml import etree
 
 from kvmcpuid_virt.errors import DumpFormatError
 
-__all__ = ["parse_file", "parse_xml", "safe_parser"]
+__all__ = ["parse_xml", "safe_parser"]
 
 
 def safe_parser() -> etree.XMLParser:
@@ -59,13 +57,3 @@ def parse_xml(text: str | bytes, source: str) -> etree._Element:
             "entity references)"
         )  # fmt: skip
     return root
-
-
-def parse_file(path: str | Path) -> etree._Element:
-    """Parse an XML file (see parse_xml)."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise DumpFormatError(str(p), None, f"cannot read: {exc.strerror}") from None
-    return parse_xml(data, str(p))

@@ -15,8 +15,8 @@ from kvmcpuid_virt.adapters import libvirt as lv
 from kvmcpuid_virt.analysis.given import applied
 from kvmcpuid_virt.config import build as select
 from kvmcpuid_virt.cpuid import fields
-from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.errors import InputError
+from kvmcpuid_virt.fsutil import load_dump
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.probe.libvirt import domain_log
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
@@ -124,7 +124,7 @@ def _rng() -> etree.RelaxNG:
 
 @pytest.mark.parametrize("dump", cpu_dump_paths(), ids=lambda p: p.stem)
 def test_dump_xml_validates_against_schema(dump: Path) -> None:
-    config = select.build(load(str(dump)).table, source=str(dump), facts=FACTS)
+    config = select.build(load_dump(str(dump)).table, source=str(dump), facts=FACTS)
     cpu_xml = lv.render(config, lv.base_model(config, FACTS), indent="  ")
     doc = etree.fromstring(_domain(cpu_xml).encode())
     rng = _rng()
@@ -204,7 +204,7 @@ def test_base_model_vendor_names_come_from_fields(monkeypatch: pytest.MonkeyPatc
     amd = [p for p in cpu_dump_paths() if "EPYC" in p.stem]
     if not amd:
         pytest.skip("no AMD EPYC dump in the CPU dump directory")
-    c = select.build(load(str(amd[0])).table, facts=FACTS)
+    c = select.build(load_dump(str(amd[0])).table, facts=FACTS)
     assert c.vendor == "AuthenticAMD"
     assert found[lv.base_model(c, FACTS)].vendor == "AMD"
     monkeypatch.setitem(fields.LIBVIRT_VENDOR, "AuthenticAMD", "Intel")

@@ -18,9 +18,9 @@ from kvmcpuid_virt.adapters import qemu
 from kvmcpuid_virt.analysis.given import applied
 from kvmcpuid_virt.commands.qemu_flags import main as qemu_flags_main
 from kvmcpuid_virt.config import build as select
-from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, UnknownFeatureError
+from kvmcpuid_virt.fsutil import load_dump
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.probe.qemu import run_qemu
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
@@ -188,7 +188,7 @@ def _qmp_props(path: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("dump", cpu_dump_paths(), ids=lambda p: p.stem)
 def test_golden_against_recorded_qmp(dump: Path) -> None:
-    config = select.build(load(str(dump)).table, source=str(dump), facts=FACTS)
+    config = select.build(load_dump(str(dump)).table, source=str(dump), facts=FACTS)
     text = qemu.render(config)
     golden = GOLDEN / f"{dump.stem}.txt"
     if os.environ.get("KVMCPUID_REGEN_GOLDEN"):
@@ -219,7 +219,7 @@ def test_regenerating_golden_skips(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setattr(sys.modules[__name__], "GOLDEN", tmp_path)  # not the real files
     with pytest.raises(pytest.skip.Exception, match="regenerated"):
         test_golden_against_recorded_qmp(dumps[0])
-    config = select.build(load(str(dumps[0])).table, source=str(dumps[0]), facts=FACTS)
+    config = select.build(load_dump(str(dumps[0])).table, source=str(dumps[0]), facts=FACTS)
     assert (tmp_path / f"{dumps[0].stem}.txt").read_text() == qemu.render(config)
 
 

@@ -11,8 +11,9 @@ import pytest
 from lxml import etree
 
 from kvmcpuid_virt.analysis.baseline import baseline
-from kvmcpuid_virt.cpuid.formats import Dump, load
+from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.errors import PolicyError
+from kvmcpuid_virt.fsutil import load_dump
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
 from tests.conftest import cpu_dump_paths
 
@@ -70,7 +71,7 @@ def test_baseline_is_exactly_the_common_cpu_map_features(vendor: str) -> None:
     bits = _cpu_map_bits()
     paths = _groups()[vendor]
     raws = [_raw(p) for p in paths]
-    result = baseline([load(str(p)) for p in paths])
+    result = baseline([load_dump(str(p)) for p in paths])
     mismatched = []
     for name, (leaf, sub, reg, mask) in bits.items():
         if leaf == 7 and sub > 0 and any(r[(7, 0)]["eax"] < sub for r in raws):
@@ -87,7 +88,7 @@ def test_baseline_is_exactly_the_common_cpu_map_features(vendor: str) -> None:
 def test_min_fields_and_notes() -> None:
     paths = _groups()["intel"]
     raws = [_raw(p) for p in paths]
-    result = baseline([load(str(p)) for p in paths])
+    result = baseline([load_dump(str(p)) for p in paths])
     assert result.table.get(0, 0, "eax") == min(r[(0, 0)]["eax"] for r in raws)
     phys = min(r[(0x80000008, 0)]["eax"] & 0xFF for r in raws)
     assert result.table.get(0x80000008, 0, "eax") & 0xFF == phys
@@ -98,7 +99,7 @@ def test_mixed_vendors_refused_unless_allowed() -> None:
     paths = cpu_dump_paths()
     if not paths:
         pytest.skip("no real CPU dumps")
-    dumps = [load(str(p)) for p in paths]
+    dumps = [load_dump(str(p)) for p in paths]
     with pytest.raises(PolicyError, match="vendors"):
         baseline(dumps)
     mixed = baseline(dumps, allow_mixed_vendors=True)
@@ -118,7 +119,7 @@ def test_qemu_starts_with_baseline_of_this_host_and_an_amd_dump(
 
     with Kvm() as k:
         live = Dump(k.supported_cpuid(), "supported", {}, "/dev/kvm")
-    others = [load(str(p)) for p in _groups()["amd"]]
+    others = [load_dump(str(p)) for p in _groups()["amd"]]
     others = [d for d in others if vendor_of(d.table) == vendor_of(live.table)]
     if not others:
         pytest.skip("no dump of this host's vendor")

@@ -14,7 +14,7 @@ from lxml import etree
 
 from kvmcpuid_virt.analysis.baseline import baseline
 from kvmcpuid_virt.cpuid.features import FeatureKind, registry
-from kvmcpuid_virt.cpuid.formats import load
+from kvmcpuid_virt.fsutil import load_dump
 from tests.conftest import cpu_dump_paths
 
 CPU_MAP = Path("/usr/share/libvirt/cpu_map/x86_features.xml")
@@ -60,7 +60,7 @@ def _cpu(vendor: str, features: set[str]) -> str:
 def _groups() -> list[tuple[str, list[Path]]]:
     out: dict[str, list[Path]] = {}
     for path in cpu_dump_paths():
-        vendor = load(str(path)).table.lookup(0)
+        vendor = load_dump(str(path)).table.lookup(0)
         assert vendor is not None
         raw = b"".join(r.to_bytes(4, "little") for r in (vendor.ebx, vendor.edx, vendor.ecx))
         out.setdefault(raw.decode(), []).append(path)
@@ -107,7 +107,7 @@ def test_baseline_names_what_libvirt_names(
         conn.close()
     theirs = {f.get("name", "") for f in answer.iter("feature")
               if f.get("policy", "require") == "require"}
-    ours_table = baseline([load(str(p)) for p in paths]).table
+    ours_table = baseline([load_dump(str(p)) for p in paths]).table
     ours = {f.libvirt for f in registry().present(ours_table) if f.libvirt}
     assert len(_comparable(theirs)) > 30  # a real answer, not an empty one
     assert _comparable(ours) == _comparable(theirs), (

@@ -17,8 +17,8 @@ import pytest
 from lxml import etree
 
 from kvmcpuid_virt.cpuid.features import Feature, FeatureKind, load_registry, registry
-from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.errors import UnknownFeatureError
+from kvmcpuid_virt.fsutil import load_dump
 from tests.conftest import cpu_dump_paths, qmp_reply_path
 
 CPU_MAP = Path("/usr/share/libvirt/cpu_map/x86_features.xml")
@@ -220,7 +220,7 @@ def expected_libvirt_names(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("path", DUMPS, ids=lambda p: p.stem)
 def test_present_matches_cpu_map_reading(path: Path) -> None:
-    table = load(str(path)).table
+    table = load_dump(str(path)).table
     got = {f.libvirt for f in registry().present(table) if f.libvirt}
     expected = expected_libvirt_names(path)
     assert got == expected
@@ -255,7 +255,7 @@ def test_qemu_host_view_features_are_in_the_dump(path: Path) -> None:
     direction does not hold (KVM hides vmx, monitor, ds, ... from guests)."""
     props = qmp_props(path)
     reg = registry()
-    present = {f.qemu for f in reg.present(load(str(path)).table)}
+    present = {f.qemu for f in reg.present(load_dump(str(path)).table)}
     missing = sorted(
         f.qemu
         for f in reg.features
@@ -288,7 +288,7 @@ def test_known_signatures_cover_every_dump(data_dir: Path) -> None:
 def test_identity_matches_known_values_and_qemu(path: Path) -> None:
     from kvmcpuid_virt.cpuid import fields
 
-    table = load(str(path)).table
+    table = load_dump(str(path)).table
     sig = fields.signature(table)
     assert sig is not None
     want_vendor, want_family, want_model = KNOWN_SIGNATURES[path.stem.removeprefix("x86_64-cpuid-")]

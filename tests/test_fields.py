@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvmcpuid_virt.cpuid import fields
-from kvmcpuid_virt.cpuid.formats import load
 from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
+from kvmcpuid_virt.fsutil import load_dump
 from tests.conftest import cpu_dump_paths
 
 IDX = EntryFlag.SIGNIFICANT_INDEX
@@ -177,7 +177,7 @@ KNOWN_CACHES_KIB = {
 )
 def test_real_caches(path: Path) -> None:
     l1d, l3 = KNOWN_CACHES_KIB[path.stem.removeprefix("x86_64-cpuid-")]
-    got = {(c.level, c.type): c.size for c in fields.caches(load(str(path)).table)}
+    got = {(c.level, c.type): c.size for c in fields.caches(load_dump(str(path)).table)}
     assert got[(1, "data")] == l1d * 1024
     assert got[(3, "unified")] == l3 * 1024
 
@@ -187,7 +187,7 @@ def test_real_xsave_sizes_are_consistent(path: Path) -> None:
     """The standard-format maximum is the end of the last user component
     (offset + size), or the 512-byte legacy area plus the 64-byte header when
     there is none beyond x87/SSE (the Atom P5362 has no AVX)."""
-    xs = fields.xsave(load(str(path)).table)
+    xs = fields.xsave(load_dump(str(path)).table)
     assert xs is not None
     user = [c for c in xs.components if not c.supervisor]
     assert xs.max_size == max([512 + 64, *(c.offset + c.size for c in user)])

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from kvmcpuid_virt.cpuid.formats import FORMATS, Dump, Format, dumps, load, loads
+from kvmcpuid_virt.cpuid.formats import FORMATS, Dump, Format, dumps, loads
 from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import DumpFormatError
+from kvmcpuid_virt.fsutil import load_dump
 from kvmcpuid_virt.kvm import Kvm
 from tests.conftest import REPO, cpu_dump_paths
 
@@ -29,7 +30,7 @@ def test_cpudata_reader_matches_raw_attributes(path: Path) -> None:
         tuple(int(el.get(k, "0"), 16) for k in ("eax_in", "ecx_in", "eax", "ebx", "ecx", "edx"))
         for el in etree.parse(str(path)).getroot().iter("cpuid")
     ]
-    table = load(str(path)).table
+    table = load_dump(str(path)).table
     assert [(e.function, e.index, *e.regs()) for e in table] == raw
     assert len(table) > 10
 
@@ -37,7 +38,7 @@ def test_cpudata_reader_matches_raw_attributes(path: Path) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("path", DUMPS, ids=lambda p: p.stem)
 def test_round_trip_real_dumps(path: Path, fmt: Format) -> None:
-    dump = load(str(path))
+    dump = load_dump(str(path))
     again = loads(dumps(dump, fmt), f"round-trip.{fmt}")
     assert again.table == dump.table
 
@@ -137,7 +138,7 @@ def test_cli_dump_round_trips_and_writes_atomically(kvm: Kvm, tmp_path: Path) ->
         )
         assert r.returncode == 0, r.stderr
         assert r.stdout == ""
-        loaded = load(str(out))
+        loaded = load_dump(str(out))
         assert loaded.table.lookup(0) is not None
         assert sorted(p.name for p in tmp_path.iterdir()) == ["host.json"]  # no temp left
 
@@ -210,11 +211,11 @@ def test_load_read_errors_stay_dump_errors(tmp_path: Path) -> None:
     # Callers (features, diff, baseline, --from) catch DumpFormatError.
     missing = tmp_path / "missing.json"
     with pytest.raises(DumpFormatError) as info:
-        load(str(missing))
+        load_dump(str(missing))
     assert str(info.value) == f"{missing}: cannot read: No such file or directory"
     assert info.value.source == str(missing) and info.value.line is None
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(b"CPU:\n# caf\xe9\n")
     with pytest.raises(DumpFormatError, match=r"latin1\.txt: not UTF-8 text") as info2:
-        load(str(latin1))
+        load_dump(str(latin1))
     assert info2.value.source == str(latin1)

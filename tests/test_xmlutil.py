@@ -10,7 +10,8 @@ import pytest
 
 from kvmcpuid_virt.cpuid.formats import loads
 from kvmcpuid_virt.errors import DumpFormatError
-from kvmcpuid_virt.xmlutil import parse_file, parse_xml
+from kvmcpuid_virt.fsutil import parse_xml_file as parse_file
+from kvmcpuid_virt.xmlutil import parse_xml
 
 REFUSED = "XML with a DOCTYPE is refused"
 

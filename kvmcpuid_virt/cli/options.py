@@ -84,9 +84,9 @@ def read_table(args: argparse.Namespace) -> tuple[CpuidTable, str, bool]:
     a dump whose fingerprint is this host's), which is what QEMU's start
     trial here speaks for (policy/select.build)."""
     if args.from_:
-        from kvmcpuid_virt.cpuid.formats import load
+        from kvmcpuid_virt.fsutil import load_dump
 
-        dump = refuse_emulated(load(args.from_))
+        dump = refuse_emulated(load_dump(args.from_))
         return dump.table, dump.source, of_this_host(dump)
     from kvmcpuid_virt.kvm.system import Kvm
 

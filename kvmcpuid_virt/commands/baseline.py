@@ -56,12 +56,12 @@ def _note(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.analysis import baseline as bl
     from kvmcpuid_virt.cli.options import learn_facts, of_this_host, refuse_emulated
-    from kvmcpuid_virt.cpuid.formats import Dump, dumps, load
+    from kvmcpuid_virt.cpuid.formats import Dump, dumps
     from kvmcpuid_virt.errors import InputError
-    from kvmcpuid_virt.fsutil import atomic_write
+    from kvmcpuid_virt.fsutil import atomic_write, load_dump
     from kvmcpuid_virt.libvirt_caps import connect_dump
 
-    inputs: list[Dump] = [refuse_emulated(load(p)) for p in args.dumps]
+    inputs: list[Dump] = [refuse_emulated(load_dump(p)) for p in args.dumps]
     notes: list[str] = []
     facts = learn_facts()
     for uri in args.connect:

@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.cpuid.features import registry
 
     if args.dump:
-        from kvmcpuid_virt.cpuid.formats import load
+        from kvmcpuid_virt.fsutil import load_dump
 
-        table = load(args.dump).table
+        table = load_dump(args.dump).table
         source = args.dump
     else:
         from kvmcpuid_virt.kvm import Kvm

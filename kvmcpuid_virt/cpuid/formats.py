@@ -20,7 +20,7 @@ from kvmcpuid_virt.cpuid.table import (
     CpuidTable,
     EntryFlag,
 )
-from kvmcpuid_virt.errors import DumpFormatError, InputError
+from kvmcpuid_virt.errors import DumpFormatError
 
 # typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
 # benchmarks/bench_dump.py); mypy treats this name as always true.
@@ -36,7 +36,6 @@ __all__ = [
     "DumpKind",
     "Format",
     "dumps",
-    "load",
     "loads",
     "sniff",
 ]
@@ -101,22 +100,6 @@ def sniff(text: str) -> Format:
     if head == "<":
         return "cpudata"
     return "cpuid"
-
-
-def load(path: str) -> Dump:
-    """Read a dump in any supported format (`-` is standard input). Every
-    error, reading included, is a DumpFormatError naming the source."""
-    from kvmcpuid_virt.fsutil import read_text
-
-    try:
-        text, source = read_text(path)
-    except InputError as exc:
-        # read_text's message is "SOURCE: REASON", which is exactly what
-        # DumpFormatError(SOURCE, None, REASON) prints; keep the type callers
-        # catch (and its .source) without changing the message.
-        source = "<stdin>" if path == "-" else path
-        raise DumpFormatError(source, None, str(exc).removeprefix(f"{source}: ")) from None
-    return loads(text, source)
 
 
 def loads(text: str, source: str = "<string>") -> Dump:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from kvmcpuid_virt.errors import InputError, ToolError
-from kvmcpuid_virt.fsutil import cache_dir, read_text, write_cache
+from kvmcpuid_virt.fsutil import cache_dir, parse_xml_file, write_cache
 from kvmcpuid_virt.host import boot_id
 from kvmcpuid_virt.qmp import default_accel, run_commands
 from kvmcpuid_virt.toolfacts.facts import (
@@ -36,7 +36,6 @@ from kvmcpuid_virt.toolfacts.facts import (
     QemuFacts,
     ToolFacts,
 )
-from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = [
     "CPU_MAP_DIR",
@@ -224,16 +223,12 @@ def _cpu_map_key(directory: Path) -> str:
     return _digest(parts)
 
 
-def _parse_file(path: Path) -> Any:
-    return parse_xml(*read_text(str(path)))
-
-
 def _parse_cpu_map(directory: Path) -> list[dict[str, Any]]:
     # index.xml lists the model files oldest first within each vendor family.
     order: list[str] = []
     index = directory / "index.xml"
     if index.exists():
-        root = _parse_file(index)
+        root = parse_xml_file(index)
         for inc in root.iter("include"):
             fname = inc.get("filename", "")
             if fname.startswith("x86_") and fname not in ("x86_features.xml", "x86_vendors.xml"):
@@ -247,7 +242,7 @@ def _parse_cpu_map(directory: Path) -> list[dict[str, Any]]:
         path = directory / fname
         if not path.exists():
             continue
-        for el in _parse_file(path).iter("model"):
+        for el in parse_xml_file(path).iter("model"):
             name = el.get("name")
             parent = el.getparent()
             if not name or parent is None or parent.tag != "cpus":
@@ -278,7 +273,7 @@ def msr_features(cpu_map: str | Path) -> frozenset[str]:
     """The names x86_features.xml defines by an <msr> rather than a <cpuid>."""
     path = Path(cpu_map) / "x86_features.xml"
     try:
-        root = _parse_file(path)
+        root = parse_xml_file(path)
     except InputError:
         return frozenset()
     return frozenset(
