@@ -137,3 +137,20 @@ def pin_cpu0() -> Iterator[None]:
     IDs differ); pin to one CPU so repeated reads are comparable."""
     with pinned():
         yield
+
+
+# Fixtures that reach a part of the machine, and the marker each implies: a
+# test that takes one is not a unit test, whatever its own marks say, so
+# `-m "not kvm and not qemu and not libvirt"` is the unit subset.
+_FIXTURE_MARKERS = {
+    "kvm": "kvm", "pin_cpu0": "kvm", "qemu_binary": "qemu", "live_facts": "qemu",
+    "libvirt_conn_uri": "libvirt",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            marker = _FIXTURE_MARKERS.get(fixture)
+            if marker is not None:
+                item.add_marker(marker)

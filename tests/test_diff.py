@@ -89,6 +89,7 @@ def test_diff_of_two_qemu_configurations_names_exactly_the_switched_feature(
     assert "QEMU -cpu applied to" in doc["a"]
 
 
+@pytest.mark.qemu  # the CLI applies the <cpu> with what this machine's QEMU says
 def test_diff_of_a_libvirt_cpu_and_the_domain_holding_it_is_identical(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import Final, TypeAlias
 
 from kvmcpuid_virt.config.cpuconfig import vendor_of
 from kvmcpuid_virt.cpuid import fields
@@ -131,73 +131,16 @@ class Baseline:
     sources: tuple[str, ...]
 
 
-def _signature_key(table: CpuidTable) -> tuple[int, int, int]:
-    sig = fields.signature(table)
-    return (0, 0, 0) if sig is None else (sig.family, sig.model, sig.stepping)
+# (leaf, subleaf, register) of a feature word -> its bits; (leaf, subleaf) -> entry.
+_Words: TypeAlias = dict[tuple[int, int, Register], int]
+_Entries: TypeAlias = dict[tuple[int, int], CpuidEntry]
 
-
-def _flag_words(reg: Registry) -> dict[tuple[int, int, Register], int]:
-    out: dict[tuple[int, int, Register], int] = {}
-    for leaf, subleaf, r in reg.words():
-        mask = 0
-        for f in reg.in_word(leaf, subleaf, r):
-            mask |= f.mask
-        out[(leaf, subleaf, r)] = mask
-    return out
-
-
-# XCR0 state components -> the feature bit that needs them (Intel SDM 13.2).
-_XSAVE_OWNERS: Final[Mapping[int, tuple[int, int, Register, int]]] = {
-    1 << 2: (0x1, 0, "ecx", 28),  # YMM: avx
-    1 << 3 | 1 << 4: (0x7, 0, "ebx", 14),  # BNDREGS, BNDCSR: mpx
-    1 << 5 | 1 << 6 | 1 << 7: (0x7, 0, "ebx", 16),  # opmask, ZMM: avx512f
-    1 << 9: (0x7, 0, "ecx", 3),  # PKRU: pku
-    1 << 17 | 1 << 18: (0x7, 0, "edx", 24),  # TILECFG, TILEDATA: amx-tile
+_RANGE_NAMES: Final[Mapping[int, str]] = {
+    0: "basic",
+    _HYPERVISOR: "hypervisor (KVM)",
+    _EXTENDED: "extended",
+    _CENTAUR: "Centaur",
 }
-
-
-def _xsave_fix(entries: dict[tuple[int, int], CpuidEntry], notes: list[str]) -> None:
-    """Leaf 0xD after the masks were ANDed: drop components no longer enabled
-    and recompute the sizes from the remaining components' own subleaves
-    (standard-format offsets are architectural, so the template's serve)."""
-    main = entries.get((0xD, 0))
-    if main is None:
-        return
-    sub1 = entries.get((0xD, 1))
-    xcr0 = main.eax | main.edx << 32
-    # A state component goes with the feature that uses it: no AVX, no YMM
-    # state, whatever the hosts' XCR0 masks say.
-    for bits, (leaf, subleaf, r, bit) in _XSAVE_OWNERS.items():
-        entry = entries.get((leaf, subleaf))
-        if entry is None or not entry.reg(r) >> bit & 1:
-            xcr0 &= ~bits
-    if (main.eax | main.edx << 32) != xcr0:
-        main = main.replace(eax=xcr0 & _U32, edx=xcr0 >> 32)
-    xss = 0 if sub1 is None else sub1.ecx | sub1.edx << 32
-    for key in [k for k in entries if k[0] == 0xD and k[1] >= 2]:
-        if not (xcr0 | xss) >> key[1] & 1:
-            del entries[key]
-    std = _XSAVE_LEGACY
-    compacted = _XSAVE_LEGACY
-    for i in range(2, 63):
-        comp = entries.get((0xD, i))
-        if comp is None or not (xcr0 | xss) >> i & 1:
-            continue
-        if xcr0 >> i & 1:
-            std = max(std, comp.ebx + comp.eax)
-        if comp.ecx & 2:  # ECX[1]: 64-byte aligned in the compacted format
-            compacted = (compacted + 63) & ~63
-        compacted += comp.eax
-    # KVM reports EBX (size for the XCR0 in use) as the size for every
-    # supported component, since a guest may enable them all; do the same.
-    entries[(0xD, 0)] = main.replace(ebx=std, ecx=std)
-    if sub1 is not None:
-        uses_compacted = sub1.eax & (1 << 1 | 1 << 3)  # XSAVEC or XSAVES
-        entries[(0xD, 1)] = sub1.replace(ebx=compacted if uses_compacted else 0)
-    notes.append(
-        f"XSAVE: components XCR0={xcr0:#x} XSS={xss:#x} (common to every host); "
-        f"sizes recomputed: standard {std} bytes"
-    )
 
 
 def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Baseline:
@@ -206,6 +149,25 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
         raise InputError("a baseline needs at least one host")
     reg = registry()
     notes: list[str] = []
+    vendors, mixed = _check_vendors(dumps, allow_mixed_vendors, notes)
+    full = [d for d in dumps if d.kind != "config"]
+    template = _pick_template(dumps, full, vendors[0])
+    _note_inputs(dumps, template, notes)
+    masks = _flag_words(reg)
+    words = _intersect_words(dumps, masks, mixed)
+    top = _common_ranges(full, template, notes)
+    entries = _template_entries(template, full, top, masks, words, notes)
+    _add_uncovered_words(entries, words)
+    _min_fields(entries, top, full, notes)
+    _xsave_fix(entries, notes)
+    return _assemble(entries, dumps, vendors[0], template, notes)
+
+
+def _check_vendors(
+    dumps: Sequence[Dump], allow_mixed_vendors: bool, notes: list[str]
+) -> tuple[list[str], bool]:
+    """Every input's vendor, and whether they are mixed: an error unless allowed,
+    since vendor-specific bits mean different things (or nothing) elsewhere."""
     vendors = [require_vendor(d) for d in dumps]
     mixed = len(set(vendors)) > 1
     if mixed:
@@ -222,14 +184,27 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
             f"mixed vendors ({listing}): only vendor-neutral features (leaves 1, 6 ARAT, 7, "
             "0xD.1, KVM PV and the extended bits both vendors define) are kept"
         )
+    return vendors, mixed
 
-    full = [d for d in dumps if d.kind != "config"]
-    if full:
-        first_vendor = vendors[0]
-        candidates = [d for d in full if vendor_of(d.table) == first_vendor] or full
-        template = min(candidates, key=lambda d: _signature_key(d.table))
-    else:
-        template = dumps[0]
+
+def _pick_template(dumps: Sequence[Dump], full: Sequence[Dump], first_vendor: str) -> Dump:
+    """The input whose non-flag leaves are kept: the oldest full input of the
+    first input's vendor (the most conservative model to show a guest)."""
+    if not full:
+        return dumps[0]
+    candidates = [d for d in full if vendor_of(d.table) == first_vendor] or full
+    return min(candidates, key=lambda d: _signature_key(d.table))
+
+
+def _signature_key(table: CpuidTable) -> tuple[int, int, int]:
+    """Family, model, stepping to order hosts by age; none sorts first."""
+    sig = fields.signature(table)
+    return (0, 0, 0) if sig is None else (sig.family, sig.model, sig.stepping)
+
+
+def _note_inputs(dumps: Sequence[Dump], template: Dump, notes: list[str]) -> None:
+    """Notes on where the non-flag leaves came from and which inputs had no
+    leaf data, so an operator knows what the table does not reflect."""
     tsig = fields.signature(template.table)
     if tsig is not None and len(dumps) > 1:
         notes.append(
@@ -243,12 +218,26 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
             + ", ".join(configs_only)
         )
 
-    # Feature words: AND over every input, each read within its own leaf range
-    # (a feature-only input has none: its leaf 0 carries only the vendor).
-    masks = _flag_words(reg)
+
+def _flag_words(reg: Registry) -> _Words:
+    """Each feature word's named bits: the only bits the AND touches."""
+    out: _Words = {}
+    for leaf, subleaf, r in reg.words():
+        mask = 0
+        for f in reg.in_word(leaf, subleaf, r):
+            mask |= f.mask
+        out[(leaf, subleaf, r)] = mask
+    return out
+
+
+def _intersect_words(dumps: Sequence[Dump], masks: _Words, mixed: bool) -> _Words:
+    """Each feature word ANDed over every input, as a guest on any of them would
+    read it; with mixed vendors only the vendor-neutral bits can be on."""
+    # Each input is read within its own leaf range (a feature-only input has
+    # none: its leaf 0 carries only the vendor).
     all_limits = [(None if d.kind == "config" else fields.leaf_limits(d.table), d.table)
                   for d in dumps]  # fmt: skip
-    words: dict[tuple[int, int, Register], int] = {}
+    words: _Words = {}
     for (leaf, subleaf, r), mask in masks.items():
         if mixed:
             mask &= neutral_mask(leaf, subleaf, r)
@@ -261,9 +250,12 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
                 break
             value &= table.get(leaf, subleaf, r)
         words[(leaf, subleaf, r)] = value
+    return words
 
-    # Ranges: the minimum max leaf of each range over the full inputs; a range
-    # some full input lacks is dropped (raw CPU dumps have no KVM leaves).
+
+def _common_ranges(full: Sequence[Dump], template: Dump, notes: list[str]) -> dict[int, int]:
+    """Range base -> the smallest max leaf over the full inputs; a range some
+    full input lacks is dropped (raw CPU dumps have no KVM leaves)."""
     full_limits = [fields.leaf_limits(d.table) for d in full or [template]]
     top: dict[int, int] = {}
     for base in (0, _HYPERVISOR, _EXTENDED, _CENTAUR):
@@ -272,15 +264,25 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
         if len(present) == len(values) and present:
             top[base] = min(present)
         elif present:
-            what = {0: "basic", _HYPERVISOR: "hypervisor (KVM)", _EXTENDED: "extended",
-                    _CENTAUR: "Centaur"}[base]  # fmt: skip
-            notes.append(f"{what} leaves dropped: not every host has them")
+            notes.append(f"{_RANGE_NAMES[base]} leaves dropped: not every host has them")
     tmpl_limits = fields.leaf_limits(template.table)
     for base, value in top.items():
         if tmpl_limits.get(base) != value:
             notes.append(f"max leaf {base:#x} range: {value:#x} (the smallest of the hosts)")
+    return top
 
-    entries: dict[tuple[int, int], CpuidEntry] = {}
+
+def _template_entries(
+    template: Dump,
+    full: Sequence[Dump],
+    top: Mapping[int, int],
+    masks: _Words,
+    words: _Words,
+    notes: list[str],
+) -> _Entries:
+    """The template's entries within the common ranges that every full input
+    has, their feature bits replaced by the intersected words."""
+    entries: _Entries = {}
     dropped_leaves: set[tuple[int, int]] = set()
     for e in template.table:
         base = fields.range_base(e.function)
@@ -301,8 +303,17 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
         if e.key in entries:
             continue  # first entry of a stateful run wins, as in CpuidTable
         entries[e.key] = e
-    # Feature words the template has no entry for (a feature-only template):
-    # one entry per (sub)leaf, every register of it filled in.
+    if dropped_leaves:
+        notes.append(
+            "(sub)leaves not every host has, dropped: "
+            + ", ".join(f"{leaf:#x}.{sub}" for leaf, sub in sorted(dropped_leaves))
+        )
+    return entries
+
+
+def _add_uncovered_words(entries: _Entries, words: _Words) -> None:
+    """Feature words the template has no entry for (a feature-only template):
+    one entry per (sub)leaf, every register of it filled in, so no bit is lost."""
     from_template = set(entries)
     for (leaf, subleaf, r), value in words.items():
         key = (leaf, subleaf if leaf in INDEXED_LEAVES else 0)
@@ -314,17 +325,17 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
             entries[key] = CpuidEntry(leaf, key[1], flags, **{r: value})
         else:
             entries[key] = entry.replace(**{r: entry.reg(r) | value})
-    if dropped_leaves:
-        notes.append(
-            "(sub)leaves not every host has, dropped: "
-            + ", ".join(f"{leaf:#x}.{sub}" for leaf, sub in sorted(dropped_leaves))
-        )
-    _min_fields(entries, top, full, notes)
-    _xsave_fix(entries, notes)
+
+
+def _assemble(
+    entries: _Entries, dumps: Sequence[Dump], vendor: str, template: Dump, notes: list[str]
+) -> Baseline:
+    """The Baseline of the final entries, in (leaf, subleaf) order; its vendor
+    is the table's leaf 0, else the first input's."""
     table = CpuidTable(sorted(entries.values(), key=lambda e: e.key))
     return Baseline(
         table=table,
-        vendor=vendor_of(table) or vendors[0],
+        vendor=vendor_of(table) or vendor,
         template=template.source,
         notes=tuple(notes),
         sources=tuple(d.source for d in dumps),
@@ -332,7 +343,7 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
 
 
 def _min_fields(
-    entries: dict[tuple[int, int], CpuidEntry],
+    entries: _Entries,
     top: Mapping[int, int],
     full: Sequence[Dump],
     notes: list[str],
@@ -346,25 +357,44 @@ def _min_fields(
             entries[(base, 0)] = e.replace(eax=value)
     if not full:
         return
+    _min_leaf7(entries, full)
+    _min_address_sizes(entries, full, notes)
+    _common_xsave_masks(entries, full)
+
+
+def _min_leaf7(entries: _Entries, full: Sequence[Dump]) -> None:
+    """Leaf 7's max subleaf: the smallest over the full inputs, and the
+    subleaves beyond it dropped, as not every host has them."""
     leaf7 = entries.get((7, 0))
-    if leaf7 is not None:
-        sub_max = min(d.table.get(7, 0, "eax") for d in full)
-        entries[(7, 0)] = leaf7.replace(eax=sub_max)
-        for key in [k for k in entries if k[0] == 7 and k[1] > sub_max]:
-            del entries[key]
+    if leaf7 is None:
+        return
+    sub_max = min(d.table.get(7, 0, "eax") for d in full)
+    entries[(7, 0)] = leaf7.replace(eax=sub_max)
+    for key in [k for k in entries if k[0] == 7 and k[1] > sub_max]:
+        del entries[key]
+
+
+def _min_address_sizes(entries: _Entries, full: Sequence[Dump], notes: list[str]) -> None:
+    """0x80000008 EAX address sizes: the smallest of the full inputs that
+    report them, as a guest may not use bits some host lacks."""
     addr = entries.get((0x80000008, 0))
-    if addr is not None:
-        sizes = [fields.address_sizes(d.table) for d in full]
-        known = [s for s in sizes if s is not None]
-        if known:
-            phys = min(s.physical for s in known)
-            virt = min(s.virtual for s in known)
-            guest = min((s.guest_physical or s.physical) for s in known)
-            eax = addr.eax & 0xFF000000 | (0 if guest == phys else guest) << 16 | virt << 8 | phys
-            entries[(0x80000008, 0)] = addr.replace(eax=eax)
-            notes.append(f"address sizes: {phys} physical, {virt} virtual bits (the smallest)")
-    # XSAVE components every host has: XCR0 in 0xD.0 EAX:EDX, IA32_XSS in
-    # 0xD.1 ECX:EDX (a host without the leaf has none).
+    if addr is None:
+        return
+    sizes = [fields.address_sizes(d.table) for d in full]
+    known = [s for s in sizes if s is not None]
+    if not known:
+        return
+    phys = min(s.physical for s in known)
+    virt = min(s.virtual for s in known)
+    guest = min((s.guest_physical or s.physical) for s in known)
+    eax = addr.eax & 0xFF000000 | (0 if guest == phys else guest) << 16 | virt << 8 | phys
+    entries[(0x80000008, 0)] = addr.replace(eax=eax)
+    notes.append(f"address sizes: {phys} physical, {virt} virtual bits (the smallest)")
+
+
+def _common_xsave_masks(entries: _Entries, full: Sequence[Dump]) -> None:
+    """XSAVE components every host has: XCR0 in 0xD.0 EAX:EDX, IA32_XSS in
+    0xD.1 ECX:EDX, ANDed (a host without the leaf has none)."""
     for subleaf, regs in ((0, ("eax", "edx")), (1, ("ecx", "edx"))):
         entry = entries.get((0xD, subleaf))
         if entry is None:
@@ -375,3 +405,69 @@ def _min_fields(
             for r in regs:
                 common[r] &= 0 if e is None else e.reg(r)  # type: ignore[arg-type]
         entries[(0xD, subleaf)] = entry.replace(**common)
+
+
+# XCR0 state components -> the feature bit that needs them (Intel SDM 13.2).
+_XSAVE_OWNERS: Final[Mapping[int, tuple[int, int, Register, int]]] = {
+    1 << 2: (0x1, 0, "ecx", 28),  # YMM: avx
+    1 << 3 | 1 << 4: (0x7, 0, "ebx", 14),  # BNDREGS, BNDCSR: mpx
+    1 << 5 | 1 << 6 | 1 << 7: (0x7, 0, "ebx", 16),  # opmask, ZMM: avx512f
+    1 << 9: (0x7, 0, "ecx", 3),  # PKRU: pku
+    1 << 17 | 1 << 18: (0x7, 0, "edx", 24),  # TILECFG, TILEDATA: amx-tile
+}
+
+
+def _xsave_fix(entries: _Entries, notes: list[str]) -> None:
+    """Leaf 0xD after the masks were ANDed: drop components no longer enabled
+    and recompute the sizes from the remaining components' own subleaves
+    (standard-format offsets are architectural, so the template's serve)."""
+    main = entries.get((0xD, 0))
+    if main is None:
+        return
+    sub1 = entries.get((0xD, 1))
+    xcr0 = _xcr0_with_owners(entries, main.eax | main.edx << 32)
+    if (main.eax | main.edx << 32) != xcr0:
+        main = main.replace(eax=xcr0 & _U32, edx=xcr0 >> 32)
+    xss = 0 if sub1 is None else sub1.ecx | sub1.edx << 32
+    for key in [k for k in entries if k[0] == 0xD and k[1] >= 2]:
+        if not (xcr0 | xss) >> key[1] & 1:
+            del entries[key]
+    std, compacted = _xsave_sizes(entries, xcr0, xss)
+    # KVM reports EBX (size for the XCR0 in use) as the size for every
+    # supported component, since a guest may enable them all; do the same.
+    entries[(0xD, 0)] = main.replace(ebx=std, ecx=std)
+    if sub1 is not None:
+        uses_compacted = sub1.eax & (1 << 1 | 1 << 3)  # XSAVEC or XSAVES
+        entries[(0xD, 1)] = sub1.replace(ebx=compacted if uses_compacted else 0)
+    notes.append(
+        f"XSAVE: components XCR0={xcr0:#x} XSS={xss:#x} (common to every host); "
+        f"sizes recomputed: standard {std} bytes"
+    )
+
+
+def _xcr0_with_owners(entries: _Entries, xcr0: int) -> int:
+    """XCR0 without the state components whose feature is off: a state
+    component goes with the feature that uses it (no AVX, no YMM state),
+    whatever the hosts' XCR0 masks say."""
+    for bits, (leaf, subleaf, r, bit) in _XSAVE_OWNERS.items():
+        entry = entries.get((leaf, subleaf))
+        if entry is None or not entry.reg(r) >> bit & 1:
+            xcr0 &= ~bits
+    return xcr0
+
+
+def _xsave_sizes(entries: _Entries, xcr0: int, xss: int) -> tuple[int, int]:
+    """The standard (XCR0 components) and compacted (XCR0 | XSS components)
+    XSAVE area sizes, from each remaining component's own size and offset."""
+    std = _XSAVE_LEGACY
+    compacted = _XSAVE_LEGACY
+    for i in range(2, 63):
+        comp = entries.get((0xD, i))
+        if comp is None or not (xcr0 | xss) >> i & 1:
+            continue
+        if xcr0 >> i & 1:
+            std = max(std, comp.ebx + comp.eax)
+        if comp.ecx & 2:  # ECX[1]: 64-byte aligned in the compacted format
+            compacted = (compacted + 63) & ~63
+        compacted += comp.eax
+    return std, compacted

@@ -15,14 +15,17 @@ documented list GUEST_STATE_MASKS, never by skipping whole leaves.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.features import Registry, registry
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 
 __all__ = [
     "GUEST_STATE_MASKS",
+    "Backend",
     "Comparison",
     "Ignore",
     "Layer",
@@ -66,13 +69,14 @@ GUEST_STATE_MASKS: Final[tuple[Ignore, ...]] = (
 )
 
 
-class Layer:
-    """Where a mismatching bit was changed."""
+class Layer(enum.StrEnum):
+    """Where a mismatching bit was changed. A StrEnum: Mismatch.as_json and
+    the JSON report carry the value ("vmm"), as they did when it was a str."""
 
-    CONFIG: Final = "config"  # the configuration asks for what KVM cannot give
-    VMM: Final = "vmm"  # QEMU or libvirt set something else than requested
-    HOST: Final = "host"  # below KVM: the outer hypervisor or the CPU itself
-    KVM: Final = "kvm"  # KVM was told one thing and the guest sees another
+    CONFIG = "config"  # the configuration asks for what KVM cannot give
+    VMM = "vmm"  # QEMU or libvirt set something else than requested
+    HOST = "host"  # below KVM: the outer hypervisor or the CPU itself
+    KVM = "kvm"  # KVM was told one thing and the guest sees another
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +90,7 @@ class Mismatch:
     guest: bool
     supported: bool | None
     vmm: bool | None
-    layer: str
+    layer: Layer
     controlled: bool  # False: the host-control probe says this host ignores the bit
     explanation: str
 
@@ -103,7 +107,7 @@ class Mismatch:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Comparison:
-    backend: str
+    backend: Backend
     mismatches: tuple[Mismatch, ...]
     bits_compared: int
     words_missing: tuple[Word, ...]  # requested words the guest was not asked for
@@ -188,7 +192,7 @@ def compare(
     requested: CpuidTable,
     guest: CpuidTable,
     *,
-    backend: str,
+    backend: Backend,
     supported: CpuidTable | None = None,
     vmm: CpuidTable | None = None,
     uncontrolled: Mapping[Word, int] | None = None,
