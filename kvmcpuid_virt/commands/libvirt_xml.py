@@ -3,7 +3,8 @@ dump) under a policy, or patch it into a domain XML:
 
     virsh dumpxml VM | kvmcpuid libvirt-xml --patch - | virsh define /dev/stdin
 
-Stdlib-only imports at module level; lxml is loaded inside run()."""
+Stdlib-only imports at module level; lxml is loaded only when the output
+is not memoized."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from kvmcpuid_virt.cpuid.table import CpuidTable
 
 __all__ = ["add_parser", "run"]
 
@@ -36,8 +39,8 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvmcpuid_virt.adapters import libvirt as lv
-    from kvmcpuid_virt.cli.options import config_from_args, dropped_warnings, learn_facts
+    from kvmcpuid_virt.cli import memo
+    from kvmcpuid_virt.cli.options import policy_key, read_table, table_bytes
     from kvmcpuid_virt.fsutil import read_text
 
     domain: str | None = None
@@ -45,25 +48,18 @@ def run(args: argparse.Namespace) -> int:
     if args.patch is not None:
         # Read the domain before touching /dev/kvm: a bad path fails fast.
         domain, source = read_text(args.patch)
-    facts = learn_facts()
-    config = config_from_args(args, facts)
-    model = lv.base_model(config, facts)
-    text = (
-        lv.patch_domain(domain, config, model, source) if domain is not None
-        else lv.render(config, model) + "\n"
-    )  # fmt: skip
-    sys.stderr.write(dropped_warnings(PROG, config))
-    # The paravirtual switches a <cpu> cannot carry, in two lines rather than
-    # one per feature: where libvirt takes them, and what it cannot set.
-    elsewhere = [u.where for u in lv.unexpressible(config) if u.expressible]
-    nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lv.unexpressible(config)
-               if not u.expressible]  # fmt: skip
-    if elsewhere:
-        print(f"{PROG}: note: put in the domain's features: {' '.join(elsewhere)}",
-              file=sys.stderr)  # fmt: skip
-    if nowhere:
-        print(f"{PROG}: note: libvirt XML cannot set {', '.join(nowhere)} "
-              "(libvirt's and QEMU's defaults apply)", file=sys.stderr)  # fmt: skip
+    # As in qemu-flags: the table is read every time, what follows from it is
+    # memoized under a key that covers every input (cli/memo.py), the domain
+    # being patched included; this keeps the command near Python's start-up.
+    table, table_source, this_host = read_table(args)
+    k = memo.key("libvirt-xml", (*policy_key(args), this_host, source, domain),
+                 table_bytes(table))  # fmt: skip
+    hit = memo.load(k)
+    if hit is None:
+        hit = _render(args, table, table_source, this_host, domain, source)
+        memo.store(k, *hit)
+    text, notes = hit
+    sys.stderr.write(notes)
     if args.output:
         from kvmcpuid_virt.fsutil import atomic_write
 
@@ -71,3 +67,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _render(args: argparse.Namespace, table: CpuidTable, table_source: str, this_host: bool,
+            domain: str | None, source: str) -> tuple[str, str]:  # fmt: skip
+    """(the output, the warnings and notes for stderr)."""
+    from kvmcpuid_virt.adapters import libvirt as lv
+    from kvmcpuid_virt.cli.options import config_from_args, dropped_warnings, learn_facts
+
+    facts = learn_facts()
+    config = config_from_args(args, facts, table, table_source, this_host)
+    model = lv.base_model(config, facts)
+    text = (
+        lv.patch_domain(domain, config, model, source) if domain is not None
+        else lv.render(config, model) + "\n"
+    )  # fmt: skip
+    notes = dropped_warnings(PROG, config)
+    # The paravirtual switches a <cpu> cannot carry, in two lines rather than
+    # one per feature: where libvirt takes them, and what it cannot set.
+    elsewhere = [u.where for u in lv.unexpressible(config) if u.expressible]
+    nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lv.unexpressible(config)
+               if not u.expressible]  # fmt: skip
+    if elsewhere:
+        notes += f"{PROG}: note: put in the domain's features: {' '.join(elsewhere)}\n"
+    if nowhere:
+        notes += (f"{PROG}: note: libvirt XML cannot set {', '.join(nowhere)} "
+                  "(libvirt's and QEMU's defaults apply)\n")  # fmt: skip
+    return text, notes
