@@ -6,7 +6,8 @@ turned into a feature-only Dump (kind "config") through the local cpu_map
 from __future__ import annotations
 
 import dataclasses
-from typing import Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
 
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
@@ -15,6 +16,9 @@ from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, En
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 __all__ = ["HostModel", "host_model_dump"]
 
@@ -39,12 +43,26 @@ def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostMode
     document: `<mode name='host-model'>`'s model (expanded through the local
     cpu_map) plus its require features minus its disable features, with the
     names that have no CPUID bit in the registry set apart."""
-    root = parse_xml(domcaps_xml, source)
-    mode = next(
-        (m for m in root.iter("mode") if m.get("name") == "host-model"), None
-    )
+    mode = _host_model_mode(parse_xml(domcaps_xml, source), source)
+    names = _feature_names(mode, source, facts)
+    vendor = _vendor(mode, source)
+    words, by_msr, unknown = _cpuid_words(names, facts.msr_features)
+    dump = Dump(_feature_table(vendor, words), "config", {"libvirt_uri": source}, source)
+    return HostModel(dump, tuple(by_msr), tuple(unknown))
+
+
+def _host_model_mode(root: etree._Element, source: str) -> etree._Element:
+    """The first `<mode name='host-model'>`; absent or unsupported is an error,
+    as there is then no host CPU to take part in a baseline."""
+    mode = next((m for m in root.iter("mode") if m.get("name") == "host-model"), None)
     if mode is None or mode.get("supported") == "no":
         raise InputError(f"{source}: domain capabilities have no supported host-model CPU")
+    return mode
+
+
+def _feature_names(mode: etree._Element, source: str, facts: ToolFacts) -> set[str]:
+    """libvirt feature names of the mode: its model's cpu_map features, then its
+    own <feature>s added or removed by policy, in document order (libvirt's)."""
     names: set[str] = set()
     model_el = mode.find("model")
     if model_el is not None and model_el.text:
@@ -60,12 +78,25 @@ def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostMode
             names.add(name)
         elif policy in ("disable", "forbid"):
             names.discard(name)
+    return names
+
+
+def _vendor(mode: etree._Element, source: str) -> str:
+    """The CPUID vendor string of the mode's <vendor>: required, since a
+    baseline checks vendors and leaf 0 must carry one."""
     vendor_el = mode.find("vendor")
     vendor = _LIBVIRT_VENDORS.get((vendor_el.text or "").strip() if vendor_el is not None else "")
     if vendor is None:
         raise InputError(f"{source}: host-model has no known <vendor>")
+    return vendor
+
+
+def _cpuid_words(
+    names: set[str], msr: frozenset[str]
+) -> tuple[dict[tuple[int, int], dict[str, int]], list[str], list[str]]:
+    """(leaf, subleaf) -> register -> bits of the names the registry knows;
+    the rest, sorted, split into MSR-defined ones and unknown ones."""
     reg = registry()
-    msr = facts.msr_features
     words: dict[tuple[int, int], dict[str, int]] = {}
     unknown: list[str] = []
     by_msr: list[str] = []
@@ -76,6 +107,12 @@ def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostMode
             continue
         regs = words.setdefault((feat.leaf, feat.subleaf), {})
         regs[feat.reg] = regs.get(feat.reg, 0) | feat.mask
+    return words, by_msr, unknown
+
+
+def _feature_table(vendor: str, words: Mapping[tuple[int, int], dict[str, int]]) -> CpuidTable:
+    """The feature-only table: the vendor in leaf 0, the feature words, and max
+    leaves that cover them (see below)."""
     vb = vendor.encode()
     leaf0 = {
         "ebx": int.from_bytes(vb[0:4], "little"),
@@ -84,7 +121,7 @@ def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostMode
     }
     # Max leaves just high enough for the features' own leaves, so that the
     # table reads consistently on its own (a baseline of feature-only inputs
-    # keeps them); with full dumps beside it, theirs decide (policy/baseline).
+    # keeps them); with full dumps beside it, theirs decide (analysis/baseline).
     basic = [leaf for leaf, _ in words if leaf < 0x4000_0000]
     extended = [leaf for leaf, _ in words if leaf >= 0x8000_0000]
     entries = [CpuidEntry(0, 0, EntryFlag.NONE, eax=max(basic, default=0), **leaf0)]
@@ -95,5 +132,4 @@ def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostMode
         if leaf == 0:
             continue
         entries.append(CpuidEntry(leaf, subleaf, flags, **regs))
-    dump = Dump(CpuidTable(entries), "config", {"libvirt_uri": source}, source)
-    return HostModel(dump, tuple(by_msr), tuple(unknown))
+    return CpuidTable(entries)
