@@ -209,3 +209,26 @@ def test_the_session_uses_a_fresh_cache_home(
     # from an earlier run; the directory is this session's own.
     assert os.environ["XDG_CACHE_HOME"] == str(fresh_cache_home)
     assert fresh_cache_home.parent == tmp_path_factory.getbasetemp()
+
+
+@pytest.mark.qemu
+def test_libvirt_xml_memo_hit_is_the_fresh_output_and_follows_the_domain(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A memoized libvirt-xml (second run) prints exactly what the first run
+    computed, stderr notes included; patching another domain is not a hit."""
+    dump = str(data_dir / "x86_64-cpuid-EPYC-9334-32-Core.xml")
+    xdg = tmp_path / "cache"
+    first = _cli(["libvirt-xml", "--from", dump], xdg)
+    assert first.returncode == 0, first.stderr
+    assert any((xdg / "kvmcpuid_virt" / "memo").iterdir())
+    second = _cli(["libvirt-xml", "--from", dump], xdg)
+    assert (second.returncode, second.stdout, second.stderr) == (0, first.stdout, first.stderr)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.xml").write_text(
+            f"<domain type='kvm'><name>{name}</name><memory>65536</memory></domain>\n")
+    a = _cli(["libvirt-xml", "--from", dump, "--patch", str(tmp_path / "a.xml")], xdg)
+    b = _cli(["libvirt-xml", "--from", dump, "--patch", str(tmp_path / "b.xml")], xdg)
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert "<name>a</name>" in a.stdout and "<name>b</name>" in b.stdout
+    assert a.stdout.replace("<name>a</name>", "") == b.stdout.replace("<name>b</name>", "")
