@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import KvmcpuidError
@@ -28,7 +29,7 @@ from kvmcpuid_virt.toolfacts.facts import ToolFacts
 __all__ = ["BACKENDS", "Batch", "Case", "make_case", "run_kvm_cases", "run_libvirt_cases",
            "run_qemu_cases"]
 
-BACKENDS: Final = ("kvm", "qemu", "libvirt")
+BACKENDS: Final[tuple[Backend, ...]] = tuple(Backend)
 TIMEOUT: Final = 20.0
 
 
@@ -41,18 +42,18 @@ class Case:
     libvirt_cpu: str
     queries: tuple[tuple[int, int], ...]
     # backend -> why the adapter could not render this configuration
-    render_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    render_errors: dict[Backend, str] = dataclasses.field(default_factory=dict)
 
 
 def make_case(case_id: str, config: CpuConfig, facts: ToolFacts) -> Case:
     """Render `config` with the adapters, looked up at call time so that a
     mutant adapter patched into the module is what gets rendered."""
-    errors: dict[str, str] = {}
+    errors: dict[Backend, str] = {}
 
-    def render(backend: str, module: str) -> str:
+    def render(backend: Backend, module: str) -> str:
         adapter = importlib.import_module(module)
         try:
-            if backend == "qemu":
+            if backend == Backend.QEMU:
                 text: str = adapter.cpu_value(config)
             else:
                 text = adapter.render(config, adapter.base_model(config, facts))
@@ -61,8 +62,8 @@ def make_case(case_id: str, config: CpuConfig, facts: ToolFacts) -> Case:
             return ""
         return text
 
-    qemu_cpu = render("qemu", "kvmcpuid_virt.adapters.qemu")
-    libvirt_cpu = render("libvirt", "kvmcpuid_virt.adapters.libvirt")
+    qemu_cpu = render(Backend.QEMU, "kvmcpuid_virt.adapters.qemu")
+    libvirt_cpu = render(Backend.LIBVIRT, "kvmcpuid_virt.adapters.libvirt")
     return Case(case_id, config, config.expected, qemu_cpu, libvirt_cpu,
                 tuple(image.default_queries(config.expected)), errors)
 
@@ -71,7 +72,7 @@ def make_case(case_id: str, config: CpuConfig, facts: ToolFacts) -> Case:
 class Batch:
     """Per case id: the guest's result, or why there is none."""
 
-    backend: str
+    backend: Backend
     results: dict[str, ProbeResult] = dataclasses.field(default_factory=dict)
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
     render_errors: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -98,7 +99,7 @@ def run_kvm_cases(cases: Sequence[Case]) -> Batch:
     from conformance.hostcpuid import pinned
     from kvmcpuid_virt.probe.kvm import KvmProbe
 
-    batch = Batch("kvm")
+    batch = Batch(Backend.KVM)
     start = time.perf_counter()
     with pinned(), KvmProbe() as probe:
         for case in cases:
@@ -117,7 +118,7 @@ def _renderable(batch: Batch, cases: Sequence[Case]) -> list[Case]:
     return [c for c in cases if batch.backend not in c.render_errors]
 
 
-def _parallel(backend: str, cases: Sequence[Case], run: Callable[[Case], ProbeResult],
+def _parallel(backend: Backend, cases: Sequence[Case], run: Callable[[Case], ProbeResult],
               workers: int) -> Batch:
     batch = Batch(backend)
     cases = _renderable(batch, cases)
@@ -143,7 +144,7 @@ def workers() -> int:
 def run_qemu_cases(cases: Sequence[Case], qemu: str) -> Batch:
     from kvmcpuid_virt.probe.qemu import run_qemu
 
-    return _parallel("qemu", cases,
+    return _parallel(Backend.QEMU, cases,
                      lambda c: run_qemu(c.qemu_cpu, c.queries, TIMEOUT, qemu), workers())
 
 
@@ -163,6 +164,6 @@ def run_libvirt_cases(cases: Sequence[Case], uri: str, *,
     from kvmcpuid_virt.probe.libvirt import LibvirtProbe
 
     with LibvirtProbe(uri, keep_failed_logs=keep_failed_logs) as probe:
-        return _parallel("libvirt", cases,
+        return _parallel(Backend.LIBVIRT, cases,
                          lambda c: probe.run(c.libvirt_cpu, c.queries, TIMEOUT),
                          LIBVIRT_PARALLEL)

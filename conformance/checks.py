@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Ignore, compare
 from kvmcpuid_virt.cpuid import features
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
@@ -55,13 +56,13 @@ class KnownGap(AssertionError):
 class Gap:
     """A known defect of this project's own layers, by where it shows."""
 
-    backends: tuple[str, ...]
+    backends: tuple[Backend, ...]
     kinds: tuple[str, ...]  # full, off, model, baseline
     word: Word
     mask: int
     reason: str
 
-    def covers(self, backend: str, kind: str, issue: BitIssue) -> bool:
+    def covers(self, backend: Backend | None, kind: str, issue: BitIssue) -> bool:
         return (backend in self.backends and kind in self.kinds
                 and (issue.leaf, issue.subleaf, issue.reg) == self.word
                 and bool(self.mask >> issue.bit & 1))
@@ -73,10 +74,10 @@ class Gap:
 KNOWN_GAPS: tuple[Gap, ...] = ()
 # Renderings an adapter cannot produce yet: (backend, text of its error).
 # Empty: the libvirt adapter now disables model features when no model fits.
-KNOWN_RENDER_GAPS: tuple[tuple[str, str], ...] = ()
+KNOWN_RENDER_GAPS: tuple[tuple[Backend, str], ...] = ()
 
 
-def predicted_gaps(backend: str, kind: str, expected: CpuidTable) -> list[str]:
+def predicted_gaps(backend: Backend, kind: str, expected: CpuidTable) -> list[str]:
     """Known gaps that can show in this test: their bits are on in `expected`."""
     return [g.reason for g in KNOWN_GAPS
             if backend in g.backends and kind in g.kinds and expected.get(*g.word) & g.mask]
@@ -123,7 +124,7 @@ class Outcome:
     def uncontrolled(self) -> tuple[BitIssue, ...]:
         return tuple(i for i in self.issues if not i.controlled)
 
-    def raise_for(self, what: str, backend: str = "", kind: str = "") -> None:
+    def raise_for(self, what: str, backend: Backend | None = None, kind: str = "") -> None:
         """AssertionError on any controlled mismatch outside KNOWN_GAPS;
         KnownGap when the rest are known gaps; UncontrolledMismatch when only
         uncontrolled bits differ; nothing when all match."""
@@ -170,7 +171,7 @@ def _name(leaf: int, subleaf: int, reg: str, bit: int) -> str | None:
     return f.name if f is not None else None
 
 
-def check_table(expected: CpuidTable, guest: CpuidTable, *, backend: str,
+def check_table(expected: CpuidTable, guest: CpuidTable, *, backend: Backend,
                 uncontrolled: Mapping[Word, int], reasons: Mapping[BitKey, str],
                 supported: CpuidTable | None = None, vmm: CpuidTable | None = None,
                 ignore: Sequence[Ignore] = GUEST_STATE_MASKS) -> Outcome:

@@ -25,6 +25,7 @@ from conformance.backends import (
     run_qemu_cases,
 )
 from conformance.plan import Plan, plan
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.probe.hostcontrol import HostControl
@@ -162,7 +163,7 @@ def batch_libvirt(the_plan: Plan, libvirt_uri: str) -> Batch:
 
 
 @pytest.fixture
-def batch(request: pytest.FixtureRequest, backend: str) -> Batch:
+def batch(request: pytest.FixtureRequest, backend: Backend) -> Batch:
     """The session batch of this test's backend (skips when it has none)."""
     result = request.getfixturevalue(f"batch_{backend}")
     assert isinstance(result, Batch)

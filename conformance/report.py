@@ -10,6 +10,7 @@ pytest-xdist); the hooks in conftest.py call `logreport` and `sessionfinish`.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from collections import Counter
@@ -19,12 +20,13 @@ from typing import Any, Final
 import pytest
 from lxml import etree
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.fsutil import atomic_write
 
 __all__ = ["EXTRAS", "addoption", "configure", "logreport", "record", "sessionfinish"]
 
 KEY: Final = "conformance"
-BACKENDS: Final = ("kvm", "qemu", "libvirt")
+BACKENDS: Final[tuple[Backend, ...]] = tuple(Backend)
 # Session-level facts the fixtures learn (host control, batches, plan notes).
 EXTRAS: dict[str, object] = {}
 _RESULTS: dict[str, dict[str, Any]] = {}
@@ -53,7 +55,10 @@ def configure(config: pytest.Config) -> None:
 
 def record(request: pytest.FixtureRequest, **details: object) -> None:
     """Attach a test's details (backend, kind, subject, issues, ...) to its report."""
-    request.node.user_properties.append((KEY, details))
+    # Enum members (Backend) as their plain str value: pytest-xdist's execnet
+    # sends only builtin types, and the JSON report reads the same either way.
+    plain = {k: v.value if isinstance(v, enum.Enum) else v for k, v in details.items()}
+    request.node.user_properties.append((KEY, plain))
 
 
 def _outcome(report: pytest.TestReport) -> str:

@@ -27,6 +27,7 @@ from conformance.checks import (
     predicted_gaps,
 )
 from conformance.plan import Plan
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Ignore
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
@@ -35,14 +36,14 @@ from kvmcpuid_virt.probe.hostcontrol import VCPU_STATE, HostControl
 Word = tuple[int, int, Register]
 
 
-def _uncontrolled(control: HostControl, backend: str) -> dict[Word, int]:
+def _uncontrolled(control: HostControl, backend: Backend) -> dict[Word, int]:
     """Uncontrolled bits per word. Bits that follow vCPU state (APIC enable,
     CR4) count as uncontrolled on raw KVM, where nothing sets that state up
     from the table; QEMU and libvirt set it up from the configuration (no
     APIC device with apic=off), so there they must follow it."""
     out: dict[Word, int] = {}
     for (leaf, sub, reg), mask in control.uncontrolled():
-        if backend != "kvm":
+        if backend != Backend.KVM:
             for bit in range(32):
                 if control.reasons.get((leaf, sub, reg, bit)) == VCPU_STATE:
                     mask &= ~(1 << bit)
@@ -66,8 +67,8 @@ def _libvirt_ignores(*cases: Case) -> tuple[Ignore, ...]:
     return tuple(rules.values())
 
 
-def _ignores(backend: str, *cases: Case) -> tuple[Ignore, ...]:
-    extra = _libvirt_ignores(*cases) if backend == "libvirt" else ()
+def _ignores(backend: Backend, *cases: Case) -> tuple[Ignore, ...]:
+    extra = _libvirt_ignores(*cases) if backend == Backend.LIBVIRT else ()
     return GUEST_STATE_MASKS + extra
 
 
@@ -91,7 +92,7 @@ def _xfail_if(request: pytest.FixtureRequest, stake: list[str], gaps: list[str])
                                               reason=" | ".join(parts)))
 
 
-def _absolute(request: pytest.FixtureRequest, backend: str, kind: str, subject: str,
+def _absolute(request: pytest.FixtureRequest, backend: Backend, kind: str, subject: str,
               case: Case, batch: Batch, control: HostControl, forced: CpuidTable,
               the_plan: Plan) -> None:
     ignores = _ignores(backend, case)
@@ -106,22 +107,22 @@ def _absolute(request: pytest.FixtureRequest, backend: str, kind: str, subject: 
     _finish(request, backend, kind, subject, outcome, result.seconds, case)
 
 
-def _render_gap(backend: str, case: Case) -> list[str]:
+def _render_gap(backend: Backend, case: Case) -> list[str]:
     why = case.render_errors.get(backend, "")
     return [why for b, text in KNOWN_RENDER_GAPS if b == backend and text in why]
 
 
-def _finish(request: pytest.FixtureRequest, backend: str, kind: str, subject: str,
+def _finish(request: pytest.FixtureRequest, backend: Backend, kind: str, subject: str,
             outcome: Outcome, seconds: float, case: Case) -> None:
     reporting.record(request, backend=backend, kind=kind, subject=subject,
                      issues=[i.text() for i in outcome.issues],
                      bits=outcome.bits_compared, seconds=seconds,
-                     qemu_cpu=case.qemu_cpu if backend == "qemu" else None)
+                     qemu_cpu=case.qemu_cpu if backend == Backend.QEMU else None)
     assert outcome.bits_compared > 0, "no bits compared: the guest answered nothing we check"
     outcome.raise_for(f"{backend} {subject}", backend, kind)
 
 
-def test_full_config(request: pytest.FixtureRequest, backend: str, batch: Batch,
+def test_full_config(request: pytest.FixtureRequest, backend: Backend, batch: Batch,
                      the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
     """Every feature this host supports, as the adapters render it: the guest
     sees the expected table on every feature word."""
@@ -129,14 +130,14 @@ def test_full_config(request: pytest.FixtureRequest, backend: str, batch: Batch,
               the_plan)
 
 
-def test_feature_off(request: pytest.FixtureRequest, backend: str, feature: str,
+def test_feature_off(request: pytest.FixtureRequest, backend: Backend, feature: str,
                      batch: Batch, the_plan: Plan, control: HostControl) -> None:
     """The full configuration with `feature` off: compared with the full
     configuration's guest, the guest loses exactly the bits the two expected
     tables differ in (the feature, and what the policy couples to it)."""
     full, off = the_plan.full, the_plan.off[feature]
     ignores = _ignores(backend, full, off)
-    if backend == "libvirt":
+    if backend == Backend.LIBVIRT:
         f = registry().lookup(feature)
         if any(rule.applies(f.leaf, f.subleaf, f.reg) and rule.mask & f.mask
                for rule in ignores[len(GUEST_STATE_MASKS):]):
@@ -153,14 +154,14 @@ def test_feature_off(request: pytest.FixtureRequest, backend: str, feature: str,
     _finish(request, backend, "off", feature, outcome, guest_off.seconds, off)
 
 
-def test_model(request: pytest.FixtureRequest, backend: str, model: str, batch: Batch,
+def test_model(request: pytest.FixtureRequest, backend: Backend, model: str, batch: Batch,
                the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
     """A named CPU model this host can run (newest first)."""
     _absolute(request, backend, "model", model, the_plan.models[model], batch, control,
               forced, the_plan)
 
 
-def test_baseline(request: pytest.FixtureRequest, backend: str, batch: Batch,
+def test_baseline(request: pytest.FixtureRequest, backend: Backend, batch: Batch,
                   the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
     """The cluster baseline of this host and a real CPU dump of its vendor."""
     if the_plan.baseline is None:

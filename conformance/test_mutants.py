@@ -29,6 +29,7 @@ from conformance.backends import (
 from conformance.checks import KnownGap, UncontrolledMismatch, check_delta, check_table
 from conformance.plan import Plan
 from conformance.test_backends import _ignores, _uncontrolled
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.features import FeatureKind, registry
 from kvmcpuid_virt.cpuid.table import Register
 from kvmcpuid_virt.probe.hostcontrol import HostControl
@@ -38,7 +39,7 @@ Word = tuple[int, int, Register]
 LIBVIRT_POLICY = 'policy="require" if on else "disable"'
 
 
-def _controlled(control: HostControl, backend: str = "qemu") -> dict[Word, int]:
+def _controlled(control: HostControl, backend: Backend = Backend.QEMU) -> dict[Word, int]:
     """The uncontrolled masks exactly as the suite uses them."""
     return dict(_uncontrolled(control, backend))
 
@@ -123,14 +124,15 @@ def test_mutant_libvirt_disable_as_require(the_plan: Plan, control: HostControl,
                                            batch_libvirt: Batch, libvirt_uri: str,
                                            libvirt_mutant: types.ModuleType) -> None:
     full = the_plan.full
-    unc = _controlled(control, "libvirt")
+    unc = _controlled(control, Backend.LIBVIRT)
 
     def check(batch: Batch, case: Case) -> Callable[[], None]:
         def run() -> None:
             result = batch.get(case.id)
-            check_table(case.expected, result.observed, backend="libvirt", uncontrolled=unc,
-                        reasons=control.reasons, ignore=_ignores("libvirt", full)
-                        ).raise_for("mutant libvirt full", "libvirt", "full")
+            check_table(case.expected, result.observed, backend=Backend.LIBVIRT,
+                        uncontrolled=unc, reasons=control.reasons,
+                        ignore=_ignores(Backend.LIBVIRT, full)
+                        ).raise_for("mutant libvirt full", Backend.LIBVIRT, "full")
         return run
 
     mutant = make_case("mutant-full", full.config, the_plan.facts)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 from lxml import etree
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKENDS", "BackendReport", "Target", "requested_table", "target_for", "verify"]
 
-BACKENDS: Final = ("kvm", "qemu", "libvirt")
+# Every backend, in the order verify runs them.
+BACKENDS: Final[tuple[Backend, ...]] = tuple(Backend)
 
 
 def requested_table(config: CpuConfig) -> CpuidTable:
@@ -120,7 +122,7 @@ def target_for(
 
 @dataclasses.dataclass(frozen=True)
 class BackendReport:
-    backend: str
+    backend: Backend
     comparison: Comparison | None  # None when the guest did not run
     seconds: float
     diagnostics: tuple[str, ...] = ()
@@ -149,15 +151,15 @@ class BackendReport:
 
 
 def _run(
-    backend: str, target: Target, queries: Sequence[tuple[int, int]], timeout: float,
+    backend: Backend, target: Target, queries: Sequence[tuple[int, int]], timeout: float,
     qemu: str | None,
 ) -> ProbeResult:
     """Raw KVM and QEMU, in this thread (libvirt: _LibvirtBeside)."""
-    if backend == "kvm":
+    if backend == Backend.KVM:
         from kvmcpuid_virt.probe.kvm import run_kvm
 
         return run_kvm(target.requested, queries, timeout)
-    if backend == "qemu":
+    if backend == Backend.QEMU:
         from kvmcpuid_virt.probe.qemu import run_qemu
 
         facts = target.facts.qemu
@@ -171,7 +173,7 @@ def _run(
 
 def verify(
     target: Target,
-    backends: Iterable[str],
+    backends: Iterable[Backend],
     *,
     supported: CpuidTable,
     uncontrolled: Mapping[Word, int] | None = None,
@@ -194,7 +196,7 @@ def verify(
         for backend in backends:
             start = time.monotonic()
             try:
-                if backend == "libvirt":
+                if backend == Backend.LIBVIRT:
                     result = beside.result()
                 else:
                     result = _run(backend, target, queries, timeout, qemu)
@@ -214,9 +216,9 @@ class _LibvirtBeside:
     destroyed before the exception goes on."""
 
     def __init__(self, target: Target, queries: Sequence[tuple[int, int]], timeout: float,
-                 uri: str, backends: Sequence[str]) -> None:  # fmt: skip
+                 uri: str, backends: Sequence[Backend]) -> None:  # fmt: skip
         self._args = (target, queries, timeout, uri)
-        self._wanted = "libvirt" in backends
+        self._wanted = Backend.LIBVIRT in backends
         self._probe: LibvirtProbe | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._future: Future[ProbeResult] | None = None
@@ -258,11 +260,11 @@ class _LibvirtBeside:
 
 
 def _report(
-    backend: str, target: Target, result: ProbeResult, supported: CpuidTable,
+    backend: Backend, target: Target, result: ProbeResult, supported: CpuidTable,
     uncontrolled: Mapping[Word, int] | None,
     reasons: Mapping[tuple[int, int, Register, int], str] | None,
 ) -> BackendReport:
-    extra = target.libvirt_ignores() if backend == "libvirt" else []
+    extra = target.libvirt_ignores() if backend == Backend.LIBVIRT else []
     cmp = compare(
         target.requested, result.observed, backend=backend, supported=supported,
         vmm=result.vmm_view, uncontrolled=uncontrolled, uncontrolled_reasons=reasons,

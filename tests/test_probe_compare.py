@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Layer, compare
 from kvmcpuid_virt.cpuid.features import registry
-from kvmcpuid_virt.cpuid.table import CpuidTable
+from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.probe.image import default_queries
 from kvmcpuid_virt.probe.kvm import run_kvm
@@ -34,7 +37,7 @@ def supported(kvm: Kvm) -> CpuidTable:
 
 def test_supported_table_matches_in_guest(supported: CpuidTable) -> None:
     result = run_kvm(supported, default_queries(supported))
-    cmp = compare(supported, result.observed, backend="kvm", supported=supported,
+    cmp = compare(supported, result.observed, backend=Backend.KVM, supported=supported,
                   vmm=result.vmm_view)
     assert cmp.bits_compared > 100
     # Every mismatch on the full supported table must be a bit the host
@@ -47,7 +50,7 @@ def test_requested_off_but_set_on_is_attributed_to_the_vmm(supported: CpuidTable
     # configuration wanted it off: the guest sees on, KVM_GET_CPUID2 says on.
     requested = _with_bit(supported, *LAHF, on=False)  # type: ignore[arg-type]
     result = run_kvm(supported, default_queries(supported))
-    cmp = compare(requested, result.observed, backend="kvm", supported=supported,
+    cmp = compare(requested, result.observed, backend=Backend.KVM, supported=supported,
                   vmm=result.vmm_view)
     [m] = [m for m in cmp.mismatches if (m.leaf, m.subleaf, m.reg, m.bit) == LAHF]
     assert (m.requested, m.guest, m.vmm, m.supported) == (False, True, True, True)
@@ -64,7 +67,7 @@ def test_unsupported_request_is_attributed_to_the_config(supported: CpuidTable) 
     )
     requested = _with_bit(supported, 0x8000_0001, 0, "ecx", feature.bit, on=True)
     result = run_kvm(supported, default_queries(supported))
-    cmp = compare(requested, result.observed, backend="kvm", supported=supported,
+    cmp = compare(requested, result.observed, backend=Backend.KVM, supported=supported,
                   vmm=result.vmm_view)
     [m] = [m for m in cmp.mismatches if m.name == feature.name]
     assert m.layer == Layer.CONFIG and m.supported is False
@@ -73,7 +76,7 @@ def test_unsupported_request_is_attributed_to_the_config(supported: CpuidTable) 
 def test_uncontrolled_bits_are_reported_but_do_not_fail(supported: CpuidTable) -> None:
     requested = _with_bit(supported, *LAHF, on=False)  # type: ignore[arg-type]
     result = run_kvm(supported, default_queries(supported))
-    cmp = compare(requested, result.observed, backend="kvm",
+    cmp = compare(requested, result.observed, backend=Backend.KVM,
                   uncontrolled={(0x8000_0001, 0, "ecx"): 1}, vmm=None,
                   words=[(0x8000_0001, 0, "ecx")])
     [m] = [m for m in cmp.mismatches if (m.leaf, m.subleaf, m.reg, m.bit) == LAHF]
@@ -91,7 +94,23 @@ def test_guest_state_masks_cover_osxsave_and_apic_id() -> None:
 def test_words_the_guest_was_not_asked_for_do_not_pass(supported: CpuidTable) -> None:
     # A requested feature word the probe never read is not a match.
     result = run_kvm(supported, [q for q in default_queries(supported) if q[0] != 0x8000_0001])
-    cmp = compare(supported, result.observed, backend="kvm", vmm=result.vmm_view,
+    cmp = compare(supported, result.observed, backend=Backend.KVM, vmm=result.vmm_view,
                   words=[(0x8000_0001, 0, "ecx")])
     assert cmp.words_missing == ((0x8000_0001, 0, "ecx"),)
     assert not cmp.ok and "NOT CHECKED" in cmp.summary()
+
+
+def test_layer_and_backend_serialize_as_the_strings_they_were() -> None:
+    # The JSON report's and the messages' contract, unchanged by the enums:
+    # "layer": "vmm", "backend": "qemu", "qemu: ..." as when both were str.
+    requested = CpuidTable([CpuidEntry(0x8000_0001)])
+    guest = CpuidTable([CpuidEntry(0x8000_0001, ecx=1)])
+    cmp = compare(requested, guest, backend=Backend.QEMU, vmm=guest,
+                  words=[(0x8000_0001, 0, "ecx")])
+    [m] = cmp.mismatches
+    assert m.layer is Layer.VMM
+    text = json.dumps(cmp.as_json())
+    assert '"backend": "qemu"' in text and '"layer": "vmm"' in text
+    assert cmp.summary().startswith("qemu: 32 bits compared, 1 mismatch(es)")
+    assert [str(layer) for layer in Layer] == ["config", "vmm", "host", "kvm"]
+    assert [str(b) for b in Backend] == ["kvm", "qemu", "libvirt"]

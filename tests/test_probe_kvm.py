@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import ProbeError, ProbeTimeoutError
 from kvmcpuid_virt.kvm import Kvm
@@ -58,7 +59,7 @@ def _chatter_image() -> bytes:
 def test_guest_sees_the_supported_table(probe: KvmProbe, supported: CpuidTable) -> None:
     queries = image.default_queries(supported)
     result = probe.run(supported, queries)
-    assert result.backend == "kvm"
+    assert result.backend is Backend.KVM
     assert result.observed.keys() == queries
     assert result.vmm_view is not None
     # What the guest read equals what KVM says the vCPU answers from, for

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmcpuid_virt.adapters.libvirt import LIBVIRT_KVM_ACTS_ON
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.errors import InputError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.libvirt import (
@@ -107,7 +108,7 @@ def cpu(extra: str = "") -> str:
 
 def test_guest_sees_host_vendor(env: Env) -> None:
     result = run_libvirt(cpu(), QUERIES, uri=env.uri, name_prefix=env.prefix)
-    assert result.backend == "libvirt"
+    assert result.backend is Backend.LIBVIRT
     t = result.observed
     vendor = b"".join(
         t.get(0, 0, r).to_bytes(4, "little") for r in ("ebx", "edx", "ecx")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.errors import ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe import qemu as qemu_backend
@@ -76,7 +77,7 @@ def _is_our_qemu(pid: int) -> bool:
 
 def test_guest_sees_host_vendor(qemu_binary: str, tracked: list[subprocess.Popen[bytes]]) -> None:
     result = run_qemu(HOST, QUERIES, qemu=qemu_binary)
-    assert result.backend == "qemu"
+    assert result.backend is Backend.QEMU
     assert result.vmm_view is None
     e = result.observed
     leaf0 = (e.get(0, 0, "ebx"), e.get(0, 0, "edx"), e.get(0, 0, "ecx"))

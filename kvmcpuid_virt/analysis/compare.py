@@ -25,7 +25,6 @@ from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 
 __all__ = [
     "GUEST_STATE_MASKS",
-    "Backend",
     "Comparison",
     "Ignore",
     "Layer",

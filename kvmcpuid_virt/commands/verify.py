@@ -9,9 +9,11 @@ import sys
 __all__ = ["add_parser", "run"]
 
 HELP = "boot a probe guest and check the CPUID it sees"
+ALL = "all"  # --backend: every backend the configuration's form can boot on
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvmcpuid_virt.analysis.backend import Backend
     from kvmcpuid_virt.cli.options import add_policy_options
 
     p = sub.add_parser(
@@ -21,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "when every bit this host controls matches; bits the host-control probe finds this "
         "host overrides are reported but do not fail.",
     )  # fmt: skip
-    p.add_argument("--backend", choices=("kvm", "qemu", "libvirt", "all"), default="all",
+    # Plain strings: argparse's "invalid choice" message lists repr()s.
+    p.add_argument("--backend", choices=(*(b.value for b in Backend), ALL), default=ALL,
                    help="where to boot the guest (default: all)")
     given = p.add_mutually_exclusive_group()
     given.add_argument("--qemu-flags", metavar="STR",
@@ -46,17 +49,20 @@ def run(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from kvmcpuid_virt.analysis.backend import Backend
     from kvmcpuid_virt.cli.options import config_from_args, read_table
     from kvmcpuid_virt.errors import InputError
     from kvmcpuid_virt.toolfacts.learn import learn
     from kvmcpuid_virt.verify import BACKENDS, target_for, verify
+
+    chosen = None if args.backend == ALL else Backend(args.backend)
 
     if args.timeout <= 0:
         raise InputError("--timeout must be positive")
     if args.qemu is not None and not (os.path.isfile(args.qemu) and os.access(args.qemu, os.X_OK)):
         raise InputError(f"--qemu {args.qemu}: not an executable file")
     uri = args.connect or os.environ.get("KVMCPUID_LIBVIRT_URI") or "qemu:///system"
-    if args.backend in ("libvirt", "all"):
+    if chosen in (Backend.LIBVIRT, None):
         from kvmcpuid_virt.probe.libvirt import is_local
 
         if not is_local(uri):
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
         config = qemu_config(value, "--qemu-flags", table, source, facts)
         target = target_for(config, facts, qemu_cpu=value, label="--qemu-flags")
-        backends: tuple[str, ...] = ("qemu",) if args.backend == "all" else (args.backend,)
+        backends: tuple[Backend, ...] = (Backend.QEMU,) if chosen is None else (chosen,)
     elif args.libvirt_xml is not None:
         from lxml import etree
 
@@ -84,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
         cpu_text = etree.tostring(given_cpu.cpu, encoding="unicode")
         target = target_for(config, facts, libvirt_cpu=cpu_text,
                             libvirt_features=features_text, label="--libvirt-xml")
-        backends = ("libvirt",) if args.backend == "all" else (args.backend,)
+        backends = (Backend.LIBVIRT,) if chosen is None else (chosen,)
     else:
         config = config_from_args(args, facts, table, source, this_host)
         target = target_for(config, facts)
-        backends = BACKENDS if args.backend == "all" else (args.backend,)
+        backends = BACKENDS if chosen is None else (chosen,)
 
     uncontrolled = reasons = None
     notes: list[str] = []

@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import KvmIoctlError, ProbeError, ProbeTimeoutError
 from kvmcpuid_virt.kvm.abi import EXIT_REASONS, KVM_EXIT_IO_OUT, Cap, ExitReason
@@ -195,7 +196,7 @@ class KvmProbe:
                                           limit=image.frame_size(len(qs)) + _SERIAL_SLACK)
         observed = image.parse(serial, qs)
         return ProbeResult(observed=observed, vmm_view=vmm_view,
-                           seconds=time.perf_counter() - start, backend="kvm")
+                           seconds=time.perf_counter() - start, backend=Backend.KVM)
 
     def run_image(self, table: CpuidTable, img: bytes, timeout: float = 5.0,
                   *, limit: int = _SERIAL_SLACK) -> tuple[bytes, CpuidTable]:

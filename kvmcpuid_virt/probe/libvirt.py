@@ -50,6 +50,7 @@ from typing import Any, Final
 
 from lxml import etree
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
@@ -421,7 +422,7 @@ class LibvirtProbe:
                 raise
             self._drop_log(domain_log_path)
         return ProbeResult(
-            observed=observed, vmm_view=vmm_view, seconds=seconds, backend="libvirt",
+            observed=observed, vmm_view=vmm_view, seconds=seconds, backend=Backend.LIBVIRT,
             diagnostics=notes,
         )
 

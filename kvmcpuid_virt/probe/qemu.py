@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
@@ -236,6 +237,6 @@ def run_qemu(
             observed=observed,
             vmm_view=vmm_view,
             seconds=seconds,
-            backend="qemu",
+            backend=Backend.QEMU,
             diagnostics=diagnostics,
         )

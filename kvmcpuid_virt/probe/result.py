@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
 
 __all__ = ["ProbeResult"]
@@ -15,11 +16,11 @@ class ProbeResult:
     vmm_view: what the VMM says it configured (KVM_GET_CPUID2 on raw KVM, QMP
     on QEMU), or None when the backend cannot tell.
     seconds: wall time of the boot, from VM creation to the parsed result.
-    backend: "kvm", "qemu" or "libvirt".
+    backend: which backend booted it (Backend.KVM, .QEMU or .LIBVIRT).
     diagnostics: things worth showing a user (QEMU warnings, retries)."""
 
     observed: CpuidTable
     vmm_view: CpuidTable | None
     seconds: float
-    backend: str
+    backend: Backend
     diagnostics: list[str] = dataclasses.field(default_factory=list)
