@@ -6,6 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: the command module imports nothing else at load
+    from kvmcpuid_virt.analysis.backend import Backend
+    from kvmcpuid_virt.analysis.compare import Word
+    from kvmcpuid_virt.config.cpuconfig import CpuConfig
+    from kvmcpuid_virt.cpuid.table import CpuidTable, Register
+    from kvmcpuid_virt.toolfacts.facts import ToolFacts
+    from kvmcpuid_virt.verify import BackendReport, Target
+
+    BitKey = tuple[int, int, Register, int]
+
 __all__ = ["add_parser", "run"]
 
 HELP = "boot a probe guest and check the CPUID it sees"
@@ -46,17 +57,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    """Check, boot, compare, report: 0 when every bit this host controls matches, else 1."""
+    from kvmcpuid_virt.cli.options import read_table
+    from kvmcpuid_virt.toolfacts.learn import learn
+    from kvmcpuid_virt.verify import verify
+
+    chosen, uri = _checked_arguments(args)
+    table, source, this_host = read_table(args)
+    facts = learn(uri=uri)
+    target, backends = _target(args, chosen, table, source, this_host, facts)
+    uncontrolled, reasons, notes = _host_control(args)
+    reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
+                     reasons=reasons, timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
+    ok = all(r.ok for r in reports)
+    if args.format == "json":
+        _write_json(ok, target.config, notes, reports)
+    else:
+        _write_text(args, target.config, notes, reports)
+    return 0 if ok else 1
+
+
+def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
+    """The chosen backend (None: all) and the libvirt URI; InputError before any work."""
     import os
 
     from kvmcpuid_virt.analysis.backend import Backend
-    from kvmcpuid_virt.cli.options import config_from_args, read_table
     from kvmcpuid_virt.errors import InputError
-    from kvmcpuid_virt.toolfacts.learn import learn
-    from kvmcpuid_virt.verify import BACKENDS, target_for, verify
 
     chosen = None if args.backend == ALL else Backend(args.backend)
-
     if args.timeout <= 0:
         raise InputError("--timeout must be positive")
     if args.qemu is not None and not (os.path.isfile(args.qemu) and os.access(args.qemu, os.X_OK)):
@@ -68,67 +96,102 @@ def run(args: argparse.Namespace) -> int:
         if not is_local(uri):
             raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
                              "machine (qemu:///system or qemu:///session)")  # fmt: skip
-    table, source, this_host = read_table(args)
-    facts = learn(uri=uri)
+    return chosen, uri
+
+
+def _target(
+    args: argparse.Namespace, chosen: Backend | None, table: CpuidTable, source: str,
+    this_host: bool, facts: ToolFacts,
+) -> tuple[Target, tuple[Backend, ...]]:
+    """What to boot, and where: the user's flags or XML as given, else the policy's config."""
     if args.qemu_flags is not None:
-        from kvmcpuid_virt.analysis.given import qemu_config, qemu_cpu_value
+        return _qemu_flags_target(args, chosen, table, source, facts)
+    if args.libvirt_xml is not None:
+        return _libvirt_xml_target(args, chosen, table, source, facts)
+    from kvmcpuid_virt.cli.options import config_from_args
+    from kvmcpuid_virt.verify import BACKENDS, target_for
 
-        value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
-        config = qemu_config(value, "--qemu-flags", table, source, facts)
-        target = target_for(config, facts, qemu_cpu=value, label="--qemu-flags")
-        backends: tuple[Backend, ...] = (Backend.QEMU,) if chosen is None else (chosen,)
-    elif args.libvirt_xml is not None:
-        from lxml import etree
+    config = config_from_args(args, facts, table, source, this_host)
+    return target_for(config, facts), BACKENDS if chosen is None else (chosen,)
 
-        from kvmcpuid_virt.analysis.given import libvirt_cpu
-        from kvmcpuid_virt.fsutil import read_text
 
-        given_cpu = libvirt_cpu(*read_text(args.libvirt_xml))
-        config = given_cpu.config(table, source, facts)
-        features_text = (None if given_cpu.features is None
-                         else etree.tostring(given_cpu.features, encoding="unicode"))  # fmt: skip
-        cpu_text = etree.tostring(given_cpu.cpu, encoding="unicode")
-        target = target_for(config, facts, libvirt_cpu=cpu_text,
-                            libvirt_features=features_text, label="--libvirt-xml")
-        backends = (Backend.LIBVIRT,) if chosen is None else (chosen,)
-    else:
-        config = config_from_args(args, facts, table, source, this_host)
-        target = target_for(config, facts)
-        backends = BACKENDS if chosen is None else (chosen,)
+def _qemu_flags_target(
+    args: argparse.Namespace, chosen: Backend | None, table: CpuidTable, source: str,
+    facts: ToolFacts,
+) -> tuple[Target, tuple[Backend, ...]]:
+    """--qemu-flags: that -cpu value, booted on QEMU unless --backend says else."""
+    from kvmcpuid_virt.analysis.backend import Backend
+    from kvmcpuid_virt.analysis.given import qemu_config, qemu_cpu_value
+    from kvmcpuid_virt.verify import target_for
 
-    uncontrolled = reasons = None
-    notes: list[str] = []
-    if not args.no_host_control:
-        from kvmcpuid_virt.probe.hostcontrol import host_control
+    value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
+    config = qemu_config(value, "--qemu-flags", table, source, facts)
+    target = target_for(config, facts, qemu_cpu=value, label="--qemu-flags")
+    return target, (Backend.QEMU,) if chosen is None else (chosen,)
 
-        hc = host_control()
-        uncontrolled = dict(hc.uncontrolled())
-        reasons = dict(hc.reasons)
-        notes = hc.summary()
-    reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
-                     reasons=reasons, timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
-    ok = all(r.ok for r in reports)
-    if args.format == "json":
-        doc = {
-            "ok": ok,
-            "model": config.model,
-            "dropped": list(config.dropped),
-            "host_does_not_control": notes,
-            "backends": [r.as_json() for r in reports],
-        }
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        given = args.qemu_flags is not None or args.libvirt_xml is not None
-        if config.dropped:
-            names = ", ".join(config.dropped)
-            if given:
-                print(f"note: requested, but this host's KVM does not support them: {names}")
-            else:
-                print(f"note: dropped (--allow-unsupported), this host cannot give them: {names}")
-        for r in reports:
-            print(r.text(include_host=args.verbose > 0))
-        if args.verbose and notes:
-            print("this host does not control:")
-            for line in notes:
-                print(f"  {line}")
-    return 0 if ok else 1
+
+def _libvirt_xml_target(
+    args: argparse.Namespace, chosen: Backend | None, table: CpuidTable, source: str,
+    facts: ToolFacts,
+) -> tuple[Target, tuple[Backend, ...]]:
+    """--libvirt-xml: its <cpu> and <features>, booted on libvirt unless --backend says else."""
+    from lxml import etree
+
+    from kvmcpuid_virt.analysis.backend import Backend
+    from kvmcpuid_virt.analysis.given import libvirt_cpu
+    from kvmcpuid_virt.fsutil import read_text
+    from kvmcpuid_virt.verify import target_for
+
+    given_cpu = libvirt_cpu(*read_text(args.libvirt_xml))
+    config = given_cpu.config(table, source, facts)
+    features_text = (None if given_cpu.features is None
+                     else etree.tostring(given_cpu.features, encoding="unicode"))  # fmt: skip
+    cpu_text = etree.tostring(given_cpu.cpu, encoding="unicode")
+    target = target_for(config, facts, libvirt_cpu=cpu_text,
+                        libvirt_features=features_text, label="--libvirt-xml")
+    return target, (Backend.LIBVIRT,) if chosen is None else (chosen,)
+
+
+def _host_control(
+    args: argparse.Namespace,
+) -> tuple[dict[Word, int] | None, dict[BitKey, str] | None, list[str]]:
+    """This host's uncontrolled bits, their reasons, its summary; none with --no-host-control."""
+    if args.no_host_control:
+        return None, None, []
+    from kvmcpuid_virt.probe.hostcontrol import host_control
+
+    hc = host_control()
+    return dict(hc.uncontrolled()), dict(hc.reasons), hc.summary()
+
+
+def _write_json(ok: bool, config: CpuConfig, notes: list[str],
+                reports: list[BackendReport]) -> None:  # fmt: skip
+    """--format json: one document on stdout."""
+    import json
+
+    doc = {
+        "ok": ok,
+        "model": config.model,
+        "dropped": list(config.dropped),
+        "host_does_not_control": notes,
+        "backends": [r.as_json() for r in reports],
+    }
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def _write_text(args: argparse.Namespace, config: CpuConfig, notes: list[str],
+                reports: list[BackendReport]) -> None:  # fmt: skip
+    """--format table: dropped features, each backend's table, with -v the uncontrolled bits."""
+    given = args.qemu_flags is not None or args.libvirt_xml is not None
+    if config.dropped:
+        names = ", ".join(config.dropped)
+        if given:
+            print(f"note: requested, but this host's KVM does not support them: {names}")
+        else:
+            print(f"note: dropped (--allow-unsupported), this host cannot give them: {names}")
+    for r in reports:
+        print(r.text(include_host=args.verbose > 0))
+    if args.verbose and notes:
+        print("this host does not control:")
+        for line in notes:
+            print(f"  {line}")
