@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
     "bare_qemu_argv",
@@ -20,7 +20,7 @@ __all__ = [
 
 
 def timed_commands(
-    commands: dict[str, Sequence[str]], runs: int = 30, warmup: int = 3
+    commands: Mapping[str, Sequence[str]], runs: int = 30, warmup: int = 3
 ) -> dict[str, list[float]]:
     """Wall seconds of each run of each command, runs interleaved round-robin
     so that every command sees the same drift of a noisy machine."""
@@ -28,7 +28,7 @@ def timed_commands(
     for i in range(warmup + runs):
         for name, argv in commands.items():
             start = time.perf_counter()
-            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times[name].append(elapsed)
