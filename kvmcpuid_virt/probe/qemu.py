@@ -20,6 +20,7 @@ timeout, error and Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import time
@@ -150,7 +151,18 @@ class _QemuExited(Exception):
 
 
 def _diagnostics(stderr: bytes) -> list[str]:
+    """QEMU's stderr as its non-empty lines."""
     return [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Ended:
+    """What a QEMU run left once QEMU is gone: exit status, stderr, the QMP answers."""
+
+    status: int
+    stderr: bytes
+    vmm_view: CpuidTable | None
+    notes: list[str]
 
 
 def run_qemu(
@@ -173,70 +185,110 @@ def run_qemu(
         bios = tmp / "image.bin"
         serial = tmp / "serial.log"
         bios.write_bytes(blob)
-        qmp: QEMUMonitorProtocol | None = None
         qmp_socket = tmp / "qmp.sock" if want_vmm_view else None
         # The command line first: a bad -cpu value must fail before anything
         # (the QMP server socket) is there to leak.
-        try:
-            argv = qemu_argv(qemu, cpu_arg, bios, serial, machine=machine,
-                             qmp_socket=qmp_socket)  # fmt: skip
-        except ValueError as exc:
-            raise InputError(f"cannot run QEMU with -cpu {cpu_arg!r}: {exc}") from None
-        if qmp_socket is not None:
-            from qemu.qmp.legacy import QEMUMonitorProtocol
-
-            qmp = QEMUMonitorProtocol(str(qmp_socket), server=True)
-        log.debug("starting %s", argv)
+        argv = _argv(qemu, cpu_arg, bios, serial, machine, qmp_socket)
+        qmp = _listen(qmp_socket)
         started = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                dies_with_us(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                close_fds=True,
-            )
-        except OSError as exc:
-            if qmp is not None:
-                _close_qmp(qmp)
-            raise ToolError(f"cannot run {qemu}: {exc}") from exc
-        vmm_view: CpuidTable | None = None
-        notes: list[str] = []
-        try:
-            if qmp is not None:
-                try:
-                    vmm_view, notes = _query_vmm_view(qmp, proc, deadline)
-                except _QemuExited:
-                    pass  # handled below with QEMU's stderr and exit status
-                finally:
-                    _close_qmp(qmp)
-            try:
-                # communicate() drains stderr while waiting, so a chatty QEMU
-                # cannot block on a full pipe.
-                _, stderr = proc.communicate(timeout=deadline.remaining())
-            except subprocess.TimeoutExpired as exc:
-                raise ProbeTimeoutError(
-                    f"QEMU guest did not finish within {timeout:g} s (killed)"
-                ) from exc
-        finally:
-            kill_process(proc)
+        proc = _start(qemu, argv, qmp)
+        ended = _run_to_exit(proc, qmp, deadline)
         seconds = time.monotonic() - started
-        diagnostics = _diagnostics(stderr) + notes
-        status = proc.returncode
-        serial_bytes = read_serial(serial)
-        try:
-            observed = image.parse(serial_bytes, queries)
-        except ProbeError as exc:
-            detail = "; ".join(diagnostics[-3:]) or "no message"
-            raise ProbeError(f"QEMU exited with status {status} ({detail}): {exc}") from exc
-        if status != EXIT_STATUS:
-            # The answers are complete and checksummed; an odd exit is worth
-            # telling, not failing on.
-            diagnostics.append(f"QEMU exited with status {status}, expected {EXIT_STATUS}")
-        return ProbeResult(
-            observed=observed,
-            vmm_view=vmm_view,
-            seconds=seconds,
-            backend=Backend.QEMU,
-            diagnostics=diagnostics,
+        return _result(ended, read_serial(serial), queries, seconds)
+
+
+def _argv(qemu: str, cpu_arg: str, bios: Path, serial: Path, machine: str,
+          qmp_socket: Path | None) -> list[str]:  # fmt: skip
+    """qemu_argv, with a -cpu value it refuses raised as InputError."""
+    try:
+        return qemu_argv(qemu, cpu_arg, bios, serial, machine=machine, qmp_socket=qmp_socket)
+    except ValueError as exc:
+        raise InputError(f"cannot run QEMU with -cpu {cpu_arg!r}: {exc}") from None
+
+
+def _listen(qmp_socket: Path | None) -> QEMUMonitorProtocol | None:
+    """The QMP server QEMU will connect to, listening already; None without a vmm view."""
+    if qmp_socket is None:
+        return None
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    return QEMUMonitorProtocol(str(qmp_socket), server=True)
+
+
+def _start(qemu: str, argv: list[str], qmp: QEMUMonitorProtocol | None) -> subprocess.Popen[bytes]:
+    """Start QEMU; ToolError, with the QMP server closed, when it cannot be run."""
+    log.debug("starting %s", argv)
+    try:
+        return subprocess.Popen(
+            dies_with_us(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            close_fds=True,
         )
+    except OSError as exc:
+        if qmp is not None:
+            _close_qmp(qmp)
+        raise ToolError(f"cannot run {qemu}: {exc}") from exc
+
+
+def _run_to_exit(
+    proc: subprocess.Popen[bytes], qmp: QEMUMonitorProtocol | None, deadline: Deadline
+) -> _Ended:
+    """Ask QMP (if listening), then wait for QEMU's exit; QEMU is gone however this ends."""
+    vmm_view: CpuidTable | None = None
+    notes: list[str] = []
+    try:
+        if qmp is not None:
+            vmm_view, notes = _vmm_view(qmp, proc, deadline)
+        stderr = _wait_for_exit(proc, deadline)
+    finally:
+        # Timeout, error or Ctrl-C: no QEMU outlives the run.
+        kill_process(proc)
+    return _Ended(proc.returncode, stderr, vmm_view, notes)
+
+
+def _vmm_view(
+    qmp: QEMUMonitorProtocol, proc: subprocess.Popen[bytes], deadline: Deadline
+) -> tuple[CpuidTable | None, list[str]]:
+    """QEMU's configured CPUID and filtered features over QMP, the connection closed after."""
+    try:
+        return _query_vmm_view(qmp, proc, deadline)
+    except _QemuExited:
+        return None, []  # _result reports it, with QEMU's stderr and exit status
+    finally:
+        _close_qmp(qmp)
+
+
+def _wait_for_exit(proc: subprocess.Popen[bytes], deadline: Deadline) -> bytes:
+    """QEMU's stderr once it exits; ProbeTimeoutError when the deadline comes first."""
+    try:
+        # communicate() drains stderr while waiting, so a chatty QEMU cannot
+        # block on a full pipe.
+        _, stderr = proc.communicate(timeout=deadline.remaining())
+    except subprocess.TimeoutExpired as exc:
+        raise ProbeTimeoutError(
+            f"QEMU guest did not finish within {deadline.timeout:g} s (killed)"
+        ) from exc
+    return stderr
+
+
+def _result(ended: _Ended, serial: bytes, queries: list[Query], seconds: float) -> ProbeResult:
+    """The guest's answers from its serial output; ProbeError, with QEMU's last words, if bad."""
+    diagnostics = _diagnostics(ended.stderr) + ended.notes
+    try:
+        observed = image.parse(serial, queries)
+    except ProbeError as exc:
+        detail = "; ".join(diagnostics[-3:]) or "no message"
+        raise ProbeError(f"QEMU exited with status {ended.status} ({detail}): {exc}") from exc
+    if ended.status != EXIT_STATUS:
+        # The answers are complete and checksummed; an odd exit is worth
+        # telling, not failing on.
+        diagnostics.append(f"QEMU exited with status {ended.status}, expected {EXIT_STATUS}")
+    return ProbeResult(
+        observed=observed,
+        vmm_view=ended.vmm_view,
+        seconds=seconds,
+        backend=Backend.QEMU,
+        diagnostics=diagnostics,
+    )
