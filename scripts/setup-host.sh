@@ -11,7 +11,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${KVMCPUID_VENV:-$here/.venv}
 packages=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-          libvirt-dev pkg-config python3-venv python3-dev gcc linux-libc-dev tini procps)
+          libvirt-dev pkg-config python3-venv python3-dev gcc linux-libc-dev tini procps
+          cpuid util-linux)
 
 say() { printf 'setup-host: %s\n' "$*" >&2; }
 # The PID of a live (not zombie) process named $1: a daemon killed a moment

@@ -144,7 +144,7 @@ def pin_cpu0() -> Iterator[None]:
 # `-m "not kvm and not qemu and not libvirt"` is the unit subset.
 _FIXTURE_MARKERS = {
     "kvm": "kvm", "pin_cpu0": "kvm", "qemu_binary": "qemu", "live_facts": "qemu",
-    "libvirt_conn_uri": "libvirt",
+    "libvirt_conn_uri": "libvirt", "cpu_map_bits": "libvirt",
 }
 
 

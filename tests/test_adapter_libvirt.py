@@ -122,6 +122,7 @@ def _rng() -> etree.RelaxNG:
     return etree.RelaxNG(etree.parse(str(SCHEMA)))
 
 
+@pytest.mark.libvirt
 @pytest.mark.parametrize("dump", cpu_dump_paths(), ids=lambda p: p.stem)
 def test_dump_xml_validates_against_schema(dump: Path) -> None:
     config = select.build(load_dump(str(dump)).table, source=str(dump), facts=FACTS)
@@ -267,6 +268,7 @@ def _c14n(el: etree._Element | None) -> bytes:
     return out
 
 
+@pytest.mark.libvirt
 def test_patch_keeps_topology_numa_cache() -> None:
     before = _rich_domain()
     after = _patch(before)

@@ -64,6 +64,7 @@ def _groups() -> dict[str, list[Path]]:
     return out
 
 
+@pytest.mark.libvirt
 @pytest.mark.parametrize("vendor", ["intel", "amd"])
 def test_baseline_is_exactly_the_common_cpu_map_features(vendor: str) -> None:
     """Subset of every input and maximal: a cpu_map feature is on in the

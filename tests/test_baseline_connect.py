@@ -96,6 +96,7 @@ def test_host_model_is_its_model_plus_required_minus_disabled(
     assert hm.msr_features == ("mds-no",) and hm.unknown == ()
 
 
+@pytest.mark.libvirt
 def test_msr_features_are_cpu_maps_msr_definitions() -> None:
     names = msr_features(CPU_MAP)
     if not names:

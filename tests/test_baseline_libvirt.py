@@ -79,6 +79,7 @@ def _comparable(names: set[str]) -> set[str]:
     return keep
 
 
+@pytest.mark.libvirt
 @pytest.mark.parametrize("method", ["baselineHypervisorCPU", "baselineCPU"])
 @pytest.mark.parametrize(
     ("vendor", "paths"), _groups(), ids=lambda v: v if isinstance(v, str) else ""

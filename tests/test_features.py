@@ -169,6 +169,7 @@ def test_kinds() -> None:
 # --- against libvirt's cpu_map ----------------------------------------------
 
 
+@pytest.mark.libvirt
 def test_every_cpu_map_feature_is_registered_at_its_bit() -> None:
     reg = registry()
     lacking, wrong = [], []
@@ -182,12 +183,14 @@ def test_every_cpu_map_feature_is_registered_at_its_bit() -> None:
     assert wrong == []
 
 
+@pytest.mark.libvirt
 def test_every_registry_libvirt_name_is_in_cpu_map() -> None:
     names = cpu_map_bits()
     extra = [f.libvirt for f in registry().features if f.libvirt and f.libvirt not in names]
     assert extra == []
 
 
+@pytest.mark.libvirt
 def test_cpu_map_qemu_aliases_resolve() -> None:
     # cpu_map records QEMU's spellings as <alias source='qemu'>: a second,
     # independent statement of which QEMU name means which libvirt feature.
@@ -218,6 +221,7 @@ def expected_libvirt_names(path: Path) -> set[str]:
     return expected
 
 
+@pytest.mark.libvirt
 @pytest.mark.parametrize("path", DUMPS, ids=lambda p: p.stem)
 def test_present_matches_cpu_map_reading(path: Path) -> None:
     table = load_dump(str(path)).table
@@ -315,6 +319,7 @@ def _cli(*argv: str) -> tuple[int, str]:
     return rc, out.getvalue()
 
 
+@pytest.mark.libvirt
 @pytest.mark.parametrize("path", DUMPS, ids=lambda p: p.stem)
 def test_command_json_names_are_the_cpu_map_reading(path: Path) -> None:
     rc, text = _cli("features", "--from", str(path), "--names", "libvirt", "--format", "json")

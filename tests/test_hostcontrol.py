@@ -57,6 +57,7 @@ def _flip(table: CpuidTable, bits: dict[Word, int]) -> CpuidTable:
     return table
 
 
+@pytest.mark.kvm
 def test_every_word_is_probed(hc: HostControl, supported: CpuidTable) -> None:
     for e in supported:
         for reg in REGISTERS:
@@ -67,6 +68,7 @@ def test_every_word_is_probed(hc: HostControl, supported: CpuidTable) -> None:
                 assert (leaf, sub, reg, bit) in hc.reasons, (hex(leaf), sub, reg, bit)
 
 
+@pytest.mark.kvm
 def test_controlled_bits_really_follow(session: KvmProbe, hc: HostControl,
                                        supported: CpuidTable) -> None:
     # Independent check: flip the lowest and highest controlled bit of every
@@ -88,6 +90,7 @@ def test_controlled_bits_really_follow(session: KvmProbe, hc: HostControl,
     assert not wrong
 
 
+@pytest.mark.kvm
 def test_uncontrolled_bits_really_do_not_follow(session: KvmProbe, hc: HostControl,
                                                 supported: CpuidTable) -> None:
     flips = {
@@ -113,6 +116,7 @@ def _rejected(hc: HostControl, word: Word) -> int:
     return mask
 
 
+@pytest.mark.kvm
 def test_extended_and_paravirt_leaves_are_honoured(hc: HostControl) -> None:
     # DESIGN.md: leaves 0x80000001 and 0x40000001 are honoured exactly on the
     # hosts here; a host that differs is worth a failing test.
@@ -122,11 +126,13 @@ def test_extended_and_paravirt_leaves_are_honoured(hc: HostControl) -> None:
         assert hc.controlled[(0x40000001, 0, "eax")] == _ALL
 
 
+@pytest.mark.kvm
 def test_json_roundtrip(hc: HostControl) -> None:
     again = HostControl.from_json(hc.to_json())
     assert again == hc
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -152,6 +158,7 @@ def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert cache_dir() == tmp_path / ".cache" / "kvmcpuid_virt"
 
 
+@pytest.mark.kvm
 def test_cache_is_written_reused_and_repaired(session: KvmProbe, supported: CpuidTable,
                                               tmp_path: Path) -> None:
     first = host_control(directory=tmp_path, probe=session)

@@ -90,6 +90,7 @@ def test_directory_is_not_kvm(tmp_path: Path) -> None:
         Kvm(str(tmp_path))
 
 
+@pytest.mark.kvm
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
 def test_permission_denied_as_unprivileged_user() -> None:
     """A forked child drops to nobody and opens the real /dev/kvm."""

@@ -10,6 +10,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: the command module imports nothing else at load
     from kvmcpuid_virt.analysis.backend import Backend
     from kvmcpuid_virt.analysis.compare import Word
+    from kvmcpuid_virt.analysis.given import LibvirtCpu
     from kvmcpuid_virt.config.cpuconfig import CpuConfig
     from kvmcpuid_virt.cpuid.table import CpuidTable, Register
     from kvmcpuid_virt.toolfacts.facts import ToolFacts
@@ -63,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.verify import verify
 
     chosen, uri = _checked_arguments(args)
+    given = _given(args)  # bad flags or XML fail here, before /dev/kvm or QEMU is asked
     table, source, this_host = read_table(args)
     facts = learn(uri=uri)
-    target, backends = _target(args, chosen, table, source, this_host, facts)
+    target, backends = _target(args, given, chosen, table, source, this_host, facts)
     uncontrolled, reasons, notes = _host_control(args)
     reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
                      reasons=reasons, timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
@@ -99,15 +101,40 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
     return chosen, uri
 
 
+def _given(args: argparse.Namespace) -> str | LibvirtCpu | None:
+    """The configuration the user handed in, read and parsed: the -cpu value
+    of --qemu-flags, the <cpu> of --libvirt-xml, or None (the policy's)."""
+    if args.qemu_flags is not None:
+        from kvmcpuid_virt.adapters.qemu import parse
+        from kvmcpuid_virt.analysis.given import qemu_cpu_value
+        from kvmcpuid_virt.errors import InputError
+
+        value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
+        try:
+            parse(value)
+        except InputError as exc:
+            raise InputError(f"--qemu-flags: {exc}") from None
+        return value
+    if args.libvirt_xml is not None:
+        from kvmcpuid_virt.adapters.libvirt import parse as parse_cpu
+        from kvmcpuid_virt.analysis.given import libvirt_cpu
+        from kvmcpuid_virt.fsutil import read_text
+
+        given_cpu = libvirt_cpu(*read_text(args.libvirt_xml))
+        parse_cpu(given_cpu.cpu, given_cpu.source)
+        return given_cpu
+    return None
+
+
 def _target(
-    args: argparse.Namespace, chosen: Backend | None, table: CpuidTable, source: str,
-    this_host: bool, facts: ToolFacts,
+    args: argparse.Namespace, given: str | LibvirtCpu | None, chosen: Backend | None,
+    table: CpuidTable, source: str, this_host: bool, facts: ToolFacts,
 ) -> tuple[Target, tuple[Backend, ...]]:
     """What to boot, and where: the user's flags or XML as given, else the policy's config."""
-    if args.qemu_flags is not None:
-        return _qemu_flags_target(args, chosen, table, source, facts)
-    if args.libvirt_xml is not None:
-        return _libvirt_xml_target(args, chosen, table, source, facts)
+    if isinstance(given, str):
+        return _qemu_flags_target(given, chosen, table, source, facts)
+    if given is not None:
+        return _libvirt_xml_target(given, chosen, table, source, facts)
     from kvmcpuid_virt.cli.options import config_from_args
     from kvmcpuid_virt.verify import BACKENDS, target_for
 
@@ -116,33 +143,28 @@ def _target(
 
 
 def _qemu_flags_target(
-    args: argparse.Namespace, chosen: Backend | None, table: CpuidTable, source: str,
-    facts: ToolFacts,
+    value: str, chosen: Backend | None, table: CpuidTable, source: str, facts: ToolFacts,
 ) -> tuple[Target, tuple[Backend, ...]]:
     """--qemu-flags: that -cpu value, booted on QEMU unless --backend says else."""
     from kvmcpuid_virt.analysis.backend import Backend
-    from kvmcpuid_virt.analysis.given import qemu_config, qemu_cpu_value
+    from kvmcpuid_virt.analysis.given import qemu_config
     from kvmcpuid_virt.verify import target_for
 
-    value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
     config = qemu_config(value, "--qemu-flags", table, source, facts)
     target = target_for(config, facts, qemu_cpu=value, label="--qemu-flags")
     return target, (Backend.QEMU,) if chosen is None else (chosen,)
 
 
 def _libvirt_xml_target(
-    args: argparse.Namespace, chosen: Backend | None, table: CpuidTable, source: str,
+    given_cpu: LibvirtCpu, chosen: Backend | None, table: CpuidTable, source: str,
     facts: ToolFacts,
 ) -> tuple[Target, tuple[Backend, ...]]:
     """--libvirt-xml: its <cpu> and <features>, booted on libvirt unless --backend says else."""
     from lxml import etree
 
     from kvmcpuid_virt.analysis.backend import Backend
-    from kvmcpuid_virt.analysis.given import libvirt_cpu
-    from kvmcpuid_virt.fsutil import read_text
     from kvmcpuid_virt.verify import target_for
 
-    given_cpu = libvirt_cpu(*read_text(args.libvirt_xml))
     config = given_cpu.config(table, source, facts)
     features_text = (None if given_cpu.features is None
                      else etree.tostring(given_cpu.features, encoding="unicode"))  # fmt: skip
