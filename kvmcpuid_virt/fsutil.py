@@ -14,7 +14,7 @@ import sys
 
 from kvmcpuid_virt.errors import InputError, OutputError
 
-TYPE_CHECKING = False  # typing costs ms to import; mypy reads this as True
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from pathlib import Path
 

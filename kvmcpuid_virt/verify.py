@@ -15,21 +15,25 @@ import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from lxml import etree
 
+from kvmcpuid_virt.adapters.libvirt import base_model, kvm_features_element, render, unexpressible
+from kvmcpuid_virt.adapters.qemu import cpu_value
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 from kvmcpuid_virt.errors import KvmcpuidError, ProbeError
+from kvmcpuid_virt.probe.image import default_queries
+from kvmcpuid_virt.probe.kvm import run_kvm
+from kvmcpuid_virt.probe.libvirt import LibvirtProbe
+from kvmcpuid_virt.probe.qemu import run_qemu
 from kvmcpuid_virt.probe.result import ProbeResult
 from kvmcpuid_virt.toolfacts.facts import QEMU_BINARY, ToolFacts
-
-if TYPE_CHECKING:
-    from kvmcpuid_virt.probe.libvirt import LibvirtProbe
+from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = ["BACKENDS", "BackendReport", "Target", "requested_table", "target_for", "verify"]
 
@@ -68,15 +72,11 @@ class Target:
     def qemu_cpu(self) -> str:
         if self.qemu_cpu_given is not None:
             return self.qemu_cpu_given
-        from kvmcpuid_virt.adapters.qemu import cpu_value
-
         return cpu_value(self.config)
 
     def libvirt_cpu(self) -> str:
         if self.libvirt_cpu_given is not None:
             return self.libvirt_cpu_given
-        from kvmcpuid_virt.adapters.libvirt import base_model, render
-
         return render(self.config, base_model(self.config, self.facts))
 
     def libvirt_features(self) -> etree._Element | None:
@@ -85,19 +85,13 @@ class Target:
         if self.libvirt_cpu_given is not None:
             if self.libvirt_features_given is None:
                 return None
-            from kvmcpuid_virt.xmlutil import parse_xml
-
             return parse_xml(self.libvirt_features_given, "<features>")
-        from kvmcpuid_virt.adapters.libvirt import kvm_features_element
-
         return kvm_features_element(self.config)
 
     def libvirt_ignores(self) -> list[Ignore]:
         """Bits a libvirt domain cannot state at all (KVM paravirtual
         features with no libvirt name): their value is libvirt's and QEMU's
         default, so the comparison leaves them out and says so."""
-        from kvmcpuid_virt.adapters.libvirt import unexpressible
-
         reg = registry()
         out = []
         for u in unexpressible(self.config):
@@ -156,12 +150,8 @@ def _run(
 ) -> ProbeResult:
     """Raw KVM and QEMU, in this thread (libvirt: _LibvirtBeside)."""
     if backend == Backend.KVM:
-        from kvmcpuid_virt.probe.kvm import run_kvm
-
         return run_kvm(target.requested, queries, timeout)
     if backend == Backend.QEMU:
-        from kvmcpuid_virt.probe.qemu import run_qemu
-
         facts = target.facts.qemu
         result: ProbeResult = run_qemu(
             target.qemu_cpu(), queries, timeout=timeout, want_vmm_view=True,
@@ -186,8 +176,6 @@ def verify(
     the guest (QEMU refusing the flags, libvirt refusing the XML) yields a
     report with `error` set, never an exception: the other backends still
     run. Ctrl-C propagates (the backends clean up on the way out)."""
-    from kvmcpuid_virt.probe.image import default_queries
-
     queries = default_queries(target.requested)
     backends = list(backends)
     reports = []
@@ -227,8 +215,6 @@ class _LibvirtBeside:
     def __enter__(self) -> _LibvirtBeside:
         if not self._wanted:
             return self
-        from kvmcpuid_virt.probe.libvirt import LibvirtProbe
-
         target, queries, timeout, uri = self._args
         try:
             self._probe = LibvirtProbe(uri)

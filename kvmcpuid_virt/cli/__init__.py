@@ -13,44 +13,13 @@ libvirt or the feature registry.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-
-def _c_locale() -> bool:
-    """Whether gettext would translate nothing (the C locale): the variables
-    gettext itself reads, in its order."""
-    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
-        value = os.environ.get(var)
-        if value:
-            return all(lang in ("C", "POSIX", "C.UTF-8", "C.utf8") for lang in value.split(":"))
-    return True
-
-
-if _c_locale() and "argparse" not in sys.modules and "gettext" not in sys.modules:
-    # argparse imports gettext (~1 ms: it compiles a plural-forms parser) and
-    # then searches the filesystem for a catalog on every message (~30 us
-    # each): ~3 ms of `kvmcpuid dump`, for translations the C locale never
-    # has. Hand argparse identity functions for that one import; anything
-    # imported later gets the real gettext.
-    import types
-
-    _stand_in = types.ModuleType("gettext")
-    _stand_in.gettext = str  # type: ignore[attr-defined]
-    _stand_in.ngettext = lambda s, p, n: s if n == 1 else p  # type: ignore[attr-defined]
-    sys.modules["gettext"] = _stand_in
-    try:
-        import argparse
-    finally:
-        del sys.modules["gettext"]
-else:
-    import argparse
-
-# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
-# benchmarks/bench_dump.py); mypy treats this name as always true.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Any, Final
 

@@ -19,7 +19,7 @@ import sys
 from kvmcpuid_virt.fsutil import cache_dir, write_cache
 from kvmcpuid_virt.host import boot_id
 
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from hashlib import sha256
 else:

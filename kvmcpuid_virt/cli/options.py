@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-TYPE_CHECKING = False  # typing costs ms to import; mypy reads this as True
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 
 if TYPE_CHECKING:
     from kvmcpuid_virt.config.cpuconfig import CpuConfig

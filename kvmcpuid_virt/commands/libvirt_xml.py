@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Any
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# typing costs milliseconds to import; mypy treats this name as always true.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any

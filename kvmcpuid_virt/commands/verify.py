@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:  # annotations only: the command module imports nothing else at load
     from kvmcpuid_virt.analysis.backend import Backend
     from kvmcpuid_virt.analysis.compare import Word

@@ -6,6 +6,7 @@ import dataclasses
 import types
 from collections.abc import Mapping
 
+from kvmcpuid_virt.cpuid.fields import vendor
 from kvmcpuid_virt.cpuid.table import CpuidTable
 
 __all__ = ["CpuConfig", "vendor_of"]
@@ -13,8 +14,6 @@ __all__ = ["CpuConfig", "vendor_of"]
 
 def vendor_of(table: CpuidTable) -> str:
     """The vendor string of leaf 0 (EBX, EDX, ECX), '' without one."""
-    from kvmcpuid_virt.cpuid.fields import vendor
-
     return vendor(table) or ""
 
 

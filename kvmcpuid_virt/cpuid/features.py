@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
+from kvmcpuid_virt.cpuid.fields import in_range, leaf_limits
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import UnknownFeatureError
 
@@ -176,8 +177,6 @@ class Registry:
         A leaf beyond the table's max basic/extended/hypervisor leaf reads as
         absent: real CPUs answer such leaves with some other leaf's data, and
         a stale entry must not name features the CPU does not claim."""
-        from kvmcpuid_virt.cpuid.fields import in_range, leaf_limits
-
         limits = leaf_limits(table)
         return [f for f in self.features if in_range(f.leaf, limits) and f.present(table)]
 

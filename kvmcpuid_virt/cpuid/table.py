@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from enum import IntFlag
 
-# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
-# benchmarks/bench_dump.py); mypy treats this name as always true.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Final, Literal
 

@@ -16,9 +16,7 @@ from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import CpuidSizeError, KvmIoctlError
 from kvmcpuid_virt.kvm.abi import KVM_MAX_CPUID_ENTRIES, Ioctl, kvm_cpuid2
 
-# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
-# benchmarks/bench_dump.py); mypy treats this name as always true.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Final
@@ -35,7 +33,7 @@ MAX_TRIES: Final = 24
 
 
 def _debug(message: str, *args: object) -> None:
-    # logging costs ~10 ms to import; only the rare retry paths need it.
+    # fast path: logging only where it logs (docs/ARCHITECTURE.md, Start-up)
     import logging
 
     logging.getLogger(__name__).debug(message, *args)

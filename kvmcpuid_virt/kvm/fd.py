@@ -13,9 +13,7 @@ from types import TracebackType
 from kvmcpuid_virt.errors import KvmIoctlError
 from kvmcpuid_virt.kvm.abi import Ioctl
 
-# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
-# benchmarks/bench_dump.py); mypy treats this name as always true.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Any, Self
 

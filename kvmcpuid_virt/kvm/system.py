@@ -25,9 +25,7 @@ from kvmcpuid_virt.kvm.cpuid_buffer import (
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
 from kvmcpuid_virt.kvm.xstate import request_for_table, wants_dynamic_xfeatures
 
-# typing costs ~2.5 ms to import and `kvmcpuid dump` must start fast (see
-# benchmarks/bench_dump.py); mypy treats this name as always true.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Final, Literal
 

@@ -22,8 +22,7 @@ from collections.abc import Callable
 
 from kvmcpuid_virt.errors import KvmError
 
-# typing costs ~2.5 ms to import (see kvm/system.py); mypy treats this as true.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Final
 

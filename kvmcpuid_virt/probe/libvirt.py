@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from lxml import etree
 
@@ -85,8 +86,6 @@ _SYSTEM_LOG_DIR: Final = Path("/var/log/libvirt/qemu")
 def is_local(uri: str) -> bool:
     """Whether libvirtd at `uri` runs on this machine: the probe hands it an
     image and a serial file by local path, so a remote daemon cannot run it."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(uri)
     driver, _, transport = parts.scheme.partition("+")
     return (driver == "qemu" and transport in ("", "unix")
@@ -96,8 +95,6 @@ def is_local(uri: str) -> bool:
 def domain_log(uri: str, name: str) -> Path | None:
     """Where libvirtd at `uri` logs domain `name`, when that is a local file
     (the system or the session daemon, whatever the socket)."""
-    from urllib.parse import urlsplit
-
     if not is_local(uri):
         return None
     path = urlsplit(uri).path

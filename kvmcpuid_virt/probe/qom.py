@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
 
 __all__ = ["describe_filtered", "vmm_view_from_qom"]
@@ -40,8 +41,6 @@ def vmm_view_from_qom(feature_words: Sequence[dict[str, Any]]) -> CpuidTable:
 def describe_filtered(words: Sequence[dict[str, Any]]) -> list[str]:
     """One line per register in which QEMU filtered bits out (the host could
     not give them), the bits named as QEMU names them."""
-    from kvmcpuid_virt.cpuid.features import registry
-
     reg = registry()
     out = []
     for word in words:
