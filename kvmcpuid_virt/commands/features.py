@@ -9,12 +9,7 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
-from kvmcpuid_virt.cpuid import fields
-from kvmcpuid_virt.cpuid.features import registry
-from kvmcpuid_virt.fsutil import load_dump
-from kvmcpuid_virt.kvm import Kvm
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # heavy-ish imports stay out of `kvmcpuid --help`
     from kvmcpuid_virt.cpuid.features import Feature, Registry
     from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 
@@ -44,12 +39,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvmcpuid_virt.cpuid.features import registry
 
     if args.dump:
+        from kvmcpuid_virt.fsutil import load_dump
 
         table = load_dump(args.dump).table
         source = args.dump
     else:
+        from kvmcpuid_virt.kvm import Kvm
 
         with Kvm(args.device) as kvm:
             table = kvm.supported_cpuid()
@@ -132,6 +130,7 @@ def _hex(v: int | None) -> str:
 
 
 def _field_lines(table: CpuidTable) -> list[str]:
+    from kvmcpuid_virt.cpuid import fields
 
     out = [f"vendor        {fields.vendor(table) or '-'}"]
     brand = fields.brand_string(table)
@@ -178,6 +177,7 @@ def _field_lines(table: CpuidTable) -> list[str]:
 
 
 def render_json(table: CpuidTable, reg: Registry, names: str, source: str) -> str:
+    from kvmcpuid_virt.cpuid import fields
 
     feats: list[dict[str, Any]] = [
         {
