@@ -5,29 +5,15 @@
 Inputs: `kvmcpuid dump` files (any dump format; raw CPU dumps are read as what
 that CPU could give), libvirt connections (their host-model CPU), and this
 host's /dev/kvm with --this-host. Notes about non-flag fields go to stderr
-(or into the JSON dump's "notes" list).
+(or into the JSON dump's "notes" list). Stdlib-only imports at module level.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import TYPE_CHECKING
 
-from kvmcpuid_virt.adapters import libvirt as lv
-from kvmcpuid_virt.adapters.qemu import render
-from kvmcpuid_virt.analysis import baseline as bl
-from kvmcpuid_virt.cli.options import learn_facts, of_this_host, refuse_emulated
-from kvmcpuid_virt.config.build import Policy, build
-from kvmcpuid_virt.config.max_model import limit_to_model
-from kvmcpuid_virt.cpuid.formats import Dump, dumps
-from kvmcpuid_virt.errors import InputError
-from kvmcpuid_virt.fsutil import atomic_write, load_dump
-from kvmcpuid_virt.host import host_metadata
-from kvmcpuid_virt.kvm.system import Kvm
-from kvmcpuid_virt.libvirt_caps import connect_dump
-
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Any
 
@@ -68,6 +54,12 @@ def _note(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvmcpuid_virt.analysis import baseline as bl
+    from kvmcpuid_virt.cli.options import learn_facts, of_this_host, refuse_emulated
+    from kvmcpuid_virt.cpuid.formats import Dump, dumps
+    from kvmcpuid_virt.errors import InputError
+    from kvmcpuid_virt.fsutil import atomic_write, load_dump
+    from kvmcpuid_virt.libvirt_caps import connect_dump
 
     inputs: list[Dump] = [refuse_emulated(load_dump(p)) for p in args.dumps]
     notes: list[str] = []
@@ -82,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
             notes.append(f"{uri}: host-model features the registry does not know: "
                          f"{', '.join(host_model.unknown)}")  # fmt: skip
     if args.this_host:
+        from kvmcpuid_virt.host import host_metadata
+        from kvmcpuid_virt.kvm.system import Kvm
 
         with Kvm() as kvm:
             inputs.append(Dump(kvm.supported_cpuid(), "supported",
@@ -103,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             out = Dump(config.expected, "supported", out.host, "baseline")
         text = dumps(out, args.format)
         if args.format == "json":
+            import json
 
             # The dump reader ignores keys it does not know; "notes" rides along.
             text = text.replace("{\n", "{\n  \"notes\": " + json.dumps(notes) + ",\n", 1)
@@ -116,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     for n in notes:
         _note(n)
     if args.format == "qemu":
+        from kvmcpuid_virt.adapters.qemu import render
 
         text = render(config, "arg")
     else:
+        from kvmcpuid_virt.adapters import libvirt as lv
 
         text = lv.render(config, lv.base_model(config, facts))
         if not text.endswith("\n"):
@@ -130,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(result: Any, args: argparse.Namespace, among_hosts: bool, facts: Any) -> Any:
+    from kvmcpuid_virt.config.build import Policy, build
+    from kvmcpuid_virt.config.max_model import limit_to_model
 
     config = build(result.table, Policy(model=args.model), facts=facts, source="baseline",
                    this_host=among_hosts)

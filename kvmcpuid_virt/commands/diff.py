@@ -3,20 +3,15 @@ configurations. A configuration (a QEMU -cpu string, a libvirt <cpu> or a
 domain XML) counts as the CPUID a guest would get from it on this host, or
 on the host of `--from DUMP`.
 
-Exit status as diff(1): 0 identical CPUID, 1 they differ, 2 error."""
+Exit status as diff(1): 0 identical CPUID, 1 they differ, 2 error.
+Stdlib-only imports at module level."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from functools import cache
-from typing import TYPE_CHECKING
 
-from kvmcpuid_virt.analysis.diff import diff, render_json, render_table
-from kvmcpuid_virt.analysis.given import classify, load_operand
-from kvmcpuid_virt.cli.options import learn_facts, read_table
-from kvmcpuid_virt.fsutil import read_text
-
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Any
 
@@ -48,7 +43,12 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
 
 
 def run(args: argparse.Namespace) -> int:
+    from functools import cache
 
+    from kvmcpuid_virt.analysis.diff import diff, render_json, render_table
+    from kvmcpuid_virt.analysis.given import classify, load_operand
+    from kvmcpuid_virt.cli.options import learn_facts, read_table
+    from kvmcpuid_virt.fsutil import read_text
 
     @cache
     def supported() -> tuple[CpuidTable, str]:

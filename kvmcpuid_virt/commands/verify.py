@@ -4,26 +4,10 @@ check, bit by bit, that it sees the configured CPUID."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from typing import TYPE_CHECKING
 
-from lxml import etree
-
-from kvmcpuid_virt.adapters.libvirt import parse as parse_cpu
-from kvmcpuid_virt.adapters.qemu import parse
-from kvmcpuid_virt.analysis.backend import Backend
-from kvmcpuid_virt.analysis.given import libvirt_cpu, qemu_config, qemu_cpu_value
-from kvmcpuid_virt.cli.options import add_policy_options, config_from_args, read_table
-from kvmcpuid_virt.errors import InputError
-from kvmcpuid_virt.fsutil import read_text
-from kvmcpuid_virt.probe.hostcontrol import host_control
-from kvmcpuid_virt.probe.libvirt import is_local
-from kvmcpuid_virt.toolfacts.learn import learn
-from kvmcpuid_virt.verify import BACKENDS, target_for, verify
-
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
+if TYPE_CHECKING:  # annotations only: the command module imports nothing else at load
     from kvmcpuid_virt.analysis.backend import Backend
     from kvmcpuid_virt.analysis.compare import Word
     from kvmcpuid_virt.analysis.given import LibvirtCpu
@@ -41,6 +25,8 @@ ALL = "all"  # --backend: every backend the configuration's form can boot on
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from kvmcpuid_virt.analysis.backend import Backend
+    from kvmcpuid_virt.cli.options import add_policy_options
 
     p = sub.add_parser(
         "verify", help=HELP,
@@ -73,6 +59,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Check, boot, compare, report: 0 when every bit this host controls matches, else 1."""
+    from kvmcpuid_virt.cli.options import read_table
+    from kvmcpuid_virt.toolfacts.learn import learn
+    from kvmcpuid_virt.verify import verify
 
     chosen, uri = _checked_arguments(args)
     given = _given(args)  # bad flags or XML fail here, before /dev/kvm or QEMU is asked
@@ -92,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
     """The chosen backend (None: all) and the libvirt URI; InputError before any work."""
+    import os
 
+    from kvmcpuid_virt.analysis.backend import Backend
+    from kvmcpuid_virt.errors import InputError
 
     chosen = None if args.backend == ALL else Backend(args.backend)
     if args.timeout <= 0:
@@ -100,9 +92,12 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
     if args.qemu is not None and not (os.path.isfile(args.qemu) and os.access(args.qemu, os.X_OK)):
         raise InputError(f"--qemu {args.qemu}: not an executable file")
     uri = args.connect or os.environ.get("KVMCPUID_LIBVIRT_URI") or "qemu:///system"
-    if chosen in (Backend.LIBVIRT, None) and not is_local(uri):
-        raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
-                         "machine (qemu:///system or qemu:///session)")  # fmt: skip
+    if chosen in (Backend.LIBVIRT, None):
+        from kvmcpuid_virt.probe.libvirt import is_local
+
+        if not is_local(uri):
+            raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
+                             "machine (qemu:///system or qemu:///session)")  # fmt: skip
     return chosen, uri
 
 
@@ -110,6 +105,9 @@ def _given(args: argparse.Namespace) -> str | LibvirtCpu | None:
     """The configuration the user handed in, read and parsed: the -cpu value
     of --qemu-flags, the <cpu> of --libvirt-xml, or None (the policy's)."""
     if args.qemu_flags is not None:
+        from kvmcpuid_virt.adapters.qemu import parse
+        from kvmcpuid_virt.analysis.given import qemu_cpu_value
+        from kvmcpuid_virt.errors import InputError
 
         value = qemu_cpu_value(args.qemu_flags, "--qemu-flags")
         try:
@@ -118,6 +116,9 @@ def _given(args: argparse.Namespace) -> str | LibvirtCpu | None:
             raise InputError(f"--qemu-flags: {exc}") from None
         return value
     if args.libvirt_xml is not None:
+        from kvmcpuid_virt.adapters.libvirt import parse as parse_cpu
+        from kvmcpuid_virt.analysis.given import libvirt_cpu
+        from kvmcpuid_virt.fsutil import read_text
 
         given_cpu = libvirt_cpu(*read_text(args.libvirt_xml))
         parse_cpu(given_cpu.cpu, given_cpu.source)
@@ -134,6 +135,8 @@ def _target(
         return _qemu_flags_target(given, chosen, table, source, facts)
     if given is not None:
         return _libvirt_xml_target(given, chosen, table, source, facts)
+    from kvmcpuid_virt.cli.options import config_from_args
+    from kvmcpuid_virt.verify import BACKENDS, target_for
 
     config = config_from_args(args, facts, table, source, this_host)
     return target_for(config, facts), BACKENDS if chosen is None else (chosen,)
@@ -143,6 +146,9 @@ def _qemu_flags_target(
     value: str, chosen: Backend | None, table: CpuidTable, source: str, facts: ToolFacts,
 ) -> tuple[Target, tuple[Backend, ...]]:
     """--qemu-flags: that -cpu value, booted on QEMU unless --backend says else."""
+    from kvmcpuid_virt.analysis.backend import Backend
+    from kvmcpuid_virt.analysis.given import qemu_config
+    from kvmcpuid_virt.verify import target_for
 
     config = qemu_config(value, "--qemu-flags", table, source, facts)
     target = target_for(config, facts, qemu_cpu=value, label="--qemu-flags")
@@ -154,7 +160,10 @@ def _libvirt_xml_target(
     facts: ToolFacts,
 ) -> tuple[Target, tuple[Backend, ...]]:
     """--libvirt-xml: its <cpu> and <features>, booted on libvirt unless --backend says else."""
+    from lxml import etree
 
+    from kvmcpuid_virt.analysis.backend import Backend
+    from kvmcpuid_virt.verify import target_for
 
     config = given_cpu.config(table, source, facts)
     features_text = (None if given_cpu.features is None
@@ -171,6 +180,7 @@ def _host_control(
     """This host's uncontrolled bits, their reasons, its summary; none with --no-host-control."""
     if args.no_host_control:
         return None, None, []
+    from kvmcpuid_virt.probe.hostcontrol import host_control
 
     hc = host_control()
     return dict(hc.uncontrolled()), dict(hc.reasons), hc.summary()
@@ -179,6 +189,7 @@ def _host_control(
 def _write_json(ok: bool, config: CpuConfig, notes: list[str],
                 reports: list[BackendReport]) -> None:  # fmt: skip
     """--format json: one document on stdout."""
+    import json
 
     doc = {
         "ok": ok,
