@@ -38,6 +38,8 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "verify": ("verify", "boot a probe guest and check the CPUID it sees"),
     "baseline": ("baseline", "the configuration every given host can run"),
     "diff": ("diff", "named per-bit differences between two dumps or configurations"),
+    "compat": ("compat", "can a guest with this CPU run on this host (or a dump's)?"),
+    "hook": ("hook", "install, remove or check the libvirt hook that runs compat at start"),
 }
 
 
