@@ -22,7 +22,15 @@ if TYPE_CHECKING:
 
     from kvmcpuid_virt.cpuid.formats import Dump
 
-__all__ = ["atomic_write", "cache_dir", "load_dump", "parse_xml_file", "read_text", "write_cache"]
+__all__ = [
+    "MAX_INPUT_BYTES",
+    "atomic_write",
+    "cache_dir",
+    "load_dump",
+    "parse_xml_file",
+    "read_text",
+    "write_cache",
+]
 
 
 def atomic_write(path: str, data: str | bytes, mode: int = 0o644) -> None:
@@ -130,27 +138,48 @@ def write_cache(path: str, text: str, *, warn: bool = False) -> bool:
     return True
 
 
-def read_text(path: str) -> tuple[str, str]:
-    """(text, source name) of a UTF-8 text file, or of standard input for
-    `-` (named `<stdin>`). Errors are one-line InputErrors naming the source:
-    `SOURCE: cannot read: STRERROR`, `SOURCE: not UTF-8 text (...)`."""
-    source = "<stdin>" if path == "-" else path
+# What read_text takes at most. The biggest real input is a dump of
+# MAX_ENTRIES (4096) entries, ~0.6 MB as JSON; a domain XML is a few KiB.
+# Without a cap, `--from /dev/zero` or a runaway pipe would eat memory.
+MAX_INPUT_BYTES = 16 * 1024 * 1024
+
+
+def _read_capped(path: str, source: str, *, stdin: bool = False) -> bytes:
+    """At most MAX_INPUT_BYTES of `path` (or of standard input), else InputError."""
     try:
-        if path == "-":
+        if stdin:
             # Bytes, not sys.stdin's text layer: its encoding follows the
             # locale, and a non-UTF-8 stdin must get the same error as a file.
-            raw = sys.stdin.buffer.read()
+            raw = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
         else:
             with open(path, "rb") as f:
-                raw = f.read()
+                raw = f.read(MAX_INPUT_BYTES + 1)
     except OSError as exc:
         raise InputError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InputError(
+            f"{source}: larger than {MAX_INPUT_BYTES >> 20} MiB; refusing (dumps and XML "
+            "inputs are far smaller)"
+        )  # fmt: skip
+    return raw
+
+
+def read_text(path: str) -> tuple[str, str]:
+    """(text, source name) of a UTF-8 text file, or of standard input for
+    `-` (named `<stdin>`), of at most MAX_INPUT_BYTES, as it is (a byte
+    order mark too: `--patch` keeps every byte outside <cpu>). Errors are
+    one-line InputErrors naming the source: `SOURCE: cannot read: STRERROR`,
+    `SOURCE: larger than 16 MiB...`, `SOURCE: not UTF-8 text (byte B at offset N)`."""
+    source = "<stdin>" if path == "-" else path
+    raw = _read_capped(path, source, stdin=path == "-")
     try:
-        return raw.decode("utf-8"), source
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
+        # The byte offset locates it (tests/test_fsutil.py pins this message).
         raise InputError(
             f"{source}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})"
         ) from None
+    return text, source
 
 
 def load_dump(path: str) -> Dump:
@@ -176,8 +205,7 @@ def parse_xml_file(path: str | Path) -> etree._Element:
     from kvmcpuid_virt.xmlutil import parse_xml
 
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise DumpFormatError(str(path), None, f"cannot read: {exc.strerror}") from None
+        data = _read_capped(str(path), str(path))
+    except InputError as exc:
+        raise DumpFormatError(str(path), None, str(exc).removeprefix(f"{path}: ")) from None
     return parse_xml(data, str(path))

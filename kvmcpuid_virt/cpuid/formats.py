@@ -4,8 +4,17 @@
 - ``cpudata``: libvirt's ``<cpudata arch='x86'><cpuid eax_in=.../></cpudata>``;
 - ``cpuid``: the text ``cpuid -1r`` prints.
 
-Dumps come from other hosts, so every reader validates ranges and reports the
-file and line of the first problem as a DumpFormatError.
+Dumps come from other hosts, so every reader refuses what is malformed or
+ambiguous and reports the file and the line (JSON: the entry and its line) of
+the first problem as a DumpFormatError: syntax, values out of range (32-bit
+registers, leaf and subleaf; flags), wrong JSON types, repeated JSON keys,
+unknown keys, attributes or elements, more than MAX_ENTRIES entries, and a
+table that is not one CPUID table (table.first_problem: no leaf 0, a
+(leaf, subleaf) listed twice, entries beyond their max leaf, ...).
+
+Flag-less formats (<cpudata>, `cpuid -1r`) get SIGNIFICANT_INDEX back for
+the leaves INDEXED_LEAVES names and for any leaf the file lists at a subleaf
+other than 0 (the tool that wrote it read that subleaf on purpose).
 """
 
 from __future__ import annotations
@@ -19,11 +28,13 @@ from kvmcpuid_virt.cpuid.table import (
     CpuidEntry,
     CpuidTable,
     EntryFlag,
+    first_problem,
 )
 from kvmcpuid_virt.errors import DumpFormatError
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from typing import Any, Final, Literal
 
 __all__ = [
@@ -42,7 +53,7 @@ if TYPE_CHECKING:
     Format = Literal["json", "cpudata", "cpuid"]
     DumpKind = Literal["supported", "emulated", "cpu", "guest", "config"]
 FORMATS: Final[tuple[Format, ...]] = ("json", "cpudata", "cpuid")
-_KINDS: Final = ("supported", "emulated", "cpu", "guest", "config")
+_KINDS: Final[tuple[DumpKind, ...]] = ("supported", "emulated", "cpu", "guest", "config")
 JSON_FORMAT_NAME: Final = "kvmcpuid-dump"
 JSON_FORMAT_VERSION: Final = 1
 _U32: Final = 0xFFFF_FFFF
@@ -87,13 +98,33 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _flags_for(function: int) -> EntryFlag:
-    return EntryFlag.SIGNIFICANT_INDEX if function in INDEXED_LEAVES else EntryFlag.NONE
+def _flag_less(rows: Iterable[tuple[int, int, int, int, int, int]]) -> list[CpuidEntry]:
+    """Entries of a format without flags: SIGNIFICANT_INDEX for the leaves
+    INDEXED_LEAVES names and for every leaf listed at a subleaf other than 0."""
+    rows = list(rows)
+    indexed = INDEXED_LEAVES | {r[0] for r in rows if r[1]}
+    sig, none = EntryFlag.SIGNIFICANT_INDEX, EntryFlag.NONE
+    return [CpuidEntry(f, i, sig if f in indexed else none, a, b, c, d)
+            for f, i, a, b, c, d in rows]  # fmt: skip
+
+
+def _check(entries: list[CpuidEntry], source: str, line: Callable[[int], int | None],
+           name: Callable[[int], str], need_vendor: bool = True) -> None:  # fmt: skip
+    """DumpFormatError at the entry of the table's first problem (first_problem)."""
+    problem = first_problem(entries, name, need_vendor=need_vendor)
+    if problem is not None:
+        at, reason = problem
+        raise DumpFormatError(source, None if at is None else line(at), reason)
+
+
+def _by_line(lines: list[int] | list[int | None]) -> Callable[[int], str]:
+    """Names entry i by its line, for table.first_problem's messages."""
+    return lambda i: f"line {lines[i]}"
 
 
 def sniff(text: str) -> Format:
     head = text.lstrip()[:1]
-    if head == "{":
+    if head in ("{", "["):
         return "json"
     if head == "<":
         return "cpudata"
@@ -101,6 +132,9 @@ def sniff(text: str) -> Format:
 
 
 def loads(text: str, source: str = "<string>") -> Dump:
+    """The dump in `text`, any format (sniffed); DumpFormatError naming
+    `source` and the line otherwise. A leading byte order mark is ignored."""
+    text = text.removeprefix("\ufeff")
     fmt = sniff(text)
     if fmt == "json":
         return _load_json(text, source)
@@ -150,14 +184,50 @@ def _dump_json(dump: Dump) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _repeated_key(pairs: list[tuple[str, object]]) -> str:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return ""
+
+
+def _entry_lines(text: str) -> list[int]:
+    """The line of each element of the top-level "entries" array of a valid
+    JSON text, by a token scan (json keeps no positions; only errors need it)."""
+    import re
+
+    token = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]|[^\s\[\]{}:,"]+', re.S)
+    lines: list[int] = []
+    depth, key, in_entries, expect = 0, "", False, False
+    line, last = 1, 0
+    for m in token.finditer(text):
+        tok = m.group()
+        if expect and tok != "]":
+            line += text.count("\n", last, m.start())
+            last = m.start()
+            lines.append(line)
+        expect = False
+        if tok == "{" or tok == "[":
+            depth += 1
+            if tok == "[" and depth == 2 and key == "entries":
+                in_entries = expect = True
+        elif tok == "}" or tok == "]":
+            depth -= 1
+            if depth == 1:
+                in_entries = False
+        elif tok == "," and in_entries and depth == 2:
+            expect = True
+        elif tok[0] == '"' and depth == 1:
+            key = json.loads(tok)
+    return lines
+
+
 def _entry_line(text: str, n: int) -> int | None:
-    """The line of the n-th entry object, found by its "function" key."""
-    pos = text.find('"entries"')
-    for _ in range(n + 1):
-        pos = text.find('"function"', pos + 1)
-        if pos < 0:
-            return None
-    return text.count("\n", 0, pos) + 1
+    """The line of the n-th entry object (None if the scan cannot tell)."""
+    lines = _entry_lines(text)
+    return lines[n] if 0 <= n < len(lines) else None
 
 
 def _show(value: object) -> str:
@@ -191,15 +261,45 @@ def _hex32(value: Any, what: str) -> int:
     raise ValueError(f"{what}: expected a hex string like '0x1f', got {_show(value)}")
 
 
-def _load_json(text: str, source: str) -> Dump:
+_TOP_KEYS: Final = frozenset({"format", "version", "kind", "host", "entries"})
+_ENTRY_KEYS: Final = frozenset({"function", "index", "flags", *REGISTERS})
+
+
+class _Repeats(dict[int, tuple[object, str]]):
+    """id(object) -> (the object, a key it has twice). Holding the object
+    keeps its id from being reused by another one."""
+
+    def key(self, obj: object) -> str | None:
+        found = self.get(id(obj))
+        return None if found is None else found[1]
+
+
+def _parse_json(text: str, source: str) -> tuple[Any, _Repeats]:
+    """The document, and its objects that have a key twice (json keeps the
+    last one silently)."""
+    repeats = _Repeats()
+
+    def pairs_hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            repeats[id(obj)] = (obj, _repeated_key(pairs))
+        return obj
+
     try:
-        doc = json.loads(text)
+        return json.loads(text, object_pairs_hook=pairs_hook), repeats
     except json.JSONDecodeError as exc:
         raise DumpFormatError(source, exc.lineno, f"not valid JSON: {exc.msg}") from None
     except RecursionError:
         # json's decoder recurses per '[' or '{'; 100000 of them used to
         # crash the CLI with a traceback.
         raise DumpFormatError(source, None, "JSON nested too deeply") from None
+    except ValueError:
+        # int() refuses more than sys.get_int_max_str_digits() digits.
+        raise DumpFormatError(source, None, "not valid JSON: a number too long to read") from None
+
+
+def _load_json(text: str, source: str) -> Dump:
+    doc, repeats = _parse_json(text, source)
     if not isinstance(doc, dict):
         raise DumpFormatError(source, 1, "expected a JSON object")
     if "return" in doc and "entries" not in doc:
@@ -208,48 +308,82 @@ def _load_json(text: str, source: str) -> Dump:
         )
     if doc.get("format") != JSON_FORMAT_NAME:
         raise DumpFormatError(source, 1, f"not a {JSON_FORMAT_NAME} file (no 'format' key)")
+    if repeats.key(doc) is not None:
+        raise DumpFormatError(source, None, f"key {_show(repeats.key(doc))} given twice")
     version = doc.get("version")
-    if version != JSON_FORMAT_VERSION:
+    if type(version) is not int or version != JSON_FORMAT_VERSION:  # True == 1 in Python
         raise DumpFormatError(
-            source, None, f"dump version {version!r}; this tool reads version {JSON_FORMAT_VERSION}"
-        )
-    kind = doc.get("kind", "supported")
-    if kind not in _KINDS:
-        raise DumpFormatError(source, None, f"unknown kind {kind!r}")
+            source, None, f"dump version {_show(version)}; this tool reads version "
+            f"{JSON_FORMAT_VERSION}"
+        )  # fmt: skip
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise DumpFormatError(source, None, f"unknown keys {_show(sorted(unknown))}")
+    given_kind = doc.get("kind", "supported")
+    kind = next((k for k in _KINDS if k == given_kind and type(given_kind) is str), None)
+    if kind is None:
+        raise DumpFormatError(source, None, f"unknown kind {_show(given_kind)}")
     host = doc.get("host", {})
-    if not isinstance(host, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in host.items()
-    ):
-        raise DumpFormatError(source, None, "'host' must map strings to strings")
+    if repeats.key(host) is not None:
+        raise DumpFormatError(source, None, f"host key {_show(repeats.key(host))} given twice")
+    host = _host(host, source)
     raw_entries = doc.get("entries")
     if not isinstance(raw_entries, list):
         raise DumpFormatError(source, None, "'entries' must be a list")
     if len(raw_entries) > MAX_ENTRIES:
         raise DumpFormatError(source, None, f"{len(raw_entries)} entries (limit {MAX_ENTRIES})")
     entries = []
+    hex32 = _hex32
     for n, raw in enumerate(raw_entries):
+        # Inline, not a function per entry: see _hex32 on speed.
         try:
             if not isinstance(raw, dict):
                 raise ValueError("entry is not an object")
-            unknown = set(raw) - {"function", "index", "flags", *REGISTERS}
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}")
+            if repeats and repeats.key(raw) is not None:
+                raise ValueError(f"key {_show(repeats.key(raw))} given twice")
+            if not raw.keys() <= _ENTRY_KEYS:
+                raise ValueError(f"unknown keys {_show(sorted(raw.keys() - _ENTRY_KEYS))}")
             if "function" not in raw:
                 raise ValueError("entry has no 'function'")
-            flags = _hex32(raw.get("flags", "0"), "flags")
+            flags = hex32(raw.get("flags", "0"), "flags")
             if flags & ~7:
                 raise ValueError(f"flags {flags:#x} has unknown bits")
             entries.append(
                 CpuidEntry(
-                    function=_hex32(raw["function"], "function"),
-                    index=_hex32(raw.get("index", "0"), "index"),
-                    flags=EntryFlag(flags),
-                    **{r: _hex32(raw.get(r, "0"), r) for r in REGISTERS},
+                    hex32(raw["function"], "function"), hex32(raw.get("index", "0"), "index"),
+                    flags, hex32(raw.get("eax", "0"), "eax"), hex32(raw.get("ebx", "0"), "ebx"),
+                    hex32(raw.get("ecx", "0"), "ecx"), hex32(raw.get("edx", "0"), "edx"),
                 )
-            )
+            )  # fmt: skip
         except ValueError as exc:
             raise DumpFormatError(source, _entry_line(text, n), f"entry {n}: {exc}") from None
+
+    def name(n: int) -> str:
+        line = _entry_line(text, n)
+        return f"entry {n}" if line is None else f"entry {n} at line {line}"
+
+    problem = first_problem(entries, name, need_vendor=kind != "emulated")
+    if problem is not None:
+        at, reason = problem
+        if at is None:
+            raise DumpFormatError(source, None, reason)
+        raise DumpFormatError(source, _entry_line(text, at), f"entry {at}: {reason}")
     return Dump(CpuidTable(entries), kind, host, source)
+
+
+def _host(host: Any, source: str) -> dict[str, str]:
+    """The 'host' metadata: printable strings only (they reach terminals and
+    one-line messages; a lone surrogate could not even be printed)."""
+    if not isinstance(host, dict) or not all(
+        type(k) is str and type(v) is str for k, v in host.items()
+    ):
+        raise DumpFormatError(source, None, "'host' must map strings to strings")
+    for k, v in host.items():
+        if not (k.isprintable() and v.isprintable()):
+            raise DumpFormatError(
+                source, None, f"host {_show(k)}: {_show(v)} has a control or unprintable character"
+            )
+    return dict(host)
 
 
 # --- libvirt <cpudata> --------------------------------------------------------
@@ -260,33 +394,63 @@ def _line(el: Any) -> int | None:
     return line if isinstance(line, int) else None
 
 
+_CPUID_ATTRS: Final = frozenset({"eax_in", "ecx_in", *REGISTERS})
+
+
 def _load_cpudata(text: str, source: str) -> Dump:
     from kvmcpuid_virt.xmlutil import parse_xml
 
     root = parse_xml(text, source)
     if root.tag != "cpudata":
-        raise DumpFormatError(source, _line(root), f"expected <cpudata>, found <{root.tag}>")
+        raise DumpFormatError(source, _line(root), f"expected <cpudata>, found <{_show_tag(root)}>")
     arch = root.get("arch")
     if arch not in (None, "x86"):
-        raise DumpFormatError(source, _line(root), f"arch {arch!r} is not x86")
-    entries = []
+        raise DumpFormatError(source, _line(root), f"arch {_show(arch)} is not x86")
+    _only_attrs(root, {"arch"}, source)
+    _no_text(root.text, root, source, "in <cpudata>")
+    rows = []
+    lines: list[int | None] = []
     for el in root:
+        _no_text(el.tail, el, source, "between the elements of <cpudata>")
         if not isinstance(el.tag, str):
             continue  # comments and processing instructions
         if el.tag == "msr":
             continue  # MSR values are not CPUID; libvirt keeps them beside it
         if el.tag != "cpuid":
-            raise DumpFormatError(source, _line(el), f"unexpected element <{el.tag}>")
+            raise DumpFormatError(source, _line(el), f"unexpected element <{_show_tag(el)}>")
+        _only_attrs(el, _CPUID_ATTRS, source)
+        if len(el) or (el.text or "").strip():
+            raise DumpFormatError(source, _line(el), "<cpuid> has content; it takes attributes")
         try:
             function = _hex32(_required(el, "eax_in"), "eax_in")
             index = _hex32(el.get("ecx_in", "0"), "ecx_in")
-            regs = {r: _hex32(el.get(r, "0"), r) for r in REGISTERS}
+            eax, ebx, ecx, edx = (_hex32(el.get(r, "0"), r) for r in REGISTERS)
         except ValueError as exc:
             raise DumpFormatError(source, _line(el), str(exc)) from None
-        entries.append(CpuidEntry(function, index, _flags_for(function), **regs))
-        if len(entries) > MAX_ENTRIES:
+        rows.append((function, index, eax, ebx, ecx, edx))
+        lines.append(_line(el))
+        if len(rows) > MAX_ENTRIES:
             raise DumpFormatError(source, _line(el), f"more than {MAX_ENTRIES} entries")
+    entries = _flag_less(rows)
+    _check(entries, source, lines.__getitem__, _by_line(lines))
     return Dump(CpuidTable(entries), "cpu", {}, source)
+
+
+def _show_tag(el: Any) -> str:
+    return _show(str(el.tag))[1:-1]
+
+
+def _only_attrs(el: Any, allowed: frozenset[str] | set[str], source: str) -> None:
+    unknown = sorted(str(k) for k in el.attrib if k not in allowed)
+    if unknown:
+        raise DumpFormatError(
+            source, _line(el), f"<{el.tag}> has unknown attribute {_show(unknown[0])}"
+        )
+
+
+def _no_text(text: str | None, el: Any, source: str, where: str) -> None:
+    if text is not None and text.strip():
+        raise DumpFormatError(source, _line(el), f"unexpected text {where}: {_show(text.strip())}")
 
 
 def _required(el: Any, name: str) -> str:
@@ -311,41 +475,67 @@ def _dump_cpudata(dump: Dump) -> str:
 # --- `cpuid -1r` text -----------------------------------------------------------
 
 _CPUID_LINE: Final = (
-    r"^\s*(0x[0-9a-fA-F]{1,8})\s+(0x[0-9a-fA-F]{1,8}):"
+    r"\s*(0x[0-9a-fA-F]{1,8})\s+(0x[0-9a-fA-F]{1,8}):"
     r"\s+eax=(0x[0-9a-fA-F]{1,8})\s+ebx=(0x[0-9a-fA-F]{1,8})"
-    r"\s+ecx=(0x[0-9a-fA-F]{1,8})\s+edx=(0x[0-9a-fA-F]{1,8})\s*$"
+    r"\s+ecx=(0x[0-9a-fA-F]{1,8})\s+edx=(0x[0-9a-fA-F]{1,8})\s*"
 )
-_CPU_HEADER: Final = r"^CPU(\s+\d+)?:\s*$"
+_CPU_HEADER: Final = r"CPU(?:\s+(\d{1,6}))?:\s*"
 
 
 def _load_cpuid_text(text: str, source: str) -> Dump:
-    """Reads the first CPU's block; `cpuid -r` without -1 prints one per CPU."""
+    """`cpuid -1r` prints one block headed `CPU:`; `cpuid -r` one per CPU,
+    headed `CPU 0:`, `CPU 1:`...: the first block is the table (CPUs differ
+    only in per-CPU fields), every block is checked. Lines are counted at
+    '\n' only, as editors do (str.splitlines also splits at \x1c, \u2028...)."""
     import re
 
-    cpuid_line, cpu_header = re.compile(_CPUID_LINE), re.compile(_CPU_HEADER)
-    entries = []
-    seen_header = False
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # ASCII: \s must not take U+00A0 or U+3000 for a separator.
+    cpuid_line = re.compile(_CPUID_LINE, re.ASCII)
+    cpu_header = re.compile(_CPU_HEADER, re.ASCII)
+    blocks: list[tuple[list[tuple[int, int, int, int, int, int]], list[int]]] = []
+    headers: dict[str, int] = {}
+    rows: list[tuple[int, int, int, int, int, int]] = []
+    lines: list[int] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        if cpu_header.match(line.strip()):
-            if seen_header:
-                break
-            seen_header = True
+        header = cpu_header.fullmatch(line.strip())
+        if header:
+            label = header.group(1) or ""
+            if label in headers:
+                raise DumpFormatError(
+                    source, lineno, f"a second {line.strip()!r} block (the first at line "
+                    f"{headers[label]}): several runs of cpuid in one file?"
+                )  # fmt: skip
+            if rows and not headers:
+                raise DumpFormatError(source, lineno, "a 'CPU' header after lines without one")
+            if headers and (label == "") != ("" in headers):
+                raise DumpFormatError(source, lineno, "'CPU:' and 'CPU N:' headers mixed")
+            headers[label] = lineno
+            rows, lines = [], []
+            blocks.append((rows, lines))
             continue
-        m = cpuid_line.match(line)
+        m = cpuid_line.fullmatch(line)
         if not m:
             raise DumpFormatError(
                 source, lineno, "expected '0xLEAF 0xSUB: eax=0x... ebx=0x... ecx=0x... edx=0x...'"
             )
-        values = [int(g, 16) for g in m.groups()]
-        function, index = values[0], values[1]
-        entries.append(CpuidEntry(function, index, _flags_for(function), *values[2:]))
-        if len(entries) > MAX_ENTRIES:
+        if not blocks:
+            blocks.append((rows, lines))
+        function, index, eax, ebx, ecx, edx = (int(g, 16) for g in m.groups())
+        rows.append((function, index, eax, ebx, ecx, edx))
+        lines.append(lineno)
+        if len(rows) > MAX_ENTRIES:
             raise DumpFormatError(source, lineno, f"more than {MAX_ENTRIES} entries")
-    if not entries:
+    if not any(block_rows for block_rows, _ in blocks):
         raise DumpFormatError(source, None, "no CPUID lines found")
-    return Dump(CpuidTable(entries), "cpu", {}, source)
+    tables = []
+    for block_rows, block_lines in blocks:
+        entries = _flag_less(block_rows)
+        _check(entries, source, block_lines.__getitem__, _by_line(block_lines))
+        tables.append(entries)
+    return Dump(CpuidTable(tables[0]), "cpu", {}, source)
 
 
 def _dump_cpuid_text(dump: Dump) -> str:

@@ -8,6 +8,7 @@ from enum import IntFlag
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
     from typing import Final, Literal
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "CpuidTable",
     "EntryFlag",
     "Register",
+    "first_problem",
 ]
 
 if TYPE_CHECKING:
@@ -244,3 +246,81 @@ class CpuidTable:
                     entry = entry.replace(**changes)
             out.append(entry)
         return CpuidTable(out)
+
+
+# The dense ranges whose max leaf (EAX of their first leaf) bounds what a guest
+# can read. Intel SDM vol. 2A CPUID: basic leaves 0..leaf 0 EAX; extended
+# 0x80000000..0x80000000 EAX, which announces extended leaves only when it reads
+# 0x8000xxxx (Linux, arch/x86/kernel/cpu/common.c, checks it the same way).
+# Not bounded here: 0x20000000 (Xeon Phi), 0x40000000 (hypervisors: `cpuid`
+# probes 0x40000100 beside KVM's 0x40000001), 0x80860000 (Transmeta) and
+# 0xC0000000 (Centaur): real dumps carry those whatever leaf 0 says.
+BASIC_END: Final = 0x1000_0000
+EXTENDED_BASE: Final = 0x8000_0000
+EXTENDED_END: Final = 0x8001_0000
+
+
+def first_problem(
+    entries: Sequence[CpuidEntry], where: Callable[[int], str], *, need_vendor: bool = True
+) -> tuple[int | None, str] | None:
+    """The first reason `entries` are not one unambiguous CPUID table, as
+    (position of the entry it is about, or None; reason), or None when they
+    are one. `where(i)` names entry i in the reason ("line 7", "entry 3").
+
+    A table is: leaf 0 present (its EAX is the max basic leaf, EBX/EDX/ECX the
+    vendor; `need_vendor=False` for KVM_GET_EMULATED_CPUID, whose leaf 0 has no
+    vendor); each (leaf, subleaf) at most once, even with identical values (a
+    repeat means a file was concatenated or edited; `cpuid -1r` and KVM list
+    each once), except a STATEFUL_FUNC run (old leaf 2, read in order); all
+    entries of a leaf agree on SIGNIFICANT_INDEX (KVM answers with the first
+    entry that matches, ours by subleaf first: a mixed leaf reads differently);
+    an entry without SIGNIFICANT_INDEX at subleaf 0 (it answers every
+    subleaf); STATE_READ_NEXT only with STATEFUL_FUNC; no entry beyond its
+    range's max leaf (no guest can read it: see BASIC_END)."""
+    if not entries:
+        return None, "no entries: a CPUID table needs at least leaf 0 (vendor and max basic leaf)"
+    # Plain ints in the loop: IntFlag operators cost ~1 us each, and a
+    # 1000-host baseline reads 80000 entries (benchmarks/bench_baseline.py).
+    first: dict[tuple[int, int], int] = {}
+    shapes: dict[int, int] = {}  # leaf -> its SIGNIFICANT_INDEX | STATEFUL_FUNC bits
+    for i, e in enumerate(entries):
+        flags, function, index = int(e.flags), e.function, e.index
+        if flags & 4 and not flags & 2:
+            return i, f"leaf {function:#x}: STATE_READ_NEXT without STATEFUL_FUNC"
+        if index and not flags & 1:
+            return i, (f"leaf {function:#x} subleaf {index:#x} without SIGNIFICANT_INDEX "
+                       "(flags 0x1): it would answer every subleaf")  # fmt: skip
+        shape = shapes.setdefault(function, flags & 3)
+        if shape != flags & 3:
+            j = next(k for k, o in enumerate(entries) if o.function == function)
+            return i, (f"leaf {function:#x}: flags {flags:#x} here, {int(entries[j].flags):#x} "
+                       f"at {where(j)}: a leaf is indexed by subleaf or not")  # fmt: skip
+        j = first.setdefault((function, index), i)
+        if j != i and not flags & 2:
+            same = "the same values as" if e.regs() == entries[j].regs() else "other values than"
+            return i, (f"leaf {function:#x} subleaf {index:#x} listed again, with {same} at "
+                       f"{where(j)}: which one is meant?")  # fmt: skip
+    at0 = first.get((0, 0))
+    if at0 is None:
+        return None, "no leaf 0 (vendor and max basic leaf): not a CPUID table"
+    leaf0 = entries[at0]
+    if need_vendor and not (leaf0.ebx or leaf0.ecx or leaf0.edx):
+        return at0, "leaf 0 has no vendor string (EBX, EDX and ECX are 0)"
+    top = leaf0.eax
+    at_ext = first.get((EXTENDED_BASE, 0))
+    ext = -1 if at_ext is None else entries[at_ext].eax
+    ext_top = ext if ext & 0xFFFF_0000 == EXTENDED_BASE else EXTENDED_BASE
+    for i, e in enumerate(entries):
+        f = e.function
+        if top < f < BASIC_END:
+            return i, (f"leaf {f:#x} is beyond the max basic leaf {top:#x} "
+                       f"(leaf 0 EAX, {where(at0)}): no guest reads it")  # fmt: skip
+        if ext_top < f < EXTENDED_END:
+            if at_ext is None:
+                return i, f"leaf {f:#x} without leaf 0x80000000 (the max extended leaf)"
+            if ext_top != ext:
+                return i, (f"leaf {f:#x} listed, but leaf 0x80000000 EAX {ext:#x} "
+                           f"({where(at_ext)}) announces no extended leaves")  # fmt: skip
+            return i, (f"leaf {f:#x} is beyond the max extended leaf {ext:#x} (leaf "
+                       f"0x80000000 EAX, {where(at_ext)}): no guest reads it")  # fmt: skip
+    return None
