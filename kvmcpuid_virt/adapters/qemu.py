@@ -10,6 +10,7 @@ changes precedence), features on first then off, each sorted, and always
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Final, Literal
 
@@ -27,6 +28,7 @@ FORMATS: Final[tuple[Format, ...]] = ("arg", "argv", "json")
 # case included (`avx=OFF` makes QEMU exit).
 _ON: Final = frozenset({"on", "yes", "true", "y"})
 _OFF: Final = frozenset({"off", "no", "false", "n"})
+_ASCII_BLANKS: Final = re.compile(r"[ \t\n\r\f\v]+")
 # -cpu options that are not CPUID features; parse accepts and ignores these
 # (enforce/check only change how QEMU reports a mismatch).
 _IGNORED_FLAGS: Final = frozenset({"enforce", "check"})
@@ -105,6 +107,26 @@ def _qemu_feature(reg: Registry, name: str) -> Feature:
     return feature
 
 
+# Longer than any QEMU property or model name (the longest are ~30): a name
+# past this is refused before any lookup, and shown cut in the message.
+_MAX_NAME: Final = 64
+
+
+def _show(text: str) -> str:
+    """repr() of user text for a one-line message, cut to ~40 characters."""
+    shown = repr(text)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def _option_name(name: str, opt: str) -> str:
+    """The property name of a -cpu option, refused when empty or too long."""
+    if not name:
+        raise InputError(f"-cpu option {_show(opt)}: no feature name")
+    if len(name) > _MAX_NAME:
+        raise InputError(f"-cpu option {_show(opt)}: longer than {_MAX_NAME} characters")
+    return name
+
+
 def _cpu_value(words: list[str]) -> str:
     """The -cpu value of an argv, or the value itself."""
     # QEMU takes `--cpu` as `-cpu`, and the last -cpu of a command line wins.
@@ -131,15 +153,22 @@ def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, .
       names are taken as written;
     - names must be QEMU's property names exactly (canonical or QEMU alias,
       exact case): anything else is UnknownFeatureError, as QEMU refuses it;
-    - VALUE is on/yes/true/y or off/no/false/n, exactly.
+    - VALUE is on/yes/true/y or off/no/false/n, exactly (`f=` is refused,
+      as QEMU refuses it);
+    - an empty name (`,=on`, `,+`) or one longer than any QEMU name is
+      InputError; empty options (`,,`) are skipped, as QEMU's strtok() does.
 
     `enforce` and `check` are accepted and ignored; any other non-feature
-    property is InputError."""
-    words = text.split() if isinstance(text, str) else list(text)
+    property is InputError. Every message names the option."""
+    # Split as a shell does, at ASCII blanks only: str.split() would also cut
+    # at U+00A0 or U+2028, which QEMU would get inside a word.
+    words = [w for w in _ASCII_BLANKS.split(text) if w] if isinstance(text, str) else list(text)
     value = _cpu_value(words)
     model, *opts = value.split(",")
     if not model:
-        raise InputError(f"-cpu {value!r}: no model name")
+        raise InputError(f"-cpu {_show(value)}: no model name")
+    if len(model) > _MAX_NAME:
+        raise InputError(f"-cpu model {_show(model)}: longer than {_MAX_NAME} characters")
     safe_model(model)
     reg = registry()
     props: dict[str, bool] = {}
@@ -149,20 +178,24 @@ def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, .
         if not opt:
             continue  # QEMU's strtok() skips empty options
         if opt[0] in "+-":
-            name = opt[1:]
+            name = _option_name(opt[1:], opt)
             if name not in _IGNORED_FLAGS:
                 (plus if opt[0] == "+" else minus).append(_qemu_feature(reg, name).name)
             continue
         name, eq, val = opt.partition("=")
-        name = name.replace("_", "-")  # QEMU's feat2prop()
+        name = _option_name(name, opt).replace("_", "-")  # QEMU's feat2prop()
         if name in _IGNORED_FLAGS:
             continue
         if not eq or val in _ON:  # a bare name is name=on
             on = True
         elif val in _OFF:
             on = False
+        elif reg.by_qemu(name) is not None:
+            # What QEMU says: "Parameter 'NAME' expects 'on' or 'off'".
+            raise InputError(f"-cpu option {_show(opt)}: {name} takes on or off "
+                             "(or yes/no, true/false, y/n)")  # fmt: skip
         else:
-            raise InputError(f"-cpu option {opt!r}: not a CPUID feature switch")
+            raise InputError(f"-cpu option {_show(opt)}: not a CPUID feature switch")
         canonical = _qemu_feature(reg, name).name
         props.pop(canonical, None)  # the last setting wins; keep it in its place
         props[canonical] = on
