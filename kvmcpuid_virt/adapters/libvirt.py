@@ -33,7 +33,7 @@ from kvmcpuid_virt.adapters import safe_model, safe_name
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
-from kvmcpuid_virt.errors import InputError, PolicyError
+from kvmcpuid_virt.errors import InputError, PolicyError, UnknownFeatureError
 from kvmcpuid_virt.toolfacts.facts import CpuModel, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
 
@@ -401,40 +401,184 @@ def parse(
     one), names as registry canonical names. host-passthrough/maximum read as
     model 'host'; host-model as 'auto' (libvirt's own newest-fitting model);
     policy require/force enable, disable/forbid disable, optional is left to
-    the model. Features libvirt does not spell are UnknownFeatureError."""
+    the model.
+
+    What libvirt 9.0's schema (cputypes.rng, guestcpu) does not allow is
+    refused, and so is what it allows but a (model, enabled, disabled) cannot
+    say, rather than read as something else: more than one <cpu> in a
+    domain; unknown attributes, values and children of <cpu>, <model> and
+    <feature>; a second <model>, <vendor>, <topology>, <numa>, <cache> or
+    <maxphysaddr>; a feature named twice (libvirt refuses that too) or not
+    in libvirt's spelling (UnknownFeatureError, with the cpu_map name as a
+    hint); match='minimum' on a custom CPU (libvirt adds host-model features
+    to it); <model vendor_id=...> (a different CPUID vendor); migratable=
+    outside host-passthrough/maximum (libvirt refuses it). Each error is one line naming
+    `source`, the element and its line."""
     el = parse_xml(cpu_xml, source) if isinstance(cpu_xml, str) else cpu_xml
     if el.tag == "domain":
-        found = el.find("cpu")
-        if found is None:
+        cpus = el.findall("cpu")
+        if not cpus:
             raise InputError(f"{source}: the domain has no <cpu>")
-        el = found
+        if len(cpus) > 1:
+            raise _bad(source, cpus[1], f"a second <cpu> in the domain (the first: "
+                       f"{_at(cpus[0])}): which one is meant?")  # fmt: skip
+        el = cpus[0]
     if el.tag != "cpu":
-        raise InputError(f"{source}: expected <cpu>, found <{el.tag}>")
+        raise _bad(source, el, f"expected <cpu>, found <{_tag(el)}>")
+    _check_attrs(source, el, _CPU_ATTRS)
     mode = el.get("mode", "custom")
+    once = _check_children(source, el)
+    if el.get("migratable") is not None and mode not in ("host-passthrough", "maximum"):
+        raise _bad(source, el, "migratable= is only for mode='host-passthrough' or 'maximum' "
+                   "(libvirt refuses it elsewhere)")  # fmt: skip
     if mode in ("host-passthrough", "maximum"):
         model = "host"
     elif mode == "host-model":
         model = "auto"
-    elif mode == "custom":
-        m = el.find("model")
-        if m is None or not (m.text or "").strip():
-            raise InputError(f"{source}: <cpu mode='custom'> without a <model>")
-        model = safe_model((m.text or "").strip())
     else:
-        raise InputError(f"{source}: unknown <cpu mode={mode!r}>")
+        if el.get("match") == "minimum":
+            raise _bad(source, el, "match='minimum': libvirt adds host-model features to the "
+                       "model, so the guest's CPU is not the one written; use match='exact'")
+        m = once.get("model")
+        if m is None or not (m.text or "").strip():
+            raise _bad(source, el, "<cpu mode='custom'> without a <model>")
+        _check_attrs(source, m, _MODEL_ATTRS)
+        name = (m.text or "").strip()
+        if len(name) > _MAX_NAME:
+            raise _bad(source, m, f"model {_show(name)}: longer than {_MAX_NAME} characters")
+        try:
+            model = safe_model(name)
+        except InputError as exc:
+            raise _bad(source, m, str(exc)) from None
+    return (model, *_features(source, el))
+
+
+# What libvirt 9.0's cputypes.rng (guestcpu) allows, attribute -> values.
+# <model vendor_id> is valid there, but changes CPUID's vendor string, which
+# a (model, enabled, disabled) cannot carry: refused with that reason.
+_CPU_ATTRS: Final[dict[str, tuple[str, ...]]] = {
+    "mode": ("custom", "host-model", "host-passthrough", "maximum"),
+    "match": ("minimum", "exact", "strict"),
+    "check": ("none", "partial", "full"),
+    "migratable": ("on", "off"),
+}
+_MODEL_ATTRS: Final[dict[str, tuple[str, ...]]] = {"fallback": ("allow", "forbid")}
+_POLICIES: Final = ("force", "require", "optional", "disable", "forbid")
+_FEATURE_ATTRS: Final[dict[str, tuple[str, ...]]] = {"policy": (), "name": ()}  # see _features
+# <cpu>'s children in that schema: at most one of each, any number of <feature>.
+_ONCE: Final = ("model", "vendor", "topology", "numa", "cache", "maxphysaddr")
+_MAX_NAME: Final = 64  # longer than any cpu_map model or feature name
+
+
+def _show(text: str) -> str:
+    """repr() of user text for a one-line message, cut to ~40 characters."""
+    shown = repr(text)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def _tag(el: etree._Element) -> str:
+    return _show(str(el.tag))[1:-1]
+
+
+def _at(el: etree._Element) -> str:
+    line = el.sourceline
+    return f"line {line}" if isinstance(line, int) else "the element"
+
+
+def _bad(source: str, el: etree._Element, message: str) -> InputError:
+    """An InputError naming the source, the reason and the element's line."""
+    line = el.sourceline
+    return InputError(f"{source}: {message}" + (f" (line {line})" if isinstance(line, int) else ""))
+
+
+def _check_attrs(source: str, el: etree._Element, allowed: dict[str, tuple[str, ...]]) -> None:
+    for key, value in el.attrib.items():
+        key, value = str(key), str(value)
+        if key == "vendor_id" and el.tag == "model":
+            raise _bad(source, el, f"<model vendor_id={_show(value)}> changes the CPUID vendor "
+                       "string, which this tool cannot carry or verify")  # fmt: skip
+        if key not in allowed:
+            raise _bad(source, el, f"<{_tag(el)}> has unknown attribute {_show(key)}")
+        if allowed[key] and value not in allowed[key]:
+            raise _bad(source, el, f"<{_tag(el)} {key}={_show(value)}>: not one of "
+                       f"{', '.join(allowed[key])}")  # fmt: skip
+
+
+def _check_children(source: str, cpu: etree._Element) -> dict[str, etree._Element]:
+    """<cpu>'s unique children by tag; refuses unknown and repeated ones, and text."""
+    if (cpu.text or "").strip():
+        raise _bad(source, cpu, f"unexpected text in <cpu>: {_show((cpu.text or '').strip())}")
+    once: dict[str, etree._Element] = {}
+    for child in cpu:
+        if (child.tail or "").strip():
+            raise _bad(source, child, f"unexpected text in <cpu>: "
+                       f"{_show((child.tail or '').strip())}")  # fmt: skip
+        if not isinstance(child.tag, str):
+            continue  # comments, processing instructions
+        tag = str(child.tag)
+        if tag in _ONCE:
+            if tag in once:
+                raise _bad(source, child, f"a second <{tag}> in <cpu> (the first: "
+                           f"{_at(once[tag])}): which one is meant?")  # fmt: skip
+            once[tag] = child
+        elif tag != "feature":
+            raise _bad(source, child, f"unexpected <{_tag(child)}> in <cpu> (libvirt's schema "
+                       f"has {', '.join(_ONCE)} and feature)")  # fmt: skip
+    model = once.get("model")
+    if model is not None and len(model):
+        raise _bad(source, model, "<model> takes only the model name as text")
+    return once
+
+
+def _features(source: str, cpu: etree._Element) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(enabled, disabled) canonical names from <cpu>'s <feature> elements."""
     reg = registry()
-    state: dict[str, bool] = {}
-    for f in el.findall("feature"):
-        name, policy = f.get("name", ""), f.get("policy", "require")
-        feature = reg.by_libvirt(name) or reg.lookup(name)
-        if policy in ("require", "force"):
-            state[feature.name] = True
-        elif policy in ("disable", "forbid"):
-            state[feature.name] = False
-        elif policy != "optional":
-            raise InputError(f"{source}: feature {name!r}: unknown policy {policy!r}")
+    state: dict[str, bool | None] = {}  # None: policy='optional'
+    first: dict[str, etree._Element] = {}
+    for f in cpu.findall("feature"):
+        _check_attrs(source, f, _FEATURE_ATTRS)
+        if len(f) or (f.text or "").strip():
+            raise _bad(source, f, "<feature> takes no content")
+        name, policy = f.get("name"), f.get("policy", "require")
+        if not name:
+            raise _bad(source, f, "<feature> without a name=")
+        if len(name) > _MAX_NAME:
+            raise _bad(source, f, f"feature {_show(name)}: longer than {_MAX_NAME} characters")
+        if policy not in _POLICIES:
+            raise _bad(source, f, f"feature {_show(name)}: unknown policy {_show(policy)} (not "
+                       f"one of {', '.join(_POLICIES)})")  # fmt: skip
+        feature = reg.by_libvirt(name)
+        if feature is None:
+            raise _unknown_to_libvirt(source, f, reg, name)
+        if feature.name in first:
+            same = "" if first[feature.name].get("name") == name else f" (as {feature.name})"
+            raise _bad(source, f, f"feature {_show(name)}{same} given twice (the first: "
+                       f"{_at(first[feature.name])}); libvirt refuses that too")  # fmt: skip
+        first[feature.name] = f
+        state[feature.name] = (True if policy in ("require", "force")
+                               else False if policy in ("disable", "forbid") else None)  # fmt: skip
     return (
-        model,
-        tuple(n for n, on in state.items() if on),
-        tuple(n for n, on in state.items() if not on),
+        tuple(n for n, on in state.items() if on is True),
+        tuple(n for n, on in state.items() if on is False),
     )
+
+
+def _unknown_to_libvirt(source: str, el: etree._Element, reg: Registry,
+                        name: str) -> UnknownFeatureError:  # fmt: skip
+    """UnknownFeatureError for a name libvirt's cpu_map does not spell: libvirt
+    looks names up exactly ("unknown CPU feature"), so `pclmulqdq` (QEMU's)
+    or `LAHF_LM` would fail there; the hint is the cpu_map name of that bit."""
+    try:
+        known: Feature | None = reg.lookup(name)
+        suggestions: list[str] = []
+    except UnknownFeatureError as exc:
+        known, suggestions = None, list(exc.suggestions)
+    if known is not None:
+        suggestions = [known.libvirt] if known.libvirt is not None else []
+    else:
+        suggestions = [lv for s in suggestions
+                       if (lv := reg.lookup(s).libvirt) is not None]  # fmt: skip
+    err = UnknownFeatureError(name, suggestions)
+    text = str(err).replace("unknown feature", "libvirt does not know the feature", 1)
+    err.args = (str(_bad(source, el, text)),)
+    return err
