@@ -41,14 +41,16 @@ Kind = Literal["dump", "qemu", "libvirt"]
 def classify(text: str) -> Kind:
     """What a file holds, by its first token: `-cpu ...` (arg or argv format)
     or a JSON object with "argv" is QEMU; XML whose root is <cpu> or <domain>
-    is libvirt; anything else is left to the dump readers."""
+    is libvirt; anything else is left to the dump readers (which report what
+    is wrong with it). A leading byte order mark is ignored."""
+    text = text.removeprefix("\ufeff")
     head = text.lstrip()
     if head.startswith("-cpu"):
         return "qemu"
     if head.startswith("{"):
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return "dump"  # the dump reader names the line of the error
         return "qemu" if isinstance(doc, dict) and "argv" in doc else "dump"
     if head.startswith("<"):
@@ -60,20 +62,58 @@ def classify(text: str) -> Kind:
     return "dump"
 
 
+def _repeated_key(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refusing a key given twice (json keeps the last one)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key!r} given twice")
+            seen.add(key)
+    return obj
+
+
+def _flags_json(text: str, source: str) -> str:
+    """The -cpu value of kvmcpuid-qemu-flags' JSON output: "argv" is
+    ["-cpu", VALUE]; "model", "enabled" and "disabled", when there, must say
+    what VALUE says (an edited file where they disagree is ambiguous)."""
+    try:
+        doc = json.loads(text, object_pairs_hook=_repeated_key)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(f"{source}: JSON nested too deeply") from None
+    except ValueError as exc:  # a repeated key, or a number too long for int()
+        raise InputError(f"{source}: not kvmcpuid-qemu-flags JSON: {str(exc)[:60]}") from None
+    argv = doc.get("argv") if isinstance(doc, dict) else None
+    if not (isinstance(argv, list) and len(argv) == 2 and argv[0] == "-cpu"
+            and isinstance(argv[1], str)):  # fmt: skip
+        raise InputError(f"{source}: \"argv\" must be [\"-cpu\", VALUE]")
+    value = str(argv[1])
+    try:
+        model, enabled, disabled = qemu_adapter.parse(value)
+    except InputError as exc:
+        raise InputError(f"{source}: \"argv\": {exc}") from None
+    said = {"model": model, "enabled": sorted(enabled), "disabled": sorted(disabled)}
+    for key, expected in said.items():
+        if key not in doc:
+            continue
+        given = doc[key]
+        if isinstance(given, list) and all(isinstance(n, str) for n in given):
+            given = sorted(given)
+        if given != expected:
+            raise InputError(f"{source}: \"argv\" and \"{key}\" disagree: which one is meant?")
+    return value
+
+
 def qemu_cpu_value(text: str, source: str) -> str:
     """The -cpu value of `-cpu VALUE`, a bare VALUE, argv lines (`-cpu` and
     VALUE on lines of their own) or kvmcpuid-qemu-flags' JSON."""
-    stripped = text.strip()
+    stripped = text.removeprefix("\ufeff").strip()
     if stripped.startswith("{"):
-        try:
-            argv = json.loads(stripped)["argv"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{source}: not kvmcpuid-qemu-flags JSON ({exc})") from None
-        if not (isinstance(argv, list) and len(argv) == 2 and argv[0] == "-cpu"
-                and isinstance(argv[1], str)):  # fmt: skip
-            raise InputError(f"{source}: \"argv\" must be [\"-cpu\", VALUE]")
-        return str(argv[1])
-    if stripped.startswith("-cpu"):
+        return _flags_json(stripped, source)
+    if stripped == "-cpu" or stripped.startswith(("-cpu ", "-cpu\t", "-cpu\n", "-cpu\r")):
         stripped = stripped[len("-cpu"):].strip()
     if not stripped or any(c.isspace() for c in stripped):
         raise InputError(f"{source}: expected one -cpu value, e.g. 'host,avx2=off,enforce'")
@@ -120,13 +160,26 @@ class LibvirtCpu:
 
 
 def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
-    """The <cpu> of a <cpu> document or of a <domain>; an InputError without one."""
+    """The <cpu> of a <cpu> document or of a <domain>; an InputError without
+    one, or with more than one <cpu> or <features> in the domain (libvirt
+    reads one; which of two would be meant is anyone's guess)."""
     root = parse_xml(text, source)
-    cpu = root if root.tag == "cpu" else root.find("cpu") if root.tag == "domain" else None
+    if root.tag == "cpu":
+        return LibvirtCpu(root, None, source)
+    if root.tag != "domain":
+        raise InputError(f"{source}: no <cpu> element (expected <cpu> or a <domain> with one)")
+    unique: dict[str, etree._Element | None] = {}
+    for tag in ("cpu", "features"):
+        found = root.findall(tag)
+        if len(found) > 1:
+            raise InputError(f"{source}: a second <{tag}> in the domain (line "
+                             f"{found[1].sourceline}; the first at line {found[0].sourceline})"
+                             ": which one is meant?")  # fmt: skip
+        unique[tag] = found[0] if found else None
+    cpu = unique["cpu"]
     if cpu is None:
         raise InputError(f"{source}: no <cpu> element (expected <cpu> or a <domain> with one)")
-    features = root.find("features") if root.tag == "domain" else None
-    return LibvirtCpu(cpu, features, source)
+    return LibvirtCpu(cpu, unique["features"], source)
 
 
 def load_operand(
