@@ -7,15 +7,22 @@ test uses its own domain-name prefix and checks only its own domains."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import random
+import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from kvmcpuid_virt.adapters.libvirt import LIBVIRT_KVM_ACTS_ON
@@ -24,13 +31,27 @@ from kvmcpuid_virt.errors import InputError, ProbeTimeoutError, ToolError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.libvirt import (
     DOMAIN_PREFIX,
+    DomainRefusedError,
     LibvirtProbe,
+    LibvirtUnavailableError,
+    Transient,
     domain_log,
     domain_xml,
     run_libvirt,
+    transient_cause,
 )
+from kvmcpuid_virt.probe.retry import AdaptiveLimit, RetryPolicy
 from kvmcpuid_virt.process import PREFIX
 from tests.conftest import host_vendor, spin_image
+from tests.simulated_libvirt import (
+    BPF_EAGAIN,
+    CONNECTION_REFUSED,
+    Refusals,
+    SimulatedRefusingDaemon,
+    bpf_eagain,
+    connection_refused,
+    libvirt_error,
+)
 
 pytestmark = pytest.mark.libvirt
 
@@ -338,3 +359,204 @@ def test_kvm_switch_states_libvirt_acts_on(switch: str, env: Env) -> None:
     # only if libvirt passes it.
     default = seen(host, None)
     assert seen(host, "off") is (False if not acts_on else default)
+
+
+# -- transient refusals: retried, counted, and fewer guests in flight ---------
+
+FAST = RetryPolicy(attempts=4, base=0.02, cap=0.1, total=10.0)
+
+
+def _daemon_error(call: Callable[[], object]) -> libvirt.libvirtError:
+    """The libvirtError the real daemon answers `call` with."""
+    try:
+        call()
+    except libvirt.libvirtError as exc:
+        return exc
+    raise AssertionError("the daemon accepted it")
+
+
+def _disconnect_our_clients() -> int:
+    """Make the real libvirtd drop this process's connections (virt-admin
+    client-disconnect: what a client sees when the daemon restarts or sheds
+    it); the number dropped."""
+    if shutil.which("virt-admin") is None:
+        pytest.skip("virt-admin is not installed")
+    listing = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"],
+                             capture_output=True, text=True, timeout=30)
+    if listing.returncode != 0:
+        pytest.skip(f"virt-admin cannot reach libvirtd's admin socket: {listing.stderr.strip()}")
+    dropped = 0
+    for line in listing.stdout.splitlines()[2:]:
+        if not line.strip():
+            continue
+        client = line.split()[0]
+        info = subprocess.run(["virt-admin", "client-info", "libvirtd", client],
+                              capture_output=True, text=True, timeout=30).stdout
+        if re.search(rf"^unix_process_id\s*:\s*{os.getpid()}$", info, re.M):
+            subprocess.run(["virt-admin", "client-disconnect", "libvirtd", client],
+                           capture_output=True, check=True, timeout=30)
+            dropped += 1
+    return dropped
+
+
+def test_transient_cause_of_the_real_daemons_refusals(env: Env) -> None:
+    """Deterministic refusals the real daemon gives are not transient; the
+    same daemon dropping our connection is."""
+    conn = libvirt.open(env.uri)
+    try:
+        bad_xml = _daemon_error(lambda: conn.createXML("<domain", 0))
+        assert bad_xml.get_error_code() == libvirt.VIR_ERR_XML_DETAIL
+        unknown_model = _daemon_error(lambda: conn.createXML(domain_xml(
+            env.prefix + "x", "<cpu mode='custom'><model>no-such-model</model></cpu>",
+            env.tmp / "image.bin", env.tmp / "serial.log").decode(),
+            libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY))
+        missing_file = _daemon_error(lambda: conn.createXML(domain_xml(
+            env.prefix + "x", cpu(), Path("/nonexistent/image.bin"),
+            Path("/nonexistent/serial.log")).decode(),
+            libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY))
+        assert missing_file.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
+        assert missing_file.get_int1() == errno.ENOENT  # errno travels as int1
+        for exc in (bad_xml, unknown_model, missing_file):
+            assert transient_cause(exc, conn) is None, exc
+        if _disconnect_our_clients() == 0:
+            pytest.fail("virt-admin listed no connection of this process")
+        broken = _daemon_error(conn.getVersion)
+        assert broken.get_error_domain() == libvirt.VIR_FROM_RPC
+        assert transient_cause(broken, conn) is Transient.CONNECTION
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+    # No daemon on a socket at all: a connection error, which the probe does
+    # not retry when it first connects (there is nothing to wait for).
+    nowhere = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    assert transient_cause(_daemon_error(lambda: libvirt.open(nowhere))) is Transient.CONNECTION
+    started = time.monotonic()
+    with pytest.raises(LibvirtUnavailableError, match="cannot connect to libvirt"):
+        LibvirtProbe(nowhere, retry=RetryPolicy(attempts=5, base=1.0, cap=1.0))
+    assert time.monotonic() - started < 1.0  # no backoff happened
+
+
+def test_transient_cause_reads_libvirts_fields() -> None:
+    """The classification by code, domain and errno, on errors shaped as the
+    daemon sends them (tests/simulated_libvirt.py)."""
+    err = libvirt_error
+    system, cgroup = libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_FROM_CGROUP
+    assert transient_cause(bpf_eagain()) is Transient.CGROUP_BPF
+    # The message alone decides only where the errno was not kept.
+    assert transient_cause(err(system, 0, BPF_EAGAIN)) is Transient.CGROUP_BPF
+    assert transient_cause(err(system, 0, "cannot fork child process: Resource temporarily "
+                                          "unavailable", errno.EAGAIN)) is Transient.EAGAIN
+    assert transient_cause(err(system, cgroup, "failed to load cgroup BPF prog: "
+                                               "Operation not permitted", errno.EPERM)) is None
+    assert transient_cause(err(system, cgroup, BPF_EAGAIN, errno.ENOMEM)) is None
+    assert transient_cause(connection_refused()) is Transient.CONNECTION
+    assert transient_cause(err(libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_FROM_QEMU,
+                               "cannot acquire state change lock")) is Transient.BUSY
+    assert transient_cause(err(libvirt.VIR_ERR_CONFIG_UNSUPPORTED, libvirt.VIR_FROM_QEMU,
+                               "unsupported configuration: CPU model")) is None
+    assert transient_cause(err(libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_FROM_RPC,
+                               "authentication failed")) is None
+
+
+def test_simulated_daemon_refusing_with_bpf_eagain_is_retried(env: Env) -> None:
+    """The daemon refuses the first two domains with the cgroup BPF EAGAIN:
+    the third attempt runs the guest, and the statistics say so."""
+    refusals = Refusals(create=2)
+    with SimulatedRefusingDaemon(env.uri, refusals, name_prefix=env.prefix, retry=FAST,
+                                 rng=random.Random(0)) as probe:
+        result = probe.run(cpu(), QUERIES)
+    assert result.observed.get(0, 0, "ebx") != 0
+    assert refusals.refused == 2 and refusals.create == 0
+    stats = probe.stats
+    assert (stats.guests, stats.attempts) == (1, 3)
+    assert stats.retries == {Transient.CGROUP_BPF: 2} and not stats.gave_up
+    # Equal jitter: each pause in [c/2, c], c = 0.02 then 0.04.
+    assert 0.03 <= stats.backoff_seconds <= 0.06
+    assert BPF_EAGAIN in stats.messages[Transient.CGROUP_BPF]
+    assert probe.limit.decreases == 2 and probe.limit.lowest == 1
+
+
+def test_simulated_daemon_still_refusing_gives_up_with_the_cause(env: Env) -> None:
+    """Retries are bounded: after `attempts` tries the error is
+    LibvirtUnavailableError (machinery: could not run), carrying libvirt's
+    own error, and no domain, log or directory stays behind."""
+    with SimulatedRefusingDaemon(env.uri, Refusals(create=100), name_prefix=env.prefix,
+                                 retry=FAST) as probe, \
+            pytest.raises(LibvirtUnavailableError) as info:
+        probe.run(cpu(), QUERIES)
+    exc = info.value
+    assert exc.cause is Transient.CGROUP_BPF and exc.attempts == FAST.attempts
+    assert isinstance(exc.__cause__, libvirt.libvirtError)
+    assert exc.__cause__.get_int1() == errno.EAGAIN
+    assert "Resource temporarily unavailable" in str(exc)
+    assert f"after {FAST.attempts} attempt(s)" in str(exc)
+    assert probe.stats.gave_up == {Transient.CGROUP_BPF: 1}
+    assert probe.stats.retries == {Transient.CGROUP_BPF: FAST.attempts - 1}
+
+
+def test_retrying_stops_at_the_time_budget(env: Env) -> None:
+    policy = RetryPolicy(attempts=1000, base=0.05, cap=0.05, total=0.3)
+    with SimulatedRefusingDaemon(env.uri, Refusals(create=1000), name_prefix=env.prefix,
+                                 retry=policy) as probe, \
+            pytest.raises(LibvirtUnavailableError) as info:
+        probe.run(cpu(), QUERIES)
+    # Each pause is at least 0.025 s, and none ends past 0.3 s: 12 pauses at most.
+    assert info.value.attempts <= 13
+    assert probe.stats.backoff_seconds <= policy.total
+
+
+def test_deterministic_refusal_is_never_retried(env: Env) -> None:
+    with env.probe() as probe, pytest.raises(DomainRefusedError, match="no-such-model"):
+        probe.run("<cpu mode='custom' match='exact'><model>no-such-model</model></cpu>",
+                  QUERIES)
+    assert probe.stats.attempts == 1 and not probe.stats.retries
+
+
+def test_connection_the_daemon_dropped_is_reopened_and_the_guest_runs(env: Env) -> None:
+    """The real libvirtd drops the probe's connection between two guests (as
+    a restart does): the next guest's createXML meets the broken connection,
+    the probe opens a new one and runs it."""
+    with env.probe() as probe:
+        probe.run(cpu(), QUERIES)
+        first = probe.conn
+        if _disconnect_our_clients() == 0:
+            pytest.fail("virt-admin listed no connection of this process")
+        result = probe.run(cpu(), QUERIES)
+        assert probe.conn is not first
+    assert result.observed.get(0, 0, "ebx") != 0
+    assert probe.stats.retries == {Transient.CONNECTION: 1}
+    assert (probe.stats.guests, probe.stats.attempts) == (2, 3)
+
+
+def test_simulated_daemon_restart_refuses_reconnections_until_it_is_back(env: Env) -> None:
+    """The real daemon drops the connection; the simulated restart then
+    refuses two reconnections (ECONNREFUSED) before accepting: retried too."""
+    refusals = Refusals(reconnect=2)
+    with SimulatedRefusingDaemon(env.uri, refusals, name_prefix=env.prefix,
+                                 retry=FAST) as probe:
+        probe.run(cpu(), QUERIES)
+        if _disconnect_our_clients() == 0:
+            pytest.fail("virt-admin listed no connection of this process")
+        result = probe.run(cpu(), QUERIES)
+    assert result.observed.get(0, 0, "ebx") != 0
+    assert refusals.reconnect == 0
+    # The broken pipe, then the refused reconnections that an attempt met
+    # (the look-up of the lost domain met one too, and gave up quietly).
+    assert probe.stats.retries == {Transient.CONNECTION: 2}
+    assert CONNECTION_REFUSED in probe.stats.messages[Transient.CONNECTION]
+
+
+def test_refusals_lower_the_number_of_guests_in_flight(env: Env) -> None:
+    """Six guests at once; the daemon refuses the first three domains: every
+    guest still runs, and the limit on guests in flight was halved (from at
+    most six in flight to at most three)."""
+    limit = AdaptiveLimit(6)
+    refusals = Refusals(create=3)
+    with SimulatedRefusingDaemon(env.uri, refusals, name_prefix=env.prefix, retry=FAST,
+                                 limit=limit) as probe:
+        results = probe.run_many([(cpu(), QUERIES)] * 6, parallel=6)
+    assert all(r.observed.get(0, 0, "ebx") != 0 for r in results)
+    assert probe.stats.retries == {Transient.CGROUP_BPF: 3}
+    assert probe.stats.attempts == 9
+    assert limit.decreases >= 1 and limit.lowest <= 3
+    assert limit.peak <= 6 and limit.in_flight == 0
