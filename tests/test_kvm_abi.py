@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from kvmcpuid_virt.kvm import structs
-from kvmcpuid_virt.kvm.abi import KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, Cap, Ioctl, kvm_cpuid2
+from kvmcpuid_virt.kvm.abi import (
+    KVM_API_VERSION,
+    KVM_MAX_CPUID_ENTRIES,
+    Cap,
+    Ioctl,
+    kvm_cpuid2,
+    kvm_msr_list,
+    kvm_msrs,
+)
 
 HEADER = Path("/usr/include/linux/kvm.h")
 
@@ -25,6 +33,15 @@ STRUCTS = {
     for name in structs.__all__
     if name not in ("kvm_run_io",)  # an anonymous member of kvm_run's union
 }
+# The MSR structs abi.py packs by hand: (struct, member) offsets.
+MSR_OFFSETS = [
+    ("kvm_msrs", "nmsrs"),
+    ("kvm_msrs", "entries"),
+    ("kvm_msr_entry", "index"),
+    ("kvm_msr_entry", "data"),
+    ("kvm_msr_list", "nmsrs"),
+    ("kvm_msr_list", "indices"),
+]
 # (struct, ctypes field, C member): kvm_run's exit union is anonymous in C,
 # so its io member stands for the union's offset.
 OFFSETS = [
@@ -58,8 +75,11 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
         lines.append(f'P("{macro}", {macro});')
     for name, c_name in STRUCTS.items():
         lines.append(f'P("sizeof {name}", sizeof({c_name}));')
-    for c_name in ("struct kvm_cpuid2", "struct kvm_cpuid_entry2"):
+    for c_name in ("struct kvm_cpuid2", "struct kvm_cpuid_entry2", "struct kvm_msrs",
+                   "struct kvm_msr_entry", "struct kvm_msr_list"):
         lines.append(f'P("sizeof {c_name}", sizeof({c_name}));')
+    for name, member in MSR_OFFSETS:
+        lines.append(f'P("offsetof {name}.{member}", offsetof(struct {name}, {member}));')
     for name, field, member in OFFSETS:
         lines.append(f'P("offsetof {name}.{field}", offsetof(struct {name}, {member}));')
     lines += [
@@ -112,6 +132,50 @@ def test_ctypes_field_offset_matches_the_kernel_header(
 def test_cpuid_buffer_layout_matches_the_kernel_header(kernel: dict[str, int]) -> None:
     assert kvm_cpuid2.HEADER.size == kernel["sizeof struct kvm_cpuid2"]
     assert kvm_cpuid2.ENTRY.size == kernel["sizeof struct kvm_cpuid_entry2"]
+
+
+def test_msr_buffer_layouts_match_the_kernel_header(kernel: dict[str, int]) -> None:
+    assert kvm_msrs.HEADER.size == kernel["sizeof struct kvm_msrs"]
+    assert kvm_msrs.HEADER.size == kernel["offsetof kvm_msrs.entries"]
+    assert kvm_msrs.ENTRY.size == kernel["sizeof struct kvm_msr_entry"]
+    assert kvm_msr_list.HEADER.size == kernel["sizeof struct kvm_msr_list"]
+    assert kvm_msr_list.HEADER.size == kernel["offsetof kvm_msr_list.indices"]
+    assert kernel["offsetof kvm_msrs.nmsrs"] == kernel["offsetof kvm_msr_list.nmsrs"] == 0
+
+
+def test_msr_buffers_put_fields_at_the_kernel_offsets(kernel: dict[str, int]) -> None:
+    buf = kvm_msrs([(0x8B, 1), (0x10A, 0x1122_3344_5566_7788)])
+    assert buf.nmsrs == 2 and buf.capacity == 2
+    second = kernel["offsetof kvm_msrs.entries"] + kernel["sizeof struct kvm_msr_entry"]
+    index_at = second + kernel["offsetof kvm_msr_entry.index"]
+    data_at = second + kernel["offsetof kvm_msr_entry.data"]
+    assert bytes(buf[index_at : index_at + 4]) == (0x10A).to_bytes(4, "little")
+    assert bytes(buf[data_at : data_at + 8]) == (0x1122_3344_5566_7788).to_bytes(8, "little")
+    # the reserved word and the header padding stay zero
+    assert bytes(buf[4:8]) == bytes(4)
+    assert bytes(buf[index_at + 4 : data_at]) == bytes(data_at - index_at - 4)
+    assert buf.entries() == [(0x8B, 1), (0x10A, 0x1122_3344_5566_7788)]
+    lst = kvm_msr_list(3)
+    assert lst.nmsrs == 3 and len(lst) == kernel["sizeof struct kvm_msr_list"] + 3 * 4
+    lst.set_index(2, 0x345)
+    at = kernel["offsetof kvm_msr_list.indices"] + 2 * 4
+    assert bytes(lst[at : at + 4]) == (0x345).to_bytes(4, "little")
+    assert lst.indices(3) == [0, 0, 0x345]
+
+
+def test_msr_buffers_reject_values_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="64-bit"):
+        kvm_msrs([(0x10A, 1 << 64)])
+    with pytest.raises(ValueError, match="64-bit"):
+        kvm_msrs([(0x10A, -1)])
+    with pytest.raises(ValueError, match="32-bit"):
+        kvm_msrs([(1 << 32, 0)])
+    with pytest.raises(ValueError):
+        kvm_msr_list(-1)
+    with pytest.raises(IndexError):
+        kvm_msr_list(1).set_index(1, 0)
+    with pytest.raises(ValueError):
+        kvm_msr_list(1).indices(2)
 
 
 def test_constants_match_the_kernel_header(kernel: dict[str, int]) -> None:

@@ -1,11 +1,13 @@
-"""The Linux KVM ABI used here: ioctl numbers, constants and the CPUID buffer,
-declared once. Values come from include/uapi/linux/kvm.h and
+"""The Linux KVM ABI used here: ioctl numbers, constants and the CPUID and MSR
+buffers, declared once. Values come from include/uapi/linux/kvm.h and
 arch/x86/include/uapi/asm/kvm.h; tests/test_kvm_abi.py checks every number
 and size against the kernel headers installed on the machine.
 
 The VM and vCPU structs (regs, sregs, kvm_run, ...) are ctypes layouts in
 kvm/structs.py; this module stays free of ctypes (~2 ms to import) because
-the CPUID path, which `kvmcpuid dump` runs, needs nothing else.
+the CPUID path, which `kvmcpuid dump` runs, needs nothing else. The MSR
+buffers (kvm_msr_list, kvm_msrs) are struct-packed here for the same reason:
+the feature MSRs are read on the /dev/kvm fd, beside the CPUID table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "KVM_EXIT_IO_IN",
     "KVM_EXIT_IO_OUT",
     "KVM_MAX_CPUID_ENTRIES",
+    "KVM_MAX_IO_MSRS",
     "KVM_MEM_READONLY",
     "KVM_SIGSET_BYTES",
     "Cap",
@@ -30,6 +33,8 @@ __all__ = [
     "Ioctl",
     "StructSize",
     "kvm_cpuid2",
+    "kvm_msr_list",
+    "kvm_msrs",
 ]
 
 KVMIO: Final = 0xAE
@@ -39,6 +44,11 @@ KVM_API_VERSION: Final = 12
 # The kernel's own limit (arch/x86/include/asm/kvm_host.h); current kernels
 # clamp a larger nent down to it.
 KVM_MAX_CPUID_ENTRIES: Final = 256
+# arch/x86/kvm/x86.c: msr_io() refuses a kvm_msrs with nmsrs >= MAX_IO_MSRS
+# (E2BIG), on the /dev/kvm fd and on a vCPU alike.
+KVM_MAX_IO_MSRS: Final = 256
+_U32: Final = 0xFFFF_FFFF
+_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 _IOC_NONE: Final = 0
 _IOC_WRITE: Final = 1
@@ -85,6 +95,9 @@ class kvm_cpuid2(bytearray):
     def nent(self, value: int) -> None:
         self.HEADER.pack_into(self, 0, value, 0)
 
+    # The name the size negotiation (kvm/sizing.py) reads and writes.
+    nitems = nent
+
     def _offset(self, i: int) -> int:
         if not 0 <= i < self.capacity:
             raise IndexError(f"entry {i} of a kvm_cpuid2 with room for {self.capacity}")
@@ -102,6 +115,99 @@ class kvm_cpuid2(bytearray):
         self.ENTRY.pack_into(self, self._offset(i), function, index, flags, eax, ebx, ecx, edx)
 
 
+def _check_u32(what: str, value: int) -> int:
+    if not 0 <= value <= _U32:
+        raise ValueError(f"{what} {value:#x} is not a 32-bit unsigned value")
+    return value
+
+
+class kvm_msr_list(bytearray):
+    """struct kvm_msr_list { __u32 nmsrs; __u32 indices[]; };
+
+    A zeroed buffer with room for `capacity` indices and nmsrs set to it, for
+    KVM_GET_MSR_FEATURE_INDEX_LIST (and KVM_GET_MSR_INDEX_LIST). On E2BIG the
+    kernel writes the count it needs into nmsrs."""
+
+    __slots__ = ()
+    HEADER: Final = struct.Struct("=I")
+    INDEX: Final = struct.Struct("=I")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("a kvm_msr_list cannot hold a negative number of indices")
+        super().__init__(self.HEADER.size + capacity * self.INDEX.size)
+        self.nmsrs = capacity
+
+    @property
+    def capacity(self) -> int:
+        return (len(self) - self.HEADER.size) // self.INDEX.size
+
+    @property
+    def nmsrs(self) -> int:
+        value: int = self.HEADER.unpack_from(self)[0]
+        return value
+
+    @nmsrs.setter
+    def nmsrs(self, value: int) -> None:
+        self.HEADER.pack_into(self, 0, _check_u32("nmsrs", value))
+
+    nitems = nmsrs
+
+    def indices(self, count: int) -> list[int]:
+        """The first `count` indices."""
+        if not 0 <= count <= self.capacity:
+            raise ValueError(f"{count} indices asked of a kvm_msr_list with room for "
+                             f"{self.capacity}")
+        end = self.HEADER.size + count * self.INDEX.size
+        return [i for (i,) in self.INDEX.iter_unpack(memoryview(self)[self.HEADER.size : end])]
+
+    def set_index(self, i: int, index: int) -> None:
+        if not 0 <= i < self.capacity:
+            raise IndexError(f"index {i} of a kvm_msr_list with room for {self.capacity}")
+        self.INDEX.pack_into(self, self.HEADER.size + i * self.INDEX.size,
+                             _check_u32("MSR index", index))
+
+
+class kvm_msrs(bytearray):
+    """struct kvm_msrs { __u32 nmsrs; __u32 pad; struct kvm_msr_entry entries[]; };
+    struct kvm_msr_entry { __u32 index; __u32 reserved; __u64 data; };
+
+    The buffer of KVM_GET_MSRS and KVM_SET_MSRS: `entries` (index, data)
+    pairs in order, nmsrs set to their number, padding and reserved zero.
+    Every index must fit 32 bits and every value 64 bits (ValueError)."""
+
+    __slots__ = ()
+    HEADER: Final = struct.Struct("=II")
+    # index, reserved, data
+    ENTRY: Final = struct.Struct("=I4xQ")
+
+    def __init__(self, entries: list[tuple[int, int]]) -> None:
+        super().__init__(self.HEADER.size + len(entries) * self.ENTRY.size)
+        self.HEADER.pack_into(self, 0, len(entries), 0)
+        for i, (index, data) in enumerate(entries):
+            _check_u32("MSR index", index)
+            if not 0 <= data <= _U64:
+                raise ValueError(f"MSR {index:#x} value {data:#x} is not a 64-bit unsigned value")
+            self.ENTRY.pack_into(self, self.HEADER.size + i * self.ENTRY.size, index, data)
+
+    @property
+    def capacity(self) -> int:
+        return (len(self) - self.HEADER.size) // self.ENTRY.size
+
+    @property
+    def nmsrs(self) -> int:
+        value: int = self.HEADER.unpack_from(self)[0]
+        return value
+
+    def entries(self, count: int | None = None) -> list[tuple[int, int]]:
+        """The first `count` (default: all) entries as (index, data)."""
+        n = self.capacity if count is None else count
+        if not 0 <= n <= self.capacity:
+            raise ValueError(f"{n} entries asked of a kvm_msrs with room for {self.capacity}")
+        end = self.HEADER.size + n * self.ENTRY.size
+        return list(self.ENTRY.iter_unpack(memoryview(self)[self.HEADER.size : end]))
+
+
 class StructSize:
     """sizeof() of the structs the ioctl numbers encode (the ctypes layouts
     are in kvm/structs.py; tests/test_kvm_abi.py checks both against the
@@ -112,6 +218,8 @@ class StructSize:
     KVM_COALESCED_MMIO_ZONE: Final = 16
     KVM_REGS: Final = 144
     KVM_SREGS: Final = 312
+    KVM_MSR_LIST: Final = kvm_msr_list.HEADER.size
+    KVM_MSRS: Final = kvm_msrs.HEADER.size
 
 
 class Ioctl:
@@ -123,6 +231,9 @@ class Ioctl:
     GET_VCPU_MMAP_SIZE: Final = _ioc(_IOC_NONE, 0x04, 0)
     GET_SUPPORTED_CPUID: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x05, StructSize.KVM_CPUID2)
     GET_EMULATED_CPUID: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x09, StructSize.KVM_CPUID2)
+    GET_MSR_FEATURE_INDEX_LIST: Final = _ioc(
+        _IOC_READ | _IOC_WRITE, 0x0A, StructSize.KVM_MSR_LIST
+    )
     CREATE_VCPU: Final = _ioc(_IOC_NONE, 0x41, 0)
     SET_USER_MEMORY_REGION: Final = _ioc(
         _IOC_WRITE, 0x46, StructSize.KVM_USERSPACE_MEMORY_REGION
@@ -135,6 +246,9 @@ class Ioctl:
     SET_REGS: Final = _ioc(_IOC_WRITE, 0x82, StructSize.KVM_REGS)
     GET_SREGS: Final = _ioc(_IOC_READ, 0x83, StructSize.KVM_SREGS)
     SET_SREGS: Final = _ioc(_IOC_WRITE, 0x84, StructSize.KVM_SREGS)
+    # Both on a vCPU fd; KVM_GET_MSRS also on /dev/kvm, for the feature MSRs.
+    GET_MSRS: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x88, StructSize.KVM_MSRS)
+    SET_MSRS: Final = _ioc(_IOC_WRITE, 0x89, StructSize.KVM_MSRS)
     SET_CPUID2: Final = _ioc(_IOC_WRITE, 0x90, StructSize.KVM_CPUID2)
     GET_CPUID2: Final = _ioc(_IOC_READ | _IOC_WRITE, 0x91, StructSize.KVM_CPUID2)
     REGISTER_COALESCED_MMIO: Final = _ioc(
@@ -166,6 +280,7 @@ class Cap:
     READONLY_MEM: Final = 81
     COALESCED_PIO: Final = 162
     IMMEDIATE_EXIT: Final = 136
+    GET_MSR_FEATURES: Final = 153
 
 
 class ExitReason:

@@ -1,4 +1,5 @@
-"""Kvm: the /dev/kvm system file descriptor and the CPUID ioctls on it."""
+"""Kvm: the /dev/kvm system file descriptor, and the CPUID and feature-MSR
+ioctls on it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import stat
 from kvmcpuid_virt.errors import (
     KvmApiVersionError,
     KvmCapabilityError,
+    KvmError,
     KvmIoctlError,
     KvmPermissionError,
     KvmUnavailableError,
@@ -23,12 +25,14 @@ from kvmcpuid_virt.kvm.cpuid_buffer import (
     read_cpuid,
 )
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
+from kvmcpuid_virt.kvm.msr_buffer import DEFAULT_NMSRS, msr_io, read_msr_list
 from kvmcpuid_virt.kvm.xstate import request_for_table, wants_dynamic_xfeatures
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Final, Literal
 
+    from kvmcpuid_virt.cpuid.msr_features import FeatureMsrs
     from kvmcpuid_virt.cpuid.table import CpuidTable
     from kvmcpuid_virt.kvm.vm import Vm
 
@@ -36,7 +40,15 @@ if TYPE_CHECKING:
 
 # The nent bounds and the buffer decoding live in kvm/cpuid_buffer.py (vm.py
 # shares them); re-exported for callers that import them from here.
-__all__ = ["DEFAULT_NENT", "KVM_PATH", "MAX_NENT", "MAX_TRIES", "Kvm", "entries_from_buffer"]
+__all__ = [
+    "DEFAULT_NENT",
+    "DEFAULT_NMSRS",
+    "KVM_PATH",
+    "MAX_NENT",
+    "MAX_TRIES",
+    "Kvm",
+    "entries_from_buffer",
+]
 
 KVM_PATH: Final = "/dev/kvm"
 # KVM_CREATE_VM can fail with EINTR when a signal arrives during VM setup;
@@ -153,3 +165,40 @@ class Kvm(KvmFd):
     def _get_cpuid(self, kind: CpuidKind, first_nent: int) -> CpuidTable:
         request = Ioctl.GET_SUPPORTED_CPUID if kind == "supported" else Ioctl.GET_EMULATED_CPUID
         return read_cpuid(self.ioctl, request, first_nent)
+
+    def has_feature_msrs(self) -> bool:
+        """KVM_CAP_GET_MSR_FEATURES (Linux 4.17+): whether this KVM can report
+        feature MSRs at all. False tells "absent" from an empty list."""
+        return self.check_extension(Cap.GET_MSR_FEATURES) > 0
+
+    def feature_msr_indices(self, first: int = DEFAULT_NMSRS) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the MSRs whose values say what this
+        KVM can give a guest (the MSR twin of KVM_GET_SUPPORTED_CPUID), in the
+        kernel's order; [] on a kernel without KVM_CAP_GET_MSR_FEATURES. The
+        list size is negotiated (kvm/sizing.py; `first` is the first guess)."""
+        if not self.has_feature_msrs():
+            return []
+        return read_msr_list(self.ioctl, Ioctl.GET_MSR_FEATURE_INDEX_LIST, first)
+
+    def feature_msrs(self, first: int = DEFAULT_NMSRS) -> dict[int, int]:
+        """KVM_GET_MSRS on /dev/kvm for every feature MSR: index -> value, in
+        the kernel's order; {} on a kernel without KVM_CAP_GET_MSR_FEATURES
+        (has_feature_msrs() tells that from a KVM with none)."""
+        indices = self.feature_msr_indices(first)
+        done = msr_io(self.ioctl, Ioctl.GET_MSRS, [(i, 0) for i in indices])
+        if len(done) < len(indices):
+            raise KvmError(
+                f"{self.path}: KVM_GET_MSRS read {len(done)} of the {len(indices)} feature "
+                f"MSRs it listed; it refused MSR {indices[len(done)]:#x}"
+            )
+        return dict(done)
+
+    def read_feature_msrs(self) -> FeatureMsrs:
+        """The feature MSRs as plain data (cpuid/msr_features.py), "absent"
+        on a kernel without KVM_CAP_GET_MSR_FEATURES."""
+        # Lazy: the registry module (dataclasses, json) is off the dump path.
+        from kvmcpuid_virt.cpuid.msr_features import FeatureMsrs
+
+        if not self.has_feature_msrs():
+            return FeatureMsrs.absent()
+        return FeatureMsrs.of(self.feature_msrs())

@@ -12,7 +12,7 @@ import ctypes
 import logging
 import mmap
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 from kvmcpuid_virt.cpuid.table import CpuidTable
@@ -27,6 +27,7 @@ from kvmcpuid_virt.kvm.abi import (
 )
 from kvmcpuid_virt.kvm.cpuid_buffer import DEFAULT_NENT, read_cpuid
 from kvmcpuid_virt.kvm.fd import IoctlFn, KvmFd
+from kvmcpuid_virt.kvm.msr_buffer import msr_io
 from kvmcpuid_virt.kvm.structs import (
     kvm_coalesced_mmio,
     kvm_coalesced_mmio_zone,
@@ -302,6 +303,20 @@ class Vcpu(KvmFd):
         buffer is too small (the kernel does not say how small): grow, bounded,
         by the negotiation Kvm uses too (kvm/cpuid_buffer.py)."""
         return read_cpuid(self.ioctl, Ioctl.GET_CPUID2, first_nent)
+
+    def set_msrs(self, values: Mapping[int, int]) -> int:
+        """KVM_SET_MSRS (host-initiated writes): how many of `values` the vCPU
+        accepted, in order; the kernel stops at the first it refuses, so
+        `values` after that were not written. A refusal is an answer, not an
+        error: x86.c refuses e.g. a non-zero IA32_ARCH_CAPABILITIES on a vCPU
+        whose CPUID does not enumerate it (and accepts 0 for it)."""
+        return len(msr_io(self.ioctl, Ioctl.SET_MSRS, list(values.items())))
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: index -> value, in order, for the MSRs the vCPU would
+        read; it stops at the first it refuses, whose index and all after it
+        are then missing from the answer."""
+        return dict(msr_io(self.ioctl, Ioctl.GET_MSRS, [(i, 0) for i in indices]))
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
