@@ -5,6 +5,7 @@ simulates; everything else in the suite uses the real ioctl."""
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 from typing import Any
@@ -16,10 +17,11 @@ from kvmcpuid_virt.errors import (
     CpuidSizeError,
     KvmApiVersionError,
     KvmCapabilityError,
+    KvmError,
     KvmIoctlError,
 )
 from kvmcpuid_virt.kvm import Kvm
-from kvmcpuid_virt.kvm.abi import Cap, Ioctl
+from kvmcpuid_virt.kvm.abi import Cap, Ioctl, kvm_msrs
 from kvmcpuid_virt.kvm.vm import Vcpu
 
 # A plausible table: 40 entries, some indexed, distinct values per entry so a
@@ -57,17 +59,32 @@ class SimulatedKernel:
         ext_cpuid: bool = True,
         emul_cpuid: bool = True,
         max_nent: int = 256,
+        feature_msrs: dict[int, int] | None = None,  # None: no KVM_CAP_GET_MSR_FEATURES
+        msr_list_count_on_e2big: bool = True,  # current kernels write the count needed
+        msr_list_always_e2big: bool = False,
+        unreadable_msrs: frozenset[int] = frozenset(),
     ) -> None:
         self.table = table
         self.too_large = too_large
         self.spurious = spurious_e2big_at_exact
         self.always_e2big = always_e2big
         self.version = api_version
-        self.caps = {Cap.EXT_CPUID: int(ext_cpuid), Cap.EXT_EMUL_CPUID: int(emul_cpuid)}
+        self.caps = {Cap.EXT_CPUID: int(ext_cpuid), Cap.EXT_EMUL_CPUID: int(emul_cpuid),
+                     Cap.GET_MSR_FEATURES: int(feature_msrs is not None)}  # fmt: skip
         self.max_nent = max_nent
+        self.msrs = feature_msrs or {}
+        self.msr_count_on_e2big = msr_list_count_on_e2big
+        self.msr_always_e2big = msr_list_always_e2big
+        self.unreadable = unreadable_msrs
         self.calls: list[int] = []
+        self.requests: list[int] = []
 
     def __call__(self, fd: int, request: int, arg: Any) -> int:
+        self.requests.append(request)
+        if request == Ioctl.GET_MSR_FEATURE_INDEX_LIST:
+            return self._msr_list(arg)
+        if request == Ioctl.GET_MSRS:
+            return self._get_msrs(arg)
         if request == Ioctl.GET_API_VERSION:
             return self.version
         if request == Ioctl.CHECK_EXTENSION:
@@ -97,6 +114,33 @@ class SimulatedKernel:
         buf.nent = need
         return 0
 
+
+    def _msr_list(self, buf: Any) -> int:
+        # kvm_arch_dev_ioctl: a kernel without the capability does not know
+        # the ioctl (EINVAL); E2BIG below the count, which current kernels
+        # write back into nmsrs.
+        if not self.caps[Cap.GET_MSR_FEATURES]:
+            raise OSError(errno.EINVAL, "simulated: no feature MSRs")
+        self.calls.append(buf.nmsrs)
+        n = buf.nmsrs
+        if self.msr_always_e2big or n < len(self.msrs):
+            if self.msr_count_on_e2big:
+                buf.nmsrs = len(self.msrs)
+            raise OSError(errno.E2BIG, "simulated E2BIG")
+        for i, index in enumerate(self.msrs):
+            buf.set_index(i, index)
+        buf.nmsrs = len(self.msrs)
+        return 0
+
+    def _get_msrs(self, buf: Any) -> int:
+        # msr_io(): in order, stopping at the first MSR it cannot read.
+        for i, (index, _) in enumerate(buf.entries()):
+            if index not in self.msrs or index in self.unreadable:
+                return i
+            kvm_msrs.ENTRY.pack_into(
+                buf, kvm_msrs.HEADER.size + i * kvm_msrs.ENTRY.size, index, self.msrs[index]
+            )
+        return int(buf.nmsrs)
 
     def _get_cpuid2(self, buf: Any) -> int:
         # kvm_vcpu_ioctl_get_cpuid2: E2BIG below the vCPU's nent, header not
@@ -207,3 +251,122 @@ def test_vcpu_get_cpuid2_that_always_says_e2big_gives_up_bounded() -> None:
     with _vcpu(kernel) as vcpu, pytest.raises(CpuidSizeError, match="KVM_GET_CPUID2: gave up"):
         vcpu.get_cpuid2(1)
     assert 1 < len(kernel.calls) <= 24
+
+
+# --- feature MSRs -------------------------------------------------------------
+
+# What this AMD host's KVM reports (the real values are tested against a C
+# program in tests/test_kvm_msrs.py); here only their shape matters.
+AMD_FEATURE_MSRS = {0x8B: 0x1000065, 0x10A: 0x4000_0000_0C00_0069, 0x345: 0, 0xCE: 0x8000_0000}
+
+
+def test_kernel_without_msr_features_capability_reports_feature_msrs_absent() -> None:
+    """A kernel before 4.17 (no KVM_CAP_GET_MSR_FEATURES): the CPUID side
+    works, the feature MSRs are "absent" (not "empty"), no MSR ioctl and no
+    VM is tried, and `features` says so."""
+    from kvmcpuid_virt.commands import features
+    from kvmcpuid_virt.cpuid.features import registry
+    from kvmcpuid_virt.cpuid.msr_features import FeatureMsrs, msr_registry
+    from kvmcpuid_virt.kvm.msrs import msr_delivery
+
+    kernel = SimulatedKernel(feature_msrs=None)
+    with _kvm(kernel) as kvm:
+        assert kvm.supported_cpuid() == TABLE
+        assert not kvm.has_feature_msrs()
+        assert kvm.feature_msr_indices() == []
+        assert kvm.feature_msrs() == {}
+        snapshot = kvm.read_feature_msrs()
+        assert snapshot == FeatureMsrs.absent() and not snapshot.available
+        assert msr_delivery(kvm, table=TABLE).trials == ()
+        view = features.live_msr_view(kvm, TABLE)
+    assert Ioctl.GET_MSR_FEATURE_INDEX_LIST not in kernel.requests
+    assert Ioctl.GET_MSRS not in kernel.requests and Ioctl.CREATE_VM not in kernel.requests
+    msrs, delivery, note = view
+    assert (msrs.available, delivery, note) == (False, None, features.NO_MSR_CAP)
+    full = (msrs, delivery, note, msr_registry())
+    text = features.render_table(TABLE, registry(), "qemu", "simulated", msr_view=full)
+    assert "feature MSRs  this kernel has no KVM_CAP_GET_MSR_FEATURES" in text
+    doc = json.loads(features.render_json(TABLE, registry(), "qemu", "simulated", msr_view=full))
+    assert doc["feature_msrs"]["available"] is False
+    assert doc["feature_msrs"]["msrs"] == [] and doc["feature_msrs"]["note"] == features.NO_MSR_CAP
+
+
+def test_kernel_with_msr_features_capability_but_no_feature_msr_is_empty_not_absent() -> None:
+    from kvmcpuid_virt.cpuid.msr_features import FeatureMsrs
+
+    with _kvm(SimulatedKernel(feature_msrs={})) as kvm:
+        assert kvm.has_feature_msrs()
+        assert kvm.feature_msrs() == {}
+        snapshot = kvm.read_feature_msrs()
+    assert snapshot == FeatureMsrs.of({}) and snapshot.available and len(snapshot) == 0
+
+
+@pytest.mark.parametrize("first", [1, 3, 4, 5, 1000])
+def test_kernel_that_does_not_say_the_count_on_e2big_still_lists_feature_msrs(first: int) -> None:
+    # A kernel that leaves nmsrs alone on E2BIG (as KVM_GET_SUPPORTED_CPUID
+    # does): the negotiation grows the list as for CPUID.
+    kernel = SimulatedKernel(feature_msrs=AMD_FEATURE_MSRS, msr_list_count_on_e2big=False)
+    with _kvm(kernel) as kvm:
+        assert kvm.feature_msrs() == AMD_FEATURE_MSRS
+    assert kernel.calls[-1] >= len(AMD_FEATURE_MSRS)
+
+
+def test_kernel_whose_msr_list_always_says_e2big_gives_up_bounded() -> None:
+    for count in (True, False):
+        kernel = SimulatedKernel(feature_msrs=AMD_FEATURE_MSRS, msr_list_always_e2big=True,
+                                 msr_list_count_on_e2big=count)  # fmt: skip
+        with _kvm(kernel) as kvm, pytest.raises(
+            CpuidSizeError, match="KVM_GET_MSR_FEATURE_INDEX_LIST: gave up"
+        ):
+            kvm.feature_msr_indices(1)
+        assert 1 < len(kernel.calls) <= 24
+
+
+def test_kernel_that_lists_a_feature_msr_it_cannot_read_names_it() -> None:
+    kernel = SimulatedKernel(feature_msrs=AMD_FEATURE_MSRS, unreadable_msrs=frozenset({0x345}))
+    with _kvm(kernel) as kvm, pytest.raises(KvmError, match="refused MSR 0x345"):
+        kvm.feature_msrs()
+
+
+# An Intel host with nested VMX (this host is AMD): feature MSR values written
+# from the Intel SDM, not from the registry. IA32_VMX_PROCBASED_CTLS2 (A.3.3)
+# allows control 1 (enable EPT) and 7 (unrestricted guest); the true
+# pin-based controls (A.3.1) must have 1, 2 and 4 set (the default1 class)
+# and allow 0 (external-interrupt exiting) and 3 (NMI exiting) besides;
+# IA32_VMX_BASIC (A.1) bit 54 (INS/OUTS information) and 55 (true controls);
+# IA32_VMX_EPT_VPID_CAP (A.10) bits 16 (2-MB pages) and 41 (single-context
+# INVVPID, without bit 25: QEMU's vmx-invept-single-context is then off).
+SDM_INTEL_VMX_MSRS = {
+    0x48B: (1 << 1 | 1 << 7) << 32,
+    0x48D: (0x16 | 1 << 0 | 1 << 3) << 32 | 0x16,
+    0x480: 1 << 54 | 1 << 55,
+    0x48C: 1 << 16 | 1 << 41,
+    0x10A: 1 << 0 | 1 << 5,  # rdctl-no, mds-no (SDM Vol. 4, Table 2-2)
+}
+SDM_INTEL_VMX_NAMES = {"vmx-ept", "vmx-unrestricted-guest", "vmx-intr-exit", "vmx-nmi-exit",
+                       "vmx-ins-outs", "vmx-true-ctls", "vmx-ept-2mb", "rdctl-no", "mds-no"}
+
+
+def test_simulated_intel_kvm_with_nested_vmx_names_the_vmx_feature_msrs() -> None:
+    from kvmcpuid_virt.commands import features
+    from kvmcpuid_virt.cpuid.features import registry
+    from kvmcpuid_virt.cpuid.msr_features import msr_registry
+
+    with _kvm(SimulatedKernel(feature_msrs=SDM_INTEL_VMX_MSRS)) as kvm:
+        snapshot = kvm.read_feature_msrs()
+    assert snapshot.as_dict() == SDM_INTEL_VMX_MSRS
+    reg = msr_registry()
+    assert {f.name for f in reg.present(snapshot.as_dict())} == SDM_INTEL_VMX_NAMES
+    # bits 1, 2, 4 of the pin-based controls must be 1: no feature, no "unnamed"
+    assert reg.unnamed(0x48D, SDM_INTEL_VMX_MSRS[0x48D]) == 0x16 << 32
+    view = (snapshot, None, None, reg)
+    text = features.render_table(TABLE, registry(), "qemu", "simulated", msr_view=view)
+    assert "MSR 48BH IA32_VMX_PROCBASED_CTLS2 = 0x8200000000" in text
+    assert "  bit 33 (control 1)  vmx-ept\n" in text
+    assert "  bit 39 (control 7)  vmx-unrestricted-guest\n" in text
+    assert "  bit 54  vmx-ins-outs\n" in text
+    assert "vmx-invept-single-context" not in text
+    doc = json.loads(features.render_json(TABLE, registry(), "libvirt", "simulated",
+                                          msr_view=view))  # fmt: skip
+    ept = next(f for f in doc["feature_msrs"]["features"] if f["qemu"] == "vmx-ept")
+    assert (ept["msr"], ept["bit"], ept["control"], ept["refused"]) == ("0x48b", 33, 1, None)

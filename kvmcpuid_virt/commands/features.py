@@ -1,5 +1,7 @@
 """`kvmcpuid features`: the named CPUID features of this host's KVM or of a dump,
-with the decoded non-flag fields (vendor, family/model, sizes, caches)."""
+with the decoded non-flag fields (vendor, family/model, sizes, caches), and the
+feature MSRs (IA32_ARCH_CAPABILITIES, ...) with their named bits and what a
+vCPU here accepts of them."""
 
 from __future__ import annotations
 
@@ -11,11 +13,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy-ish imports stay out of `kvmcpuid --help`
     from kvmcpuid_virt.cpuid.features import Feature, Registry
+    from kvmcpuid_virt.cpuid.msr_features import (
+        FeatureMsrs,
+        MsrDelivery,
+        MsrFeature,
+        MsrRegistry,
+    )
     from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 
-__all__ = ["add_parser", "render_json", "render_table", "run"]
+    # What render_* show of the feature MSRs: the values (None: a dump), the
+    # vCPU trial, a note (why something is missing), the MSR registry.
+    MsrView = tuple[FeatureMsrs | None, MsrDelivery | None, str | None, MsrRegistry]
+
+__all__ = ["NO_MSRS_IN_DUMP", "add_parser", "live_msr_view", "render_json", "render_table", "run"]
 
 WIDTH = 80
+# `--from DUMP`: no dump format carries feature MSRs yet.
+NO_MSRS_IN_DUMP = "no feature MSRs in this dump"
+NO_MSR_CAP = "this kernel has no KVM_CAP_GET_MSR_FEATURES"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Name every set CPUID feature bit of KVM_GET_SUPPORTED_CPUID (default) "
         "or of a dump (JSON, libvirt <cpudata> or `cpuid -1r` text), grouped by leaf and "
         "register, and decode vendor, family/model/stepping, brand, address sizes, XSAVE, "
-        "caches and topology.",
+        "caches and topology. Live, also list the feature MSRs KVM reports "
+        "(KVM_GET_MSR_FEATURE_INDEX_LIST) with the MSR and bit of each named feature, and "
+        "mark the bits a vCPU here refuses (KVM_SET_MSRS on a vCPU that never runs).",
     )
     p.add_argument("--from", dest="dump", metavar="DUMP", help="read a dump instead of /dev/kvm")
     p.add_argument(
@@ -40,25 +57,48 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.cpuid.features import registry
+    from kvmcpuid_virt.cpuid.msr_features import msr_registry
 
+    msrs: FeatureMsrs | None = None
+    delivery: MsrDelivery | None = None
     if args.dump:
         from kvmcpuid_virt.fsutil import load_dump
 
         table = load_dump(args.dump).table
         source = args.dump
+        note: str | None = NO_MSRS_IN_DUMP
     else:
         from kvmcpuid_virt.kvm import Kvm
 
         with Kvm(args.device) as kvm:
             table = kvm.supported_cpuid()
+            msrs, delivery, note = live_msr_view(kvm, table)
         source = f"{args.device} KVM_GET_SUPPORTED_CPUID"
     reg = registry()
+    view = (msrs, delivery, note, msr_registry())
     if args.format == "json":
-        text = render_json(table, reg, args.names, source)
+        text = render_json(table, reg, args.names, source, msr_view=view)
     else:
-        text = render_table(table, reg, args.names, source)
+        text = render_table(table, reg, args.names, source, msr_view=view)
     sys.stdout.write(text)
     return 0
+
+
+def live_msr_view(
+    kvm: Any, table: CpuidTable
+) -> tuple[FeatureMsrs, MsrDelivery | None, str | None]:
+    """What `kvm` (a kvm.Kvm) reports of its feature MSRs, what a vCPU given
+    `table` accepts of them, and a note when either could not be learned."""
+    from kvmcpuid_virt.errors import KvmError
+    from kvmcpuid_virt.kvm.msrs import msr_delivery
+
+    msrs = kvm.read_feature_msrs()
+    if not msrs.available:
+        return msrs, None, NO_MSR_CAP
+    try:
+        return msrs, msr_delivery(kvm, table=table, values=msrs.as_dict()), None
+    except KvmError as exc:
+        return msrs, None, f"the vCPU trial failed: {exc}"
 
 
 def _label(f: Feature, names: str) -> str:
@@ -80,8 +120,12 @@ def _unnamed(table: CpuidTable, reg: Registry, leaf: int, sub: int, r: Register)
     return table.get(leaf, sub, r) & ~known
 
 
-def render_table(table: CpuidTable, reg: Registry, names: str, source: str) -> str:
-    """Decoded fields, then the set features of each register, wrapped to 80 columns."""
+def render_table(
+    table: CpuidTable, reg: Registry, names: str, source: str, *, msr_view: MsrView | None = None
+) -> str:
+    """Decoded fields, then the set features of each register, then (with
+    `msr_view`: the feature MSRs, the vCPU trial, a note, the MSR registry)
+    the feature MSRs, wrapped to 80 columns."""
     lines = [f"source        {source}", *_field_lines(table)]
     present = {id(f) for f in reg.present(table)}
     for leaf, sub, r in reg.words():
@@ -97,12 +141,63 @@ def render_table(table: CpuidTable, reg: Registry, names: str, source: str) -> s
         lines.append(f"{title}  ({count})")
         words = " ".join(_label(f, names) + _MARK[f.kind] for f in feats)
         lines.extend(_wrap(words, "  ", "  "))
+    if msr_view is not None:
+        lines += _msr_lines(names, *msr_view)
     lines.append("")
     lines.append(
         f"~ follows guest state   ! no QEMU/libvirt name sets it   "
         f"[x] unknown to {'QEMU' if names == 'qemu' else 'libvirt'}"
     )
+    if msr_view is not None and msr_view[1] is not None:
+        lines.append("refused: a vCPU here does not accept the bit (KVM_SET_MSRS)")
     return "\n".join(lines) + "\n"
+
+
+def _msr_label(f: MsrFeature, names: str) -> str:
+    chosen = f.qemu if names == "qemu" else f.libvirt
+    if chosen is not None:
+        return chosen
+    return f"[{f.name if names == 'qemu' else (f.qemu or f.name)}]"
+
+
+def _msr_lines(
+    names: str,
+    msrs: FeatureMsrs | None,
+    delivery: MsrDelivery | None,
+    note: str | None,
+    mreg: MsrRegistry,
+) -> list[str]:
+    lines = [""]
+    if msrs is None or not msrs.available:
+        return [*lines, f"feature MSRs  {note or NO_MSRS_IN_DUMP}"]
+    head = f"feature MSRs  {len(msrs)} listed by KVM_GET_MSR_FEATURE_INDEX_LIST"
+    if delivery is not None:
+        head += f"; tried on a vCPU ({delivery.seconds * 1000:.0f} ms)"
+    lines.append(head)
+    if note:
+        lines.extend(_wrap(note, "  ", "  "))
+    for index, value in msrs.items:
+        info = mreg.msr(index)
+        feats = mreg.in_msr(index)
+        on = [f for f in feats if f.present(value)]
+        title = info.label if info else f"MSR {index:X}H (not in the registry)"
+        title += f" = {value:#x}"
+        if feats:
+            title += f"  ({len(on)} of {len(feats)} named bits set"
+            extra = mreg.unnamed(index, value)
+            title += f", unnamed {extra:#x})" if extra else ")"
+        lines.append("")
+        lines.append(title)
+        trial = delivery.trial(index) if delivery is not None else None
+        for f in on:
+            ctl = f" (control {f.control})" if f.control is not None else ""
+            label = _msr_label(f, names) + _MARK[f.kind]
+            refused = trial is not None and bool(trial.refused & f.mask)
+            text = f"  bit {f.bit:2}{ctl}  {label}"
+            lines.append(f"{text:<44} refused" if refused else text)
+        if trial is not None and trial.refused:
+            lines.extend(_wrap(f"a vCPU refuses {trial.refused:#x}: {trial.reason}", "  ", "  "))
+    return lines
 
 
 def _wrap(text: str, first: str, rest: str) -> list[str]:
@@ -176,7 +271,9 @@ def _field_lines(table: CpuidTable) -> list[str]:
     return out
 
 
-def render_json(table: CpuidTable, reg: Registry, names: str, source: str) -> str:
+def render_json(
+    table: CpuidTable, reg: Registry, names: str, source: str, *, msr_view: MsrView | None = None
+) -> str:
     from kvmcpuid_virt.cpuid import fields
 
     feats: list[dict[str, Any]] = [
@@ -197,10 +294,68 @@ def render_json(table: CpuidTable, reg: Registry, names: str, source: str) -> st
         extra = _unnamed(table, reg, leaf, sub, r)
         if extra:
             unnamed.append({"leaf": f"{leaf:#x}", "subleaf": sub, "reg": r, "mask": f"{extra:#x}"})
-    doc = {
+    doc: dict[str, Any] = {
         "source": source,
         "fields": fields.decode(table),
         "features": feats,
         "unnamed_bits": unnamed,
     }
+    if msr_view is not None:
+        doc["feature_msrs"] = _msr_json(names, *msr_view)
     return json.dumps(doc, indent=2) + "\n"
+
+
+def _msr_json(
+    names: str,
+    msrs: FeatureMsrs | None,
+    delivery: MsrDelivery | None,
+    note: str | None,
+    mreg: MsrRegistry,
+) -> dict[str, Any]:
+    """available false: nothing could be read (a dump, a kernel without
+    KVM_CAP_GET_MSR_FEATURES); true with no msrs: KVM listed none."""
+    doc: dict[str, Any] = {
+        "available": bool(msrs is not None and msrs.available),
+        "note": note,
+        "msrs": [],
+        "features": [],
+        "vcpu_trial": None,
+    }
+    if msrs is None or not msrs.available:
+        doc["note"] = note or NO_MSRS_IN_DUMP
+        return doc
+    if delivery is not None:
+        doc["vcpu_trial"] = {
+            "seconds": round(delivery.seconds, 6),
+            "cpuid_lost": list(delivery.cpuid_lost),
+        }
+    for index, value in msrs.items:
+        info = mreg.msr(index)
+        trial = delivery.trial(index) if delivery is not None else None
+        doc["msrs"].append({
+            "index": f"{index:#x}",
+            "name": info.name if info else None,
+            "value": f"{value:#x}",
+            "unnamed": f"{mreg.unnamed(index, value):#x}",
+            "vcpu": None if trial is None else {
+                "accepted": trial.accepted,
+                "deliverable": f"{trial.deliverable:#x}",
+                "refused": f"{trial.refused:#x}",
+                "reason": trial.reason,
+            },
+        })  # fmt: skip
+        for f in mreg.in_msr(index):
+            if not f.present(value):
+                continue
+            doc["features"].append({
+                "name": (f.qemu if names == "qemu" else f.libvirt) or f.name,
+                "qemu": f.qemu,
+                "libvirt": f.libvirt,
+                "sdm": f.sdm,
+                "kind": str(f.kind),
+                "msr": f"{index:#x}",
+                "bit": f.bit,
+                "control": f.control,
+                "refused": None if trial is None else bool(trial.refused & f.mask),
+            })  # fmt: skip
+    return doc
