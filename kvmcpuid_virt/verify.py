@@ -26,16 +26,31 @@ from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
-from kvmcpuid_virt.errors import KvmcpuidError, ProbeError
+from kvmcpuid_virt.errors import (
+    KvmcpuidError,
+    KvmError,
+    KvmIoctlError,
+    ProbeError,
+    ProbeTimeoutError,
+    ToolError,
+)
 from kvmcpuid_virt.probe.image import default_queries
 from kvmcpuid_virt.probe.kvm import run_kvm
-from kvmcpuid_virt.probe.libvirt import LibvirtProbe
+from kvmcpuid_virt.probe.libvirt import DomainRefusedError, LibvirtProbe
 from kvmcpuid_virt.probe.qemu import run_qemu
 from kvmcpuid_virt.probe.result import ProbeResult
 from kvmcpuid_virt.toolfacts.facts import QEMU_BINARY, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
 
-__all__ = ["BACKENDS", "BackendReport", "Target", "requested_table", "target_for", "verify"]
+__all__ = [
+    "BACKENDS",
+    "BackendReport",
+    "Target",
+    "could_not_run",
+    "requested_table",
+    "target_for",
+    "verify",
+]
 
 # Every backend, in the order verify runs them.
 BACKENDS: Final[tuple[Backend, ...]] = tuple(Backend)
@@ -114,6 +129,23 @@ def target_for(
     return Target(config, requested, facts, qemu_cpu, libvirt_cpu, label, libvirt_features)
 
 
+def could_not_run(exc: BaseException) -> bool:
+    """Whether a backend's error is its machinery failing (no verdict on the
+    guest's CPUID: the daemon unreachable or refusing for transient reasons
+    past its retries, /dev/kvm unusable, the guest not finishing in time,
+    QEMU or its monitor not working) rather than the backend refusing the
+    configuration (libvirt rejecting the domain, QEMU exiting over its -cpu
+    flags, KVM_SET_CPUID2 rejecting the table, a guest that stopped short:
+    answers about the configuration)."""
+    if isinstance(exc, DomainRefusedError):
+        return False
+    if isinstance(exc, KvmIoctlError):
+        return exc.request != "KVM_SET_CPUID2"
+    if isinstance(exc, ProbeError):
+        return isinstance(exc, ProbeTimeoutError)
+    return isinstance(exc, ToolError | KvmError)
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendReport:
     backend: Backend
@@ -121,15 +153,23 @@ class BackendReport:
     seconds: float
     diagnostics: tuple[str, ...] = ()
     error: str | None = None
+    # The error is the backend's machinery failing (could_not_run): no
+    # verdict, where any other error is the backend refusing the configuration.
+    machinery: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.comparison is not None and self.comparison.ok
 
+    @property
+    def could_not_run(self) -> bool:
+        return self.error is not None and self.machinery
+
     def as_json(self) -> dict[str, object]:
         return {
             "backend": self.backend,
             "ok": self.ok,
+            "could_not_run": self.could_not_run,
             "seconds": round(self.seconds, 4),
             "error": self.error,
             "diagnostics": list(self.diagnostics),
@@ -139,7 +179,8 @@ class BackendReport:
     def text(self, include_host: bool = False) -> str:
         head = [f"{self.backend}: {d}" for d in self.diagnostics]
         if self.error is not None:
-            return "\n".join([*head, f"{self.backend}: did not run: {self.error}"])
+            what = "could not run the guest" if self.machinery else "did not run"
+            return "\n".join([*head, f"{self.backend}: {what}: {self.error}"])
         assert self.comparison is not None
         return "\n".join([*head, self.comparison.table(include_host)])
 
@@ -173,9 +214,10 @@ def verify(
     libvirt_uri: str | None = None,
 ) -> list[BackendReport]:
     """Boot `target` on each backend and compare. A backend that cannot run
-    the guest (QEMU refusing the flags, libvirt refusing the XML) yields a
-    report with `error` set, never an exception: the other backends still
-    run. Ctrl-C propagates (the backends clean up on the way out)."""
+    the guest (QEMU refusing the flags, libvirt refusing the XML, or its
+    machinery failing: `could_not_run`) yields a report with `error` set,
+    never an exception: the other backends still run. Ctrl-C propagates (the
+    backends clean up on the way out)."""
     queries = default_queries(target.requested)
     backends = list(backends)
     reports = []
@@ -190,7 +232,8 @@ def verify(
                     result = _run(backend, target, queries, timeout, qemu)
             except (KvmcpuidError, ProbeError) as exc:
                 reports.append(BackendReport(backend, None, time.monotonic() - start,
-                                             error=" ".join(str(exc).split())))
+                                             error=" ".join(str(exc).split()),
+                                             machinery=could_not_run(exc)))
                 continue
             reports.append(_report(backend, target, result, supported, uncontrolled, reasons))
     return reports

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.kvm import Kvm
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
 from tests.conftest import REPO
 
 LAHF = (0x8000_0001, "ecx", 0)
@@ -224,4 +226,141 @@ def test_ctrl_c_during_verify_of_every_backend_leaves_nothing(
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().endswith("interrupted"), err
+    assert ours() == before
+
+
+# -- exit statuses (docs/exit-codes.md) -------------------------------------
+
+NO_DAEMON = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+
+
+def test_help_lists_every_exit_status() -> None:
+    from kvmcpuid_virt.commands import verify as command
+
+    r = _verify("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for status, words in [
+        (command.EXIT_OK, "every bit this host controls matches"),
+        (command.EXIT_MISMATCH, "a bit differs, or a backend refused the configuration"),
+        (command.EXIT_USAGE, "bad arguments or input"),
+        (command.EXIT_COULD_NOT_RUN, "no mismatch, but a backend could not run the guest"),
+        (command.EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+        (command.EXIT_TERMINATED, "terminated (SIGTERM)"),
+    ]:
+        assert f"{status} {words}" in text, (status, words)
+    doc = (REPO / "docs" / "exit-codes.md").read_text()
+    for status in (0, 1, 2, 3, 130, 143):
+        assert f"| {status} |" in doc, status
+
+
+def test_a_libvirtd_that_cannot_be_reached_is_could_not_run(kvm: Kvm, tmp_path: Path) -> None:
+    """No daemon on the socket: the libvirt backend's machinery could not
+    run the guest (3), not a mismatch (1) nor a usage error (2)."""
+    r = _verify("--backend", "libvirt", "--connect", NO_DAEMON, "--no-host-control")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "libvirt: could not run the guest: cannot connect to libvirt" in r.stdout
+    r = _verify("--backend", "libvirt", "--connect", NO_DAEMON, "--no-host-control",
+                "--format", "json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 3 and doc["status"] == "could-not-run" and doc["exit_status"] == 3
+    [backend] = doc["backends"]
+    assert backend["could_not_run"] is True and backend["ok"] is False
+
+
+def test_a_mismatch_or_refusal_outranks_a_backend_that_could_not_run() -> None:
+    # A refusal (libvirt rejecting the domain) is an answer about the
+    # configuration: 1, whatever another backend's machinery did.
+    from kvmcpuid_virt.commands.verify import exit_status
+    from kvmcpuid_virt.verify import BackendReport
+
+    def report(error: str | None, machinery: bool) -> BackendReport:
+        return BackendReport(Backend.LIBVIRT, None, 0.0, error=error, machinery=machinery)
+
+    refused, broken = report("refused", False), report("unreachable", True)
+    assert exit_status([broken]) == 3
+    assert exit_status([refused, broken]) == exit_status([broken, refused]) == 1
+
+
+def test_what_could_not_run_means() -> None:
+    from kvmcpuid_virt.errors import (
+        InputError,
+        KvmIoctlError,
+        KvmUnavailableError,
+        ProbeError,
+        ProbeTimeoutError,
+        ToolError,
+    )
+    from kvmcpuid_virt.probe.libvirt import DomainRefusedError, LibvirtUnavailableError
+    from kvmcpuid_virt.verify import could_not_run
+
+    machinery = [LibvirtUnavailableError("cannot connect"), ProbeTimeoutError("no end"),
+                 KvmUnavailableError("no /dev/kvm"), ToolError("QMP conversation failed"),
+                 KvmIoctlError("KVM_CREATE_VM", 12, "KVM_CREATE_VM failed: ENOMEM")]
+    answers = [DomainRefusedError("unknown CPU model"), ProbeError("QEMU exited with status 1"),
+               KvmIoctlError("KVM_SET_CPUID2", 22, "KVM_SET_CPUID2 failed: EINVAL"),
+               InputError("cannot run QEMU with -cpu")]
+    assert [could_not_run(e) for e in machinery] == [True] * len(machinery)
+    assert [could_not_run(e) for e in answers] == [False] * len(answers)
+
+
+def test_simulated_daemon_refusing_until_retries_run_out_is_could_not_run(
+    kvm: Kvm, libvirt_conn_uri: str, live_facts: ToolFacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify() against the real daemon, whose createXML is made to refuse
+    every domain with the cgroup BPF EAGAIN: the libvirt report says the
+    guest could not run and why, the status is 3."""
+    import kvmcpuid_virt.verify as engine
+    from kvmcpuid_virt.commands.verify import exit_status
+    from kvmcpuid_virt.config.build import build
+    from kvmcpuid_virt.probe.retry import RetryPolicy
+    from tests.simulated_libvirt import Refusals, SimulatedRefusingDaemon
+
+    policy = RetryPolicy(attempts=3, base=0.01, cap=0.02)
+    monkeypatch.setattr(engine, "LibvirtProbe", lambda uri: SimulatedRefusingDaemon(
+        uri, Refusals(create=100), retry=policy))
+    table = kvm.supported_cpuid()
+    target = engine.target_for(build(table, facts=live_facts, source="/dev/kvm"), live_facts)
+    [report] = engine.verify(target, [Backend.LIBVIRT], supported=table,
+                             libvirt_uri=libvirt_conn_uri)
+    assert report.could_not_run and report.comparison is None
+    assert report.error is not None
+    assert "cgroup-bpf-eagain after 3 attempt(s)" in report.error
+    assert "Resource temporarily unavailable" in report.error
+    assert exit_status([report]) == 3
+
+
+def test_sigterm_during_verify_of_every_backend_leaves_nothing(
+    kvm: Kvm, qemu_binary: str, libvirt_conn_uri: str
+) -> None:
+    # As Ctrl-C, with its own status: the libvirt guest's domain and log are
+    # gone before exit 143.
+    import signal
+    import time
+
+    import libvirt
+
+    from kvmcpuid_virt.probe.libvirt import DOMAIN_PREFIX, domain_log
+
+    def ours() -> tuple[list[str], list[Path]]:
+        conn = libvirt.open(libvirt_conn_uri)
+        try:
+            doms = [d.name() for d in conn.listAllDomains() if d.name().startswith(DOMAIN_PREFIX)]
+        finally:
+            conn.close()
+        log = domain_log(libvirt_conn_uri, DOMAIN_PREFIX)
+        logs = [] if log is None else list(log.parent.glob(DOMAIN_PREFIX + "*.log"))
+        return doms, logs
+
+    before = ours()
+    proc = subprocess.Popen([sys.executable, "-m", "kvmcpuid_virt.cli", "verify", "--connect",
+                             libvirt_conn_uri], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 20
+    while len(ours()[0]) == len(before[0]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(ours()[0]) > len(before[0]), "verify never started a libvirt domain"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().endswith("terminated"), err
     assert ours() == before

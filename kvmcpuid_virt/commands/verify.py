@@ -18,10 +18,41 @@ if TYPE_CHECKING:  # annotations only: the command module imports nothing else a
 
     BitKey = tuple[int, int, Register, int]
 
-__all__ = ["add_parser", "run"]
+__all__ = [
+    "EXIT_COULD_NOT_RUN",
+    "EXIT_INTERRUPTED",
+    "EXIT_MISMATCH",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "EXIT_USAGE",
+    "add_parser",
+    "exit_status",
+    "run",
+]
 
 HELP = "boot a probe guest and check the CPUID it sees"
 ALL = "all"  # --backend: every backend the configuration's form can boot on
+
+# The exit statuses (docs/exit-codes.md). 2 and 130 are cli's, for every command.
+EXIT_OK = 0  # every bit this host controls matches, on every backend asked
+EXIT_MISMATCH = 1  # a bit differs, or a backend refused the configuration
+EXIT_USAGE = 2  # bad arguments or input (cli: a KvmcpuidError before any verdict)
+EXIT_COULD_NOT_RUN = 3  # no mismatch, but a backend's machinery could not run the guest
+EXIT_INTERRUPTED = 130  # Ctrl-C (cli)
+EXIT_TERMINATED = 143  # SIGTERM: cleaned up as for Ctrl-C
+
+EPILOG = (
+    "Exit status: 0 every bit this host controls matches on every backend; "
+    "1 a bit differs, or a backend refused the configuration (libvirt rejected the domain, "
+    "QEMU its -cpu flags, KVM the table); "
+    "2 bad arguments or input (nothing was booted); "
+    "3 no mismatch, but a backend could not run the guest for reasons of its own "
+    "(libvirtd unreachable or still refusing after retries, /dev/kvm unusable, the guest "
+    "did not finish in time): no verdict for that backend; "
+    "130 interrupted (Ctrl-C); 143 terminated (SIGTERM). A mismatch wins over a backend "
+    "that could not run (1, not 3). Whatever the status, no guest, domain or temporary "
+    "file is left behind. See docs/exit-codes.md."
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "libvirt and compare every feature bit it sees with what was configured. Exit 0 only "
         "when every bit this host controls matches; bits the host-control probe finds this "
         "host overrides are reported but do not fail.",
+        epilog=EPILOG,
     )  # fmt: skip
     # Plain strings: argparse's "invalid choice" message lists repr()s.
     p.add_argument("--backend", choices=(*(b.value for b in Backend), ALL), default=ALL,
@@ -58,25 +90,75 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check, boot, compare, report: 0 when every bit this host controls matches, else 1."""
+    """Check, boot, compare, report; the exit status says how it went (EPILOG)."""
+    chosen, uri = _checked_arguments(args)
+    given = _given(args)  # bad flags or XML fail here, before /dev/kvm or QEMU is asked
+    try:
+        with _SigtermAsInterrupt():
+            return _boot_and_report(args, given, chosen, uri)
+    except _Terminated:
+        # The guests were cleaned up on the way here, as for Ctrl-C.
+        print("kvmcpuid: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+
+
+def _boot_and_report(args: argparse.Namespace, given: str | LibvirtCpu | None,
+                     chosen: Backend | None, uri: str) -> int:  # fmt: skip
     from kvmcpuid_virt.cli.options import read_table
     from kvmcpuid_virt.toolfacts.learn import learn
     from kvmcpuid_virt.verify import verify
 
-    chosen, uri = _checked_arguments(args)
-    given = _given(args)  # bad flags or XML fail here, before /dev/kvm or QEMU is asked
     table, source, this_host = read_table(args)
     facts = learn(uri=uri)
     target, backends = _target(args, given, chosen, table, source, this_host, facts)
     uncontrolled, reasons, notes = _host_control(args)
     reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
                      reasons=reasons, timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
-    ok = all(r.ok for r in reports)
+    status = exit_status(reports)
     if args.format == "json":
-        _write_json(ok, target.config, notes, reports)
+        _write_json(status, target.config, notes, reports)
     else:
         _write_text(args, target.config, notes, reports)
-    return 0 if ok else 1
+    return status
+
+
+def exit_status(reports: list[BackendReport]) -> int:
+    """EXIT_MISMATCH when a backend saw a mismatch or refused the
+    configuration, else EXIT_COULD_NOT_RUN when a backend's machinery failed,
+    else EXIT_OK: a finding outranks a backend that gave none."""
+    if any(not r.ok and not r.could_not_run for r in reports):
+        return EXIT_MISMATCH
+    if any(r.could_not_run for r in reports):
+        return EXIT_COULD_NOT_RUN
+    return EXIT_OK
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be: every cleanup path that handles
+    Ctrl-C (guests, domains, temporary files) handles it too."""
+
+
+class _SigtermAsInterrupt:
+    """SIGTERM raises _Terminated in the main thread for the duration (signal
+    handlers can only be set there; elsewhere nothing changes)."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._old = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
@@ -186,13 +268,19 @@ def _host_control(
     return dict(hc.uncontrolled()), dict(hc.reasons), hc.summary()
 
 
-def _write_json(ok: bool, config: CpuConfig, notes: list[str],
+_STATUS_NAMES = {EXIT_OK: "match", EXIT_MISMATCH: "mismatch",
+                 EXIT_COULD_NOT_RUN: "could-not-run"}  # fmt: skip
+
+
+def _write_json(status: int, config: CpuConfig, notes: list[str],
                 reports: list[BackendReport]) -> None:  # fmt: skip
-    """--format json: one document on stdout."""
+    """--format json: one document on stdout ("exit_status" is the command's)."""
     import json
 
     doc = {
-        "ok": ok,
+        "ok": status == EXIT_OK,
+        "status": _STATUS_NAMES[status],
+        "exit_status": status,
         "model": config.model,
         "dropped": list(config.dropped),
         "host_does_not_control": notes,
