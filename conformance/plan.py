@@ -1,7 +1,9 @@
 """What the suite runs on this host, decided once per process from the live
 KVM_GET_SUPPORTED_CPUID: the full supported configuration, one configuration
 per supported feature turned off, a few named CPU models this host can run,
-and a cluster baseline (this host with a real CPU dump of the same vendor).
+and a cluster baseline (this host with a real CPU dump of the same vendor
+from tests/data/cpuid, or, for a vendor the dumps lack, with this host
+narrowed to a named model: the whole plan runs on a checkout alone).
 
 Test ids are generated from this plan at collection time, so the ids follow
 the host: `test_feature_off[qemu-avx2]` exists only where avx2 is supported.
@@ -29,8 +31,9 @@ FULL: Final = "full"
 
 
 def data_dir() -> Path:
+    """Real CPU dumps: the repository's (tests/data/cpuid), or $KVMCPUID_DATA."""
     repo = Path(__file__).resolve().parent.parent
-    return Path(os.environ.get("KVMCPUID_DATA", repo.parent / "shared" / "data" / "cpuid"))
+    return Path(os.environ.get("KVMCPUID_DATA") or repo / "tests" / "data" / "cpuid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,12 @@ def _models(supported: CpuidTable, facts: ToolFacts, notes: list[str]) -> dict[s
     return found
 
 
-def _baseline(supported: CpuidTable, facts: ToolFacts) -> tuple[Case | None, str]:
+def _baseline(supported: CpuidTable, facts: ToolFacts,
+              models: dict[str, Case]) -> tuple[Case | None, str]:  # fmt: skip
+    """The cluster baseline of this host and a second one: a real CPU dump
+    of this host's vendor, or, where there is none (a vendor the dumps do
+    not cover), this host narrowed to the newest named model it runs, from
+    QEMU's own definition of the model (ToolFacts) as a configuration."""
     from kvmcpuid_virt.analysis.baseline import baseline
     from kvmcpuid_virt.config.build import build
     from kvmcpuid_virt.config.cpuconfig import vendor_of
@@ -82,13 +90,21 @@ def _baseline(supported: CpuidTable, facts: ToolFacts) -> tuple[Case | None, str
 
     directory = data_dir()
     vendor = vendor_of(supported)
+    here = Dump(supported, "supported", {}, "/dev/kvm")
     for path in sorted(directory.glob("*.xml")):
         dump = load_dump(str(path))
         if vendor_of(dump.table) == vendor:
-            result = baseline([Dump(supported, "supported", {}, "/dev/kvm"), dump])
-            config = build(result.table, facts=facts, source="baseline")
+            config = build(baseline([here, dump]).table, facts=facts, source="baseline")
             return make_case("baseline", config, facts), f"this host and {path.name}"
-    return None, f"no CPU dump of this host's vendor ({vendor}) in {directory}"
+    if not models:
+        return None, (f"no CPU dump of this host's vendor ({vendor}) in {directory}, and no "
+                      "named model this host runs to stand in for a second host")
+    name, case = next(iter(models.items()))
+    other = Dump(case.config.expected, "config", {}, f"this host as QEMU's {name}")
+    config = build(baseline([here, other]).table, facts=facts, source="baseline")
+    return make_case("baseline", config, facts), (
+        f"this host and this host narrowed to QEMU's model {name} (no CPU dump of this "
+        f"host's vendor, {vendor}, in {directory})")
 
 
 @functools.cache
@@ -110,6 +126,7 @@ def plan() -> Plan | str:
                                              source="/dev/kvm"), facts)
         for name in full.enabled()
     }
-    base, why = _baseline(supported, facts)
-    return Plan(supported, facts, make_case(FULL, full, facts), off,
-                _models(supported, facts, notes), base, why, tuple(notes))
+    models = _models(supported, facts, notes)
+    base, why = _baseline(supported, facts, models)
+    return Plan(supported, facts, make_case(FULL, full, facts), off, models, base, why,
+                tuple(notes))

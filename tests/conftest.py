@@ -16,7 +16,9 @@ from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("KVMCPUID_DATA", REPO.parent / "shared" / "data" / "cpuid"))
+# Real CPU dumps, in the repository (tests/data/cpuid/README.md says whence);
+# KVMCPUID_DATA points at another directory of them.
+DATA = Path(os.environ.get("KVMCPUID_DATA") or REPO / "tests" / "data" / "cpuid")
 # QEMU 7.2's and libvirt 9.0's cpu_map answers on a Debian 12 KVM host, as
 # scripts/record_toolfacts.py recorded them: the tool facts of pure-code tests,
 # which then need neither QEMU nor libvirt and are functions of their inputs.
@@ -53,7 +55,7 @@ def spin_image() -> bytes:
 
 
 def cpu_dump_paths() -> list[Path]:
-    """The real CPU dumps (libvirt <cpudata>) shipped beside the repository."""
+    """The real CPU dumps (libvirt <cpudata>) in DATA."""
     return sorted(DATA.glob("*.xml"))
 
 
