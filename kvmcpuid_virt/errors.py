@@ -91,7 +91,8 @@ class InputError(KvmcpuidError):
 class DumpFormatError(InputError):
     def __init__(self, source: str, line: int | None, message: str) -> None:
         where = f"{source}:{line}" if line is not None else source
-        super().__init__(f"{where}: {message}")
+        # One line whoever prints it: libxml2's messages end in "\n" mid-text.
+        super().__init__(" ".join(f"{where}: {message}".splitlines()))
         self.source = source
         self.line = line
 

@@ -414,7 +414,10 @@ def parse(
     to it); <model vendor_id=...> (a different CPUID vendor); migratable=
     outside host-passthrough/maximum (libvirt refuses it). Each error is one line naming
     `source`, the element and its line."""
-    el = parse_xml(cpu_xml, source) if isinstance(cpu_xml, str) else cpu_xml
+    try:
+        el = parse_xml(cpu_xml, source) if isinstance(cpu_xml, str) else cpu_xml
+    except UnicodeEncodeError:  # lone surrogates: a str that never was UTF-8
+        raise InputError(f"{source}: not Unicode text (a lone surrogate)") from None
     if el.tag == "domain":
         cpus = el.findall("cpu")
         if not cpus:

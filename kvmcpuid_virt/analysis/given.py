@@ -56,7 +56,7 @@ def classify(text: str) -> Kind:
     if head.startswith("<"):
         try:
             root = parse_xml(text, "<classify>")
-        except InputError:
+        except (InputError, UnicodeEncodeError):
             return "dump"  # the dump reader reports it, with the real source
         return "libvirt" if root.tag in ("cpu", "domain") else "dump"
     return "dump"
@@ -163,7 +163,10 @@ def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
     """The <cpu> of a <cpu> document or of a <domain>; an InputError without
     one, or with more than one <cpu> or <features> in the domain (libvirt
     reads one; which of two would be meant is anyone's guess)."""
-    root = parse_xml(text, source)
+    try:
+        root = parse_xml(text, source)
+    except UnicodeEncodeError:  # lone surrogates: a str that never was UTF-8
+        raise InputError(f"{source}: not Unicode text (a lone surrogate)") from None
     if root.tag == "cpu":
         return LibvirtCpu(root, None, source)
     if root.tag != "domain":

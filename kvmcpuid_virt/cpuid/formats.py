@@ -400,7 +400,10 @@ _CPUID_ATTRS: Final = frozenset({"eax_in", "ecx_in", *REGISTERS})
 def _load_cpudata(text: str, source: str) -> Dump:
     from kvmcpuid_virt.xmlutil import parse_xml
 
-    root = parse_xml(text, source)
+    try:
+        root = parse_xml(text, source)
+    except UnicodeEncodeError:  # a str from elsewhere than a file: lone surrogates
+        raise DumpFormatError(source, None, "not Unicode text (a lone surrogate)") from None
     if root.tag != "cpudata":
         raise DumpFormatError(source, _line(root), f"expected <cpudata>, found <{_show_tag(root)}>")
     arch = root.get("arch")
