@@ -347,6 +347,80 @@ def test_command_table_fits_80_columns(path: Path, names: str) -> None:
     assert re.search(rf"^  .*\b{spelled}\b", text, re.M)
 
 
+@pytest.mark.parametrize("path", DUMPS[:2], ids=lambda p: p.stem)
+def test_command_says_a_dump_has_no_feature_msrs(path: Path) -> None:
+    rc, text = _cli("features", "--from", str(path))
+    assert rc == 0
+    assert "\nfeature MSRs  no feature MSRs in this dump\n" in text
+    rc, text = _cli("features", "--from", str(path), "--format", "json")
+    assert rc == 0
+    msrs = json.loads(text)["feature_msrs"]
+    assert msrs == {"available": False, "note": "no feature MSRs in this dump", "msrs": [],
+                    "features": [], "vcpu_trial": None}  # fmt: skip
+
+
+def _c_reading() -> Any:
+    from tests.kvm_msr_c import c_msr_reading
+
+    reading = c_msr_reading()
+    if not reading.cap:
+        pytest.skip("this kernel has no KVM_CAP_GET_MSR_FEATURES")
+    return reading
+
+
+def cpu_map_msr_bits() -> dict[str, tuple[int, int]]:
+    """cpu_map's <msr> features: name -> (MSR, bit of edx:eax)."""
+    out = {}
+    for feat in _cpu_map().iter("feature"):
+        for msr in feat.findall("msr"):
+            mask = int(msr.get("edx", "0"), 16) << 32 | int(msr.get("eax", "0"), 16)
+            out[_attr(feat, "name")] = (int(_attr(msr, "index"), 16), mask.bit_length() - 1)
+    return out
+
+
+@pytest.mark.kvm
+@pytest.mark.libvirt
+def test_live_command_lists_the_feature_msrs_the_c_program_reads() -> None:
+    """`features --format json` live: the feature MSRs and values are what a C
+    program reads through the ioctls, every libvirt-named bit is where
+    cpu_map puts it and set in the C program's value, and a bit is marked
+    refused exactly when the C program's vCPU refused it."""
+    c = _c_reading()
+    rc, text = _cli("features", "--format", "json", "--names", "libvirt")
+    assert rc == 0
+    doc = json.loads(text)["feature_msrs"]
+    assert doc["available"] is True
+    assert {int(m["index"], 16): int(m["value"], 16) for m in doc["msrs"]} == c.values
+    cpu_map = cpu_map_msr_bits()
+    libvirt_named = [f for f in doc["features"] if f["libvirt"]]
+    for f in doc["features"]:
+        msr, bit = int(f["msr"], 16), f["bit"]
+        assert c.values[msr] >> bit & 1, f
+        if f["libvirt"]:
+            assert cpu_map[f["libvirt"]] == (msr, bit)
+            assert f["name"] == f["libvirt"]
+        if c.set_result[msr] == 1:
+            assert f["refused"] is False
+        else:
+            assert f["refused"] is (c.bit_result.get((msr, bit), 0) != 1), f
+    # cpu_map's names for the bits the C program saw set are all listed
+    expected = {n for n, (msr, bit) in cpu_map.items() if c.values.get(msr, 0) >> bit & 1}
+    assert {f["libvirt"] for f in libvirt_named} == expected
+
+
+@pytest.mark.kvm
+def test_live_command_table_shows_each_msr_and_fits_80_columns() -> None:
+    c = _c_reading()
+    rc, text = _cli("features")
+    assert rc == 0
+    source, *rest = text.splitlines()
+    assert source.startswith("source ")
+    assert max(len(line) for line in rest) <= 80
+    assert f"feature MSRs  {len(c.values)} listed by KVM_GET_MSR_FEATURE_INDEX_LIST" in text
+    for index, value in c.values.items():
+        assert re.search(rf"^MSR {index:X}H \S+ = {value:#x}\b", text, re.M), hex(index)
+
+
 def test_command_bad_dump_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.xml"
     bad.write_text("<cpudata arch='x86'><cpuid eax_in='zz'/></cpudata>")
@@ -359,8 +433,8 @@ def test_command_module_imports_stay_light() -> None:
     # the KVM layer must wait until run().
     code = (
         "import sys, kvmcpuid_virt.commands.features; "
-        "print([n for n in ('lxml', 'kvmcpuid_virt.cpuid.features', 'kvmcpuid_virt.kvm') "
-        "if n in sys.modules])"
+        "print([n for n in ('lxml', 'kvmcpuid_virt.cpuid.features', 'kvmcpuid_virt.kvm', "
+        "'kvmcpuid_virt.cpuid.msr_features') if n in sys.modules])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
