@@ -545,3 +545,46 @@ def test_why_refused_and_qemus_message_explained() -> None:
     assert "not offered by KVM" in (delivery.why_refused(0x8B, 0x1000065 | 1 << 40) or "")
     assert "not a feature MSR" in (delivery.why_refused(0x345, 1) or "")
     assert explain_set_failure("no such line", delivery) is None
+
+
+PURE_CHILD = r'''
+import os, sys
+PKG = os.path.dirname(os.path.abspath(__import__("kvmcpuid_virt").__file__))
+seen = []
+
+def hook(event, args):
+    if event == "open":
+        path = args[0]
+        if isinstance(path, int) or os.path.abspath(str(path)).startswith(PKG + os.sep):
+            return
+        if not str(path).endswith((".py", ".pyc", ".so")):
+            seen.append(f"open {path}")
+    elif event == "import" and args[0].startswith(("kvmcpuid_virt.kvm", "fcntl", "ctypes")):
+        seen.append(f"import {args[0]}")
+    elif event.split(".")[0] in ("subprocess", "socket", "fcntl", "mmap", "ctypes"):
+        seen.append(event)
+
+sys.addaudithook(hook)
+from kvmcpuid_virt.cpuid import features, msr_features as m
+from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag
+reg = m.msr_registry()
+values = {0x10A: 0x400000000C000069, 0x48B: 1 << 33, 0x8B: 1}
+names = [f.name for f in reg.present(values)] + [reg.lookup("mds-no").position]
+snap = m.FeatureMsrs.of(values)
+t = CpuidTable([CpuidEntry(0, 0, EntryFlag.NONE, 7, 0, 0, 0)])
+reason = m.refusal_reason(reg.msr(0x10A), t, t, features.registry())
+d = m.MsrDelivery((m.MsrTrial(0x10A, values[0x10A], False, None, 0, reason),))
+why = m.explain_set_failure("failed to set MSR 0x10a to 0x69", d)
+assert names and snap.available and why, (names, why)
+print(repr(seen))
+'''
+
+
+def test_msr_registry_and_explanations_do_no_io() -> None:
+    """cpuid/msr_features.py is pure: loaded and used under an audit hook, it
+    opens nothing outside the package and touches no device or process."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PURE_CHILD], check=True, capture_output=True,
+                         text=True).stdout  # fmt: skip
+    assert out.strip() == "[]"
