@@ -4,8 +4,15 @@ only looks its result up.
 
 A Case is one configuration in every form a backend takes (the table raw
 KVM sets, the -cpu value, the <cpu> element) plus the table the guest should
-see. Errors are kept per case (a QEMU that refuses a configuration fails that
-case's test, not the batch).
+see. Errors are kept per case, in two kinds (kvmcpuid_virt.verify.could_not_run):
+a backend refusing a configuration (QEMU exiting over its flags, libvirt
+rejecting the domain) fails that case's test; the suite's machinery failing
+(libvirtd refusing past its retries, a guest that did not finish in time)
+makes it a CouldNotRun, an ERROR of the suite, never a CPUID failure.
+
+libvirt guests share one AdaptiveLimit and one RetryStats per session
+(LIBVIRT_LIMIT, LIBVIRT_STATS): the daemon's transient refusals are retried,
+lower the number of guests in flight, and are counted for the report.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import KvmcpuidError
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.probe.retry import AdaptiveLimit, RetryStats
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
+from kvmcpuid_virt.verify import could_not_run
 
-__all__ = ["BACKENDS", "Batch", "Case", "make_case", "run_kvm_cases", "run_libvirt_cases",
-           "run_qemu_cases"]
+__all__ = ["BACKENDS", "LIBVIRT_LIMIT", "LIBVIRT_PARALLEL", "LIBVIRT_STATS", "Batch", "Case",
+           "CouldNotRun", "make_case", "run_kvm_cases", "run_libvirt_cases", "run_qemu_cases"]
 
 BACKENDS: Final[tuple[Backend, ...]] = tuple(Backend)
 TIMEOUT: Final = 20.0
@@ -68,6 +77,18 @@ def make_case(case_id: str, config: CpuConfig, facts: ToolFacts) -> Case:
                 tuple(image.default_queries(config.expected)), errors)
 
 
+class CouldNotRun(Exception):
+    """The suite's machinery could not run a guest (its backend's
+    could_not_run: libvirtd unreachable or refusing past its retries, a
+    guest that did not finish in time, ...). Not an AssertionError: raised
+    from a fixture it is a pytest ERROR, and the report shows the cell as
+    "could not run" with the cause, never as a CPUID failure of the host."""
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 @dataclasses.dataclass
 class Batch:
     """Per case id: the guest's result, or why there is none."""
@@ -75,14 +96,30 @@ class Batch:
     backend: Backend
     results: dict[str, ProbeResult] = dataclasses.field(default_factory=dict)
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    # case id -> why the suite's machinery could not run its guest
+    could_not_run: dict[str, str] = dataclasses.field(default_factory=dict)
     render_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = dataclasses.field(default_factory=list)
 
+    def fail(self, case_id: str, exc: BaseException) -> None:
+        """Keep why `case_id`'s guest has no result, in its kind."""
+        kind = self.could_not_run if could_not_run(exc) else self.errors
+        kind[case_id] = _error_text(exc)
+
+    def require(self, case_ids: Sequence[str]) -> None:
+        """CouldNotRun when the machinery could not run one of these guests."""
+        for case_id in case_ids:
+            if case_id in self.could_not_run:
+                raise CouldNotRun(f"{self.backend}: {case_id}: the guest could not run: "
+                                  f"{self.could_not_run[case_id]}")
+
     def get(self, case_id: str) -> ProbeResult:
-        """The result, or AssertionError naming why the guest did not run."""
+        """The result; CouldNotRun when the suite's machinery could not run
+        the guest; else AssertionError naming why the backend did not run it."""
         if case_id in self.results:
             return self.results[case_id]
+        self.require([case_id])
         if case_id in self.render_errors:
             from conformance.checks import KNOWN_RENDER_GAPS, KnownGap
 
@@ -106,7 +143,7 @@ def run_kvm_cases(cases: Sequence[Case]) -> Batch:
             try:
                 batch.results[case.id] = probe.run(case.expected, case.queries, TIMEOUT)
             except KvmcpuidError as exc:
-                batch.errors[case.id] = str(exc)
+                batch.fail(case.id, exc)
     batch.seconds = time.perf_counter() - start
     return batch
 
@@ -130,7 +167,7 @@ def _parallel(backend: Backend, cases: Sequence[Case], run: Callable[[Case], Pro
             try:
                 batch.results[case_id] = fut.result()
             except KvmcpuidError as exc:
-                batch.errors[case_id] = f"{type(exc).__name__}: {exc}"
+                batch.fail(case_id, exc)
     batch.seconds = time.perf_counter() - start
     batch.notes.append(f"{len(cases)} guests, {workers} at a time, {batch.seconds:.1f} s")
     return batch
@@ -152,18 +189,30 @@ def run_qemu_cases(cases: Sequence[Case], qemu: str) -> Batch:
 # start in libvirt's per-property CPU read-back, both mostly waiting: many
 # guests in flight hide that (each worker thread has its own connection, see
 # LibvirtProbe._connection). Whole suite on 2 CPUs: 6 at a time 19.2 s,
-# 8: 18.8 s, 16: 17.8 s.
+# 8: 18.8 s, 16: 17.8 s. At most that many: LIBVIRT_LIMIT lowers it while the
+# daemon refuses domains for want of resources (the cgroup BPF EAGAIN).
 LIBVIRT_PARALLEL: Final = 16
+LIBVIRT_LIMIT: Final = AdaptiveLimit(LIBVIRT_PARALLEL)
+LIBVIRT_STATS: Final = RetryStats()
 
 
 def run_libvirt_cases(cases: Sequence[Case], uri: str, *,
                       keep_failed_logs: bool = True) -> Batch:
-    """libvirt: LIBVIRT_PARALLEL transient domains in flight. keep_failed_logs:
-    False where failures are the point (the mutants), so no libvirt log of
-    them stays behind."""
+    """libvirt: up to LIBVIRT_PARALLEL transient domains in flight, as many
+    as LIBVIRT_LIMIT admits. keep_failed_logs: False where failures are the
+    point (the mutants), so no libvirt log of them stays behind. A probe
+    that cannot reach the daemon makes every case "could not run"."""
     from kvmcpuid_virt.probe.libvirt import LibvirtProbe
 
-    with LibvirtProbe(uri, keep_failed_logs=keep_failed_logs) as probe:
+    try:
+        probe = LibvirtProbe(uri, keep_failed_logs=keep_failed_logs, limit=LIBVIRT_LIMIT,
+                             stats=LIBVIRT_STATS)
+    except KvmcpuidError as exc:
+        batch = Batch(Backend.LIBVIRT)
+        for case in _renderable(batch, cases):
+            batch.fail(case.id, exc)
+        return batch
+    with probe:
         return _parallel(Backend.LIBVIRT, cases,
                          lambda c: probe.run(c.libvirt_cpu, c.queries, TIMEOUT),
                          LIBVIRT_PARALLEL)

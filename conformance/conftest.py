@@ -6,20 +6,33 @@ Every guest of a backend is booted once per session, in a batch (session
 fixtures `batch_kvm`, `batch_qemu`, `batch_libvirt`); the tests look their
 results up. The report plugin (conformance/report.py) writes
 reports/conformance.{json,md,html}; pytest itself writes the JUnit XML.
+
+The suite's options live here and in conformance/pytest.ini, not on tox's
+command line, so any pytest arguments can be added (`tox -e conformance --
+-k avx2`, `-x`, `--lf`, a test id): the reports go to the checkout's
+reports/ (or $KVMCPUID_REPORTS, or --conformance-report-dir) unless told
+otherwise, the JUnit XML beside them unless --junitxml says where.
+
+A guest the suite's machinery could not run raises CouldNotRun
+(conformance/backends.py) from a fixture: pytest reports an ERROR, and the
+report counts the cell as "could not run", with the cause.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
 from conformance import report as reporting
 from conformance.backends import (
     BACKENDS,
+    LIBVIRT_LIMIT,
+    LIBVIRT_STATS,
     Batch,
+    CouldNotRun,
     run_kvm_cases,
     run_libvirt_cases,
     run_qemu_cases,
@@ -37,8 +50,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     reporting.addoption(parser)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    # First: the JUnit XML default must be in place before pytest's junitxml
+    # plugin reads --junitxml in its own pytest_configure.
     reporting.configure(config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A CouldNotRun (in any phase) marks the report, so that the suite's
+    report shows the cell as "could not run", not as a failure of the host."""
+    report = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(CouldNotRun):
+        reporting.mark_could_not_run(report, str(call.excinfo.value))
+    return report
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -114,7 +142,8 @@ def forced(the_plan: Plan, control: HostControl) -> CpuidTable:
 def _record_batch(batch: Batch) -> Batch:
     reporting.EXTRAS.setdefault("batches", {})[batch.backend] = {  # type: ignore[index]
         "seconds": round(batch.seconds, 3), "guests": len(batch.results),
-        "errors": len(batch.errors), "notes": batch.notes,
+        "errors": len(batch.errors), "could_not_run": len(batch.could_not_run),
+        "notes": batch.notes,
     }
     return batch
 
@@ -162,6 +191,14 @@ def batch_libvirt(the_plan: Plan, libvirt_uri: str) -> Batch:
     return _record_batch(run_libvirt_cases(the_plan.cases(), libvirt_uri))
 
 
+def libvirt_retries() -> dict[str, object]:
+    """Every libvirt guest of the session: attempts, retries by cause, the
+    limit on guests in flight (all libvirt batches, the mutants' included)."""
+    doc = LIBVIRT_STATS.as_json(LIBVIRT_LIMIT)
+    doc["summary"] = LIBVIRT_STATS.summary(LIBVIRT_LIMIT)
+    return doc
+
+
 @pytest.fixture
 def batch(request: pytest.FixtureRequest, backend: Backend) -> Batch:
     """The session batch of this test's backend (skips when it has none)."""
@@ -175,4 +212,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if LIBVIRT_STATS.guests:
+        reporting.EXTRAS["libvirt_retries"] = libvirt_retries()
     reporting.sessionfinish(session, exitstatus)

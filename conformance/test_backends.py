@@ -7,10 +7,17 @@ xfail(strict=True, raises=UncontrolledMismatch): decided before looking at
 the guest, from the host-control result and the expected tables alone, so
 the test fails (XPASS strict) the day the host honours the bits, and any
 mismatch on a controlled bit still fails it (a plain AssertionError is not
-the expected exception).
+the expected exception). Every test records how many bits the host controls
+were compared and matched, so the report shows what an xfail still proved.
+
+A guest the suite's machinery could not run (libvirtd refusing past its
+retries, a timeout) is an ERROR in the `guests` fixture (CouldNotRun), never
+a failure of the test.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 
@@ -72,6 +79,28 @@ def _ignores(backend: Backend, *cases: Case) -> tuple[Ignore, ...]:
     return GUEST_STATE_MASKS + extra
 
 
+@pytest.fixture
+def guests(request: pytest.FixtureRequest, batch: Batch, the_plan: Plan) -> Batch:
+    """The batch, once every guest this test reads has run: one the suite's
+    machinery could not run is an ERROR of this setup (CouldNotRun, with
+    its cause), so the test never judges the host on a guest that is not there."""
+    params = request.node.callspec.params
+    needs: dict[str, Callable[[], list[str]]] = {
+        "test_full_config": lambda: [the_plan.full.id],
+        "test_feature_off": lambda: [the_plan.full.id, the_plan.off[params["feature"]].id],
+        "test_model": lambda: [the_plan.models[params["model"]].id],
+        "test_baseline": lambda: [] if the_plan.baseline is None else [the_plan.baseline.id],
+    }
+    batch.require(needs[request.node.originalname]())
+    return batch
+
+
+def _stake_names(stake: list[str]) -> list[str]:
+    # Names only: why each bit is out of this host's control is listed once,
+    # in the report's host-control section.
+    return [s.split(" (", 1)[0] for s in stake]
+
+
 def _xfail_if(request: pytest.FixtureRequest, stake: list[str], gaps: list[str]) -> None:
     """Strict xfail, decided before the guest is looked at: for uncontrolled
     bits at stake and for known gaps of this project (checks.KNOWN_GAPS)."""
@@ -79,9 +108,7 @@ def _xfail_if(request: pytest.FixtureRequest, stake: list[str], gaps: list[str])
     parts = []
     if stake:
         raises += (UncontrolledMismatch,)
-        # Names only: why each bit is out of this host's control is listed
-        # once, in the report's host-control section.
-        names = [s.split(" (", 1)[0] for s in stake]
+        names = _stake_names(stake)
         parts.append(f"this host does not control {len(names)} bit(s) at stake: "
                      + ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
     if gaps:
@@ -98,13 +125,14 @@ def _absolute(request: pytest.FixtureRequest, backend: Backend, kind: str, subje
     ignores = _ignores(backend, case)
     unc = _uncontrolled(control, backend)
     gaps = predicted_gaps(backend, kind, case.expected) + _render_gap(backend, case)
-    _xfail_if(request, at_stake(case.expected, forced, uncontrolled=unc,
-                                reasons=control.reasons, ignore=ignores), gaps)
+    stake = at_stake(case.expected, forced, uncontrolled=unc, reasons=control.reasons,
+                     ignore=ignores)
+    _xfail_if(request, stake, gaps)
     result = batch.get(case.id)
     outcome = check_table(case.expected, result.observed, backend=backend,
                           uncontrolled=unc, reasons=control.reasons,
                           supported=the_plan.supported, vmm=result.vmm_view, ignore=ignores)
-    _finish(request, backend, kind, subject, outcome, result.seconds, case)
+    _finish(request, backend, kind, subject, outcome, result.seconds, case, stake)
 
 
 def _render_gap(backend: Backend, case: Case) -> list[str]:
@@ -113,25 +141,28 @@ def _render_gap(backend: Backend, case: Case) -> list[str]:
 
 
 def _finish(request: pytest.FixtureRequest, backend: Backend, kind: str, subject: str,
-            outcome: Outcome, seconds: float, case: Case) -> None:
+            outcome: Outcome, seconds: float, case: Case, stake: list[str]) -> None:
     reporting.record(request, backend=backend, kind=kind, subject=subject,
                      issues=[i.text() for i in outcome.issues],
-                     bits=outcome.bits_compared, seconds=seconds,
+                     bits=outcome.bits_compared, controlled_bits=outcome.controlled_bits,
+                     controlled_matched=outcome.controlled_matched,
+                     uncontrolled_differ=[i.label for i in outcome.uncontrolled],
+                     at_stake=_stake_names(stake), seconds=seconds,
                      qemu_cpu=case.qemu_cpu if backend == Backend.QEMU else None)
     assert outcome.bits_compared > 0, "no bits compared: the guest answered nothing we check"
     outcome.raise_for(f"{backend} {subject}", backend, kind)
 
 
-def test_full_config(request: pytest.FixtureRequest, backend: Backend, batch: Batch,
+def test_full_config(request: pytest.FixtureRequest, backend: Backend, guests: Batch,
                      the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
     """Every feature this host supports, as the adapters render it: the guest
     sees the expected table on every feature word."""
-    _absolute(request, backend, "full", "full", the_plan.full, batch, control, forced,
+    _absolute(request, backend, "full", "full", the_plan.full, guests, control, forced,
               the_plan)
 
 
 def test_feature_off(request: pytest.FixtureRequest, backend: Backend, feature: str,
-                     batch: Batch, the_plan: Plan, control: HostControl) -> None:
+                     guests: Batch, the_plan: Plan, control: HostControl) -> None:
     """The full configuration with `feature` off: compared with the full
     configuration's guest, the guest loses exactly the bits the two expected
     tables differ in (the feature, and what the policy couples to it)."""
@@ -144,27 +175,29 @@ def test_feature_off(request: pytest.FixtureRequest, backend: Backend, feature: 
             pytest.skip(f"libvirt: <cpu> cannot express {feature} "
                         "(adapters.libvirt.unexpressible); libvirt's default applies")
     unc = _uncontrolled(control, backend)
-    _xfail_if(request, at_stake(off.expected, full.expected, uncontrolled=unc,
-                                reasons=control.reasons, ignore=ignores),
+    stake = at_stake(off.expected, full.expected, uncontrolled=unc, reasons=control.reasons,
+                     ignore=ignores)
+    _xfail_if(request, stake,
               predicted_gaps(backend, "off", off.expected) + _render_gap(backend, off))
-    guest_full = batch.get(full.id)
-    guest_off = batch.get(off.id)
+    guest_full = guests.get(full.id)
+    guest_off = guests.get(off.id)
     outcome = check_delta(full.expected, off.expected, guest_full.observed, guest_off.observed,
                           uncontrolled=unc, reasons=control.reasons, ignore=ignores)
-    _finish(request, backend, "off", feature, outcome, guest_off.seconds, off)
+    _finish(request, backend, "off", feature, outcome, guest_off.seconds, off, stake)
 
 
-def test_model(request: pytest.FixtureRequest, backend: Backend, model: str, batch: Batch,
+def test_model(request: pytest.FixtureRequest, backend: Backend, model: str, guests: Batch,
                the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
     """A named CPU model this host can run (newest first)."""
-    _absolute(request, backend, "model", model, the_plan.models[model], batch, control,
+    _absolute(request, backend, "model", model, the_plan.models[model], guests, control,
               forced, the_plan)
 
 
-def test_baseline(request: pytest.FixtureRequest, backend: Backend, batch: Batch,
+def test_baseline(request: pytest.FixtureRequest, backend: Backend, guests: Batch,
                   the_plan: Plan, control: HostControl, forced: CpuidTable) -> None:
-    """The cluster baseline of this host and a real CPU dump of its vendor."""
+    """The cluster baseline of this host and a second one: a real CPU dump
+    of its vendor, or itself narrowed to a named model (plan._baseline)."""
     if the_plan.baseline is None:
         pytest.skip(f"baseline: {the_plan.baseline_why}")
-    _absolute(request, backend, "baseline", "baseline", the_plan.baseline, batch, control,
+    _absolute(request, backend, "baseline", "baseline", the_plan.baseline, guests, control,
               forced, the_plan)
