@@ -1,0 +1,548 @@
+"""Can a guest with this CPU run on this host? The verdict, register by
+register, of a guest's CPUID against what a host can give it.
+
+The guest is a table: a dump of what a guest sees, or the table a
+configuration (a domain's `<cpu>`, a `-cpu` string) asks for on the host,
+features the host cannot give included (`wanted_table`). The host is what
+its KVM reports (`KVM_GET_SUPPORTED_CPUID`, live or a dump), what this
+machine's QEMU makes of it (when judging this machine: `Host.qemu`) and,
+when the host-control probe has run, which bits this host lets
+`KVM_SET_CPUID2` decide at all (`Control`).
+
+RULES is the one table of what is compared and how (docs/compat.md says
+why); everything it does not name (signature, brand, caches, topology, the
+hypervisor signature) is written by the VMM from the model and the
+configuration and does not decide whether a guest fits.
+
+Pure: a function of its arguments and of the feature registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final
+
+from lxml import etree
+
+from kvmcpuid_virt.adapters import libvirt as lv
+from kvmcpuid_virt.adapters import qemu as qemu_adapter
+from kvmcpuid_virt.analysis.baseline import word_value
+from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Ignore
+from kvmcpuid_virt.analysis.given import classify, qemu_cpu_value
+from kvmcpuid_virt.config.build import (
+    SETTABLE_KINDS,
+    Policy,
+    build,
+    expected_table,
+    relevant_features,
+    supported_features,
+)
+from kvmcpuid_virt.config.cpuconfig import CpuConfig, vendor_of
+from kvmcpuid_virt.config.qemu_adjust import qemu_supported
+from kvmcpuid_virt.cpuid import fields
+from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
+from kvmcpuid_virt.cpuid.formats import Dump, loads
+from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, EntryFlag, Register
+from kvmcpuid_virt.toolfacts.facts import ModelSource, QemuFacts, ToolFacts
+from kvmcpuid_virt.xmlutil import parse_xml
+
+__all__ = [
+    "RULES",
+    "Control",
+    "FieldRule",
+    "Host",
+    "Layer",
+    "Reason",
+    "Rule",
+    "Scope",
+    "Verdict",
+    "compat",
+    "compat_config",
+    "judge_text",
+    "wanted_table",
+]
+
+_ALL: Final = 0xFFFF_FFFF
+Word = tuple[int, int, Register]
+Bit = tuple[int, int, Register, int]
+
+
+class Layer(enum.StrEnum):
+    """Why the host cannot give what the guest has."""
+
+    KVM = "kvm"  # KVM cannot give it: not in KVM_GET_SUPPORTED_CPUID (or the host's dump)
+    QEMU = "qemu"  # KVM has it, QEMU filters it (no property, its start trial fails)
+    HOST = "host"  # this host does not control it (the host-control probe)
+
+
+class Rule(enum.StrEnum):
+    SUBSET = "subset"  # every bit the guest has, the host can give
+    NO_GREATER = "no-greater"  # the guest's value is at most the host's
+    EQUAL = "equal"  # the guest's value is the host's
+    IGNORED = "ignored"  # follows guest state or topology: compare.GUEST_STATE_MASKS
+
+
+class Scope(enum.Enum):
+    REGISTER = "register"  # the register(s) named by leaf, subleaf, regs, mask
+    FEATURE_WORDS = "feature words"  # every register the registry names bits in
+    XSAVE_COMPONENTS = "XSAVE components"  # CPUID.0DH.i, each component i >= 2 the guest has
+    MASKS = "masks"  # the bits of GUEST_STATE_MASKS (or the caller's ignore list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FieldRule:
+    """One row of RULES: a field (the registers `regs` of leaf.subleaf,
+    concatenated low first, `mask` of each shifted down to bit 0) and how the
+    guest's value must relate to the host's. `show`: how values are printed."""
+
+    name: str
+    rule: Rule
+    scope: Scope
+    leaf: int = 0
+    subleaf: int = 0
+    regs: tuple[Register, ...] = ()
+    mask: int = _ALL
+    show: str = "hex"  # hex | dec | text
+
+
+# The one table of what compat() compares (docs/compat.md has the reasons).
+RULES: Final[tuple[FieldRule, ...]] = (
+    FieldRule("feature bits", Rule.SUBSET, Scope.FEATURE_WORDS),
+    FieldRule("vendor", Rule.EQUAL, Scope.REGISTER, 0x0, 0, ("ebx", "edx", "ecx"), show="text"),
+    FieldRule("max basic leaf", Rule.NO_GREATER, Scope.REGISTER, 0x0, 0, ("eax",)),
+    FieldRule("max hypervisor leaf", Rule.NO_GREATER, Scope.REGISTER, 0x4000_0000, 0, ("eax",)),
+    FieldRule("max extended leaf", Rule.NO_GREATER, Scope.REGISTER, 0x8000_0000, 0, ("eax",)),
+    FieldRule("leaf 7 subleaves", Rule.NO_GREATER, Scope.REGISTER, 0x7, 0, ("eax",)),
+    FieldRule("leaf 0x14 subleaves (PT)", Rule.NO_GREATER, Scope.REGISTER, 0x14, 0, ("eax",)),
+    FieldRule("AMX palettes", Rule.NO_GREATER, Scope.REGISTER, 0x1D, 0, ("eax",)),
+    FieldRule("AVX10 version", Rule.NO_GREATER, Scope.REGISTER, 0x24, 0, ("ebx",), 0xFF, "dec"),
+    FieldRule("physical address bits", Rule.NO_GREATER, Scope.REGISTER, 0x8000_0008, 0,
+              ("eax",), 0xFF, "dec"),
+    FieldRule("virtual address bits", Rule.NO_GREATER, Scope.REGISTER, 0x8000_0008, 0,
+              ("eax",), 0xFF00, "dec"),
+    FieldRule("XCR0 components", Rule.SUBSET, Scope.REGISTER, 0xD, 0, ("eax", "edx")),
+    FieldRule("IA32_XSS components", Rule.SUBSET, Scope.REGISTER, 0xD, 1, ("ecx", "edx")),
+    FieldRule("XSAVE component size", Rule.EQUAL, Scope.XSAVE_COMPONENTS, 0xD, 0, ("eax",),
+              show="dec"),
+    FieldRule("XSAVE component offset", Rule.EQUAL, Scope.XSAVE_COMPONENTS, 0xD, 0, ("ebx",),
+              show="dec"),
+    FieldRule("XSAVE component flags", Rule.EQUAL, Scope.XSAVE_COMPONENTS, 0xD, 0, ("ecx",),
+              0x3),
+    FieldRule("guest state and topology", Rule.IGNORED, Scope.MASKS),
+)
+
+_LEAF_LIMITS: Final = {0x0: fields.max_basic_leaf, 0x4000_0000: fields.max_hypervisor_leaf,
+                       0x8000_0000: fields.max_extended_leaf}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """What the host-control probe (probe/hostcontrol, its cached result)
+    found: per register, the bits KVM_SET_CPUID2 does not decide on this
+    host, of those the ones it saw forced on or off, and its reason per bit."""
+
+    uncontrolled: Mapping[Word, int] = dataclasses.field(default_factory=dict)
+    forced_on: Mapping[Word, int] = dataclasses.field(default_factory=dict)
+    forced_off: Mapping[Word, int] = dataclasses.field(default_factory=dict)
+    reasons: Mapping[Bit, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    """What a host can give. `dump`: its KVM table (KVM_GET_SUPPORTED_CPUID,
+    live or a dump; a raw CPU dump stands in as an upper bound). `qemu`: this
+    machine's QEMU, when the host judged is this machine (None: no QEMU layer,
+    only QEMU's fixed adjustments of KVM's list). `this_host`: the table is
+    this machine's KVM as it runs now (QEMU's start trial speaks for it)."""
+
+    dump: Dump
+    qemu: QemuFacts | None = None
+    this_host: bool = False
+    control: Control | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reason:
+    """One thing the guest has that the host cannot give."""
+
+    field: str  # the feature name ("abm") or the field ("max basic leaf")
+    where: str  # "CPUID.80000001H.0:ECX[5]", "CPUID.0H.0:EAX"
+    rule: Rule
+    layer: Layer
+    guest: str
+    host: str
+    detail: str
+
+    @property
+    def register(self) -> str:
+        return self.where.split("[", 1)[0]
+
+    def as_json(self) -> dict[str, str]:
+        return {"field": self.field, "where": self.where, "rule": str(self.rule),
+                "layer": str(self.layer), "guest": self.guest, "host": self.host,
+                "detail": self.detail}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    guest: str
+    host: str
+    reasons: tuple[Reason, ...]
+    # Registers compared, as "CPUID.07H.0:EBX" -> the rule applied.
+    checked: Mapping[str, Rule]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return not self.reasons
+
+    def by_layer(self) -> dict[Layer, list[Reason]]:
+        out: dict[Layer, list[Reason]] = {}
+        for r in self.reasons:
+            out.setdefault(r.layer, []).append(r)
+        return out
+
+    def missing(self) -> str:
+        """What does not fit, by layer: "abm, svm (KVM cannot give it); ..."
+        ('' when it fits)."""
+        parts = []
+        for layer, reasons in self.by_layer().items():
+            names = ", ".join(dict.fromkeys(r.field for r in reasons))
+            parts.append(f"{names} ({_LAYER_TEXT[layer]})")
+        return "; ".join(parts)
+
+    def line(self) -> str:
+        """One line naming every feature and field that does not fit."""
+        if self.fits:
+            return f"fits: {self.host} can give {self.guest}'s CPU"
+        return f"does not fit: {self.host} cannot give {self.guest}: {self.missing()}"
+
+    def as_json(self) -> dict[str, Any]:
+        regs: dict[str, list[Reason]] = {}
+        for r in self.reasons:
+            regs.setdefault(r.register, []).append(r)
+        return {
+            "guest": self.guest,
+            "host": self.host,
+            "fits": self.fits,
+            "registers": [
+                {"register": name, "rule": str(rule), "fits": name not in regs,
+                 "reasons": [r.as_json() for r in regs.get(name, [])]}
+                for name, rule in self.checked.items()
+            ],
+            "reasons": [r.as_json() for r in self.reasons],
+            "notes": list(self.notes),
+        }
+
+    def render_json(self) -> str:
+        return json.dumps(self.as_json(), indent=2) + "\n"
+
+    def render_table(self) -> str:
+        """The registers that do not fit, each with its reasons, then the
+        notes and the one-line verdict."""
+        out = [f"guest: {self.guest}", f"host:  {self.host}", ""]
+        regs: dict[str, list[Reason]] = {}
+        for r in self.reasons:
+            regs.setdefault(r.register, []).append(r)
+        if regs:
+            rows = [("register", "field", "guest", "host", "why")]
+            for name, reasons in regs.items():
+                for i, r in enumerate(reasons):
+                    rows.append((name if i == 0 else "", r.field, r.guest, r.host,
+                                 f"{_LAYER_TEXT[r.layer]}: {r.detail}"))  # fmt: skip
+            widths = [max(len(row[i]) for row in rows) for i in range(4)]
+            for row in rows:
+                cells = "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True))
+                out.append(f"{cells}  {row[4]}".rstrip())
+            out.append("")
+        out.extend(f"note: {n}" for n in self.notes)
+        out.append(f"{len(self.checked)} registers compared; {self.line()}")
+        return "\n".join(out) + "\n"
+
+
+_LAYER_TEXT: Final = {
+    Layer.KVM: "KVM cannot give it",
+    Layer.QEMU: "QEMU filters it",
+    Layer.HOST: "this host does not control it",
+}
+
+
+def _pos(leaf: int, subleaf: int, reg: Register, bit: int | None = None) -> str:
+    at = f"CPUID.{leaf:02X}H.{subleaf}:{reg.upper()}"
+    return at if bit is None else f"{at}[{bit}]"
+
+
+def _ignored(rules: tuple[Ignore, ...], leaf: int, subleaf: int, reg: Register) -> int:
+    mask = 0
+    for rule in rules:
+        if rule.applies(leaf, subleaf, reg):
+            mask |= rule.mask
+    return mask
+
+
+def _has_ranges(dump: Dump) -> bool:
+    # A feature-only view (a libvirt host-model, kind "config") announces no
+    # max leaves: its non-flag fields say nothing.
+    return dump.kind != "config"
+
+
+def _offer(host: Host, reg: Registry) -> Dump:
+    """The table of what the host can give a guest. With QEMU facts: what
+    `-cpu host` plus every supported feature would get under this QEMU
+    (config.build.expected_table: KVM's table as QEMU patches it, only the
+    bits this QEMU has a property for, the AMD aliases and twin bits as QEMU
+    builds them, without what its start trial found it cannot set up here).
+    Without: KVM's table with QEMU's fixed adjustments (qemu_adjust)."""
+    adjusted = qemu_supported(host.dump.table)
+    qemu = host.qemu
+    if qemu is not None:
+        relevant = relevant_features(reg, qemu.props)
+        supported = supported_features(reg, adjusted, relevant)
+        if host.this_host:
+            supported -= set(qemu.undeliverable)
+        decided = {f.name: f.name in supported for f in relevant}
+        adjusted = expected_table(adjusted, reg, decided, vendor_of(host.dump.table))
+    return Dump(adjusted, host.dump.kind, host.dump.host, host.dump.source)
+
+
+def _settable(f: Feature, qemu: QemuFacts | None) -> bool:
+    return f.kind in SETTABLE_KINDS and f.qemu is not None and (
+        qemu is None or f.qemu in qemu.props)
+
+
+def _feature_reasons(guest: Dump, host: Host, reg: Registry, ignore: tuple[Ignore, ...],
+                     checked: dict[str, Rule], notes: list[str]) -> Iterator[Reason]:  # fmt: skip
+    offer = _offer(host, reg)
+    control = host.control or Control()
+    table = "KVM's supported CPUID" if host.dump.kind == "supported" else "the host's CPUID"
+    shown_on: list[str] = []  # off in the guest, but the host may show them on
+    given_on: list[str] = []  # not in KVM's table, but the host forces them on
+    for leaf, subleaf, r in reg.words():
+        word: Word = (leaf, subleaf, r)
+        checked[_pos(leaf, subleaf, r)] = Rule.SUBSET
+        mask = ~_ignored(ignore, leaf, subleaf, r) & _ALL
+        want = word_value(guest, leaf, subleaf, r) & mask
+        kvm = word_value(host.dump, leaf, subleaf, r)
+        free = control.uncontrolled.get(word, 0) & mask
+        off = control.forced_off.get(word, 0) & free
+        on = control.forced_on.get(word, 0) & free
+        # A bit the host forces on reaches the guest whatever KVM and QEMU say.
+        can = word_value(offer, leaf, subleaf, r) & ~off | on
+        for bit in range(32):
+            b = 1 << bit
+            f = reg.at(leaf, subleaf, r, bit)
+            name = f.name if f is not None else f"{_pos(leaf, subleaf, r, bit)} (unnamed)"
+            why = control.reasons.get((leaf, subleaf, r, bit))
+            if want & b and off & b:
+                yield Reason(name, _pos(leaf, subleaf, r, bit), Rule.SUBSET, Layer.HOST, "on",
+                             "off", f"the guest reads 0 whatever KVM and QEMU say: {why}")
+            elif want & b and not can & b:
+                if not kvm & b:
+                    layer, detail = Layer.KVM, f"not in {table}"
+                elif f is None or not _settable(f, host.qemu):
+                    layer, detail = Layer.QEMU, "this QEMU has no property for it"
+                else:
+                    layer = Layer.QEMU
+                    trial = host.qemu.undeliverable.get(f.qemu or "") if host.qemu else None
+                    detail = f"QEMU cannot set up a vCPU with it here ({trial})" if trial \
+                        else "QEMU does not pass it on"  # fmt: skip
+                if free & b and why:
+                    detail += f"; nor does this host control it ({why})"
+                yield Reason(name, _pos(leaf, subleaf, r, bit), Rule.SUBSET, layer, "on",
+                             "off", detail)  # fmt: skip
+            elif want & b and on & b and not kvm & b:
+                given_on.append(name)
+            elif not want & b and (on & b or (free & b and kvm & b and not off & b)):
+                shown_on.append(name)
+    if given_on:
+        notes.append("not in KVM's table, but this host forces them on (host-control probe), "
+                     f"so the guest gets them: {', '.join(given_on)}")
+    if shown_on:
+        notes.append("off in the guest, but this host does not control them (host-control "
+                     f"probe), so the guest may see them on: {', '.join(shown_on)}")  # fmt: skip
+
+
+def _value(dump: Dump, rule: FieldRule, subleaf: int | None = None) -> int | None:
+    """The rule's field in `dump`, None where the dump does not have it."""
+    if not _has_ranges(dump):
+        return None
+    table = dump.table
+    limit = _LEAF_LIMITS.get(rule.leaf)
+    if limit is not None and rule.regs == ("eax",):
+        return limit(table)  # the decoders know each range's conventions
+    sub = rule.subleaf if subleaf is None else subleaf
+    entry = table.lookup(rule.leaf, sub)
+    if entry is None or (rule.leaf in INDEXED_LEAVES and entry.index != sub):
+        return None
+    if not fields.in_range(rule.leaf, fields.leaf_limits(table), strict=True):
+        return None
+    shift = (rule.mask & -rule.mask).bit_length() - 1
+    value = 0
+    for i, r in enumerate(rule.regs):
+        value |= ((entry.reg(r) & rule.mask) >> shift) << (32 * i)
+    return value
+
+
+def _show(rule: FieldRule, value: int | None) -> str:
+    if value is None:
+        return "none"
+    if rule.show == "text":
+        raw = b"".join((value >> (32 * i) & _ALL).to_bytes(4, "little") for i in range(3))
+        return raw.replace(b"\0", b"").decode("ascii", errors="replace")
+    return str(value) if rule.show == "dec" else hex(value)
+
+
+def _where(rule: FieldRule, subleaf: int) -> str:
+    regs = "/".join(r.upper() for r in rule.regs)
+    return f"CPUID.{rule.leaf:02X}H.{subleaf}:{regs}"
+
+
+_FIELD_DETAIL: Final = {
+    Rule.NO_GREATER: "the guest's value is greater than the host's",
+    Rule.EQUAL: "the guest's value differs from the host's",
+    Rule.SUBSET: "the guest has components the host lacks",
+}
+
+
+def _field_reasons(guest: Dump, host: Host, checked: dict[str, Rule]) -> Iterator[Reason]:
+    for rule in RULES:
+        if rule.scope == Scope.REGISTER:
+            g, h = _value(guest, rule), _value(host.dump, rule)
+            subs = [(rule.subleaf, g, h)]
+        elif rule.scope == Scope.XSAVE_COMPONENTS:
+            subs = [(i, _value(guest, rule, i), _value(host.dump, rule, i))
+                    for i in _xsave_components(guest)]  # fmt: skip
+        else:
+            continue
+        for sub, g, h in subs:
+            if g is None:
+                continue  # the guest does not have the field
+            if not _has_ranges(host.dump):
+                continue  # a feature-only host: the field is unknown
+            where = _where(rule, sub)
+            checked[where] = rule.rule
+            if h is None:
+                if rule.scope == Scope.XSAVE_COMPONENTS:
+                    continue  # the missing component is the XCR0/XSS reason
+                ok = False
+            elif rule.rule == Rule.NO_GREATER:
+                ok = g <= h
+            elif rule.rule == Rule.EQUAL:
+                ok = g == h
+            else:
+                ok = not g & ~h
+            if ok:
+                continue
+            name = rule.name if rule.scope != Scope.XSAVE_COMPONENTS else f"{rule.name} {sub}"
+            detail = _FIELD_DETAIL[rule.rule] if h is not None else "the host has no such field"
+            if rule.rule == Rule.SUBSET and h is not None:
+                detail += f" ({(g & ~h):#x})"
+            yield Reason(name, where, rule.rule, Layer.KVM, _show(rule, g), _show(rule, h),
+                         detail)  # fmt: skip
+
+
+def _xsave_components(dump: Dump) -> list[int]:
+    info = fields.xsave(dump.table) if _has_ranges(dump) else None
+    if info is None:
+        return []
+    mask = info.xcr0_mask | info.xss_mask
+    return [i for i in range(2, 63) if mask >> i & 1]
+
+
+def compat(guest: Dump, host: Host, *, ignore: Iterable[Ignore] = GUEST_STATE_MASKS,
+           notes: Iterable[str] = ()) -> Verdict:  # fmt: skip
+    """Whether `host` can give `guest`'s CPU, by RULES."""
+    reg = registry()
+    rules = tuple(ignore)
+    checked: dict[str, Rule] = {}
+    found = list(notes)
+    reasons = [*_field_reasons(guest, host, checked),
+               *_feature_reasons(guest, host, reg, rules, checked, found)]  # fmt: skip
+    if host.qemu is None:
+        found.append("judged without QEMU facts: KVM's table with QEMU's fixed adjustments "
+                     "(no QEMU filter, no start trial)")  # fmt: skip
+    return Verdict(guest.source, host.dump.source, tuple(reasons), checked, tuple(found))
+
+
+def wanted_table(config: CpuConfig, extra: Iterable[str] = ()) -> CpuidTable:
+    """What a configuration asks a guest to see: its expected table with
+    the features it asked for that the host could not give (config.dropped)
+    and `extra` (names QEMU cannot set) turned on, each leaf range raised to
+    hold them, as QEMU's automatic level would have."""
+    reg = registry()
+    table = config.expected
+    for name in (*config.dropped, *extra):
+        f = reg.lookup(name)
+        table = _set_bit(table, f)
+    return table
+
+
+def _set_bit(table: CpuidTable, f: Feature) -> CpuidTable:
+    entry = table.lookup(f.leaf, f.subleaf)
+    if entry is None or (f.leaf in INDEXED_LEAVES and entry.index != f.subleaf):
+        flags = EntryFlag.SIGNIFICANT_INDEX if f.leaf in INDEXED_LEAVES else EntryFlag.NONE
+        entry = CpuidEntry(f.leaf, f.subleaf, flags)
+    table = table.replace_entry(entry.replace(**{f.reg: entry.reg(f.reg) | f.mask}))
+    base = fields.range_base(f.leaf)
+    top = table.lookup(base, 0)
+    if top is not None and base in _LEAF_LIMITS and (_LEAF_LIMITS[base](table) or 0) < f.leaf:
+        table = table.replace_entry(top.replace(eax=f.leaf))
+    if f.leaf == 0x7 and f.subleaf:
+        seven = table.lookup(0x7, 0)
+        if seven is not None and seven.eax < f.subleaf:
+            table = table.replace_entry(seven.replace(eax=f.subleaf))
+    return table
+
+
+def compat_config(parsed: tuple[str, tuple[str, ...], tuple[str, ...]], source: str,
+                  host: Host, facts: ToolFacts) -> Verdict:  # fmt: skip
+    """compat() of a configuration (model, enable, disable: a parsed <cpu>
+    or -cpu) applied to the host's table as QEMU would (given.applied): the
+    guest asks for the model's features and its switches, those the host
+    cannot give included. A switch this QEMU has no property for is asked
+    for too (and found missing); disabling one is a no-op."""
+    model, enable, disable = parsed
+    reg = registry()
+    unknown = tuple(n for n in enable if not _settable(reg.lookup(n), facts.qemu))
+    enable = tuple(n for n in enable if n not in unknown)
+    disable = tuple(n for n in disable if _settable(reg.lookup(n), facts.qemu))
+    policy = Policy(model=model, enable=enable, disable=disable, allow_unsupported=True,
+                    model_source=ModelSource.QEMU)  # fmt: skip
+    config = build(host.dump.table, policy, facts=facts, source=host.dump.source,
+                   this_host=host.this_host)  # fmt: skip
+    guest = Dump(wanted_table(config, unknown), "guest", source=source)
+    return compat(guest, host)
+
+
+def _nothing_asked(guest: str, host: Host, why: str) -> Verdict:
+    return Verdict(guest, host.dump.source, (), {}, (why,))
+
+
+def judge_text(text: str, source: str, host: Host, facts: ToolFacts) -> Verdict:
+    """compat() of GUEST given as text: a dump of what a guest sees, a QEMU
+    -cpu string (or kvmcpuid-qemu-flags output), a libvirt <cpu> or a domain
+    XML (given.classify tells them apart). A domain that asks for no CPU (no
+    <cpu>, or one without a model) or that KVM does not run (type other than
+    kvm) has nothing this host's KVM table could refuse: it fits, with a note."""
+    kind = classify(text)
+    if kind == "dump":
+        return compat(loads(text, source), host)
+    if kind == "qemu":
+        parsed = qemu_adapter.parse(qemu_cpu_value(text, source))
+        return compat_config(parsed, source, host, facts)
+    root = parse_xml(text, source)  # classify: a <cpu> or a <domain>
+    cpu: etree._Element | None = root
+    if root.tag == "domain":
+        kind_attr = root.get("type")
+        if kind_attr != "kvm":
+            return _nothing_asked(source, host, f"a <domain type='{kind_attr}'>: not run by "
+                                  "KVM, so KVM's table does not limit its CPU")  # fmt: skip
+        cpu = root.find("cpu")
+    if cpu is None or (cpu.get("mode", "custom") == "custom" and cpu.find("model") is None):
+        return _nothing_asked(source, host, "the domain asks for no CPU model or feature (no "
+                              "<cpu>, or one without a model): QEMU's default model, as this "
+                              "host gives it")  # fmt: skip
+    return compat_config(lv.parse(cpu, source), source, host, facts)
