@@ -175,9 +175,9 @@ def libvirt_cpu(text: str, source: str) -> LibvirtCpu:
     for tag in ("cpu", "features"):
         found = root.findall(tag)
         if len(found) > 1:
-            raise InputError(f"{source}: a second <{tag}> in the domain (line "
-                             f"{found[1].sourceline}; the first at line {found[0].sourceline})"
-                             ": which one is meant?")  # fmt: skip
+            raise InputError(f"{source}: a second <{tag}> in the domain (the first: line "
+                             f"{found[0].sourceline}): which one is meant? (line "
+                             f"{found[1].sourceline})")  # fmt: skip
         unique[tag] = found[0] if found else None
     cpu = unique["cpu"]
     if cpu is None:
