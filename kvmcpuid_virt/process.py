@@ -1,9 +1,23 @@
 """Helpers the QEMU and libvirt probe backends share: one private temporary
-directory per run, a deadline, and killing a child process for sure.
+directory per run, a deadline, starting and killing a child process for sure,
+and the sections a signal must not cut in two.
 
-Every backend run owns exactly one `tempfile.TemporaryDirectory`; the image,
-the serial log and any socket live in it, so removing it on exit (normal,
-error, timeout or Ctrl-C) leaves nothing behind.
+Every backend run owns exactly one private directory (private_tempdir); the
+image, the serial log and any socket live in it, so removing it on exit
+(normal, error, timeout, Ctrl-C or SIGTERM) leaves nothing behind.
+
+Signals. The command line (cli.main) turns SIGINT and SIGTERM into an
+exception raised in the main thread, so every `finally` on the way out runs.
+An exception can land between any two bytecodes, though: between creating a
+resource and registering its cleanup, or in the middle of that cleanup. So:
+- creating and registering, and cleaning up, run in signals_deferred(): a
+  signal arriving there is raised when the section ends (cli's handler asks
+  defer_signal());
+- every child start() started and every directory private_tempdir() made is
+  registered until it is gone, and cleanup_leftovers() (which cli runs on its
+  way out) finishes what an interrupted cleanup did not.
+Library callers that keep Python's own SIGINT handler get KeyboardInterrupt
+anywhere, as usual; their children still die with them (dies_with_us).
 """
 
 from __future__ import annotations
@@ -13,21 +27,26 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "PREFIX",
     "Deadline",
+    "cleanup_leftovers",
+    "defer_signal",
     "dies_with_us",
     "kill_process",
     "private_tempdir",
     "qemu_opt_value",
     "read_serial",
+    "signals_deferred",
+    "start",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,15 +58,91 @@ PREFIX: Final = "kvmcpuid-probe-"
 _SERIAL_LIMIT: Final = 1 << 20
 
 
+# --- sections a signal must not cut in two ---------------------------------------
+
+
+class _Deferral:
+    """The main thread's signals_deferred() depth and the exception it holds back."""
+
+    depth = 0
+    pending: BaseException | None = None
+
+
+_deferral = _Deferral()
+
+
+def defer_signal(exc: BaseException) -> bool:
+    """For a signal handler (Python runs them in the main thread): hold `exc`
+    back until the main thread's current signals_deferred() section ends.
+    False when the main thread is in none: the handler raises `exc` itself."""
+    if _deferral.depth == 0:
+        return False
+    if _deferral.pending is None:
+        _deferral.pending = exc
+    return True
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A section a signal must not cut in two (creating a resource and
+    registering it, or cleaning it up): an exception defer_signal() held back
+    is raised when the outermost section ends. Other threads get no signal
+    exceptions, so there it is a no-op. Keep sections short and bounded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferral.depth += 1
+    try:
+        yield
+    finally:
+        _deferral.depth -= 1
+        if _deferral.depth == 0 and _deferral.pending is not None:
+            exc, _deferral.pending = _deferral.pending, None
+            raise exc
+
+
+# What cleanup_leftovers() finishes: children not yet reaped, directories not
+# yet removed. Sets: add and discard are atomic, from any thread.
+_children: set[subprocess.Popen[bytes]] = set()
+_directories: set[str] = set()
+
+
+def cleanup_leftovers() -> None:
+    """Kill and reap every child start() started and remove every
+    private_tempdir() still there: the backstop for a cleanup that a signal
+    cut short. The command line runs it on its way out, after the work."""
+    for proc in list(_children):
+        kill_process(proc)
+    for path in list(_directories):
+        _remove_tree(path)
+
+
 @contextmanager
 def private_tempdir(mode: int = 0o700) -> Iterator[Path]:
     """A fresh directory (removed on exit, whatever happens). `mode` 0o711 lets
     another user (libvirt's QEMU user) reach files inside it by name without
     being able to list it."""
-    with tempfile.TemporaryDirectory(prefix=PREFIX) as name:
-        path = Path(name)
-        os.chmod(path, mode)
-        yield path
+    name: str | None = None
+    try:
+        with signals_deferred():
+            name = tempfile.mkdtemp(prefix=PREFIX)
+            _directories.add(name)
+        os.chmod(name, mode)
+        yield Path(name)
+    finally:
+        if name is not None:
+            _remove_tree(name)
+
+
+def _remove_tree(path: str) -> None:
+    with signals_deferred():
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            pass  # removed already (cleanup_leftovers after a cut-short cleanup)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc)
+        _directories.discard(path)
 
 
 class Deadline:
@@ -92,26 +187,41 @@ def dies_with_us(argv: Sequence[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else list(argv)
 
 
+def start(argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """`subprocess.Popen(dies_with_us(argv), **popen)`, registered for
+    cleanup_leftovers() in the same breath (a signal cannot come between).
+    kill_process() reaps it and ends the registration."""
+    command = dies_with_us(argv)
+    with signals_deferred():
+        proc: subprocess.Popen[bytes] = subprocess.Popen(command, **popen)
+        _children.add(proc)
+    return proc
+
+
 def kill_process(proc: subprocess.Popen[bytes], grace: float = 0.5) -> None:
     """Make sure `proc` is gone and reaped: SIGTERM, then SIGKILL after
     `grace` seconds; then close our ends of its pipes (a timed-out run never
-    got to communicate()). Safe to call on a process that already exited."""
-    try:
-        if proc.poll() is None:
-            log.debug("terminating pid %d", proc.pid)
-            try:
-                proc.terminate()
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                log.debug("killing pid %d", proc.pid)
-                proc.kill()
-                proc.wait()
-            except ProcessLookupError:
-                proc.wait()
-    finally:
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+    got to communicate()). Safe to call on a process that already exited, and
+    not cut short by a signal (bounded: `grace` plus the reaping of a SIGKILL)."""
+    with signals_deferred():
+        try:
+            if proc.poll() is None:
+                log.debug("terminating pid %d", proc.pid)
+                try:
+                    proc.terminate()
+                    proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    log.debug("killing pid %d", proc.pid)
+                    proc.kill()
+                    proc.wait()
+                except ProcessLookupError:
+                    proc.wait()
+        finally:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+            if proc.returncode is not None:
+                _children.discard(proc)
 
 
 def qemu_opt_value(value: str) -> str:

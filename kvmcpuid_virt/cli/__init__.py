@@ -1,9 +1,27 @@
 """`kvmcpuid` and `kvmcpuid-qemu-flags`: argument parsing and error handling.
 
 The one error handling of both: a KvmcpuidError is `PROG: message` on one
-line (exit 2), Ctrl-C is `PROG: interrupted` (130), a reader that left
-(`... | head`) ends the command quietly (0). `kvmcpuid-qemu-flags` is
+line (exit 2), SIGINT (Ctrl-C) is `PROG: interrupted` (130), SIGTERM is
+`PROG: terminated` (143), a reader that left (`... | head`) ends the command
+quietly (0). `kvmcpuid-qemu-flags` is
 `main(["qemu-flags", ...], prog="kvmcpuid-qemu-flags")`.
+
+Signals. main() installs handlers for SIGINT and SIGTERM first thing. The
+first signal raises KeyboardInterrupt or Terminated in the main thread, so
+every `finally` and context manager on the way out runs (QEMU killed and
+reaped, domains destroyed, temporary directories removed); where a signal
+must not cut a step in two (creating a resource and registering it, a
+cleanup) the exception waits for the step's end (process.signals_deferred).
+Later signals, and any signal once the work is done, change nothing: one
+line, one exit status. On the way out, what a cut-short cleanup left is
+finished (qmp.close_sessions, process.cleanup_leftovers).
+What remains, as far as Python allows: before main() runs (the interpreter's
+start-up, the imports of the console script: ~30 ms here) the signals are
+Python's own. SIGTERM then kills the process (status -15) and SIGINT either
+kills it (-2) or raises KeyboardInterrupt in the start-up code, which Python
+reports with a traceback (exit 1); nothing of ours exists yet to be left
+behind. An exception raised in a finalizer (`__del__`) is printed and lost,
+so a signal that arrives in one is raised once the finalizer has returned.
 
 Each subcommand lives in kvmcpuid_virt/commands/<module>.py with
 `add_parser(subparsers)` and `run(args) -> int`. Only the module of the
@@ -13,9 +31,12 @@ libvirt or the feature registry.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import importlib
+import itertools
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,11 +44,12 @@ TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, 
 if TYPE_CHECKING:
     from typing import Any, Final
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "Terminated", "main"]
 
 PROG: Final = "kvmcpuid"
 EXIT_ERROR: Final = 2
-EXIT_INTERRUPTED: Final = 130
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for a process the signal killed
+EXIT_TERMINATED: Final = 143  # 128 + SIGTERM
 
 # command -> (module in kvmcpuid_virt.commands, one-line summary)
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
@@ -121,6 +143,91 @@ def _setup_logging(prog: str, verbose: int) -> None:
         )
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Python raises KeyboardInterrupt
+    for SIGINT: not an Exception, so only cleanup (`finally`, context
+    managers, `except BaseException`) sees it on its way out."""
+
+
+# signal -> (exit status, the word on stderr)
+_SIGNAL_EXIT: Final[dict[int, tuple[int, str]]] = {
+    signal.SIGINT: (EXIT_INTERRUPTED, "interrupted"),
+    signal.SIGTERM: (EXIT_TERMINATED, "terminated"),
+}
+
+
+class _Signals:
+    """SIGINT and SIGTERM during one main() call (the module docstring)."""
+
+    def __init__(self) -> None:
+        self._count = itertools.count()  # next() is atomic: one handler call gets 0
+        self.armed = True  # False once the work is done or being unwound
+        self.first: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        # SIGTERM last: a process that catches SIGTERM (SigCgt in
+        # /proc/PID/status) has both handlers (scripts/interrupt_sweep.py).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def ignore(self) -> None:
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.armed and self.first is None and _in_finalizer(frame):
+            # An exception raised in __del__ is printed and lost: ask again
+            # at the next check, which comes once the finalizer has returned.
+            _thread.interrupt_main(signal.Signals(signum))
+            return
+        if next(self._count) or not self.armed:
+            return  # one signal is being acted on, or the work is done
+        self.first = signum
+        exc = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+        process = sys.modules.get("kvmcpuid_virt.process")
+        if process is not None and process.defer_signal(exc):
+            return  # raised when the step that must not be cut in two ends
+        raise exc
+
+
+def _in_finalizer(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _leftovers() -> None:
+    """Finish what a cleanup cut short by a signal left (only modules in use can have any)."""
+    qmp = sys.modules.get("kvmcpuid_virt.qmp")
+    if qmp is not None:
+        qmp.close_sessions()
+    process = sys.modules.get("kvmcpuid_virt.process")
+    if process is not None:
+        process.cleanup_leftovers()
+
+
+def _called_as_program() -> bool:
+    """Whether main() runs for a `__main__` module (a console script,
+    `python -m`, `python -c`) rather than for a caller that goes on (a test):
+    then nothing but the exit follows it."""
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # called from C, with no Python caller
+        return False
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith(
+        "kvmcpuid_virt."
+    ):
+        frame = frame.f_back  # type: ignore[assignment]
+    return frame is not None and frame.f_globals.get("__name__") == "__main__"
+
+
 def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
     try:
         parser, module = _parser(command, prog)
@@ -133,9 +240,6 @@ def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
         # flush (which prints "Exception ignored ... BrokenPipeError").
         sys.stdout.flush()
         return status
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `kvmcpuid ... | head`: the reader left; nothing more to say.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -153,9 +257,39 @@ def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
         raise
 
 
+def _interrupted(signals: _Signals, exc: BaseException, prog: str) -> int:
+    signum = signals.first
+    if signum is None:  # raised by other means than our handler (a test, _thread.interrupt_main)
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+    status, word = _SIGNAL_EXIT[signum]
+    print(f"{prog}: {word}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """The `kvmcpuid` console script (argv: sys.argv[1:] when None); `prog`
     is the name errors carry (see the module docstring)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in args if not a.startswith("-")), None)
-    return _run(args, prog, command)
+    signals = _Signals()
+    signals.install()
+    program = _called_as_program()
+    try:
+        try:
+            try:
+                args = list(sys.argv[1:] if argv is None else argv)
+                command = next((a for a in args if not a.startswith("-")), None)
+                return _run(args, prog, command)
+            finally:
+                signals.armed = False
+                _leftovers()
+        except (KeyboardInterrupt, Terminated) as exc:
+            signals.armed = False  # in case the signal came before the line above
+            _leftovers()
+            return _interrupted(signals, exc, prog)
+    finally:
+        if program:
+            # Nothing but the exit follows; the interpreter's shutdown puts
+            # back SIG_DFL for Python handlers (a signal would then kill the
+            # process after its work, or its message), but leaves SIG_IGN.
+            signals.ignore()
+        else:
+            signals.restore()  # a caller that goes on gets its handlers back

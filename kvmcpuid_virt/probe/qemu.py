@@ -9,24 +9,33 @@ QEMU at once, and `-no-reboot` so the image's reset fallbacks end it too.
 
 `want_vmm_view=True` adds what QEMU says it configured: QEMU starts paused
 (-S) and connects to a QMP server we listen on (so there is no
-connect-retry loop); we read the CPU object's `feature-words` and
-`filtered-features` QOM properties, then `cont`. The guest cannot exit
-before we have asked, and the cost (~tens of ms, mostly the qemu.qmp import
-and asyncio) is paid only when asked.
+connect-retry loop); through kvmcpuid_virt.qmp's Session (the package's one
+QMP client) we read the CPU object's `feature-words` and `filtered-features`
+QOM properties, then `cont`. The guest cannot exit before we have asked, and
+the cost (~tens of ms, mostly the qemu.qmp import and asyncio) is paid only
+when asked. A QEMU that dies before it connects (a bad -cpu) ends the wait
+at once.
+
+A run that failed transiently (QEMU killed from outside or short of a
+resource, a monitor that broke while QEMU ran on: qmp.transient_end) is tried
+again within the timeout, at most qmp.ATTEMPTS times; a deterministic failure
+is reported at once.
 
 Everything lives in one private temporary directory; QEMU is killed on
-timeout, error and Ctrl-C.
+timeout, error, Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import subprocess
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
@@ -36,15 +45,20 @@ from kvmcpuid_virt.probe.qom import describe_filtered, vmm_view_from_qom
 from kvmcpuid_virt.probe.result import ProbeResult
 from kvmcpuid_virt.process import (
     Deadline,
-    dies_with_us,
     kill_process,
     private_tempdir,
     qemu_opt_value,
     read_serial,
+    start,
 )
-
-if TYPE_CHECKING:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+from kvmcpuid_virt.qmp import (
+    QemuExited,
+    Session,
+    TransientError,
+    retrying,
+    transient_end,
+    transient_oserror,
+)
 
 __all__ = ["DEFAULT_MACHINE", "EXIT_STATUS", "qemu_argv", "run_qemu"]
 
@@ -58,8 +72,11 @@ EXIT_STATUS: Final = (image.DEBUG_EXIT_VALUE << 1) | 1
 # Guest RAM: the image needs none; small RAM is less to map and to tear down.
 _MEMORY: Final = "16"
 
-Query = tuple[int, int]
+# How long a QEMU whose monitor broke may take to exit before the break
+# counts as a monitor reset (QEMU still running).
+_EXIT_GRACE: Final = 2.0
 
+Query = tuple[int, int]
 
 
 def qemu_argv(
@@ -101,33 +118,35 @@ def qemu_argv(
 
 
 def _query_vmm_view(
-    qmp: QEMUMonitorProtocol, proc: subprocess.Popen[bytes], deadline: Deadline
+    session: Session, proc: subprocess.Popen[bytes], deadline: Deadline
 ) -> tuple[CpuidTable, list[str]]:
     """Accept QEMU's QMP connection, read the CPU's feature words, `cont`."""
     from qemu.qmp import QMPError
 
     try:
-        qmp.accept(timeout=max(deadline.remaining(), 0.001))
-        qmp.settimeout(max(deadline.remaining(), 0.001))
-        cpus = qmp.cmd("query-cpus-fast")
+        session.accept()
+        cpus = session.cmd("query-cpus-fast")
         if not isinstance(cpus, list) or not cpus:
             raise ToolError(f"QEMU reported no CPUs: {cpus!r}")
         path = str(cpus[0]["qom-path"])
-        words = qmp.cmd("qom-get", path=path, property="feature-words")
-        filtered = qmp.cmd("qom-get", path=path, property="filtered-features")
+        words = session.cmd("qom-get", path=path, property="feature-words")
+        filtered = session.cmd("qom-get", path=path, property="filtered-features")
     except TimeoutError as exc:
         raise ProbeTimeoutError(
             f"QEMU did not answer on QMP within {deadline.timeout:g} s"
         ) from exc
-    except (QMPError, OSError) as exc:
-        if proc.poll() is not None:
-            # QEMU died (a bad -cpu, usually): its stderr says why.
+    except QemuExited as exc:
+        # QEMU died (a bad -cpu, usually): its stderr says why.
+        raise _QemuExited() from exc
+    except (QMPError, OSError, EOFError) as exc:
+        if _exits(proc):
             raise _QemuExited() from exc
-        raise ToolError(f"QMP conversation with QEMU failed: {exc}") from exc
+        # QEMU runs on, paused, but its monitor broke: a new QEMU may answer.
+        raise TransientError(f"QMP conversation with QEMU failed: {exc}") from exc
     assert isinstance(words, list) and isinstance(filtered, list)
     try:
-        qmp.cmd("cont")
-    except (QMPError, OSError, EOFError, TimeoutError) as exc:
+        session.cmd("cont")
+    except (QMPError, OSError, EOFError, QemuExited) as exc:
         # The guest may run and end QEMU before the reply to `cont` is read;
         # only a QEMU that is still there and still paused is a failure, and
         # that one the caller's wait turns into a timeout.
@@ -135,15 +154,13 @@ def _query_vmm_view(
     return vmm_view_from_qom(words), describe_filtered(filtered)
 
 
-def _close_qmp(qmp: QEMUMonitorProtocol) -> None:
-    """Disconnect; after `cont` the guest may already have ended QEMU, and
-    qemu.qmp then re-raises the reader's EOFError from disconnect()."""
-    from qemu.qmp import QMPError
-
+def _exits(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether QEMU exits soon (its monitor's EOF comes just before its exit)."""
     try:
-        qmp.close()
-    except (EOFError, OSError, QMPError) as exc:
-        log.debug("QMP disconnect: %r", exc)
+        proc.wait(timeout=_EXIT_GRACE)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 class _QemuExited(Exception):
@@ -177,24 +194,45 @@ def run_qemu(
     """Boot the CPUID image under `qemu -cpu cpu_arg` and return what the guest
     saw. Raises ProbeTimeoutError when the guest has not exited after
     `timeout` seconds (QEMU is killed), ProbeError when its output is missing
-    or broken, ToolError when QEMU cannot be run."""
+    or broken, ToolError when QEMU cannot be run (TransientError when it
+    failed transiently every time)."""
     queries = list(queries)
     deadline = Deadline(timeout)
     blob = image.build(queries)
     with private_tempdir() as tmp:
         bios = tmp / "image.bin"
-        serial = tmp / "serial.log"
         bios.write_bytes(blob)
-        qmp_socket = tmp / "qmp.sock" if want_vmm_view else None
         # The command line first: a bad -cpu value must fail before anything
-        # (the QMP server socket) is there to leak.
-        argv = _argv(qemu, cpu_arg, bios, serial, machine, qmp_socket)
-        qmp = _listen(qmp_socket)
+        # (a QEMU, the QMP server socket) is there to leak.
+        _argv(qemu, cpu_arg, bios, tmp / "serial.log", machine, None)
+        numbers = itertools.count(1)
+
+        def attempt() -> ProbeResult:
+            # Each attempt its own files: nothing of a failed one is read back.
+            n = next(numbers)
+            suffix = "" if n == 1 else f"-{n}"
+            serial = tmp / f"serial{suffix}.log"
+            qmp_socket = tmp / f"qmp{suffix}.sock" if want_vmm_view else None
+            argv = _argv(qemu, cpu_arg, bios, serial, machine, qmp_socket)
+            return _run_once(qemu, argv, serial, qmp_socket, queries, deadline)
+
+        return retrying(attempt, deadline, "QEMU probe")
+
+
+def _run_once(qemu: str, argv: list[str], serial: Path, qmp_socket: Path | None,
+              queries: list[Query], deadline: Deadline) -> ProbeResult:  # fmt: skip
+    """One QEMU run: listen (with a vmm view), start, ask, wait, read the serial output."""
+    with ExitStack() as stack:
+        session: Session | None = None
+        if qmp_socket is not None:
+            session = stack.enter_context(Session(deadline, name="qemu-probe"))
+            _listen(session, qmp_socket)
         started = time.monotonic()
-        proc = _start(qemu, argv, qmp)
-        ended = _run_to_exit(proc, qmp, deadline)
+        proc = _start(qemu, argv)
+        stack.callback(kill_process, proc)  # even if a signal comes before _run_to_exit
+        ended = _run_to_exit(proc, session, deadline)
         seconds = time.monotonic() - started
-        return _result(ended, read_serial(serial), queries, seconds)
+    return _result(ended, read_serial(serial), queries, seconds)
 
 
 def _argv(qemu: str, cpu_arg: str, bios: Path, serial: Path, machine: str,
@@ -206,58 +244,60 @@ def _argv(qemu: str, cpu_arg: str, bios: Path, serial: Path, machine: str,
         raise InputError(f"cannot run QEMU with -cpu {cpu_arg!r}: {exc}") from None
 
 
-def _listen(qmp_socket: Path | None) -> QEMUMonitorProtocol | None:
-    """The QMP server QEMU will connect to, listening already; None without a vmm view."""
-    if qmp_socket is None:
-        return None
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+def _listen(session: Session, qmp_socket: Path) -> None:
+    """The QMP server QEMU will connect to, listening before QEMU starts."""
+    from qemu.qmp import QMPError
 
-    return QEMUMonitorProtocol(str(qmp_socket), server=True)
+    try:
+        session.listen(str(qmp_socket))
+    except (QMPError, OSError) as exc:
+        raise ToolError(f"cannot listen for QEMU's QMP connection: {exc}") from exc
 
 
-def _start(qemu: str, argv: list[str], qmp: QEMUMonitorProtocol | None) -> subprocess.Popen[bytes]:
-    """Start QEMU; ToolError, with the QMP server closed, when it cannot be run."""
+def _start(qemu: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start QEMU; ToolError (TransientError for a moment's lack of
+    processes or memory) when it cannot be run."""
     log.debug("starting %s", argv)
     try:
-        return subprocess.Popen(
-            dies_with_us(argv),
+        return start(
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             close_fds=True,
         )
     except OSError as exc:
-        if qmp is not None:
-            _close_qmp(qmp)
-        raise ToolError(f"cannot run {qemu}: {exc}") from exc
+        kind = TransientError if transient_oserror(exc) else ToolError
+        raise kind(f"cannot run {qemu}: {exc}") from exc
 
 
 def _run_to_exit(
-    proc: subprocess.Popen[bytes], qmp: QEMUMonitorProtocol | None, deadline: Deadline
+    proc: subprocess.Popen[bytes], session: Session | None, deadline: Deadline
 ) -> _Ended:
     """Ask QMP (if listening), then wait for QEMU's exit; QEMU is gone however this ends."""
     vmm_view: CpuidTable | None = None
     notes: list[str] = []
     try:
-        if qmp is not None:
-            vmm_view, notes = _vmm_view(qmp, proc, deadline)
+        if session is not None:
+            vmm_view, notes = _vmm_view(session, proc, deadline)
         stderr = _wait_for_exit(proc, deadline)
     finally:
-        # Timeout, error or Ctrl-C: no QEMU outlives the run.
+        # Timeout, error, Ctrl-C or SIGTERM: no QEMU outlives the run.
         kill_process(proc)
     return _Ended(proc.returncode, stderr, vmm_view, notes)
 
 
 def _vmm_view(
-    qmp: QEMUMonitorProtocol, proc: subprocess.Popen[bytes], deadline: Deadline
+    session: Session, proc: subprocess.Popen[bytes], deadline: Deadline
 ) -> tuple[CpuidTable | None, list[str]]:
-    """QEMU's configured CPUID and filtered features over QMP, the connection closed after."""
+    """QEMU's configured CPUID and filtered features over QMP, the session closed after."""
     try:
-        return _query_vmm_view(qmp, proc, deadline)
+        session.watch(proc)  # QEMU's exit ends any wait at once
+        return _query_vmm_view(session, proc, deadline)
     except _QemuExited:
         return None, []  # _result reports it, with QEMU's stderr and exit status
     finally:
-        _close_qmp(qmp)
+        session.close()
 
 
 def _wait_for_exit(proc: subprocess.Popen[bytes], deadline: Deadline) -> bytes:
@@ -274,13 +314,17 @@ def _wait_for_exit(proc: subprocess.Popen[bytes], deadline: Deadline) -> bytes:
 
 
 def _result(ended: _Ended, serial: bytes, queries: list[Query], seconds: float) -> ProbeResult:
-    """The guest's answers from its serial output; ProbeError, with QEMU's last words, if bad."""
+    """The guest's answers from its serial output; ProbeError, with QEMU's
+    last words, if bad (TransientError when QEMU ended transiently)."""
     diagnostics = _diagnostics(ended.stderr) + ended.notes
     try:
         observed = image.parse(serial, queries)
     except ProbeError as exc:
         detail = "; ".join(diagnostics[-3:]) or "no message"
-        raise ProbeError(f"QEMU exited with status {ended.status} ({detail}): {exc}") from exc
+        message = f"QEMU exited with status {ended.status} ({detail}): {exc}"
+        if transient_end(ended.status, diagnostics):
+            raise TransientError(message) from exc  # killed from outside, short of a resource
+        raise ProbeError(message) from exc
     if ended.status != EXIT_STATUS:
         # The answers are complete and checksummed; an odd exit is worth
         # telling, not failing on.
