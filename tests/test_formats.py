@@ -94,6 +94,76 @@ def test_cpuid_text_reads_first_cpu_only() -> None:
     assert len(table) == 1 and table.entries[0].eax == 0xD
 
 
+def _cpu_blocks(text: str) -> list[list[tuple[int, ...]]]:
+    """`cpuid -r` output cut at its `CPU N:` headers, each line read with
+    split() and int(): independent of the reader under test."""
+    blocks: list[list[tuple[int, ...]]] = []
+    for line in text.splitlines():
+        if line.startswith("CPU"):
+            blocks.append([])
+        elif line.strip():
+            words = line.replace(":", " ").replace("=", " ").split()
+            blocks[-1].append(tuple(int(w, 16) for w in words if w.startswith("0x")))
+    return blocks
+
+
+@pytest.mark.skipif(shutil.which("cpuid") is None, reason="the `cpuid` tool is not installed")
+def test_reads_real_multi_cpu_cpuid_output() -> None:
+    # `cpuid -r` (no -1) prints one block per CPU; CPUs differ in their APIC
+    # IDs, so each block is a valid table and the first one is read.
+    text = subprocess.run(["cpuid", "-r"], capture_output=True, text=True, check=True).stdout
+    blocks = _cpu_blocks(text)
+    if len(blocks) < 2:
+        pytest.skip("this machine has one CPU: `cpuid -r` prints one block")
+    table = loads(text, "cpuid -r").table
+    assert [(e.function, e.index, *e.regs()) for e in table] == blocks[0]
+    for block in blocks[1:]:  # same leaves on every CPU of this machine
+        assert [row[:2] for row in block] == [e.key for e in table]
+
+
+def test_flag_less_formats_index_a_leaf_listed_at_a_subleaf() -> None:
+    # Leaf 0x27 is not in INDEXED_LEAVES; a file that lists it at subleaf 1
+    # read that subleaf on purpose, so subleaf 2 must not answer with it.
+    text = ("CPU:\n   0x00000000 0x00: eax=0x00000027 ebx=0x756e6547 ecx=0x6c65746e "
+            "edx=0x49656e69\n   0x00000027 0x00: eax=0x1 ebx=0x0 ecx=0x0 edx=0x0\n"
+            "   0x00000027 0x01: eax=0x2 ebx=0x0 ecx=0x0 edx=0x0\n")  # fmt: skip
+    table = loads(text, "new-leaf.txt").table
+    assert table.get(0x27, 1, "eax") == 2
+    assert table.lookup(0x27, 2) is None
+    assert all(e.indexed for e in table if e.function == 0x27)
+    # A leaf listed once at subleaf 0 answers every subleaf, as before.
+    assert table.lookup(0, 5) is not None
+
+
+def test_identical_entries_twice_are_refused_but_stateful_runs_are_not() -> None:
+    leaf0 = {"function": "0x0", "eax": "0x2", "ebx": "0x756e6547", "ecx": "0x6c65746e",
+             "edx": "0x49656e69"}  # fmt: skip
+    leaf2 = {"function": "0x2", "flags": "0x2", "eax": "0x1"}
+    run = [dict(leaf2, flags="0x6"), leaf2]  # KVM's old leaf 2: STATEFUL_FUNC, READ_NEXT first
+    doc = {"format": "kvmcpuid-dump", "version": 1, "entries": [leaf0, *run]}
+    assert len(loads(json.dumps(doc), "stateful.json").table.stateful(2)) == 2
+    plain = {"function": "0x2", "eax": "0x1"}
+    doc["entries"] = [leaf0, plain, plain]
+    with pytest.raises(DumpFormatError, match="listed again, with the same values"):
+        loads(json.dumps(doc), "twice.json")
+
+
+def test_emulated_dump_needs_no_vendor() -> None:
+    # KVM_GET_EMULATED_CPUID's leaf 0 has only the max leaf (eax=7, measured
+    # on this project's hosts): the one kind without a vendor string.
+    entries = [{"function": "0x0", "eax": "0x7"}, {"function": "0x1", "ecx": "0x400000"}]
+    doc = {"format": "kvmcpuid-dump", "version": 1, "kind": "emulated", "entries": entries}
+    assert loads(json.dumps(doc), "emulated.json").kind == "emulated"
+    doc["kind"] = "supported"
+    with pytest.raises(DumpFormatError, match="leaf 0 has no vendor string"):
+        loads(json.dumps(doc), "supported.json")
+
+
+def test_byte_order_mark_is_ignored() -> None:
+    text = "\ufeffCPU:\n   0x00000000 0x00: eax=0x0 ebx=0x756e6547 ecx=0x6c65746e edx=0x49656e69\n"
+    assert len(loads(text, "bom.txt").table) == 1
+
+
 BAD = [
     ("json", '{"format": "kvmcpuid-dump", "version": 1,\n "entries": [\n'
      '  {"function": "0x1", "eax": "0x100000000"}]}', 3, "does not fit 32 bits"),
@@ -114,6 +184,47 @@ BAD = [
     ("cpuid", "CPU:\n   0x00000000 0x00: eax=0x0 ebx=0x0 ecx=0x0 edx=0x0\n   garbage\n", 3,
      "expected"),
     ("cpuid", "", None, "no CPUID lines"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": []}', None, "no entries"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [\n'
+     ' {"function": "0x1"}]}', None, "no leaf 0"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [\n'
+     ' {"function": "0x0", "eax": "0x1", "ebx": "0x1"},\n {"function": "0x1", "eax": "0x1"},\n'
+     ' {"function": "0x1", "eax": "0x2"}]}', 4, "entry 2: leaf 0x1 subleaf 0x0 listed again"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [\n'
+     ' {"function": "0x0", "eax": "0x1", "ebx": "0x1", "eax": "0x2"}]}', 2,
+     "entry 0: key 'eax' given twice"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [\n'
+     ' {"function": "0x0", "eax": "0x1", "ebx": "0x1"},\n {"function": "0x5"}]}', 3,
+     "entry 1: leaf 0x5 is beyond the max basic leaf 0x1 (leaf 0 EAX, entry 0 at line 2)"),
+    ("json", '{"format": "kvmcpuid-dump", "version": true, "entries": []}', None,
+     "dump version True"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [], "Entries": []}', None,
+     "unknown keys ['Entries']"),
+    ("json", '{"format": "kvmcpuid-dump", "version": 1, "entries": [\n'
+     ' {"function": "0x0", "eax": "0x1", "ebx": "0x1"},\n'
+     ' {"function": "0x80000001"}]}', 3, "entry 1: leaf 0x80000001 without leaf 0x80000000"),
+    ("cpudata", "<cpudata arch='x86'>\n<cpuid eax_in='0x0' eax='0x1' ebx='0x1'/>\n"
+     "<cpuid eax_in='0x1' eax='0x1'/>\n<cpuid eax_in='0x1' eax='0x1'/>\n</cpudata>", 4,
+     "leaf 0x1 subleaf 0x0 listed again, with the same values as at line 3"),
+    ("cpudata", "<cpudata arch='x86'>\n<cpuid eax_in='0x0' eax='0x1' ebx='0x1' edx_in='0x1'/>"
+     "\n</cpudata>", 2, "<cpuid> has unknown attribute 'edx_in'"),
+    ("cpudata", "<cpudata arch='x86'>\n<cpuid eax_in='0x0' ebx='0x1'>0x1</cpuid>\n</cpudata>",
+     2, "<cpuid> has content"),
+    ("cpuid", "CPU:\n   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n"
+     "   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n", 3, "listed again"),
+    ("cpuid", "CPU 0:\n   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n"
+     "CPU 0:\n   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n", 3,
+     "a second 'CPU 0:' block (the first at line 1)"),
+    ("cpuid", "   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n"
+     "CPU 1:\n   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n", 2,
+     "a 'CPU' header after lines without one"),
+    ("cpuid", "CPU:\n   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n"
+     "CPU 1:\n   0x00000000 0x00: eax=0x1 ebx=0x1 ecx=0x0 edx=0x0\n", 3,
+     "'CPU:' and 'CPU N:' headers mixed"),
+    ("cpuid", "CPU:\n   0x00000000 0x00: eax=0x1\u3000ebx=0x1 ecx=0x0 edx=0x0\n", 2,
+     "expected '0xLEAF"),
+    ("cpuid", "CPU:\n   0x00000000 0x00: eax=0x1 ebx=0x0 ecx=0x0 edx=0x0\n", 2,
+     "leaf 0 has no vendor string"),
 ]
 
 
@@ -219,3 +330,21 @@ def test_load_read_errors_stay_dump_errors(tmp_path: Path) -> None:
     with pytest.raises(DumpFormatError, match=r"latin1\.txt: not UTF-8 text") as info2:
         load_dump(str(latin1))
     assert info2.value.source == str(latin1)
+
+
+def test_load_dump_caps_what_it_reads(tmp_path: Path) -> None:
+    from kvmcpuid_virt.fsutil import MAX_INPUT_BYTES
+
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_INPUT_BYTES + 1))
+    with pytest.raises(DumpFormatError) as info:
+        load_dump(str(big))
+    assert str(info.value) == (f"{big}: larger than 16 MiB; refusing (dumps and XML inputs "
+                               "are far smaller)")  # fmt: skip
+
+
+def test_xml_errors_are_one_line() -> None:
+    # libxml2's messages end in a newline mid-text ("...range\n, line 1").
+    with pytest.raises(DumpFormatError) as info:
+        loads("<cpudata>\x00</cpudata>", "nul.xml")
+    assert "\n" not in str(info.value) and str(info.value).startswith("nul.xml:1: malformed XML")
