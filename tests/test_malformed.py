@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -388,3 +389,83 @@ def test_libvirt_xml_patch_of_a_domain_with_two_cpus_writes_nothing(
              str(out / "patched.xml"))  # fmt: skip
     _refused(r, str(bad), "more than one <cpu>")
     assert list(out.iterdir()) == []
+
+
+# --- libvirt's own verdict on what parse refuses ----------------------------------------
+
+SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
+# A domain libvirt's schema accepts, but for its <cpu> (line 2 on).
+SCHEMA_DOMAIN = ("<domain type='kvm'><name>g</name><memory unit='MiB'>64</memory>\n{}"
+                 "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")  # fmt: skip
+# The cases libvirt 9.0's RelaxNG schema itself refuses.
+SCHEMA_REFUSES = ("two-cpus", "two-features", "two-models", "two-vendors",
+                  "unknown-cpu-attribute", "unknown-mode", "unknown-policy",
+                  "unknown-feature-attribute", "unknown-child", "namespaced-feature",
+                  "feature-without-name", "text-in-cpu")  # fmt: skip
+
+
+def _in_schema_domain(content: str) -> str:
+    if content.startswith("<domain"):  # the case is about the domain itself
+        inner = content[content.index(">") + 1 : content.rindex("</domain>")]
+        return SCHEMA_DOMAIN.format(inner.replace("<name>g</name>", ""))
+    return SCHEMA_DOMAIN.format(content)
+
+
+def test_libvirt_schema_refuses_what_parse_refuses() -> None:
+    if not SCHEMA.exists():
+        pytest.skip("libvirt's RelaxNG schemas are not installed")
+    from lxml import etree
+
+    rng = etree.RelaxNG(etree.parse(str(SCHEMA)))
+    good = _in_schema_domain(CPU + "  <feature policy='require' name='sse2'/>\n</cpu>\n")
+    assert rng.validate(etree.fromstring(good)), rng.error_log.last_error  # the control
+    cases = {name: content for name, content, _ in LIBVIRT}
+    for name in SCHEMA_REFUSES:
+        content = cases[name]
+        assert isinstance(content, str)
+        assert not rng.validate(etree.fromstring(_in_schema_domain(content))), name
+
+
+@pytest.mark.libvirt
+def test_libvirt_refuses_what_parse_refuses(libvirt_conn_uri: str) -> None:
+    """The refusals past the schema: libvirtd's own errors for a feature
+    named twice, migratable= on a custom CPU and a QEMU-only spelling; and
+    what it makes of match='minimum' (another model, host-model features)."""
+    import uuid
+
+    import libvirt
+
+    conn = libvirt.open(libvirt_conn_uri)
+
+    def define(cpu: str) -> libvirt.virDomain:
+        name = f"kvmcpuid-test-{uuid.uuid4().hex[:12]}"
+        return conn.defineXML(SCHEMA_DOMAIN.format(cpu).replace("<name>g</name>",
+                                                                f"<name>{name}</name>"))
+
+    try:
+        cases = {name: content for name, content, _ in LIBVIRT}
+        for name, says in (("feature-twice", "specified more than once"),
+                           ("feature-twice-same-policy", "specified more than once"),
+                           ("migratable-custom", "migratable is only allowed")):  # fmt: skip
+            with pytest.raises(libvirt.libvirtError, match=says):
+                define(str(cases[name])).undefine()  # undefine only if it was defined
+        with pytest.raises(libvirt.libvirtError, match="Unknown CPU feature pclmulqdq"):
+            conn.compareHypervisorCPU(None, "x86_64", None, "kvm", str(cases["qemu-spelling"]), 0)
+        dom = define(str(cases["match-minimum"]))
+        try:
+            updated = _cpu_of(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_UPDATE_CPU))
+        finally:
+            dom.undefine()
+        # Not the qemu64 written: libvirt's update rewrote the model and added
+        # host-model features.
+        assert (updated.findtext("model"), len(updated.findall("feature"))) != ("qemu64", 0)
+    finally:
+        conn.close()
+
+
+def _cpu_of(domain_xml: str) -> Any:
+    from lxml import etree
+
+    cpu = etree.fromstring(domain_xml.encode()).find("cpu")
+    assert cpu is not None
+    return cpu
