@@ -375,17 +375,15 @@ def _daemon_error(call: Callable[[], object]) -> libvirt.libvirtError:
     raise AssertionError("the daemon accepted it")
 
 
-def _disconnect_our_clients() -> int:
-    """Make the real libvirtd drop this process's connections (virt-admin
-    client-disconnect: what a client sees when the daemon restarts or sheds
-    it); the number dropped."""
+def _our_clients() -> set[str]:
+    """libvirtd's ids of this process's connections (virt-admin)."""
     if shutil.which("virt-admin") is None:
         pytest.skip("virt-admin is not installed")
     listing = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"],
                              capture_output=True, text=True, timeout=30)
     if listing.returncode != 0:
         pytest.skip(f"virt-admin cannot reach libvirtd's admin socket: {listing.stderr.strip()}")
-    dropped = 0
+    ours = set()
     for line in listing.stdout.splitlines()[2:]:
         if not line.strip():
             continue
@@ -393,15 +391,26 @@ def _disconnect_our_clients() -> int:
         info = subprocess.run(["virt-admin", "client-info", "libvirtd", client],
                               capture_output=True, text=True, timeout=30).stdout
         if re.search(rf"^unix_process_id\s*:\s*{os.getpid()}$", info, re.M):
-            subprocess.run(["virt-admin", "client-disconnect", "libvirtd", client],
-                           capture_output=True, check=True, timeout=30)
-            dropped += 1
-    return dropped
+            ours.add(client)
+    return ours
+
+
+def _drop_clients_since(before: set[str]) -> None:
+    """Make the real libvirtd drop the connections this process opened since
+    `before` was listed (virt-admin client-disconnect: what a client sees
+    when the daemon restarts or sheds it); only those."""
+    new = _our_clients() - before
+    if not new:
+        pytest.fail("virt-admin lists no connection this test opened")
+    for client in sorted(new):
+        subprocess.run(["virt-admin", "client-disconnect", "libvirtd", client],
+                       capture_output=True, check=True, timeout=30)
 
 
 def test_transient_cause_of_the_real_daemons_refusals(env: Env) -> None:
     """Deterministic refusals the real daemon gives are not transient; the
     same daemon dropping our connection is."""
+    before = _our_clients()
     conn = libvirt.open(env.uri)
     try:
         bad_xml = _daemon_error(lambda: conn.createXML("<domain", 0))
@@ -418,8 +427,7 @@ def test_transient_cause_of_the_real_daemons_refusals(env: Env) -> None:
         assert missing_file.get_int1() == errno.ENOENT  # errno travels as int1
         for exc in (bad_xml, unknown_model, missing_file):
             assert transient_cause(exc, conn) is None, exc
-        if _disconnect_our_clients() == 0:
-            pytest.fail("virt-admin listed no connection of this process")
+        _drop_clients_since(before)
         broken = _daemon_error(conn.getVersion)
         assert broken.get_error_domain() == libvirt.VIR_FROM_RPC
         assert transient_cause(broken, conn) is Transient.CONNECTION
@@ -516,11 +524,11 @@ def test_connection_the_daemon_dropped_is_reopened_and_the_guest_runs(env: Env) 
     """The real libvirtd drops the probe's connection between two guests (as
     a restart does): the next guest's createXML meets the broken connection,
     the probe opens a new one and runs it."""
+    before = _our_clients()
     with env.probe() as probe:
         probe.run(cpu(), QUERIES)
         first = probe.conn
-        if _disconnect_our_clients() == 0:
-            pytest.fail("virt-admin listed no connection of this process")
+        _drop_clients_since(before)
         result = probe.run(cpu(), QUERIES)
         assert probe.conn is not first
     assert result.observed.get(0, 0, "ebx") != 0
@@ -532,11 +540,11 @@ def test_simulated_daemon_restart_refuses_reconnections_until_it_is_back(env: En
     """The real daemon drops the connection; the simulated restart then
     refuses two reconnections (ECONNREFUSED) before accepting: retried too."""
     refusals = Refusals(reconnect=2)
+    before = _our_clients()
     with SimulatedRefusingDaemon(env.uri, refusals, name_prefix=env.prefix,
                                  retry=FAST) as probe:
         probe.run(cpu(), QUERIES)
-        if _disconnect_our_clients() == 0:
-            pytest.fail("virt-admin listed no connection of this process")
+        _drop_clients_since(before)
         result = probe.run(cpu(), QUERIES)
     assert result.observed.get(0, 0, "ebx") != 0
     assert refusals.reconnect == 0
