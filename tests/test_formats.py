@@ -352,3 +352,23 @@ def test_xml_errors_are_one_line() -> None:
     with pytest.raises(DumpFormatError) as info:
         loads("<cpudata>\x00</cpudata>", "nul.xml")
     assert "\n" not in str(info.value) and str(info.value).startswith("nul.xml:1: malformed XML")
+
+
+def test_baseline_json_with_its_notes_reads_back(tmp_path: Path) -> None:
+    # `kvmcpuid baseline --format json` adds a "notes" list to the dump: the
+    # reader knows that key (and refuses any other it does not know).
+    if len(DUMPS) < 2:
+        pytest.skip("fewer than two real CPU dumps")
+    out = tmp_path / "baseline.json"
+    amd = [str(p) for p in DUMPS if "EPYC" in p.name or "Ryzen" in p.name]
+    if len(amd) < 2:
+        pytest.skip("fewer than two AMD dumps")
+    r = subprocess.run([sys.executable, "-m", "kvmcpuid_virt.cli", "baseline", "--format",
+                        "json", "-o", str(out), *amd], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["notes"]
+    assert load_dump(str(out)).table.lookup(0) is not None
+    doc = json.loads(out.read_text())
+    doc["notes"] = "one string"
+    with pytest.raises(DumpFormatError, match="'notes' must be a list of strings"):
+        loads(json.dumps(doc), "notes.json")

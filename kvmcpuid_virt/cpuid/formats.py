@@ -261,7 +261,9 @@ def _hex32(value: Any, what: str) -> int:
     raise ValueError(f"{what}: expected a hex string like '0x1f', got {_show(value)}")
 
 
-_TOP_KEYS: Final = frozenset({"format", "version", "kind", "host", "entries"})
+# "notes": what `kvmcpuid baseline --format json` adds (a list of strings),
+# read and not kept.
+_TOP_KEYS: Final = frozenset({"format", "version", "kind", "host", "entries", "notes"})
 _ENTRY_KEYS: Final = frozenset({"function", "index", "flags", *REGISTERS})
 
 
@@ -319,6 +321,9 @@ def _load_json(text: str, source: str) -> Dump:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise DumpFormatError(source, None, f"unknown keys {_show(sorted(unknown))}")
+    notes = doc.get("notes", [])
+    if not (isinstance(notes, list) and all(type(n) is str for n in notes)):
+        raise DumpFormatError(source, None, "'notes' must be a list of strings")
     given_kind = doc.get("kind", "supported")
     kind = next((k for k in _KINDS if k == given_kind and type(given_kind) is str), None)
     if kind is None:
