@@ -482,6 +482,8 @@ def test_simulated_daemon_refusing_with_bpf_eagain_is_retried(env: Env) -> None:
     assert 0.03 <= stats.backoff_seconds <= 0.06
     assert BPF_EAGAIN in stats.messages[Transient.CGROUP_BPF]
     assert probe.limit.decreases == 2 and probe.limit.lowest == 1
+    assert result.diagnostics[-1] == ("libvirt refused 2 time(s) transiently before the guest "
+                                      "ran (cgroup-bpf-eagain: 2)")
 
 
 def test_simulated_daemon_still_refusing_gives_up_with_the_cause(env: Env) -> None:

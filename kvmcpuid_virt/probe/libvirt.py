@@ -62,6 +62,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -577,16 +578,24 @@ class LibvirtProbe:
         self.stats.guest()
         started = time.monotonic()
         tries = 0
+        causes: list[str] = []
         while True:
             tries += 1
             try:
-                return self._attempt(cpu_xml, queries, blob, timeout, want_vmm_view, features)
+                result = self._attempt(cpu_xml, queries, blob, timeout, want_vmm_view, features)
             except _Retry as retry:
                 if retry.cause == Transient.CONNECTION:
                     self._forget_connection()
                     if retry.name:
                         self._destroy_by_name(retry.name)
                 self._next_try(retry, tries, time.monotonic() - started)
+                causes.append(retry.cause)
+                continue
+            if causes:
+                result.diagnostics.append(
+                    f"libvirt refused {len(causes)} time(s) transiently before the guest ran ("
+                    + ", ".join(f"{c}: {n}" for c, n in sorted(Counter(causes).items())) + ")")
+            return result
 
     def _next_try(self, retry: _Retry, tries: int, elapsed: float) -> None:
         """Back off before the next try, or give up: LibvirtUnavailableError
