@@ -120,10 +120,10 @@ def render_script(manifest: list[tuple[str, str]], python: str, paths: list[str]
     """The hook's text: the manifest lines, the operation and domain-name
     filters (`domains`: a shell glob), and the exec of `python` with `paths`
     on sys.path."""
-    for key, value in manifest:
-        _safe(value, key)
     if not domains or not set(domains) <= _PATTERN_CHARS:
         raise InputError(f"--domains {domains!r}: a glob of letters, digits and _.-+:@*?[]!")
+    for key, value in manifest:
+        _safe(value, key)
     code = (f"import sys; sys.path[:0] = {[_safe(p, 'path') for p in paths]!r}; "
             "from kvmcpuid_virt.libvirt_hook import main; sys.exit(main())")  # fmt: skip
     lines = "\n".join(f"{MANIFEST_TAG}{k}={v}" for k, v in manifest)

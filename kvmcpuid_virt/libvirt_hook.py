@@ -416,6 +416,12 @@ def _run(args: Sequence[str], manifest: dict[str, list[str]], log: str) -> int:
         raise _Unreadable(f"domain XML is not UTF-8 ({exc.reason})") from None
     domain = reduce_domain(xml)
     qemu = _one(manifest, "qemu")
+    qemu = "" if qemu == "-" else qemu  # none was found at install
+    # Where the tool facts were learned, whatever HOME and PATH libvirt
+    # passes (fsutil.cache_dir and toolfacts.learn.find_qemu read these).
+    os.environ["XDG_CACHE_HOME"] = _one(manifest, "cache")
+    if qemu:
+        os.environ["KVMCPUID_QEMU"] = qemu
     cache = os.path.join(_one(manifest, "cache"), "kvmcpuid_virt")
     key = verdict_key(domain, masked_kvm_table(), qemu, cache)
     verdict = _memo_load(cache, key)
