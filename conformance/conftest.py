@@ -143,7 +143,7 @@ def _record_batch(batch: Batch) -> Batch:
     reporting.EXTRAS.setdefault("batches", {})[batch.backend] = {  # type: ignore[index]
         "seconds": round(batch.seconds, 3), "guests": len(batch.results),
         "errors": len(batch.errors), "could_not_run": len(batch.could_not_run),
-        "notes": batch.notes,
+        "reruns": batch.reruns, "notes": batch.notes,
     }
     return batch
 

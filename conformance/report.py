@@ -8,8 +8,9 @@ Each cell says what was proven, an xfail included: how many of the bits this
 host controls were compared and matched, and which bits it does not control
 differed. "At a glance" says it per kind of configuration (the full
 configuration first); cells whose guest the suite's machinery could not run
-are "COULD NOT RUN" with the cause, apart from failures; the libvirt retry
-statistics (attempts, retries by cause, guests in flight) have a section.
+are "COULD NOT RUN" with the cause, apart from failures; "Retries" has the
+libvirt retry statistics (attempts, retries by cause, guests in flight) and
+the guests a batch could not run that were run once more alone.
 
 Tests attach details with `record()` (user_properties, so they survive
 pytest-xdist); the hooks in conftest.py call `configure`, `logreport` and
@@ -283,13 +284,21 @@ def _glance() -> list[str]:
 
 
 def _retry_lines() -> list[str]:
+    """libvirt's transient refusals retried, and guests the batch could not
+    run that were run once more alone."""
+    lines = []
     retries = EXTRAS.get("libvirt_retries")
-    if not isinstance(retries, dict):
-        return []
-    lines = [str(retries.get("summary", ""))]
-    messages = retries.get("messages") or {}
-    if isinstance(messages, dict):
-        lines += [f"last {cause}: {text}" for cause, text in messages.items()]
+    if isinstance(retries, dict):
+        lines.append(f"libvirt: {retries.get('summary', '')}")
+        messages = retries.get("messages") or {}
+        if isinstance(messages, dict):
+            lines += [f"libvirt, last {cause}: {text}" for cause, text in messages.items()]
+    batches = EXTRAS.get("batches")
+    for backend, info in (batches.items() if isinstance(batches, dict) else ()):
+        reruns = info.get("reruns") if isinstance(info, dict) else None
+        if reruns:
+            lines += [f"{backend}: {case} re-run alone after: {why}"
+                      for case, why in sorted(reruns.items())]
     return lines
 
 
@@ -322,7 +331,7 @@ def _markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     retry = _retry_lines()
     if retry:
-        lines += ["", "## libvirt: transient refusals retried", "", *[f"- {r}" for r in retry]]
+        lines += ["", "## Retries", "", *[f"- {r}" for r in retry]]
     hc = EXTRAS.get("host_control")
     if isinstance(hc, list) and hc:
         lines += ["", "## Bits this host does not let KVM_SET_CPUID2 control", ""]
@@ -399,7 +408,7 @@ def _html(doc: dict[str, Any]) -> str:
                     S(det, "pre").text = rest.strip()[:2000]
     retry = _retry_lines()
     if retry:
-        S(body, "h2").text = "libvirt: transient refusals retried"
+        S(body, "h2").text = "Retries"
         ul = S(body, "ul")
         for line in retry:
             S(ul, "li").text = line
