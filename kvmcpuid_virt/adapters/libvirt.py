@@ -45,6 +45,7 @@ __all__ = [
     "kvm_features_element",
     "parse",
     "patch_domain",
+    "patch_features",
     "render",
     "unexpressible",
 ]
@@ -389,6 +390,174 @@ def patch_domain(domain_xml: str, config: CpuConfig, model: str,
     ):
         raise InputError(f"{source}: patching <cpu> would change more than <cpu>; refusing")
     return new
+
+
+# libvirt's order (virDomainDefFormatInternal, virDomainFeature and
+# virDomainKVM in 9.0), which `virsh dumpxml` writes back: the domain
+# children <features> goes before, the <features> children <kvm> goes
+# before, and the <kvm> children in theirs. The schema interleaves them, so
+# any order validates; following libvirt's keeps define/dumpxml stable.
+_AFTER_FEATURES: Final = ("cpu", "clock", "on_poweroff", "on_reboot", "on_crash",
+                          "on_lockfailure", "pm", "perf", "devices", "seclabel", "keywrap",
+                          "launchSecurity")  # fmt: skip
+_AFTER_KVM: Final = ("pvspinlock", "capabilities", "pmu", "vmport", "gic", "smm", "ioapic",
+                     "hpt", "vmcoreinfo", "htm", "nested-hv", "msrs", "ccf-assist", "xen",
+                     "cfpc", "sbbc", "ibs", "tcg", "async-teardown")  # fmt: skip
+_KVM_ORDER: Final = ("hidden", "hint-dedicated", "poll-control", "pv-ipi", "dirty-ring")
+
+_Span = tuple[str, int, int]  # (tag, start, end) of an element in a text
+
+
+def _children(text: str, lo: int, hi: int) -> list[_Span]:
+    """The elements directly inside text[lo:hi] (one element's content), by
+    the tag scan of _span."""
+    out: list[_Span] = []
+    depth = 0
+    start = 0
+    name = ""
+    for m in _TOKEN.finditer(text, lo, hi):
+        tag = m.group(2)
+        if tag is None:
+            continue
+        closing, selfclose = m.group(1) == "/", m.group(3) == "/"
+        if closing:
+            depth -= 1
+            if depth == 0:
+                out.append((name, start, m.end()))
+        elif selfclose:
+            if depth == 0:
+                out.append((tag, m.start(), m.end()))
+        else:
+            if depth == 0:
+                name, start = tag, m.start()
+            depth += 1
+    return out
+
+
+def _inside(text: str, span: _Span) -> tuple[int, int] | None:
+    """(start, end) of the content of the element at `span`; None when it
+    is self-closing."""
+    _, start, end = span
+    head = next(m for m in _TOKEN.finditer(text, start, end) if m.group(2) is not None)
+    if head.group(3) == "/":
+        return None
+    return head.end(), text.rfind("</", start, end)
+
+
+def _insert(text: str, lo: int, hi: int, lines: list[str], before: tuple[str, ...],
+            parent_indent: str) -> str:  # fmt: skip
+    """`lines` (an element's markup, a line each) inserted into the content
+    text[lo:hi] before the first child named in `before` (else last): on
+    lines of their own, indented like the siblings (or one level deeper than
+    the parent), where the siblings have lines of their own; inline where
+    they share a line."""
+    kids = _children(text, lo, hi)
+    at = next((k for k in kids if k[0] in before), None)
+    pos = at[1] if at is not None else hi
+    line = text.rfind("\n", 0, pos) + 1
+    own_line = not text[max(line, lo):pos].strip() and (line > lo or not kids)
+    if not own_line:
+        return text[:pos] + "".join(x.strip() for x in lines) + text[pos:]
+    indent = _indentation(text, kids[0][1]) if kids else parent_indent + "  "
+    block = "".join(f"{indent}{x}\n" for x in lines)
+    return text[:line] + block + text[line:]
+
+
+def _kvm_switches(config: CpuConfig) -> dict[str, str]:
+    """The <features><kvm> children the config sets: tag -> state, in libvirt's order."""
+    el = kvm_features_element(config)
+    if el is None:
+        return {}
+    kvm = el.find("kvm")
+    got = {str(c.tag): str(c.get("state")) for c in (kvm if kvm is not None else ())}
+    order = {t: i for i, t in enumerate(_KVM_ORDER)}
+    return {t: got[t] for t in sorted(got, key=lambda t: order.get(t, len(order)))}
+
+
+def _without_switches(root: etree._Element, tags: frozenset[str]) -> bytes:
+    """The domain without <cpu> and without the <kvm> children in `tags`
+    (and a <kvm> or <features> left empty by that), whitespace-only text
+    ignored: what patching <cpu> and <kvm> may not change."""
+    dup = parse_xml(_without_cpu(root), "<domain copy>")
+    for features in dup.findall("features"):
+        for kvm in features.findall("kvm"):
+            for child in [c for c in kvm if c.tag in tags]:
+                kvm.remove(child)
+            if not len(kvm) and not kvm.attrib:
+                features.remove(kvm)
+        if not len(features) and not features.attrib:
+            dup.remove(features)
+    out: bytes = etree.tostring(dup, method="c14n")
+    return out
+
+
+def patch_features(domain_xml: str, config: CpuConfig, source: str = "<domain>") -> str:
+    """`domain_xml` with the `<features><kvm>` switches of this config (the
+    paravirtual bits libvirt takes there: kvm_features_element) set: each
+    such `<kvm>` child replaced or added, `<kvm>` and `<features>` created in
+    libvirt's order where absent; every other byte stays. The result is
+    re-parsed and compared to the input outside those children, as
+    patch_domain proves its <cpu> change."""
+    switches = _kvm_switches(config)
+    if not switches:
+        return domain_xml
+    root = parse_xml(domain_xml, source)
+    if root.tag != "domain":
+        raise InputError(f"{source}: expected a <domain>, found <{root.tag}>")
+    if len(root.findall("features")) > 1 or any(len(f.findall("kvm")) > 1
+                                                 for f in root.findall("features")):  # fmt: skip
+        raise InputError(f"{source}: more than one <features> or <kvm> in the domain")
+    new = _set_switches(domain_xml, switches, source)
+    new_root = parse_xml(new, f"{source} (patched)")
+    kvm = new_root.find("features/kvm")
+    got = {str(c.tag): c.get("state") for c in (kvm if kvm is not None else ())}
+    tags = frozenset(switches)
+    if (_without_switches(new_root, tags) != _without_switches(root, tags)
+            or any(got.get(t) != state for t, state in switches.items())):  # fmt: skip
+        raise InputError(f"{source}: patching <features><kvm> would change more; refusing")
+    return new
+
+
+def _locate(text: str, source: str) -> tuple[tuple[int, int], str, _Span | None,
+                                             tuple[int, int] | None, _Span | None,
+                                             tuple[int, int] | None]:  # fmt: skip
+    """Where the domain's content, its <features> and that one's <kvm> are
+    (each element's span and content; None where absent or self-closing)."""
+    domain = next((k for k in _children(text, 0, len(text)) if k[0] == "domain"), None)
+    inner = _inside(text, domain) if domain is not None else None
+    if domain is None or inner is None:
+        raise InputError(f"{source}: cannot locate the domain's content in the text")
+    features = next((k for k in _children(text, *inner) if k[0] == "features"), None)
+    f_in = _inside(text, features) if features is not None else None
+    kvm = next((k for k in _children(text, *f_in) if k[0] == "kvm"), None) if f_in else None
+    k_in = _inside(text, kvm) if kvm is not None else None
+    return inner, _indentation(text, domain[1]), features, f_in, kvm, k_in
+
+
+def _set_switches(text: str, switches: dict[str, str], source: str) -> str:
+    """Each switch set in turn, the spans found afresh after every change."""
+    for tag, state in switches.items():
+        el: str = etree.tostring(etree.Element(safe_name(tag), state=state), encoding="unicode")
+        (lo, hi), indent, features, f_in, kvm, k_in = _locate(text, source)
+        if features is None:
+            text = _insert(text, lo, hi, ["<features>", "  <kvm>", f"    {el}", "  </kvm>",
+                                          "</features>"], _AFTER_FEATURES, indent)  # fmt: skip
+        elif f_in is None:  # <features/>
+            text = text[:features[1]] + f"<features><kvm>{el}</kvm></features>" + \
+                text[features[2]:]  # fmt: skip
+        elif kvm is None:
+            text = _insert(text, *f_in, ["<kvm>", f"  {el}", "</kvm>"], _AFTER_KVM,
+                           _indentation(text, features[1]))  # fmt: skip
+        elif k_in is None:  # <kvm/>
+            text = text[:kvm[1]] + f"<kvm>{el}</kvm>" + text[kvm[2]:]
+        else:
+            same = next((k for k in _children(text, *k_in) if k[0] == tag), None)
+            if same is not None:
+                text = text[:same[1]] + el + text[same[2]:]
+            else:
+                later = _KVM_ORDER[_KVM_ORDER.index(tag) + 1:] if tag in _KVM_ORDER else ()
+                text = _insert(text, *k_in, [el], later, _indentation(text, kvm[1]))
+    return text
 
 
 # --- parsing ---------------------------------------------------------------------------

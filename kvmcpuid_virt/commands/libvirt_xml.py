@@ -30,8 +30,9 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     add_policy_options(parser)
     parser.add_argument(
         "--patch", metavar="DOMAIN.xml",
-        help="replace the <cpu> of this domain XML (- for stdin) and print the "
-        "whole domain; nothing else in it changes",
+        help="replace the <cpu> of this domain XML (- for stdin), set the KVM switches "
+        "libvirt takes in <features><kvm>, and print the whole domain; nothing else in "
+        "it changes",
     )  # fmt: skip
     parser.add_argument(
         "-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout"
@@ -78,14 +79,17 @@ def _render(args: argparse.Namespace, table: CpuidTable, table_source: str, this
     facts = learn_facts()
     config = config_from_args(args, facts, table, table_source, this_host)
     model = lv.base_model(config, facts)
-    text = (
-        lv.patch_domain(domain, config, model, source) if domain is not None
-        else lv.render(config, model) + "\n"
-    )  # fmt: skip
+    if domain is not None:
+        # The whole CPU configuration: <cpu>, and the paravirtual switches
+        # libvirt takes in <features><kvm>.
+        text = lv.patch_features(lv.patch_domain(domain, config, model, source), config, source)
+    else:
+        text = lv.render(config, model) + "\n"
     notes = dropped_warnings(PROG, config)
     # The paravirtual switches a <cpu> cannot carry, in two lines rather than
-    # one per feature: where libvirt takes them, and what it cannot set.
-    elsewhere = [u.where for u in lv.unexpressible(config) if u.expressible]
+    # one per feature: where libvirt takes them (patched in with --patch),
+    # and what it cannot set.
+    elsewhere = [u.where for u in lv.unexpressible(config) if u.expressible and domain is None]
     nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lv.unexpressible(config)
                if not u.expressible]  # fmt: skip
     if elsewhere:
