@@ -12,8 +12,9 @@ only decides what cpu_map cannot express (family/model/stepping, cache info).
 KVM paravirtual bits have no cpu_map names. libvirt takes three of them in
 `<features><kvm>` (pv-ipi, poll-control, hint-dedicated: the registry's
 libvirt_kvm) and the rest through its own defaults (<clock>, <pvspinlock>,
-<apic eoi>). A `<cpu>` cannot carry them, and `--patch` changes nothing but
-`<cpu>`, so `unexpressible()` reports each with where libvirt takes it.
+<apic eoi>). A `<cpu>` cannot carry them: `unexpressible()` reports each with
+where libvirt takes it, and `patch_features()` sets the `<features><kvm>` ones
+in a domain (`--patch` does both).
 
 Every name written comes from the registry and passes safe_name/safe_model;
 the element is built with lxml, never by string formatting.
