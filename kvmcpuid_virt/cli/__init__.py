@@ -14,7 +14,8 @@ must not cut a step in two (creating a resource and registering it, a
 cleanup) the exception waits for the step's end (process.signals_deferred).
 Later signals, and any signal once the work is done, change nothing: one
 line, one exit status. On the way out, what a cut-short cleanup left is
-finished (qmp.close_sessions, process.cleanup_leftovers).
+finished (qmp.close_sessions, process.cleanup_leftovers), and an
+interrupted program then ends without the interpreter's shutdown (_exit_now).
 What remains, as far as Python allows: before main() runs (the interpreter's
 start-up, the imports of the console script: ~30 ms here) the signals are
 Python's own. SIGTERM then kills the process (status -15) and SIGINT either
@@ -189,8 +190,9 @@ class _Signals:
             return  # one signal is being acted on, or the work is done
         self.first = signum
         exc = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
-        process = sys.modules.get("kvmcpuid_virt.process")
-        if process is not None and process.defer_signal(exc):
+        # getattr: the signal may come while process.py is being imported.
+        defer = getattr(sys.modules.get("kvmcpuid_virt.process"), "defer_signal", None)
+        if defer is not None and defer(exc):
             return  # raised when the step that must not be cut in two ends
         raise exc
 
@@ -204,13 +206,28 @@ def _in_finalizer(frame: Any) -> bool:
 
 
 def _leftovers() -> None:
-    """Finish what a cleanup cut short by a signal left (only modules in use can have any)."""
-    qmp = sys.modules.get("kvmcpuid_virt.qmp")
-    if qmp is not None:
-        qmp.close_sessions()
-    process = sys.modules.get("kvmcpuid_virt.process")
-    if process is not None:
-        process.cleanup_leftovers()
+    """Finish what a cleanup cut short by a signal left: only modules in use
+    can have any (getattr: one may have been cut short in its import)."""
+    for module, name in (("qmp", "close_sessions"), ("process", "cleanup_leftovers")):
+        finish = getattr(sys.modules.get(f"kvmcpuid_virt.{module}"), name, None)
+        if finish is not None:
+            finish()
+
+
+def _exit_now(status: int) -> None:
+    """End an interrupted program without the interpreter's shutdown. Its
+    children are reaped, its directories removed, its sessions closed
+    (_leftovers); what the unwinding cut short is still on the heap, in
+    reference cycles, and the shutdown's collection of it can crash CPython
+    3.11 (a memoryview cleared while exported, python/cpython#77894: seen here
+    once in ~120 interrupted runs, "Exception ignored in tp_clear of
+    memoryview", then SIGSEGV)."""
+    from contextlib import suppress
+
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a reader that left, a closed stream
+            stream.flush()
+    os._exit(status)
 
 
 def _called_as_program() -> bool:
@@ -284,7 +301,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         except (KeyboardInterrupt, Terminated) as exc:
             signals.armed = False  # in case the signal came before the line above
             _leftovers()
-            return _interrupted(signals, exc, prog)
+            status = _interrupted(signals, exc, prog)
+            if program:
+                _exit_now(status)
+            return status
     finally:
         if program:
             # Nothing but the exit follows; the interpreter's shutdown puts

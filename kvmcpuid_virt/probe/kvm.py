@@ -22,7 +22,10 @@ KVM_RUN and unblocked inside it (KVM_SET_SIGNAL_MASK), so the signal cannot be
 lost (a blocked signal is never discarded, even with SIGURG's default "ignore")
 and is never delivered: KVM_RUN returns EINTR and the pending signal is
 consumed with sigtimedwait. No Python signal handler is needed, so any thread
-may probe; Ctrl-C (SIGINT) stays unblocked during KVM_RUN and interrupts it.
+may probe; SIGINT and SIGTERM stay unblocked during KVM_RUN and interrupt it
+(cli raises KeyboardInterrupt or Terminated for them). The steps that must
+not be cut in two by them (the signal mask and the kick put back, the vCPU,
+VM, memory and watchdog released) run in process.signals_deferred().
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from kvmcpuid_virt.kvm.system import Kvm
 from kvmcpuid_virt.kvm.vm import GuestMemory, Vcpu, Vm
 from kvmcpuid_virt.probe import image
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.process import signals_deferred
 
 __all__ = ["IMAGE_BASE", "KICK_SIGNAL", "KvmProbe", "run_kvm"]
 
@@ -145,20 +149,21 @@ class KvmProbe:
         self.close()
 
     def close(self) -> None:
-        vm, self._vm = self._vm, None
-        watchdog, self._watchdog = self._watchdog, None
-        memory, self._memory = self._memory, None
-        kvm, self._kvm = self._kvm, None
-        try:
-            if vm is not None:
-                vm.close()
-            if watchdog is not None:
-                watchdog.close()
-        finally:
-            if memory is not None:
-                memory.close()
-            if kvm is not None and self._own_kvm:
-                kvm.close()
+        with signals_deferred():  # a watchdog left running would kick a closed vCPU
+            vm, self._vm = self._vm, None
+            watchdog, self._watchdog = self._watchdog, None
+            memory, self._memory = self._memory, None
+            kvm, self._kvm = self._kvm, None
+            try:
+                if vm is not None:
+                    vm.close()
+                if watchdog is not None:
+                    watchdog.close()
+            finally:
+                if memory is not None:
+                    memory.close()
+                if kvm is not None and self._own_kvm:
+                    kvm.close()
 
     def _ensure_vm(self, img: bytes) -> Vm:
         if self._kvm is None or self._memory is None:
@@ -206,18 +211,21 @@ class KvmProbe:
         vm = self._ensure_vm(img)
         if self._watchdog is None:
             self._watchdog = _Watchdog()
-        vcpu = vm.create_vcpu(self._next_vcpu)
-        self._next_vcpu += 1
+        with signals_deferred():
+            vcpu = vm.create_vcpu(self._next_vcpu)
+            self._next_vcpu += 1
         try:
             vcpu.set_cpuid2(table)
             serial = self._run_vcpu(vcpu, self._watchdog, timeout, limit)
             return serial, vcpu.get_cpuid2()
         finally:
-            vcpu.close()
+            with signals_deferred():
+                vcpu.close()
 
     @staticmethod
     def _run_vcpu(vcpu: Vcpu, watchdog: _Watchdog, timeout: float, limit: int) -> bytes:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        with signals_deferred():
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         try:
             vcpu.set_signal_mask(old - {KICK_SIGNAL})
             deadline = time.monotonic() + timeout
@@ -225,11 +233,13 @@ class KvmProbe:
             try:
                 return _run_loop(vcpu, watchdog, deadline, timeout, limit)
             finally:
-                if watchdog.disarm():
-                    signal.sigtimedwait({KICK_SIGNAL}, 0)  # consume the kick
+                with signals_deferred():
+                    if watchdog.disarm():
+                        signal.sigtimedwait({KICK_SIGNAL}, 0)  # consume the kick
         finally:
-            if KICK_SIGNAL not in old:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {KICK_SIGNAL})
+            with signals_deferred():
+                if KICK_SIGNAL not in old:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {KICK_SIGNAL})
 
 
 def _run_loop(vcpu: Vcpu, watchdog: _Watchdog, deadline: float, timeout: float,
