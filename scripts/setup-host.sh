@@ -5,7 +5,9 @@
 #  - the libvirt-qemu user and group, and libvirt's runtime directories;
 #  - virtlogd and libvirtd (systemctl where systemd runs, else daemonized);
 #  - a venv in .venv with the package and its test tools;
-# then waits until qemu:///system answers. Run as root. Safe to run again.
+# then waits until qemu:///system answers, and with KVMCPUID_INSTALL_HOOK=
+# enforce|warn installs the libvirt hook (kvmcpuid hook install). Run as
+# root. Safe to run again.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,6 +24,10 @@ alive() { ps -eo pid=,stat=,comm= | awk -v n="$1" '$3 == n && $2 !~ /^Z/ {print 
 if [ "$(id -u)" -ne 0 ]; then
     say "run as root (it installs packages and starts libvirtd)"; exit 1
 fi
+case "${KVMCPUID_INSTALL_HOOK:-}" in
+""|enforce|warn) ;;
+*) say "KVMCPUID_INSTALL_HOOK=$KVMCPUID_INSTALL_HOOK: expected enforce or warn"; exit 1 ;;
+esac
 
 missing=()
 for p in "${packages[@]}"; do
@@ -100,12 +106,28 @@ fi
 "$venv/bin/python" -m compileall -q "$here/kvmcpuid_virt" >/dev/null
 
 # Wait (bounded) for the daemon to answer on qemu:///system.
+answered=
 for _ in $(seq 1 100); do
     if "$venv/bin/python" -c 'import libvirt, sys; c = libvirt.open("qemu:///system"); c.getVersion(); c.close()' 2>/dev/null; then
         say "qemu:///system answers"
-        exit 0
+        answered=1
+        break
     fi
     sleep 0.1
 done
-say "libvirtd did not answer on qemu:///system within 10 s (see /var/log/libvirt/)"
-exit 1
+if [ -z "$answered" ]; then
+    say "libvirtd did not answer on qemu:///system within 10 s (see /var/log/libvirt/)"
+    exit 1
+fi
+
+# Opt-in: the libvirt hook that refuses, at start, restore and incoming
+# migration, a domain whose CPU this host cannot give
+# (KVMCPUID_INSTALL_HOOK=enforce or warn; KVMCPUID_HOOK_FAIL_CLOSED=1 adds
+# --fail-closed). Installing again refreshes the tool facts it reads.
+if [ -n "${KVMCPUID_INSTALL_HOOK:-}" ]; then
+    hook_args=(hook install --mode "$KVMCPUID_INSTALL_HOOK")
+    [ "${KVMCPUID_HOOK_FAIL_CLOSED:-}" != 1 ] || hook_args+=(--fail-closed)
+    say "installing the libvirt hook (${hook_args[*]:2})"
+    "$venv/bin/kvmcpuid" "${hook_args[@]}" | sed 's/^/setup-host: hook: /' >&2
+fi
+exit 0
