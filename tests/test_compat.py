@@ -5,6 +5,7 @@ whose answer follows from the Intel SDM / AMD APM; and this host's own KVM."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -42,8 +43,10 @@ Bit = tuple[int, int, str, int]
 # OS sets, HTT follows the guest's topology (Intel SDM vol. 2A, CPUID leaf 1
 # ECX[27], EDX[28]; leaf 7 ECX[4]); hypervisor, tsc-deadline and arat are
 # set by QEMU for every KVM guest (target/i386/kvm/kvm.c,
-# kvm_arch_get_supported_cpuid).
-NOT_FROM_HOST = frozenset({"osxsave", "ospke", "ht", "hypervisor", "tsc-deadline", "arat"})
+# kvm_arch_get_supported_cpuid); x2apic is emulated by KVM on any CPU
+# (arch/x86/kvm/cpuid.c, kvm_set_cpu_caps).
+NOT_FROM_HOST = frozenset({"osxsave", "ospke", "ht", "hypervisor", "tsc-deadline", "arat",
+                           "x2apic"})
 # The position in a reason's `where`: CPUID.07H.0:EBX[16].
 WHERE = re.compile(r"CPUID\.([0-9A-F]+)H\.(\d+):([A-Z]+)\[(\d+)\]\Z")
 
@@ -367,3 +370,43 @@ def test_this_host_cannot_give_the_check_none_domain(
     reason = next(r for r in doc["reasons"] if r["field"] == feature)
     assert reason["layer"] == "kvm"
     assert reason["where"] == f"CPUID.80000001H.0:ECX[{AMD_EXT_FEATURES[feature]}]"
+
+
+def test_a_configuration_is_not_held_to_the_leaves_qemu_sets(data_dir: Path) -> None:
+    """QEMU's qemu64 raises the max extended leaf to its own xlevel and
+    answers those leaves itself: on Broadwell-U (whose <cpudata> stops at a
+    lower extended leaf) a qemu64 guest fits, while a dump that saw those
+    leaves is held to them."""
+    path = _path(data_dir, "Core-i7-5600U")
+    host_top = _regs(path)[(0x8000_0000, 0)]["eax"]
+    assert FACTS.qemu is not None
+    assert FACTS.qemu.identity("qemu64").min_xlevel > host_top
+    host = Host(load_dump(str(path)))
+    verdict = judge_text("<domain type='kvm'><cpu mode='custom'><model>qemu64</model></cpu>"
+                         "</domain>", "d.xml", host, FACTS)  # fmt: skip
+    assert verdict.fits, verdict.render_table()
+    ext = 'CPUID.80000000H.0:EAX'
+    assert ext not in verdict.checked
+    seen = compat(load_dump(str(path)), host)
+    assert seen.checked[ext] == Rule.NO_GREATER
+
+
+def test_without_qemu_facts_a_model_is_read_as_qemu_runs_it_under_kvm(data_dir: Path) -> None:
+    """Stale facts (no QEMU to ask): cpu_map's qemu64 lists svm, which QEMU
+    turns off under KVM (its recorded expansion here has no svm); the
+    verdict without QEMU facts is the one with them."""
+    cpu_map_qemu64 = etree.parse(str(CPU_MAP / "x86_qemu64.xml")) if (
+        CPU_MAP / "x86_qemu64.xml").exists() else None  # fmt: skip
+    if cpu_map_qemu64 is None:
+        pytest.skip("libvirt's cpu_map is not installed")
+    model = next(m for m in cpu_map_qemu64.getroot().iter("model") if m.get("name") == "qemu64")
+    assert "svm" in {f.get("name") for f in model.iter("feature")}
+    assert FACTS.qemu is not None and "svm" not in FACTS.qemu.expansions["qemu64"]
+    stale = dataclasses.replace(FACTS, qemu=None)
+    for stem in ("Core-i7-5600U", "Xeon-Gold-6148", "EPYC-7601-32-Core"):
+        host = Host(load_dump(str(_path(data_dir, stem))))
+        for name in ("qemu64", "kvm64", "Nehalem", "Opteron_G3"):
+            xml = f"<domain type='kvm'><cpu mode='custom'><model>{name}</model></cpu></domain>"
+            fresh = {(r.field, r.layer) for r in judge_text(xml, "d", host, FACTS).reasons}
+            assert {(r.field, r.layer) for r in judge_text(xml, "d", host, stale).reasons} == \
+                fresh, (stem, name)  # fmt: skip

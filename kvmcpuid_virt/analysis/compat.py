@@ -50,6 +50,7 @@ from kvmcpuid_virt.toolfacts.facts import ModelSource, QemuFacts, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = [
+    "KVM_DEFAULT_OFF",
     "RULES",
     "Control",
     "FieldRule",
@@ -96,7 +97,11 @@ class Scope(enum.Enum):
 class FieldRule:
     """One row of RULES: a field (the registers `regs` of leaf.subleaf,
     concatenated low first, `mask` of each shifted down to bit 0) and how the
-    guest's value must relate to the host's. `show`: how values are printed."""
+    guest's value must relate to the host's. `show`: how values are printed.
+    `qemu_sets`: for a configuration (not a dump) QEMU sets the field from
+    the model and the features it enables and answers the leaves itself,
+    whatever KVM lists, so only the features in them can be missing (and
+    those are compared): the rule applies to guest dumps only."""
 
     name: str
     rule: Rule
@@ -106,16 +111,21 @@ class FieldRule:
     regs: tuple[Register, ...] = ()
     mask: int = _ALL
     show: str = "hex"  # hex | dec | text
+    qemu_sets: bool = False
 
 
 # The one table of what compat() compares (docs/compat.md has the reasons).
 RULES: Final[tuple[FieldRule, ...]] = (
     FieldRule("feature bits", Rule.SUBSET, Scope.FEATURE_WORDS),
     FieldRule("vendor", Rule.EQUAL, Scope.REGISTER, 0x0, 0, ("ebx", "edx", "ecx"), show="text"),
-    FieldRule("max basic leaf", Rule.NO_GREATER, Scope.REGISTER, 0x0, 0, ("eax",)),
-    FieldRule("max hypervisor leaf", Rule.NO_GREATER, Scope.REGISTER, 0x4000_0000, 0, ("eax",)),
-    FieldRule("max extended leaf", Rule.NO_GREATER, Scope.REGISTER, 0x8000_0000, 0, ("eax",)),
-    FieldRule("leaf 7 subleaves", Rule.NO_GREATER, Scope.REGISTER, 0x7, 0, ("eax",)),
+    FieldRule("max basic leaf", Rule.NO_GREATER, Scope.REGISTER, 0x0, 0, ("eax",),
+              qemu_sets=True),
+    FieldRule("max hypervisor leaf", Rule.NO_GREATER, Scope.REGISTER, 0x4000_0000, 0, ("eax",),
+              qemu_sets=True),
+    FieldRule("max extended leaf", Rule.NO_GREATER, Scope.REGISTER, 0x8000_0000, 0, ("eax",),
+              qemu_sets=True),
+    FieldRule("leaf 7 subleaves", Rule.NO_GREATER, Scope.REGISTER, 0x7, 0, ("eax",),
+              qemu_sets=True),
     FieldRule("leaf 0x14 subleaves (PT)", Rule.NO_GREATER, Scope.REGISTER, 0x14, 0, ("eax",)),
     FieldRule("AMX palettes", Rule.NO_GREATER, Scope.REGISTER, 0x1D, 0, ("eax",)),
     FieldRule("AVX10 version", Rule.NO_GREATER, Scope.REGISTER, 0x24, 0, ("ebx",), 0xFF, "dec"),
@@ -133,6 +143,11 @@ RULES: Final[tuple[FieldRule, ...]] = (
               0x3),
     FieldRule("guest state and topology", Rule.IGNORED, Scope.MASKS),
 )
+
+# Features QEMU turns off in every named model under KVM (target/i386/cpu.c,
+# kvm_default_props: acpi, monitor, svm off): what cpu_map's copy of a model
+# does not say, used when there are no QEMU facts to ask.
+KVM_DEFAULT_OFF: Final = ("acpi", "monitor", "svm")
 
 _LEAF_LIMITS: Final = {0x0: fields.max_basic_leaf, 0x4000_0000: fields.max_hypervisor_leaf,
                        0x8000_0000: fields.max_extended_leaf}  # fmt: skip
@@ -296,7 +311,10 @@ def _offer(host: Host, reg: Registry) -> Dump:
     bits this QEMU has a property for, the AMD aliases and twin bits as QEMU
     builds them, without what its start trial found it cannot set up here).
     Without: KVM's table with QEMU's fixed adjustments (qemu_adjust)."""
-    adjusted = qemu_supported(host.dump.table)
+    table = host.dump.table
+    if host.dump.kind == "cpu":
+        table = _kvm_emulated(table)
+    adjusted = qemu_supported(table)
     qemu = host.qemu
     if qemu is not None:
         relevant = relevant_features(reg, qemu.props)
@@ -306,6 +324,20 @@ def _offer(host: Host, reg: Registry) -> Dump:
         decided = {f.name: f.name in supported for f in relevant}
         adjusted = expected_table(adjusted, reg, decided, vendor_of(host.dump.table))
     return Dump(adjusted, host.dump.kind, host.dump.host, host.dump.source)
+
+
+# What KVM reports whatever the CPU has (arch/x86/kvm/cpuid.c,
+# kvm_set_cpu_caps): x2APIC, emulated in software. A raw CPU dump (kind
+# "cpu") stands in for what its KVM supports: these are added to it.
+_KVM_EMULATED: Final[tuple[tuple[int, int, Register, int], ...]] = ((0x1, 0, "ecx", 1 << 21),)
+
+
+def _kvm_emulated(table: CpuidTable) -> CpuidTable:
+    for leaf, subleaf, reg, mask in _KVM_EMULATED:
+        entry = table.lookup(leaf, subleaf)
+        if entry is not None:
+            table = table.replace_entry(entry.replace(**{reg: entry.reg(reg) | mask}))
+    return table
 
 
 def _settable(f: Feature, qemu: QemuFacts | None) -> bool:
@@ -407,8 +439,11 @@ _FIELD_DETAIL: Final = {
 }
 
 
-def _field_reasons(guest: Dump, host: Host, checked: dict[str, Rule]) -> Iterator[Reason]:
+def _field_reasons(guest: Dump, host: Host, checked: dict[str, Rule],
+                   configured: bool) -> Iterator[Reason]:  # fmt: skip
     for rule in RULES:
+        if configured and rule.qemu_sets:
+            continue
         if rule.scope == Scope.REGISTER:
             g, h = _value(guest, rule), _value(host.dump, rule)
             subs = [(rule.subleaf, g, h)]
@@ -453,13 +488,14 @@ def _xsave_components(dump: Dump) -> list[int]:
 
 
 def compat(guest: Dump, host: Host, *, ignore: Iterable[Ignore] = GUEST_STATE_MASKS,
-           notes: Iterable[str] = ()) -> Verdict:  # fmt: skip
-    """Whether `host` can give `guest`'s CPU, by RULES."""
+           notes: Iterable[str] = (), configured: bool = False) -> Verdict:  # fmt: skip
+    """Whether `host` can give `guest`'s CPU, by RULES. `configured`: the
+    guest table is what a configuration asks for (see FieldRule.qemu_sets)."""
     reg = registry()
     rules = tuple(ignore)
     checked: dict[str, Rule] = {}
     found = list(notes)
-    reasons = [*_field_reasons(guest, host, checked),
+    reasons = [*_field_reasons(guest, host, checked, configured),
                *_feature_reasons(guest, host, reg, rules, checked, found)]  # fmt: skip
     if host.qemu is None:
         found.append("judged without QEMU facts: KVM's table with QEMU's fixed adjustments "
@@ -509,12 +545,16 @@ def compat_config(parsed: tuple[str, tuple[str, ...], tuple[str, ...]], source: 
     unknown = tuple(n for n in enable if not _settable(reg.lookup(n), facts.qemu))
     enable = tuple(n for n in enable if n not in unknown)
     disable = tuple(n for n in disable if _settable(reg.lookup(n), facts.qemu))
+    if facts.qemu is None and model not in ("host", "auto"):
+        # The model comes from cpu_map (QEMU's static definition); QEMU's own
+        # expansion under KVM, which the facts would have, turns these off.
+        disable += tuple(n for n in KVM_DEFAULT_OFF if n not in enable and n not in disable)
     policy = Policy(model=model, enable=enable, disable=disable, allow_unsupported=True,
                     model_source=ModelSource.QEMU)  # fmt: skip
     config = build(host.dump.table, policy, facts=facts, source=host.dump.source,
                    this_host=host.this_host)  # fmt: skip
     guest = Dump(wanted_table(config, unknown), "guest", source=source)
-    return compat(guest, host)
+    return compat(guest, host, configured=True)
 
 
 def _nothing_asked(guest: str, host: Host, why: str) -> Verdict:
