@@ -33,13 +33,13 @@ __all__ = [
 HELP = "boot a probe guest and check the CPUID it sees"
 ALL = "all"  # --backend: every backend the configuration's form can boot on
 
-# The exit statuses (docs/exit-codes.md). 2 and 130 are cli's, for every command.
+# The exit statuses (docs/exit-codes.md). 2, 130 and 143 are cli's, for every command.
 EXIT_OK = 0  # every bit this host controls matches, on every backend asked
 EXIT_MISMATCH = 1  # a bit differs, or a backend refused the configuration
 EXIT_USAGE = 2  # bad arguments or input (cli: a KvmcpuidError before any verdict)
 EXIT_COULD_NOT_RUN = 3  # no mismatch, but a backend's machinery could not run the guest
 EXIT_INTERRUPTED = 130  # Ctrl-C (cli)
-EXIT_TERMINATED = 143  # SIGTERM: cleaned up as for Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (cli): cleaned up as for Ctrl-C
 
 EPILOG = (
     "Exit status: 0 every bit this host controls matches on every backend; "
@@ -90,16 +90,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check, boot, compare, report; the exit status says how it went (EPILOG)."""
+    """Check, boot, compare, report; the exit status says how it went (EPILOG).
+    Ctrl-C and SIGTERM are cli's (130, 143): every backend cleans up on the way."""
     chosen, uri = _checked_arguments(args)
     given = _given(args)  # bad flags or XML fail here, before /dev/kvm or QEMU is asked
-    try:
-        with _SigtermAsInterrupt():
-            return _boot_and_report(args, given, chosen, uri)
-    except _Terminated:
-        # The guests were cleaned up on the way here, as for Ctrl-C.
-        print("kvmcpuid: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
+    return _boot_and_report(args, given, chosen, uri)
 
 
 def _boot_and_report(args: argparse.Namespace, given: str | LibvirtCpu | None,
@@ -131,34 +126,6 @@ def exit_status(reports: list[BackendReport]) -> int:
     if any(r.could_not_run for r in reports):
         return EXIT_COULD_NOT_RUN
     return EXIT_OK
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C would be: every cleanup path that handles
-    Ctrl-C (guests, domains, temporary files) handles it too."""
-
-
-class _SigtermAsInterrupt:
-    """SIGTERM raises _Terminated in the main thread for the duration (signal
-    handlers can only be set there; elsewhere nothing changes)."""
-
-    def __enter__(self) -> None:
-        import signal
-        import threading
-
-        self._installed = threading.current_thread() is threading.main_thread()
-        if self._installed:
-            self._old = signal.signal(signal.SIGTERM, _raise_terminated)
-
-    def __exit__(self, *exc: object) -> None:
-        import signal
-
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
