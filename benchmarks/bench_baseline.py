@@ -22,7 +22,7 @@ from kvmcpuid_virt.cpuid.formats import Dump, dumps, loads
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.fsutil import load_dump
 
-DATA = Path(os.environ.get("KVMCPUID_DATA", Path(__file__).resolve().parents[2] / "shared"
+DATA = Path(os.environ.get("KVMCPUID_DATA", Path(__file__).resolve().parents[1] / "tests"
                            / "data" / "cpuid"))  # fmt: skip
 N = 1000
 
