@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -490,7 +490,7 @@ def test_a_domain_saved_without_the_hook_is_refused_on_restore(hooked: dict[str,
     assert hooked["feature"] in message
 
 
-def test_incoming_migration_of_the_unfit_domain_is_refused(hooked: dict[str, Any]) -> None:
+def test_the_hook_fed_libvirts_migration_xml_refuses_it(hooked: dict[str, Any]) -> None:
     """`migrate begin` on the incoming side, the hook invoked as libvirt
     invokes it (argv NAME migrate begin -, the XML on stdin), fed the XML
     libvirt itself produced for the migration of the running domain."""
@@ -531,3 +531,135 @@ def test_uninstall_returns_the_host_to_how_it_was(hooked: dict[str, Any]) -> Non
     finally:
         dom.destroy()
     assert not hook_install.status(uri=hooked["uri"]).active
+
+
+# --- incoming migration into a second libvirtd on this machine ----------------------
+
+
+@contextlib.contextmanager
+def second_libvirtd(root: Path, prepare: Callable[[Path], object]) -> Iterator[str]:
+    """Another libvirtd on this machine, the destination of migrations: in a
+    mount and UTS namespace of its own (its own hostname; its own
+    /etc/libvirt, with a host UUID and without the first daemon's domains,
+    /run/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt),
+    its socket under `root`; `prepare(etc)` runs on its /etc/libvirt before
+    it starts. Yields its URI; on the way out its domains are destroyed and
+    it is stopped."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare (util-linux) to give a second libvirtd its namespaces")
+    dirs = {"/etc/libvirt": root / "etc", "/run/libvirt": root / "run",
+            "/var/lib/libvirt": root / "lib", "/var/log/libvirt": root / "log",
+            "/var/cache/libvirt": root / "cache"}  # fmt: skip
+    shutil.copytree("/etc/libvirt", dirs["/etc/libvirt"], symlinks=True,
+                    ignore=shutil.ignore_patterns("*.xml"))  # the first daemon's domains
+    for d in dirs.values():
+        d.mkdir(exist_ok=True)
+    (root / "log" / "qemu").mkdir(exist_ok=True)
+    sock = root / "sock"
+    sock.mkdir()
+    root.chmod(0o755)
+    (dirs["/etc/libvirt"] / "libvirtd.conf").write_text(
+        f'unix_sock_dir = "{sock}"\nhost_uuid = "{uuid.uuid4()}"\n')
+    with open(dirs["/etc/libvirt"] / "qemu.conf", "a") as f:
+        f.write('\n# its own daemon has no virtlogd\nstdio_handler = "file"\n')
+    prepare(dirs["/etc/libvirt"])
+    mounts = "; ".join(f"mount --bind {src} {dst}" for dst, src in dirs.items())
+    script = (f"set -e; hostname kvmcpuid-dst-{uuid.uuid4().hex[:6]}; {mounts}; "
+              f"exec libvirtd --pid-file {root}/libvirtd.pid")  # fmt: skip
+    with open(root / "libvirtd.out", "wb") as out:
+        proc = subprocess.Popen(["unshare", "--mount", "--uts", "--fork", "--propagation",
+                                 "private", "sh", "-c", script], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True)  # fmt: skip
+    uri = f"qemu:///system?socket={sock}/libvirt-sock"
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                _virt(uri).close()
+                break
+            except libvirt.libvirtError:
+                if proc.poll() is not None or time.monotonic() > end:
+                    pytest.fail("the second libvirtd did not start: "
+                                + (root / "libvirtd.out").read_text()[-500:])
+                time.sleep(0.1)
+        yield uri
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn = _virt(uri)
+            for dom in conn.listAllDomains():
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+            conn.close()
+        pid = int((root / "libvirtd.pid").read_text()) if (root / "libvirtd.pid").exists() else 0
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def destination(libvirt_conn_uri: str, qemu_binary: str,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The second libvirtd with the hook installed (enforce) in its own
+    /etc/libvirt/hooks before it starts."""
+    root = tmp_path_factory.mktemp("dst")
+    log = root / "hook.log"
+
+    def hook(etc: Path) -> object:
+        return hook_install.install(hooks_dir=str(etc / "hooks"), log=str(log),
+                                    version=(9, 0, 0), activate=False)  # fmt: skip
+
+    with second_libvirtd(root, hook) as uri:
+        yield {"uri": uri, "log": log}
+
+
+def _migrate(src_uri: str, dst_uri: str, name: str, cpu: str) -> tuple[Any, str | None]:
+    """Start `name` on the first daemon and migrate it live into the second;
+    (the source domain, the error or None)."""
+    src, dst = _virt(src_uri), _virt(dst_uri)
+    dom = src.createXML(domain_xml(name, cpu), 0)
+    try:
+        moved = dom.migrate(dst, libvirt.VIR_MIGRATE_LIVE, None, "tcp://127.0.0.1", 0)
+    except libvirt.libvirtError as exc:
+        return dom, str(exc)
+    finally:
+        dst.close()
+    assert moved is not None
+    return dom, None
+
+
+def test_incoming_migration_of_the_unfit_domain_is_refused(
+    destination: dict[str, Any], libvirt_conn_uri: str, kvm: Kvm,
+) -> None:
+    """A real live migration into the second libvirtd: its `migrate begin`
+    hook refuses, the guest keeps running where it was."""
+    feature = missing_on_this_host(kvm)
+    name = f"kvmcpuid-migtest-{uuid.uuid4().hex[:8]}"
+    dom, error = _migrate(libvirt_conn_uri, destination["uri"], name, unfit_cpu(feature))
+    try:
+        assert error is not None
+        assert f"kvmcpuid hook: refusing to migrate in {name}" in error and feature in error
+        assert dom.isActive()  # still on the source
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+    assert f"{name} migrate: refused" in destination["log"].read_text()
+
+
+def test_a_domain_this_host_can_give_migrates_in(
+    destination: dict[str, Any], libvirt_conn_uri: str,
+) -> None:
+    name = f"kvmcpuid-migtest-{uuid.uuid4().hex[:8]}"
+    _, error = _migrate(libvirt_conn_uri, destination["uri"], name, _good_cpu())
+    assert error is None
+    dst = _virt(destination["uri"])
+    try:
+        moved = dst.lookupByName(name)
+        assert moved.isActive()
+        moved.destroy()
+    finally:
+        dst.close()
