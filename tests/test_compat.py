@@ -391,6 +391,7 @@ def test_a_configuration_is_not_held_to_the_leaves_qemu_sets(data_dir: Path) -> 
     assert seen.checked[ext] == Rule.NO_GREATER
 
 
+@pytest.mark.libvirt  # reads libvirt's cpu_map
 def test_without_qemu_facts_a_model_is_read_as_qemu_runs_it_under_kvm(data_dir: Path) -> None:
     """Stale facts (no QEMU to ask): cpu_map's qemu64 lists svm, which QEMU
     turns off under KVM (its recorded expansion here has no svm); the
