@@ -143,7 +143,10 @@ class Place:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVMCPUID_SWEEP")}
-        env.update(XDG_CACHE_HOME=str(self.cache), TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
+        # PYTHONFAULTHANDLER: a crash, or the SIGABRT sent to a run that
+        # hangs, prints every thread's stack.
+        env.update(XDG_CACHE_HOME=str(self.cache), TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1",
+                   PYTHONFAULTHANDLER="1")  # fmt: skip
         env[MARKER] = self.marker
         return env
 
@@ -246,12 +249,18 @@ def interrupt(run: Run, place: Place, calibration: Calibration, timeout: float,
     try:
         run.status = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        run.reasons.append(f"still running after {timeout:g} s (killed)")
-        os.killpg(proc.pid, signal.SIGKILL)
-        run.status = proc.wait()
+        run.reasons.append(f"still running after {timeout:g} s (SIGABRT: its stacks follow)")
+        os.kill(proc.pid, signal.SIGABRT)  # faulthandler prints where it hangs
+        try:
+            run.status = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            run.status = proc.wait()
     run.seconds = time.monotonic() - start
     run.stderr = err.read_text(errors="replace")
     judge(run, calibration)
+    if run.reasons and ("Fatal Python error" in run.stderr or "Thread 0x" in run.stderr):
+        run.reasons.append("stderr:\n" + run.stderr[-8000:])
     run.reasons += leftovers(place, t0)
     if run.reasons:
         run.verdict = "dirty"

@@ -1,12 +1,15 @@
 """The one error handling of `kvmcpuid` and `kvmcpuid-qemu-flags`
-(cli._run): one-line errors under the right name, Ctrl-C, and a reader that
-leaves the pipe early."""
+(cli.main): one-line errors under the right name, SIGINT and SIGTERM (one
+line, 130 / 143, cleanup not cut short, a second signal changing nothing,
+leftovers finished), and a reader that leaves the pipe early."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,203 @@ def test_interrupt(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
     monkeypatch.setattr(qemu_flags, "run", interrupted)
     assert qemu_flags.main([]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err == "kvmcpuid-qemu-flags: interrupted\n"
+
+
+def test_termination(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def terminated(args: object) -> int:
+        raise cli.Terminated
+
+    monkeypatch.setattr(qemu_flags, "run", terminated)
+    assert cli.main(["qemu-flags"]) == cli.EXIT_TERMINATED
+    assert capsys.readouterr().err == "kvmcpuid: terminated\n"
+
+
+def test_a_caller_that_goes_on_gets_its_handlers_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def run(args: object) -> int:
+        seen["int"] = signal.getsignal(signal.SIGINT)
+        seen["term"] = signal.getsignal(signal.SIGTERM)
+        return 0
+
+    monkeypatch.setattr(qemu_flags, "run", run)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert cli.main(["qemu-flags"]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert seen["int"] is not before[0] and seen["term"] is not before[1]  # cli's, meanwhile
+
+
+# --- signals, in a real process ----------------------------------------------------
+#
+# `kvmcpuid dump` with its run() replaced by `body`: the child says where it
+# is on stdout, the test sends its signals at those points (no sleeps to
+# guess at), then reads the exit status, stderr and the rest of stdout.
+
+_CHILD = """\
+import os, sys, time
+from kvmcpuid_virt import cli
+from kvmcpuid_virt.commands import dump
+
+def say(word):
+    print(word, flush=True)
+
+def run(args):
+{body}
+
+dump.run = run
+sys.argv = ["kvmcpuid", "dump"]
+sys.exit(cli.main())
+"""
+
+
+def _child(body: str) -> subprocess.Popen[str]:
+    code = _CHILD.format(body=textwrap.indent(textwrap.dedent(body), "    "))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+
+
+def _until(child: subprocess.Popen[str], word: str) -> None:
+    assert child.stdout is not None
+    line = child.stdout.readline().strip()
+    assert line == word, (line, child.stderr.read() if child.stderr else "")
+
+
+def _end(child: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    return child.returncode, out, err
+
+
+@pytest.mark.parametrize(
+    ("first", "status", "line"),
+    [(signal.SIGINT, 130, "kvmcpuid: interrupted"), (signal.SIGTERM, 143, "kvmcpuid: terminated")],
+)
+def test_signal_is_one_line_and_its_status(first: int, status: int, line: str) -> None:
+    child = _child("""
+        try:
+            say("ready")
+            time.sleep(60)
+        finally:
+            say("cleaned up")
+    """)
+    _until(child, "ready")
+    child.send_signal(first)
+    assert _end(child) == (status, "cleaned up\n", line + "\n")
+
+
+def test_second_signal_during_cleanup_changes_nothing() -> None:
+    child = _child("""
+        try:
+            say("ready")
+            time.sleep(60)
+        finally:
+            say("cleaning")
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:  # bytecode all along: handlers get to run
+                pass
+            say("cleaned up")
+    """)
+    _until(child, "ready")
+    child.send_signal(signal.SIGINT)
+    _until(child, "cleaning")
+    child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGINT)
+    assert _end(child) == (130, "cleaned up\n", "kvmcpuid: interrupted\n")
+
+
+def test_signal_in_a_deferred_section_comes_at_its_end() -> None:
+    child = _child("""
+        from kvmcpuid_virt.process import signals_deferred
+        with signals_deferred():
+            say("in")
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                pass
+            say("section done")
+        say("not reached")
+    """)
+    _until(child, "in")
+    child.send_signal(signal.SIGTERM)
+    assert _end(child) == (143, "section done\n", "kvmcpuid: terminated\n")
+
+
+@pytest.mark.parametrize("then", ["work goes on", "work ends"])
+def test_signal_in_a_finalizer_is_raised_after_it(then: str) -> None:
+    """An exception raised in __del__ would be printed and lost: it is raised
+    once the finalizer has returned, or, if the work ends first, the
+    command still ends as interrupted."""
+    more = """
+        end = time.monotonic() + 1
+        while time.monotonic() < end:
+            pass
+    """ if then == "work goes on" else ""
+    child = _child("""
+        class Slow:
+            def __del__(self):
+                say("in __del__")
+                end = time.monotonic() + 0.5
+                while time.monotonic() < end:
+                    pass
+                say("__del__ done")
+        Slow()
+    """.rstrip(" ") + more.lstrip("\n").rstrip(" ") + """
+        say("work done")
+    """)
+    _until(child, "in __del__")
+    child.send_signal(signal.SIGINT)
+    status, out, err = _end(child)
+    assert (status, err) == (130, "kvmcpuid: interrupted\n")
+    if then == "work goes on":
+        assert out == "__del__ done\n"
+    else:
+        assert out in ("__del__ done\n", "__del__ done\nwork done\n")
+
+
+def test_signals_after_the_work_change_nothing() -> None:
+    """Once main() is done the program ignores them, through the
+    interpreter's shutdown (which would put SIG_DFL back for a handler)."""
+    child = _child("""
+        import atexit
+        def last():
+            say("exiting")
+            time.sleep(0.5)
+            say("exited")
+        atexit.register(last)
+        say("done")
+        return 0
+    """)
+    _until(child, "done")
+    _until(child, "exiting")
+    child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGINT)
+    assert _end(child) == (0, "exited\n", "")
+
+
+def test_what_a_cut_short_cleanup_left_is_finished(tmp_path: Path) -> None:
+    """A directory and a child whose cleanup a signal skipped (simulated:
+    entered and never left) are removed and reaped on the way out."""
+    child = _child(f"""
+        from kvmcpuid_virt.process import private_tempdir, start
+        os.environ["TMPDIR"] = {str(tmp_path)!r}
+        import tempfile; tempfile.tempdir = None
+        held = private_tempdir()  # kept: a collected generator would clean up
+        directory = held.__enter__()
+        sleeper = start(["sleep", "60"])
+        say(str(directory))
+        say(str(sleeper.pid))
+        time.sleep(60)
+    """)
+    assert child.stdout is not None
+    directory = Path(child.stdout.readline().strip())
+    pid = int(child.stdout.readline().strip())
+    assert directory.is_dir() and directory.parent == tmp_path
+    child.send_signal(signal.SIGINT)
+    assert _end(child) == (130, "", "kvmcpuid: interrupted\n")
+    assert not directory.exists()
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped by the tool, not by init
 
 
 def test_usage_errors_name_the_script(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,7 @@
 """The QEMU probe backend against a real qemu-system-x86_64 with KVM: what the
-guest sees, QEMU's own view over QMP, and that every run (normal, timeout,
-Ctrl-C) leaves no process and no temporary directory behind."""
+guest sees, QEMU's own view over QMP, that every run (normal, timeout,
+Ctrl-C, SIGTERM) leaves no process and no temporary directory behind, and
+that only transient failures are tried again."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from kvmcpuid_virt.probe import qemu as qemu_backend
 from kvmcpuid_virt.probe.qemu import run_qemu
 from kvmcpuid_virt.probe.qom import vmm_view_from_qom
 from kvmcpuid_virt.process import PREFIX
+from kvmcpuid_virt.qmp import TransientError
 from tests.conftest import host_vendor, spin_image
 
 pytestmark = pytest.mark.qemu
@@ -149,6 +152,83 @@ def test_ctrl_c_kills_qemu(
     finally:
         timer.cancel()
     assert len(tracked) == 1
+
+
+class _Terminated(BaseException):
+    """What cli's SIGTERM handler raises (cli.Terminated): not an Exception."""
+
+
+@pytest.mark.parametrize("want_vmm_view", [False, True], ids=["plain", "vmm-view"])
+def test_sigterm_kills_qemu(
+    qemu_binary: str, tracked: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch,
+    want_vmm_view: bool,
+) -> None:
+    """SIGTERM unwinds like Ctrl-C when a handler raises a BaseException for
+    it (cli's does): QEMU killed and reaped, the directory gone (tracked)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers run in the main thread only")
+
+    def terminated(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    monkeypatch.setattr(image, "build", lambda queries: spin_image())
+    old = signal.signal(signal.SIGTERM, terminated)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(_Terminated):
+            run_qemu(HOST, QUERIES, timeout=10.0, qemu=qemu_binary, want_vmm_view=want_vmm_view)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, old)
+    assert len(tracked) == 1
+
+
+def test_qemu_dying_before_it_connects_is_seen_at_once(
+    qemu_binary: str, tracked: list[subprocess.Popen[bytes]]
+) -> None:
+    """With a vmm view QEMU connects to our QMP socket; one that dies first
+    (a bad -cpu) is its own error message at once, not a wait for the timeout."""
+    start = time.monotonic()
+    with pytest.raises(ProbeError, match="no-such-model"):
+        run_qemu("no-such-model", QUERIES, timeout=10.0, qemu=qemu_binary, want_vmm_view=True)
+    assert time.monotonic() - start < 5
+    assert len(tracked) == 1  # deterministic: not tried again
+
+
+def _killed_once(tmp_path: Path, qemu_binary: str, *, every_time: bool = False) -> str:
+    """A QEMU whose first start (or every one) is SIGKILLed before the guest
+    runs: the OOM killer, which this machine cannot produce on demand."""
+    once = tmp_path / "started-once"
+    script = tmp_path / "qemu-system-x86_64"
+    condition = "true" if every_time else f'[ ! -e "{once}" ]'
+    script.write_text("#!/bin/sh\n"
+                      f'if {condition}; then touch "{once}"; kill -KILL $$; fi\n'
+                      f'exec "{qemu_binary}" "$@"\n')  # fmt: skip
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("want_vmm_view", [False, True], ids=["plain", "vmm-view"])
+def test_qemu_killed_by_the_oom_killer_simulated_is_tried_again(
+    qemu_binary: str, tracked: list[subprocess.Popen[bytes]], tmp_path: Path,
+    want_vmm_view: bool,
+) -> None:
+    result = run_qemu(HOST, QUERIES, qemu=_killed_once(tmp_path, qemu_binary),
+                      want_vmm_view=want_vmm_view)  # fmt: skip
+    assert vendor_of((result.observed.get(0, 0, "ebx"), result.observed.get(0, 0, "edx"),
+                      result.observed.get(0, 0, "ecx"))) == host_vendor()  # fmt: skip
+    assert len(tracked) == 2
+
+
+def test_qemu_killed_every_time_simulated_gives_up(
+    qemu_binary: str, tracked: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    binary = _killed_once(tmp_path, qemu_binary, every_time=True)
+    with pytest.raises(TransientError, match=r"status -9 .*\(3 attempts\)") as info:
+        run_qemu(HOST, QUERIES, qemu=binary)
+    assert len(tracked) == 3
+    assert isinstance(info.value.__cause__, TransientError)  # the cause is kept
 
 
 def test_bad_cpu_model_is_a_probe_error(

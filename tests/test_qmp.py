@@ -1,11 +1,13 @@
 """kvmcpuid_virt.qmp against the real qemu-system-x86_64: answers, errors that
-name their cause, and no QEMU left behind (each QEMU is started with a
-unique -name and looked for in /proc afterwards)."""
+name their cause, no QEMU left behind (each QEMU is started with a unique
+-name and looked for in /proc afterwards), interrupts that leave no asyncio
+noise, and which failures are tried again (the transient ones only)."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -15,11 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from kvmcpuid_virt import qmp
 from kvmcpuid_virt.errors import ToolError
-from kvmcpuid_virt.qmp import monitor, run_commands
+from kvmcpuid_virt.process import start as real_start
+from kvmcpuid_virt.qmp import TransientError, monitor, run_commands, transient_end
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.qemu
+
+# What qemu.qmp's legacy wrapper printed when a Ctrl-C landed in its loop,
+# and anything else an interrupt must not print.
+NOISE = ("Traceback", "Exception ignored", "Task exception", "Task was destroyed",
+         "never retrieved", "Error", "Fatal")  # fmt: skip
 
 
 def _running(marker: str) -> list[int]:
@@ -162,3 +171,157 @@ def test_qemu_dies_with_a_tool_killed_by_sigkill(
     while _running(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _running(marker) == []
+
+
+# --- interrupts --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interrupt", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("after", [0.0, 0.013, 0.041, 0.097])
+def test_interrupt_mid_conversation_is_quiet_and_ends_qemu(
+    qemu_binary: str, name: tuple[str, ...], interrupt: str, after: float
+) -> None:
+    """A conversation that asks without end, interrupted at a few points of
+    its commands: the interrupt reaches the caller as the exception its
+    handler raises (KeyboardInterrupt; for SIGTERM a BaseException like cli's
+    Terminated), nothing else is printed (no "Task exception was never
+    retrieved", no "Exception ignored"), and QEMU is gone."""
+    code = (
+        "import signal, sys, time\n"
+        "from kvmcpuid_virt.qmp import monitor\n"
+        "class Terminated(BaseException): pass\n"
+        "def term(signum, frame): raise Terminated\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "try:\n"
+        f"    with monitor({qemu_binary!r}, extra={name!r}) as q:\n"
+        "        q.cmd('query-version')\n"
+        "        print('ready', flush=True)\n"
+        "        while True:\n"
+        "            q.cmd('query-cpu-model-expansion', type='full', model={'name': 'max'})\n"
+        "except (KeyboardInterrupt, Terminated) as exc:\n"
+        "    print(type(exc).__name__, flush=True)\n"
+    )
+    tool = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    try:
+        assert tool.stdout is not None and tool.stdout.readline().strip() == "ready"
+        time.sleep(after)
+        tool.send_signal(getattr(signal, interrupt))
+        out, err = tool.communicate(timeout=30)
+    finally:
+        tool.kill()
+        tool.wait()
+    assert out.strip() == {"SIGINT": "KeyboardInterrupt", "SIGTERM": "Terminated"}[interrupt]
+    assert not [word for word in NOISE if word in err], err
+    assert err == ""
+    assert tool.returncode == 0
+
+
+# --- what is tried again ---------------------------------------------------------
+
+
+@pytest.fixture
+def starts(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The command line of every QEMU qmp starts (the real start())."""
+    started: list[list[str]] = []
+
+    def counting(argv: list[str], **popen: object) -> subprocess.Popen[bytes]:
+        started.append(list(argv))
+        return real_start(argv, **popen)
+
+    monkeypatch.setattr(qmp, "start", counting)
+    return started
+
+
+def _wrapper(tmp_path: Path, qemu_binary: str, first_time: str, *, every_time: bool = False) -> str:
+    """A QEMU binary that does `first_time` (shell) on its first start (or on
+    every one) and is the real QEMU otherwise."""
+    once = tmp_path / "started-once"
+    script = tmp_path / "qemu-system-x86_64"
+    condition = "true" if every_time else f'[ ! -e "{once}" ]'
+    script.write_text(
+        "#!/bin/bash\n"
+        f'if {condition}; then touch "{once}"; {first_time}; fi\n'
+        f'exec "{qemu_binary}" "$@"\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_qemu_killed_by_the_oom_killer_simulated_is_tried_again(
+    qemu_binary: str, name: tuple[str, ...], tmp_path: Path, starts: list[list[str]]
+) -> None:
+    """The OOM killer's SIGKILL cannot be had on demand here; the wrapper
+    kills its first QEMU with it before the monitor answers. That is
+    transient: a second QEMU answers."""
+    binary = _wrapper(tmp_path, qemu_binary, "kill -KILL $$")
+    (reply,) = run_commands(binary, [{"execute": "query-version"}], extra=name)
+    assert "qemu" in reply
+    assert len(starts) == 2
+
+
+def test_monitor_that_resets_with_qemu_running_simulated_is_tried_again(
+    qemu_binary: str, name: tuple[str, ...], tmp_path: Path, starts: list[list[str]]
+) -> None:
+    """A monitor that breaks while QEMU runs on (this QEMU never does it):
+    the wrapper closes the monitor's socket and stays, the first time."""
+    close_monitor = (
+        'for a in "$@"; do case "$a" in socket,id=qmp,fd=*) eval "exec ${a##*fd=}>&-";; '
+        "esac; done; exec sleep 60"
+    )
+    binary = _wrapper(tmp_path, qemu_binary, close_monitor)
+    assert run_commands(binary, [{"execute": "query-status"}], extra=name)
+    assert len(starts) == 2
+
+
+def test_transient_failure_every_time_gives_up_with_its_cause(
+    qemu_binary: str, name: tuple[str, ...], tmp_path: Path, starts: list[list[str]]
+) -> None:
+    binary = _wrapper(tmp_path, qemu_binary, "kill -KILL $$", every_time=True)
+    start = time.monotonic()
+    attempts = rf"exited with status -9: .*\({qmp.ATTEMPTS} attempts\)"
+    with pytest.raises(TransientError, match=attempts) as info:
+        run_commands(binary, [{"execute": "query-version"}], extra=name)
+    assert len(starts) == qmp.ATTEMPTS
+    assert time.monotonic() - start < 10  # 0.1 + 0.2 s of pauses, not the timeout
+    # The cause is kept: the last attempt's error, and what broke under it.
+    last = info.value.__cause__
+    assert isinstance(last, TransientError) and "status -9" in str(last)
+    assert last.__cause__ is not None
+
+
+@pytest.mark.parametrize(
+    ("cpu", "why"),
+    [("base,no-such-feature=on", "a bad -cpu"), ("host", "KVM refuses an MSR: abort")],
+)
+def test_deterministic_failure_is_not_tried_again(
+    qemu_binary: str, name: tuple[str, ...], starts: list[list[str]], cpu: str, why: str
+) -> None:
+    try:
+        run_commands(qemu_binary, [], machine="pc", cpu=cpu, accel="kvm",
+                     extra=("-m", "16", *name))  # fmt: skip
+    except ToolError as exc:
+        assert not isinstance(exc, TransientError), exc
+        assert "exited with status" in str(exc)
+    else:
+        assert why.startswith("KVM"), "a bad -cpu started"
+        pytest.skip("-cpu host starts on this host")
+    assert len(starts) == 1
+
+
+def test_missing_binary_is_not_tried_again(tmp_path: Path, starts: list[list[str]]) -> None:
+    with pytest.raises(ToolError) as info:
+        run_commands(str(tmp_path / "qemu-system-x86_64"), [{"execute": "query-version"}])
+    assert not isinstance(info.value, TransientError)
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the cause is kept
+
+
+def test_transient_end_names_outside_ends_and_short_resources() -> None:
+    assert transient_end(-9, [])  # SIGKILL: the OOM killer
+    assert transient_end(0, ["qemu-system-x86_64: terminating on signal 15 from pid 1"])
+    assert transient_end(1, ["failed to initialize kvm: Cannot allocate memory"])
+    assert transient_end(1, ["fork: Resource temporarily unavailable"])
+    assert not transient_end(-6, ["error: failed to set MSR 0x10a to 0x69", "Assertion"])
+    assert not transient_end(-11, [])  # QEMU's own crash
+    assert not transient_end(1, ["can't apply global base-x86_64-cpu.no-such-feature=on"])
+    assert not transient_end(1, ["Property 'x' not found"])

@@ -157,6 +157,10 @@ _SIGNAL_EXIT: Final[dict[int, tuple[int, str]]] = {
 }
 
 
+# How soon a signal that came during a finalizer is asked for again.
+_FINALIZER_RETRY: Final = 0.002
+
+
 class _Signals:
     """SIGINT and SIGTERM during one main() call (the module docstring)."""
 
@@ -164,6 +168,7 @@ class _Signals:
         self._count = itertools.count()  # next() is atomic: one handler call gets 0
         self.armed = True  # False once the work is done or being unwound
         self.first: int | None = None
+        self.held: int | None = None  # came during a finalizer, not raised yet
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -182,9 +187,16 @@ class _Signals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.armed and self.first is None and _in_finalizer(frame):
-            # An exception raised in __del__ is printed and lost: ask again
-            # at the next check, which comes once the finalizer has returned.
-            _thread.interrupt_main(signal.Signals(signum))
+            self.held = signum  # main() honours it if the work ends first
+            # An exception raised in __del__ is printed and lost: ask again in
+            # a moment, until the finalizer has returned. (Not at once: the
+            # next check can come inside this very handler.)
+            import threading
+
+            again = threading.Timer(_FINALIZER_RETRY, _thread.interrupt_main,
+                                    (signal.Signals(signum),))  # fmt: skip
+            again.daemon = True
+            again.start()
             return
         if next(self._count) or not self.armed:
             return  # one signal is being acted on, or the work is done
@@ -294,10 +306,16 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             try:
                 args = list(sys.argv[1:] if argv is None else argv)
                 command = next((a for a in args if not a.startswith("-")), None)
-                return _run(args, prog, command)
+                status = _run(args, prog, command)
             finally:
                 signals.armed = False
                 _leftovers()
+            if signals.first is None and signals.held is not None:
+                # It came during a finalizer and the work ended before it
+                # could be raised: it still came during the work.
+                signals.first = signals.held
+                raise KeyboardInterrupt
+            return status
         except (KeyboardInterrupt, Terminated) as exc:
             signals.armed = False  # in case the signal came before the line above
             _leftovers()

@@ -31,6 +31,7 @@ VM, memory and watchdog released) run in process.signals_deferred().
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 import threading
 import time
@@ -49,6 +50,8 @@ from kvmcpuid_virt.process import signals_deferred
 
 __all__ = ["IMAGE_BASE", "KICK_SIGNAL", "KvmProbe", "run_kvm"]
 
+log = logging.getLogger(__name__)
+
 IMAGE_BASE: Final = (1 << 32) - image.IMAGE_SIZE
 # Three pages of unused guest-physical space for Intel's real-mode TSS (a
 # no-op on AMD); below 2 GiB because fcntl.ioctl passes it as a C int.
@@ -60,6 +63,8 @@ _STOP_PORTS: Final = frozenset({image.DEBUG_EXIT_PORT, 0x64, 0xCF9})
 # A guest that keeps writing is broken; bound the memory it can make us use.
 _SERIAL_SLACK: Final = 1 << 16
 DEFAULT_VCPUS_PER_VM: Final = 64
+# How long close() waits for the watchdog thread to stop.
+_JOIN_TIMEOUT: Final = 2.0
 
 
 class _Watchdog:
@@ -76,15 +81,19 @@ class _Watchdog:
                                         daemon=True)
         self._thread.start()
 
+    # signals_deferred() around `with self._cond`: a signal's exception
+    # raised inside Condition.__enter__, once the lock is taken, would leave
+    # it taken, and the watchdog (and close()'s join) waiting on it forever.
+
     def arm(self, deadline: float, vcpu: Vcpu) -> None:
-        with self._cond:
+        with signals_deferred(), self._cond:
             self._armed = (deadline, threading.get_ident(), vcpu)
             self.fired = False
             self._cond.notify()
 
     def disarm(self) -> bool:
         """Stop watching; True if the watchdog fired during this run."""
-        with self._cond:
+        with signals_deferred(), self._cond:
             self._armed = None
             return self.fired
 
@@ -107,11 +116,16 @@ class _Watchdog:
                 self._armed = None
 
     def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._armed = None
-            self._cond.notify()
-        self._thread.join()
+        with signals_deferred():
+            with self._cond:
+                self._stop = True
+                self._armed = None
+                self._cond.notify()
+            # Bounded: the thread is a daemon, and a close() that cannot
+            # finish must not hang the tool on its way out.
+            self._thread.join(_JOIN_TIMEOUT)
+            if self._thread.is_alive():
+                log.warning("the raw-KVM probe's watchdog thread did not stop")
 
 
 class KvmProbe:
