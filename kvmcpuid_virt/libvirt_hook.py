@@ -56,7 +56,7 @@ __all__ = [
     "KVM_GET_SUPPORTED_CPUID",
     "MANIFEST_TAG",
     "WATCHDOG_SECONDS",
-    "Verdict",
+    "Decision",
     "judge",
     "main",
     "masked_kvm_table",
@@ -319,7 +319,7 @@ def verdict_key(domain: str, table: bytes, qemu: str, cache: str) -> str:
 # --- the verdict (slow path: only on a memo miss) -------------------------------------
 
 
-class Verdict:
+class Decision:
     """What the hook decided: fits or not, the one-line reason naming what
     does not fit, and why the facts were incomplete (None: they were fresh)."""
 
@@ -334,14 +334,14 @@ class Verdict:
         return ("fits" if self.fits else "refuse") + "\t" + self.reason
 
     @classmethod
-    def decode(cls, text: str) -> Verdict | None:
+    def decode(cls, text: str) -> Decision | None:
         head, sep, reason = text.partition("\t")
         if not sep or head not in ("fits", "refuse") or "\n" in reason:
             return None
         return cls(head == "fits", reason)
 
 
-def judge(domain: str, qemu: str | None, source: str = "<domain>") -> Verdict:
+def judge(domain: str, qemu: str | None, source: str = "<domain>") -> Decision:
     """compat's verdict on `domain` (reduce_domain's output) against this
     host: the live KVM table, the cached tool facts (never QEMU: stale facts
     judge without QEMU's part) and the cached host-control result."""
@@ -354,7 +354,7 @@ def judge(domain: str, qemu: str | None, source: str = "<domain>") -> Verdict:
     host = host_of(Dump(live_table(), "supported", source="this host"), cached.facts,
                    this_host=True)  # fmt: skip
     verdict = judge_text(domain, source, host, cached.facts)
-    return Verdict(verdict.fits, verdict.missing(), cached.stale)
+    return Decision(verdict.fits, verdict.missing(), cached.stale)
 
 
 # --- acting on it -------------------------------------------------------------------
@@ -384,15 +384,15 @@ def _memo_path(cache: str, key: str) -> str:
     return os.path.join(cache, "hook-memo", key)
 
 
-def _memo_load(cache: str, key: str) -> Verdict | None:
+def _memo_load(cache: str, key: str) -> Decision | None:
     try:
         with open(_memo_path(cache, key), encoding="utf-8") as f:
-            return Verdict.decode(f.read())
+            return Decision.decode(f.read())
     except (OSError, UnicodeDecodeError):
         return None
 
 
-def _memo_store(cache: str, key: str, verdict: Verdict) -> None:
+def _memo_store(cache: str, key: str, verdict: Decision) -> None:
     from kvmcpuid_virt.fsutil import write_cache
 
     write_cache(_memo_path(cache, key), verdict.encode())
@@ -444,7 +444,7 @@ def _run(args: Sequence[str], manifest: dict[str, list[str]], log: str) -> int:
     return 0
 
 
-def _judge_quietly(domain: str, qemu: str, name: str, op: str, log: str) -> Verdict:
+def _judge_quietly(domain: str, qemu: str, name: str, op: str, log: str) -> Decision:
     """judge(), with whatever it writes (warnings on stderr) sent to the log
     and nothing to stdout: libvirt reads a restore's or migration's stdout
     as a new domain XML."""

@@ -411,3 +411,21 @@ def test_without_qemu_facts_a_model_is_read_as_qemu_runs_it_under_kvm(data_dir: 
             fresh = {(r.field, r.layer) for r in judge_text(xml, "d", host, FACTS).reasons}
             assert {(r.field, r.layer) for r in judge_text(xml, "d", host, stale).reasons} == \
                 fresh, (stem, name)  # fmt: skip
+
+
+def test_compat_against_a_libvirt_host_model(
+    libvirt_conn_uri: str, kvm: Kvm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--connect: the daemon's host-model CPU (its domain capabilities) as the
+    host; a feature this host's KVM lacks is not in it either."""
+    feature = missing_on_this_host(kvm)
+    dom = tmp_path / "dom.xml"
+    dom.write_text(f"<domain type='kvm'><name>x</name><cpu mode='custom' check='none'>"
+                   f"<model>qemu64</model><feature policy='require' name='{feature}'/></cpu>"
+                   "</domain>")  # fmt: skip
+    assert main(["compat", str(dom), "--connect", libvirt_conn_uri, "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["host"] == libvirt_conn_uri
+    assert feature in {r["field"] for r in doc["reasons"]}
+    # A host-model names no max leaves: only feature words are compared.
+    assert {r["rule"] for r in doc["registers"]} == {"subset"}

@@ -191,7 +191,7 @@ def test_a_bug_in_the_check_fails_open_unless_fail_closed_simulated(
     """Simulates a bug: the verdict raises an exception nobody expected."""
     _reinstall(script, fail_closed=fail_closed)
 
-    def broken(*_args: object, **_kw: object) -> libvirt_hook.Verdict:
+    def broken(*_args: object, **_kw: object) -> libvirt_hook.Decision:
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(libvirt_hook, "judge", broken)
@@ -233,7 +233,7 @@ def test_the_verdict_is_memoized_and_the_memo_is_used(
     memo = Path(os.environ["XDG_CACHE_HOME"]) / "kvmcpuid_virt" / "hook-memo"
     assert len(list(memo.iterdir())) == 1
 
-    def never(*_args: object, **_kw: object) -> libvirt_hook.Verdict:
+    def never(*_args: object, **_kw: object) -> libvirt_hook.Decision:
         raise AssertionError("the memo was not used")
 
     monkeypatch.setattr(libvirt_hook, "judge", never)
