@@ -26,7 +26,7 @@ from typing import Any, Final
 from kvmcpuid_virt.errors import InputError, ToolError
 from kvmcpuid_virt.fsutil import cache_dir, parse_xml_file, write_cache
 from kvmcpuid_virt.host import boot_id
-from kvmcpuid_virt.qmp import default_accel, run_commands
+from kvmcpuid_virt.qmp import Session, TransientError, converse, default_accel, run_commands
 from kvmcpuid_virt.toolfacts.facts import (
     DEFAULT_LIBVIRT_URI,
     FORMAT_VERSION,
@@ -137,6 +137,10 @@ def trial_start(binary: str) -> dict[str, str]:
         cpu = ",".join(["host", *(f"{f}=off" for f in sorted(off))])
         try:
             run_commands(binary, [], machine="pc", cpu=cpu, accel="kvm")
+        except TransientError:
+            # Failed for a moment every time (qmp.retrying): no answer, and
+            # nothing that may be cached as one.
+            raise
         except ToolError as exc:
             m = _MSR_FAIL.search(str(exc))
             feature = _MSR_FEATURE.get(int(m.group(1), 16)) if m else None
@@ -163,25 +167,26 @@ def qemu_key(binary: str) -> str:
     )
 
 
-def _expansion(name: str) -> dict[str, Any]:
-    return {"execute": "query-cpu-model-expansion",
-            "arguments": {"type": "full", "model": {"name": name}}}  # fmt: skip
-
-
 def _ask_qemu(binary: str) -> QemuFacts:
-    """Two QEMU conversations (the definitions, then every expansion: ~0.3 s
-    for QEMU 7.2's 132 models) and the trial start under KVM."""
+    """One QEMU conversation (the version, the definitions, every expansion:
+    ~0.3 s for QEMU 7.2's 132 models) and the trial start under KVM."""
     accel = default_accel()
-    # `host` exists only under KVM; `max` names every property under TCG.
-    version, defs, host = run_commands(
-        binary, [{"execute": "query-version"}, {"execute": "query-cpu-definitions"},
-                 _expansion("host" if accel == "kvm" else "max")], accel=accel,
-    )  # fmt: skip
-    names = sorted(
-        str(d["name"]) for d in defs
-        if isinstance(d, dict) and "name" in d and d["name"] not in ("host", "max")
-    )  # fmt: skip
-    replies = run_commands(binary, [_expansion(n) for n in names], accel=accel)
+
+    def expansion(session: Session, name: str) -> Any:
+        return session.cmd("query-cpu-model-expansion", type="full", model={"name": name})
+
+    def talk(session: Session) -> tuple[Any, Any, Any, list[str], list[Any]]:
+        version = session.cmd("query-version")
+        defs = session.cmd("query-cpu-definitions")
+        # `host` exists only under KVM; `max` names every property under TCG.
+        host = expansion(session, "host" if accel == "kvm" else "max")
+        names = sorted(
+            str(d["name"]) for d in defs
+            if isinstance(d, dict) and "name" in d and d["name"] not in ("host", "max")
+        )  # fmt: skip
+        return version, defs, host, names, [expansion(session, n) for n in names]
+
+    version, defs, host, names, replies = converse(binary, talk, accel=accel)
     qemu_ver = version.get("qemu", {}) if isinstance(version, dict) else {}
     text = ".".join(str(qemu_ver.get(k, "?")) for k in ("major", "minor", "micro"))
     return QemuFacts.from_replies(
