@@ -30,6 +30,11 @@ moment the tool's handlers exist to the end of its run, both measured in an
 uninterrupted run; SIGINT and SIGTERM alternate along them. The same plan
 every time: no random delays.
 
+Counts: `--signals N` runs per cache mode are planned (each sends one
+signal, every third two); a run whose command ended before its signal was
+due sends none, so more runs are added between the delays already tried
+until N signals reached a running tool (at most four more passes).
+
 Exit status: 0 when every run was clean (or finished, or start-up), 1 when
 any was dirty (each with its reasons), 2 when a command does not run at all.
 """
@@ -68,6 +73,8 @@ WORDS: Final[dict[int, tuple[int, str]]] = {
 GRACE: Final = 2.0
 SECOND_SIGNAL_AFTER: Final = 0.02
 CALIBRATIONS: Final = 3  # uninterrupted runs per command and cache mode
+# The extra passes' offsets (fractions of a step), until enough signals were sent.
+TOP_UP: Final = (0.5, 0.25, 0.75, 0.125)
 
 # name -> arguments ({out}: the run's output directory)
 COMMANDS: Final[dict[str, tuple[str, ...]]] = {
@@ -417,19 +424,24 @@ def leftovers(place: Place, since: float) -> list[str]:
 # --- the sweep ------------------------------------------------------------------------
 
 
-def delays(count: int, startup: float, seconds: float) -> list[float]:
-    """0, then the rest evenly over [startup, seconds)."""
-    if count == 1:
-        return [startup + (seconds - startup) / 2]
+def delays(count: int, startup: float, seconds: float, offset: float | None = None) -> list[float]:
+    """0, then the rest evenly over [startup, seconds); with `offset` (a
+    fraction of a step) only the latter, shifted: between those of before."""
     span = max(0.0, seconds - startup)
+    if offset is not None:
+        return [startup + span * (i + offset) / count for i in range(count)]
+    if count == 1:
+        return [startup + span / 2]
     return [0.0] + [startup + span * i / (count - 1) for i in range(count - 1)]
 
 
-def plan(command: str, cache: str, count: int, calibration: Calibration) -> list[Run]:
+def plan(command: str, cache: str, count: int, calibration: Calibration,
+         offset: float | None = None) -> list[Run]:  # fmt: skip
     """`count` runs at delays(), SIGINT and SIGTERM alternating; every third
     run sends the other signal too, 20 ms later."""
     runs = []
-    for i, delay in enumerate(delays(count, calibration.startup, calibration.seconds)):
+    spread = delays(count, calibration.startup, calibration.seconds, offset)
+    for i, delay in enumerate(spread):
         first = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
         other = signal.SIGTERM if first == signal.SIGINT else signal.SIGINT
         signals = [first, other] if i % 3 == 2 else [first]
@@ -449,23 +461,40 @@ def sweep(cache: str, total: int, commands: Sequence[str], *, verbose: bool, gro
     if cache == "warm":
         warm_dir = Path(tempfile.mkdtemp(prefix="kvmcpuid-sweep-cache-"))
     runs: list[Run] = []
-    try:
-        for command, count in shares(total, commands).items():
-            calibration = measure(command, warm_dir)
+
+    def one(run: Run, calibration: Calibration) -> None:
+        place = Place(warm_dir)
+        try:
             bound = timeout or max(60.0, 10 * calibration.seconds)
+            interrupt(run, place, calibration, bound, group)
+        finally:
+            place.remove()
+        if verbose or run.verdict == "dirty":
+            print(run.line(), flush=True)
+        runs.append(run)
+
+    def sent() -> int:
+        return sum(len(r.sent) for r in runs)
+
+    try:
+        counts = shares(total, commands)
+        calibrations: dict[str, Calibration] = {}
+        for command, count in counts.items():
+            calibrations[command] = calibration = measure(command, warm_dir)
             if verbose:
                 print(f"{cache} {command}: {calibration.seconds:.3f} s uninterrupted "
                       f"(handlers at {calibration.startup * 1000:.1f} ms), "
                       f"exit {calibration.status}", flush=True)  # fmt: skip
             for run in plan(command, cache, count, calibration):
-                place = Place(warm_dir)
-                try:
-                    interrupt(run, place, calibration, bound, group)
-                finally:
-                    place.remove()
-                if verbose or run.verdict == "dirty":
-                    print(run.line(), flush=True)
-                runs.append(run)
+                one(run, calibration)
+        # Runs that ended before their signal sent none: more, between the
+        # delays already tried, until `total` signals reached a running tool.
+        for offset in TOP_UP:
+            for command, count in counts.items():
+                for run in plan(command, cache, count, calibrations[command], offset):
+                    if sent() >= total:
+                        return runs
+                    one(run, calibrations[command])
     finally:
         if warm_dir is not None:
             leftover = _half_written(warm_dir)
@@ -495,9 +524,10 @@ def summary(cache: str, runs: list[Run]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--signals", type=int, default=60,
-                        help="runs per cache mode (each sends one or two signals; default 60)")
+                        help="signals that reach a running tool, at least, per cache mode "
+                        "(default 60)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"12 runs per cache mode, of {', '.join(QUICK)} (unless --commands)")
+                        help=f"--signals 12, of {', '.join(QUICK)} (unless --commands)")
     parser.add_argument("--cache", choices=("cold", "warm", "both"), default="both")
     parser.add_argument("--commands", nargs="+", choices=tuple(COMMANDS),
                         help="default: every command")
