@@ -144,7 +144,10 @@ def restart(daemon: Daemon, answers: Callable[[], bool], *,
             raise ToolError(f"systemctl restart {daemon.unit}: {exc}") from None
         how = f"restarted {daemon.unit} (systemctl restart)"
     else:
-        how = _relaunch(daemon, timeout)
+        try:
+            how = _relaunch(daemon, timeout)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise ToolError(f"cannot restart {daemon.name} (pid {daemon.pid}): {exc}") from None
     _wait(answers, timeout, f"{daemon.name} did not answer within {timeout:.0f} s of its restart")
     return how
 

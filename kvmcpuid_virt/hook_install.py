@@ -138,7 +138,7 @@ def read_manifest(path: str) -> dict[str, list[str]] | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return parse_manifest(f.read())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
@@ -299,7 +299,10 @@ def install(*, mode: str = "enforce", fail_closed: bool = False, uri: str = "qem
     ]
     script = render_script(manifest, sys.executable, python_paths(), domains)
     atomic_write(path, script, mode=0o755)
-    os.chmod(path, 0o755)  # atomic_write keeps an old file's mode
+    try:
+        os.chmod(path, 0o755)  # atomic_write keeps an old file's mode
+    except OSError as exc:
+        raise OutputError(f"cannot make {path} executable: {exc.strerror}") from None
     scope = "" if domains == "*" else f", only domains matching {domains}"
     said.append(f"{'reinstalled' if old else 'installed'} {path} (mode {mode}, "
                 f"fail-{'closed' if fail_closed else 'open'}, log {log}{scope})")  # fmt: skip
@@ -329,7 +332,7 @@ def uninstall(*, uri: str = "qemu:///system", hooks_dir: str = HOOKS_DIR,
     if not manifest:
         raise InputError(f"{path} is not kvmcpuid's hook: not removing it")
     said = []
-    os.unlink(path)
+    _remove(path)
     said.append(f"removed {path}")
     if activate:
         restart = manifest.get("activate", ["reload"])[-1] == "restart"
@@ -338,13 +341,13 @@ def uninstall(*, uri: str = "qemu:///system", hooks_dir: str = HOOKS_DIR,
     _wait_for_running_hooks()
     log = manifest.get("log", [DEFAULT_LOG])[-1]
     if manifest.get("log_existed", ["no"])[-1] == "no" and os.path.exists(log):
-        os.unlink(log)
+        _remove(log)
         said.append(f"removed {log}")
     memo = os.path.join(manifest.get("cache", [""])[-1], "kvmcpuid_virt", "hook-memo")
     if os.path.isdir(memo):
         for entry in os.listdir(memo):
-            os.unlink(os.path.join(memo, entry))
-        os.rmdir(memo)
+            _remove(os.path.join(memo, entry))
+        _remove(memo, directory=True)
         said.append(f"removed {memo}")
     for d in reversed(manifest.get("created", [])):
         try:
@@ -353,6 +356,15 @@ def uninstall(*, uri: str = "qemu:///system", hooks_dir: str = HOOKS_DIR,
         except OSError:
             said.append(f"kept {d}: not empty (someone else's files)")
     return said
+
+
+def _remove(path: str, *, directory: bool = False) -> None:
+    try:
+        (os.rmdir if directory else os.unlink)(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"cannot remove {path}: {exc.strerror}") from None
 
 
 def _running_hooks() -> list[int]:

@@ -32,7 +32,7 @@ import libvirt
 import pytest
 
 from kvmcpuid_virt import daemon, hook_install, libvirt_hook
-from kvmcpuid_virt.errors import InputError
+from kvmcpuid_virt.errors import InputError, OutputError
 from kvmcpuid_virt.kvm import Kvm
 from tests.test_compat import missing_on_this_host
 
@@ -663,3 +663,21 @@ def test_a_domain_this_host_can_give_migrates_in(
         moved.destroy()
     finally:
         dst.close()
+
+
+def test_install_errors_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
+    """A hooks directory that cannot be created (its parent is a file, which
+    stops root too): an OutputError naming it, which the CLI prints on one
+    line with exit 2; nothing written."""
+    blocker = tmp_path / "etc-libvirt"
+    blocker.write_text("not a directory\n")
+    hooks = blocker / "hooks"
+    with pytest.raises(OutputError, match=f"cannot create {hooks}"):
+        hook_install.install(hooks_dir=str(hooks), log=str(tmp_path / "l"),
+                             version=(9, 0, 0), activate=False, learn=lambda: None)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "kvmcpuid_virt.cli", "hook", "--hooks-dir",
+                           str(hooks), "install"], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["etc-libvirt"]
