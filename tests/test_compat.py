@@ -429,3 +429,51 @@ def test_compat_against_a_libvirt_host_model(
     assert feature in {r["field"] for r in doc["reasons"]}
     # A host-model names no max leaves: only feature words are compared.
     assert {r["rule"] for r in doc["registers"]} == {"subset"}
+
+
+def test_cached_facts_are_what_learn_cached(qemu_binary: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """toolfacts.cached reads learn.py's cache file, never QEMU: fresh
+    after learn(), stale (with the reason, QEMU's part left out) in an empty
+    cache, and QEMU is not started either way."""
+    from kvmcpuid_virt.toolfacts import cached, learn
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    empty = cached.cached_facts(qemu_binary)
+    assert empty.facts.qemu is None and empty.stale and "no cached QEMU facts" in empty.stale
+    learned = learn.learn(qemu_binary)
+
+    def no_qemu(*_a: object, **_k: object) -> None:
+        raise AssertionError("cached_facts started QEMU")
+
+    monkeypatch.setattr(learn, "run_commands", no_qemu)
+    fresh = cached.cached_facts(qemu_binary)
+    assert fresh.stale is None and fresh.facts.qemu == learned.qemu
+    assert fresh.facts.cpu_map == learned.cpu_map
+
+
+def test_cached_control_reads_what_hostcontrol_caches(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hostview.cached_control finds the host-control probe's cache file by
+    its naming (probe/hostcontrol's), and reads forced bits from its reasons."""
+    from kvmcpuid_virt import hostview
+    from kvmcpuid_virt.probe import hostcontrol
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    table = load_dump(str(_path(data_dir, "EPYC-9334-32-Core"))).table
+    assert hostview.cached_control(table) is None
+    fp = hostcontrol.fingerprint(table)
+    hc = hostcontrol.HostControl(
+        fingerprint=fp, controlled={(1, 0, "ecx"): ~(1 << 12 | 1) & 0xFFFF_FFFF},
+        reasons={(1, 0, "ecx", 12): f"{hostcontrol.FORCED} (0)",
+                 (1, 0, "ecx", 0): f"{hostcontrol.FORCED} (1; KVM reports it unsupported)"},
+    )  # fmt: skip
+    path = hostcontrol._cache_path(fp, hostcontrol.cache_dir())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hc.to_json())
+    control = hostview.cached_control(table)
+    assert control is not None
+    assert control.uncontrolled == {(1, 0, "ecx"): 1 << 12 | 1}
+    assert control.forced_off == {(1, 0, "ecx"): 1 << 12}
+    assert control.forced_on == {(1, 0, "ecx"): 1}
