@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+import kvmcpuid_virt
 from kvmcpuid_virt import daemon as daemons
 from kvmcpuid_virt.errors import InputError, OutputError, ToolError
 from kvmcpuid_virt.fsutil import atomic_write, cache_dir
@@ -39,6 +40,9 @@ from kvmcpuid_virt.libvirt_hook import (
     WATCHDOG_SECONDS,
     parse_manifest,
 )
+from kvmcpuid_virt.toolfacts.cached import cached_facts
+from kvmcpuid_virt.toolfacts.learn import find_qemu
+from kvmcpuid_virt.toolfacts.learn import learn as learn_facts
 
 __all__ = [
     "DEFAULT_LOG",
@@ -97,8 +101,6 @@ def _safe(value: str, what: str) -> str:
 def python_paths() -> list[str]:
     """What sys.path needs under `python -IS`: the directory holding this
     package (an editable install's source tree too) and site-packages."""
-    import kvmcpuid_virt
-
     top = os.path.dirname(os.path.dirname(os.path.abspath(kvmcpuid_virt.__file__)))
     paths = [top]
     for key in ("purelib", "platlib"):
@@ -268,6 +270,9 @@ def install(*, mode: str = "enforce", fail_closed: bool = False, uri: str = "qem
             f"--hooks-dir elsewhere and call it from {path}: `HOOK \"$@\" || exit $?` with "
             "the domain XML passed on stdin"
         )
+    # The facts the hook reads, learned first (QEMU asked once, here): an
+    # error here leaves nothing written.
+    (learn or learn_facts)()
     created = list(old.get("created", [])) if old else []
     for d in (hooks_dir, os.path.dirname(path)):
         if not os.path.isdir(d):
@@ -281,9 +286,6 @@ def install(*, mode: str = "enforce", fail_closed: bool = False, uri: str = "qem
     if path != theirs and os.path.exists(theirs) and read_manifest(theirs) == {}:
         said.append(f"left {theirs} (someone else's hook) as it is: libvirt runs it first, "
                     f"then every executable in {os.path.dirname(path)}/")  # fmt: skip
-    (learn or _learn)()
-    from kvmcpuid_virt.toolfacts.learn import find_qemu
-
     log_existed = old.get("log_existed", ["no"])[-1] if old else (
         "yes" if os.path.exists(log) else "no")  # fmt: skip
     manifest = [
@@ -310,12 +312,6 @@ def install(*, mode: str = "enforce", fail_closed: bool = False, uri: str = "qem
         said.extend(_activate(uri, restart, True))
         said.append(f"active: libvirt at {uri} runs it")
     return said
-
-
-def _learn() -> object:
-    from kvmcpuid_virt.toolfacts.learn import learn
-
-    return learn()
 
 
 def uninstall(*, uri: str = "qemu:///system", hooks_dir: str = HOOKS_DIR,
@@ -421,8 +417,6 @@ def status(*, uri: str = "qemu:///system", hooks_dir: str = HOOKS_DIR,
 def _facts_line(manifest: dict[str, list[str]]) -> str:
     """Whether the tool facts the hook reads are fresh (learned for this
     QEMU, kernel and boot)."""
-    from kvmcpuid_virt.toolfacts.cached import cached_facts
-
     qemu = manifest.get("qemu", ["-"])[-1]
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = manifest.get("cache", [""])[-1]
