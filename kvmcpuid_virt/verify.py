@@ -25,7 +25,7 @@ from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
-from kvmcpuid_virt.cpuid.table import CpuidTable, Register
+from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import (
     KvmcpuidError,
     KvmError,
@@ -34,6 +34,7 @@ from kvmcpuid_virt.errors import (
     ProbeTimeoutError,
     ToolError,
 )
+from kvmcpuid_virt.host import cpuinfo_fields
 from kvmcpuid_virt.probe.image import default_queries
 from kvmcpuid_virt.probe.kvm import run_kvm
 from kvmcpuid_virt.probe.libvirt import DomainRefusedError, LibvirtProbe
@@ -288,16 +289,82 @@ class _LibvirtBeside:
                 self._probe.close()
 
 
+# Fields CpuConfig.expected does not model for a backend (gaps of config/,
+# seen on this host's QEMU 7.2): their mismatches are reported, never failing.
+_QEMU_OWN = "QEMU's own model sets it, CpuConfig.expected has KVM's value"
+_UNMODELLED_QEMU: Final = {
+    name: _QEMU_OWN for name in (
+        "cache/TLB descriptors", "cache type and level", "cache line size, partitions, ways",
+        "cache sets", "cache flags", "L1 cache and TLB", "L2/L3 cache and TLB",
+        "cache type and level (AMD)", "cache line size, partitions, ways (AMD)",
+        "cache sets (AMD)", "cache flags (AMD)", "MONITOR/MWAIT line sizes and extensions",
+        "brand ID and package type (AMD)", "performance optimization identifiers (AMD)",
+    )
+}
+_LIBVIRT_MODEL = "libvirt's <model> sets it, CpuConfig.expected has the host's"
+_UNMODELLED_LIBVIRT: Final = {
+    **_UNMODELLED_QEMU,
+    **{name: _LIBVIRT_MODEL for name in (
+        "stepping", "model", "family", "processor type", "extended model", "extended family",
+        "extended signature (AMD)", "brand string", "max basic leaf", "max extended leaf",
+        "max leaf 7 subleaf", "physical address bits", "linear address bits",
+        "guest physical address bits", "CLFLUSH line size (8-byte units)",
+    )},
+}
+# Unnamed bits KVM offers that QEMU 7.2 does not pass on (CPUID.80000021H).
+_QEMU_DROPS: Final = (
+    Ignore(0x8000_0021, 0, "eax", 0x0000_0204, f"0x80000021 eax bits 2, 9: {_QEMU_OWN}"),
+    Ignore(0x8000_0021, 0, "ecx", 0x0000_0006, f"0x80000021 ecx bits 1-2: {_QEMU_OWN}"),
+)
+
+
+def _brand(table: CpuidTable, text: str) -> CpuidTable:
+    """`table` with the brand string (0x80000002-4) set to `text`."""
+    raw = text.encode("latin-1", "replace")[:47].ljust(48, b"\0")
+    for i, leaf in enumerate((0x8000_0002, 0x8000_0003, 0x8000_0004)):
+        entry = table.lookup(leaf, 0)
+        if entry is None:
+            return table
+        chunk = raw[16 * i:16 * i + 16]
+        regs = [int.from_bytes(chunk[4 * j:4 * j + 4], "little") for j in range(4)]
+        table = table.replace_entry(entry.replace(**dict(zip(REGISTERS, regs, strict=True))))
+    return table
+
+
+def _expectations(backend: Backend, target: Target) -> tuple[CpuidTable, list[Ignore],
+                                                               dict[str, str]]:  # fmt: skip
+    """What this backend's guest should see (the requested table, for QEMU's
+    `-cpu host` with the host CPU's brand string, which QEMU passes on), the
+    extra ignore rules and the fields the configuration does not model here."""
+    if backend == Backend.KVM:
+        return target.requested, [], {}
+    if backend == Backend.LIBVIRT:
+        return target.requested, [*target.libvirt_ignores(), *_QEMU_DROPS], _UNMODELLED_LIBVIRT
+    requested, unmodelled = target.requested, dict(_UNMODELLED_QEMU)
+    if target.qemu_cpu().split(",", 1)[0].removeprefix("-cpu ").strip() == "host":
+        requested = _brand(requested, cpuinfo_fields("model name")["model name"])
+    else:
+        # A named model: QEMU sets these from the model (model-id, leaf 1's
+        # signature copied to 0x80000001) and its default phys-bits (40).
+        unmodelled["brand string"] = "QEMU's model-id sets it"
+        unmodelled["extended signature (AMD)"] = "QEMU copies the model's leaf 1 signature"
+        for name in ("physical address bits", "linear address bits",
+                     "guest physical address bits"):
+            unmodelled[name] = "QEMU's default phys-bits for a named model"
+    return requested, list(_QEMU_DROPS), unmodelled
+
+
 def _report(
     backend: Backend, target: Target, result: ProbeResult, supported: CpuidTable,
     uncontrolled: Mapping[Word, int] | None,
     reasons: Mapping[tuple[int, int, Register, int], str] | None,
 ) -> BackendReport:
+    requested, ignores, unmodelled = _expectations(backend, target)
     extra = target.libvirt_ignores() if backend == Backend.LIBVIRT else []
     cmp = compare(
-        target.requested, result.observed, backend=backend, supported=supported,
+        requested, result.observed, backend=backend, supported=supported,
         vmm=result.vmm_view, uncontrolled=uncontrolled, uncontrolled_reasons=reasons,
-        ignore=(*GUEST_STATE_MASKS, *extra),
+        ignore=(*GUEST_STATE_MASKS, *ignores), unmodelled=unmodelled,
     )
     notes = [
         "left out, libvirt XML cannot set them: "

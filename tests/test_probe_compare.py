@@ -111,6 +111,37 @@ def test_layer_and_backend_serialize_as_the_strings_they_were() -> None:
     assert m.layer is Layer.VMM
     text = json.dumps(cmp.as_json())
     assert '"backend": "qemu"' in text and '"layer": "vmm"' in text
-    assert cmp.summary().startswith("qemu: 32 bits compared, 1 mismatch(es)")
+    assert cmp.summary().startswith("qemu: 32 bits and 0 fields compared, 1 mismatch(es)")
     assert [str(layer) for layer in Layer] == ["config", "vmm", "host", "kvm"]
     assert [str(b) for b in Backend] == ["kvm", "qemu", "libvirt"]
+
+
+def _with_eax(table: CpuidTable, leaf: int, eax: int) -> CpuidTable:
+    entry = table.lookup(leaf, 0)
+    assert entry is not None
+    return table.replace_entry(entry.replace(eax=eax))
+
+
+def test_a_real_guest_given_another_stepping_names_it(supported: CpuidTable) -> None:
+    # CPUID.1:EAX[3:0] is the stepping (SDM Vol. 2A); the VMM (our own
+    # KVM_SET_CPUID2) sets another one, KVM_GET_CPUID2 shows it.
+    eax = supported.get(1, 0, "eax")
+    other = eax & ~0xF | (eax + 1) & 0xF
+    result = run_kvm(_with_eax(supported, 1, other), default_queries(supported))
+    cmp = compare(supported, result.observed, backend=Backend.KVM, supported=supported,
+                  vmm=result.vmm_view)
+    [m] = [m for m in cmp.field_mismatches if m.name == "stepping"]
+    assert (m.requested, m.guest) == (str(eax & 0xF), str(other & 0xF))
+    assert m.layer is Layer.VMM and not cmp.ok
+
+
+def test_a_real_guest_with_a_cut_max_leaf_lacks_the_leaves_above(supported: CpuidTable) -> None:
+    top = supported.get(0, 0, "eax")
+    if top <= 7:
+        pytest.skip(f"this host's KVM gives max basic leaf {top:#x}: nothing above 7 to cut")
+    result = run_kvm(_with_eax(supported, 0, 7), default_queries(supported))
+    cmp = compare(supported, result.observed, backend=Backend.KVM, supported=supported,
+                  vmm=result.vmm_view)
+    texts = [m.text() for m in cmp.field_mismatches]
+    assert f"max basic leaf: configured {top:#x}, guest sees 0x7 (changed in the VMM)" in texts
+    assert any(t.startswith(f"basic leaves 0x8..{top:#x}: configured present") for t in texts)

@@ -364,3 +364,69 @@ def test_sigterm_during_verify_of_every_backend_leaves_nothing(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().endswith("terminated"), err
     assert ours() == before
+
+
+# One -cpu property a VMM could add, per field class (identity, max leaf,
+# brand, address size), and the field verify must name. host-phys-bits=off:
+# with it on (as for -cpu host), QEMU ignores phys-bits.
+MUTANTS = {
+    "stepping=9": "stepping: configured ",
+    "level=7": "max basic leaf: configured ",
+    "model-id=Evil": "brand string: configured ",
+    "host-phys-bits=off,phys-bits=36": "physical address bits: configured ",
+}
+
+
+def _wrapper(tmp_path: Path, qemu_binary: str, prop: str) -> Path:
+    """A QEMU that appends `prop` to the probe guest's -cpu value."""
+    wrapper = tmp_path / "qemu-mutant"
+    wrapper.write_text(
+        "#!/bin/bash\nargs=(); next=0\n"
+        'for a in "$@"; do\n'
+        f'  if [ $next = 1 ]; then a="$a,{prop}"; next=0; fi\n'
+        '  [ "$a" = "-cpu" ] && next=1; args+=("$a")\n'
+        "done\n"
+        f'exec {qemu_binary} "${{args[@]}}"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.mark.parametrize("prop", sorted(MUTANTS))
+def test_a_vmm_changing_one_field_fails_naming_it(
+    kvm: Kvm, qemu_binary: str, tmp_path: Path, prop: str
+) -> None:
+    r = _verify("--backend", "qemu", "--qemu", str(_wrapper(tmp_path, qemu_binary, prop)))
+    assert r.returncode == 1, r.stdout + r.stderr
+    [line] = [ln for ln in r.stdout.splitlines() if ln.startswith(MUTANTS[prop])]
+    assert line.endswith("(changed in the VMM)"), line
+    if prop == "stepping=9":
+        assert line.endswith("guest sees 9 (changed in the VMM)")
+    if prop == "model-id=Evil":
+        assert "guest sees 'Evil'" in line
+    doc = json.loads(_verify("--backend", "qemu", "--qemu",
+                             str(_wrapper(tmp_path, qemu_binary, prop)),
+                             "--format", "json").stdout)
+    [cmp] = [b["comparison"] for b in doc["backends"]]
+    assert any(m["text"] == line and m["layer"] == "vmm" for m in cmp["field_mismatches"])
+
+
+def test_the_same_wrapper_without_a_mutation_passes(
+    kvm: Kvm, qemu_binary: str, tmp_path: Path
+) -> None:
+    # The mutant tests' wrapper itself changes nothing: an empty property
+    # would be refused, so `hypervisor=on` (already on) stands in.
+    r = _verify("--backend", "qemu", "--qemu",
+                str(_wrapper(tmp_path, qemu_binary, "hypervisor=on")))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_backend_compares_fields_and_passes(kvm: Kvm, qemu_binary: str,
+                                                  libvirt_conn_uri: str) -> None:
+    r = _verify("--connect", libvirt_conn_uri, "--format", "json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert [b["backend"] for b in doc["backends"]] == ["kvm", "qemu", "libvirt"]
+    for b in doc["backends"]:
+        cmp = b["comparison"]
+        assert cmp["fields_compared"] > 10 and cmp["bits_compared"] > 1000, b["backend"]

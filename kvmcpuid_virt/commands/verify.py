@@ -62,7 +62,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "verify", help=HELP,
         description="Boot a tiny probe guest with the configuration on raw KVM, QEMU and/or "
-        "libvirt and compare every feature bit it sees with what was configured. Exit 0 only "
+        "libvirt and compare every field and bit of its CPUID with what was configured "
+        "(docs/field-rules.md). Exit 0 only "
         "when every bit this host controls matches; bits the host-control probe finds this "
         "host overrides are reported but do not fail.",
         epilog=EPILOG,
