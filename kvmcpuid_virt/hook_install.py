@@ -40,6 +40,7 @@ from kvmcpuid_virt.libvirt_hook import (
     WATCHDOG_SECONDS,
     parse_manifest,
 )
+from kvmcpuid_virt.probe.libvirt import domain_log
 from kvmcpuid_virt.toolfacts.cached import cached_facts
 from kvmcpuid_virt.toolfacts.learn import find_qemu
 from kvmcpuid_virt.toolfacts.learn import learn as learn_facts
@@ -178,10 +179,11 @@ def canary(uri: str) -> bool:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise ToolError(f"{uri}: {' '.join(str(exc).split())}") from None
+    name = CANARY_PREFIX + uuid.uuid4().hex[:12]
     try:
         flags = libvirt.VIR_DOMAIN_START_PAUSED | libvirt.VIR_DOMAIN_START_AUTODESTROY
         try:
-            dom = conn.createXML(_canary_xml(CANARY_PREFIX + uuid.uuid4().hex[:12]), flags)
+            dom = conn.createXML(_canary_xml(name), flags)
         except libvirt.libvirtError as exc:
             if "kvmcpuid hook: active" in str(exc):
                 return True
@@ -192,6 +194,12 @@ def canary(uri: str) -> bool:
         return False
     finally:
         conn.close()
+        # libvirt opens the domain's log even for a start the hook refuses:
+        # a canary must leave nothing behind.
+        log = domain_log(uri, name)
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.unlink()
 
 
 def _answers(uri: str) -> Callable[[], bool]:

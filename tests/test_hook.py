@@ -362,6 +362,24 @@ def test_restart_under_systemd_runs_systemctl_simulated(tmp_path: Path) -> None:
 # --- the real daemon ---------------------------------------------------------------------
 
 
+_LOG_DIR = Path("/var/log/libvirt/qemu")
+_OUR_LOGS = ("kvmcpuid-hooktest-*.log", "kvmcpuid-migtest*.log", "kvmcpuid-hook-canary-*.log")
+
+
+def _our_logs() -> set[Path]:
+    return {p for pattern in _OUR_LOGS for p in _LOG_DIR.glob(pattern)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_domain_logs_left() -> Iterator[None]:
+    """The domains these tests start leave libvirt's per-domain logs; remove
+    the ones this module made, so a test run leaves none behind."""
+    before = _our_logs()
+    yield
+    for log in _our_logs() - before:
+        log.unlink(missing_ok=True)
+
+
 def _virt(uri: str) -> Any:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     return libvirt.open(uri)
