@@ -70,11 +70,14 @@ def atomic_write(path: str, data: str | bytes, mode: int = 0o644) -> None:
     # `kvmcpuid dump` path cannot afford. O_EXCL gives the same safety.
     name = f".{os.path.basename(target)}.{os.getpid()}.{os.urandom(4).hex()}"
     tmp = os.path.join(directory, name)
+    # One try around creating the file too: a signal can land between
+    # os.open returning and the next statement (seen in the interrupt sweep),
+    # and the temporary file must go then as well.
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
-    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
@@ -82,8 +85,9 @@ def atomic_write(path: str, data: str | bytes, mode: int = 0o644) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if not isinstance(exc, OutputError):  # OutputError: os.open made nothing
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
