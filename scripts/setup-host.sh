@@ -19,7 +19,18 @@ packages=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clie
 say() { printf 'setup-host: %s\n' "$*" >&2; }
 # The PID of a live (not zombie) process named $1: a daemon killed a moment
 # ago can linger as a zombie until init reaps it, and is not running.
-alive() { ps -eo pid=,stat=,comm= | awk -v n="$1" '$3 == n && $2 !~ /^Z/ {print $1; exit}'; }
+# Only processes whose root directory is ours count: in a chroot that shares
+# the host's PID namespace (a fresh root for testing), the host's daemons are
+# visible to ps but are not this root's, and must never be killed.
+root_id=$(stat -c %d:%i /)
+alive() {
+    ps -eo pid=,stat=,comm= | awk -v n="$1" '$3 == n && $2 !~ /^Z/ {print $1}' | while read -r p; do
+        if [ "$(stat -L -c %d:%i "/proc/$p/root" 2>/dev/null)" = "$root_id" ]; then
+            echo "$p"
+            break
+        fi
+    done
+}
 
 if [ "$(id -u)" -ne 0 ]; then
     say "run as root (it installs packages and starts libvirtd)"; exit 1

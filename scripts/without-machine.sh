@@ -12,6 +12,13 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 if [ "${KVMCPUID_INSIDE_NS:-}" != 1 ]; then
+    if ! unshare --mount --propagation private true 2>/dev/null; then
+        # In a chroot / is not a mount point and cannot be made private, and
+        # mounts made without that would reach the host: run unhidden, say so.
+        echo "without-machine.sh: no private mount namespace here (a chroot?):" \
+             "running with /dev/kvm, QEMU and libvirt visible" >&2
+        exec "$@"
+    fi
     KVMCPUID_INSIDE_NS=1 exec unshare --mount --propagation private "$0" "$@"
 fi
 for d in /run/libvirt /var/run/libvirt /usr/share/libvirt; do
