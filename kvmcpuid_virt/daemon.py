@@ -107,7 +107,7 @@ def find_daemon(names: Sequence[str] = DAEMONS) -> Daemon | None:
             continue
         pid = int(entry)
         name = _comm(pid)
-        if name not in names or name in found:
+        if name not in names or name in found or not _our_root(pid):
             continue
         info = _stat(pid)
         if info is None or info[0] == "Z":
@@ -117,6 +117,17 @@ def find_daemon(names: Sequence[str] = DAEMONS) -> Daemon | None:
         if name in found:
             return found[name]
     return None
+
+
+def _our_root(pid: int) -> bool:
+    """Whether process `pid` sees the same root directory as we do: in a
+    chroot sharing the host's PID namespace the host's daemon is visible in
+    /proc but is not this root's, and must never be signalled."""
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _systemd() -> bool:

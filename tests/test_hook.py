@@ -407,6 +407,7 @@ def _good_cpu() -> str:
 def daemon_lock(libvirt_conn_uri: str) -> Iterator[None]:
     """Held while a test of this module changes how the daemon runs hooks:
     other suites that change the daemon can take the same lock."""
+    os.makedirs(os.path.dirname(LOCK), exist_ok=True)  # a bare root has no /run/lock
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
