@@ -566,6 +566,10 @@ def second_libvirtd(root: Path, prepare: Callable[[Path], object]) -> Iterator[s
     it is stopped."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare (util-linux) to give a second libvirtd its namespaces")
+    if subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                      capture_output=True, check=False).returncode != 0:
+        # A chroot (/ is no mount point): its mounts would reach the host.
+        pytest.skip("no private mount namespace here for a second libvirtd (a chroot?)")
     dirs = {"/etc/libvirt": root / "etc", "/run/libvirt": root / "run",
             "/var/lib/libvirt": root / "lib", "/var/log/libvirt": root / "log",
             "/var/cache/libvirt": root / "cache"}  # fmt: skip
