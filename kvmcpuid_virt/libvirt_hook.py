@@ -24,8 +24,9 @@ APIC ID fields masked, the kernel and boot, the QEMU binary, cpu_map, the
 cached tool facts and host-control files, this package's files). On a miss
 the verdict is computed from exactly the reduced document the key covers.
 
-Stdlib-only at module level, and only modules that cost well under a
-millisecond (no re, json, enum, logging, struct, signal: each would cost a
+Stdlib-only at module level (and kvmcpuid_virt.stamps, the file stamps
+cli/memo.py keys on too, itself stdlib-only), and only modules that cost
+well under a millisecond (no re, json, enum, logging, struct, signal: each would cost a
 few milliseconds of a 30 ms budget). That is why the KVM table is read here
 with its own ioctl (kvm.system costs ~9 ms to import; tests/test_hook.py
 checks the two agree) and the key is not cli.memo's (cli costs ~6 ms).
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+from kvmcpuid_virt.stamps import file_stamps, stamp
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
@@ -258,37 +261,6 @@ def masked_kvm_table(path: str = "/dev/kvm") -> bytes:
     return repr(words).encode()
 
 
-def _stat(path: str) -> tuple[str, int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (path, -1, -1)
-    return (path, st.st_mtime_ns, st.st_size)
-
-
-def _files(top: str, suffixes: tuple[str, ...], recurse: bool) -> list[tuple[str, int, int]]:
-    found: list[tuple[str, int, int]] = []
-    stack = [top]
-    while stack:
-        try:
-            it = os.scandir(stack.pop())
-        except OSError:
-            continue
-        with it:
-            for entry in it:
-                if entry.name.endswith(suffixes):
-                    try:
-                        st = entry.stat()
-                    except OSError:
-                        continue
-                    found.append((entry.path, st.st_mtime_ns, st.st_size))
-                elif recurse and entry.name != "__pycache__" and entry.is_dir(
-                        follow_symlinks=False):  # fmt: skip
-                    stack.append(entry.path)
-    found.sort()
-    return found
-
-
 _PKG = os.path.dirname(os.path.abspath(__file__))
 _CPU_MAP = "/usr/share/libvirt/cpu_map"
 
@@ -303,12 +275,12 @@ def verdict_key(domain: str, table: bytes, qemu: str, cache: str) -> str:
         boot = ""
     parts: list[object] = [
         _KEY_VERSION, sys.version_info[:2], os.uname().release, boot,
-        _stat(os.path.realpath(qemu)) if qemu else None, _stat(_CPU_MAP),
-        _stat(os.path.join(_CPU_MAP, "index.xml")),
-        _stat(os.path.join(_CPU_MAP, "x86_features.xml")),
-        [f for f in _files(cache, (".json",), False)
+        stamp(os.path.realpath(qemu)) if qemu else None, stamp(_CPU_MAP),
+        stamp(os.path.join(_CPU_MAP, "index.xml")),
+        stamp(os.path.join(_CPU_MAP, "x86_features.xml")),
+        [f for f in file_stamps(cache, (".json",), False)
          if os.path.basename(f[0]).startswith(("qemu-", "cpu_map", "hostcontrol-"))],
-        _files(_PKG, (".py", ".json"), True),
+        file_stamps(_PKG, (".py", ".json"), True),
     ]  # fmt: skip
     h = sha256(repr(parts).encode())
     h.update(b"\0" + table + b"\0" + domain.encode())
@@ -366,8 +338,8 @@ def _log(path: str, name: str, op: str, text: str) -> None:
     not decide a domain start."""
     import time
 
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    line = " ".join(f"{stamp} {name} {op}: {text}".split()) + "\n"
+    when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    line = " ".join(f"{when} {name} {op}: {text}".split()) + "\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError:

@@ -18,6 +18,7 @@ import sys
 
 from kvmcpuid_virt.fsutil import cache_dir, write_cache
 from kvmcpuid_virt.host import boot_id
+from kvmcpuid_virt.stamps import file_stamps, stamp
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
@@ -36,39 +37,12 @@ _PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CPU_MAP = "/usr/share/libvirt/cpu_map"
 
 
-def _stat(path: str) -> tuple[str, int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (path, -1, -1)
-    return (path, st.st_mtime_ns, st.st_size)
-
-
 def _package_files(top: str) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every *.py and *.json file under the package.
-    All of them, not a hand-kept list of what the output depends on: that
-    list went stale (it missed analysis/baseline.py behind --max-model, host.py,
-    this module, cpuid/fields.py). os.scandir, because its entries know
-    whether they are directories without a stat (~60 files: well under 1 ms)."""
-    found: list[tuple[str, int, int]] = []
-    stack = [top]
-    while stack:
-        try:
-            it = os.scandir(stack.pop())
-        except OSError:
-            continue
-        with it:
-            for entry in it:
-                if entry.name.endswith((".py", ".json")):
-                    try:
-                        st = entry.stat()
-                    except OSError:
-                        continue
-                    found.append((entry.path, st.st_size, st.st_mtime_ns))
-                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    found.sort()  # scandir's order is the filesystem's, not stable
-    return found
+    """The stamps of every *.py and *.json file under the package. All of
+    them, not a hand-kept list of what the output depends on: that list went
+    stale (it missed analysis/baseline.py behind --max-model, host.py, this
+    module, cpuid/fields.py)."""
+    return file_stamps(top, (".py", ".json"))
 
 
 def _which(name: str) -> str:
@@ -87,8 +61,8 @@ def key(command: str, options: tuple[object, ...], table_bytes: bytes) -> str:
     h = sha256()
     parts: list[object] = [
         command, options, sys.version_info[:2], os.uname().release, boot_id(),
-        _stat(_which("qemu-system-x86_64")), _stat(_CPU_MAP),
-        _stat(os.path.join(_CPU_MAP, "index.xml")), os.environ.get("XDG_CACHE_HOME", ""),
+        stamp(_which("qemu-system-x86_64")), stamp(_CPU_MAP),
+        stamp(os.path.join(_CPU_MAP, "index.xml")), os.environ.get("XDG_CACHE_HOME", ""),
         os.access("/dev/kvm", os.R_OK | os.W_OK),
     ]  # fmt: skip
     parts += _package_files(_PKG)
