@@ -741,17 +741,7 @@ def _unknown_to_libvirt(source: str, el: etree._Element, reg: Registry,
     """UnknownFeatureError for a name libvirt's cpu_map does not spell: libvirt
     looks names up exactly ("unknown CPU feature"), so `pclmulqdq` (QEMU's)
     or `LAHF_LM` would fail there; the hint is the cpu_map name of that bit."""
-    try:
-        known: Feature | None = reg.lookup(name)
-        suggestions: list[str] = []
-    except UnknownFeatureError as exc:
-        known, suggestions = None, list(exc.suggestions)
-    if known is not None:
-        suggestions = [known.libvirt] if known.libvirt is not None else []
-    else:
-        suggestions = [lv for s in suggestions
-                       if (lv := reg.lookup(s).libvirt) is not None]  # fmt: skip
-    err = UnknownFeatureError(name, suggestions)
+    err = UnknownFeatureError(name, reg.hint(name, lambda f: f.libvirt))
     text = str(err).replace("unknown feature", "libvirt does not know the feature", 1)
     err.args = (str(_bad(source, el, text)),)
     return err

@@ -82,16 +82,7 @@ def _unknown_to_qemu(reg: Registry, name: str) -> UnknownFeatureError:
     """The error for a -cpu feature QEMU has no property for, hinting at the
     QEMU spelling when the name is the bit's in another spelling (libvirt's,
     Linux's, another case) and at close QEMU names otherwise."""
-    try:
-        known: Feature | None = reg.lookup(name)
-        suggestions: list[str] = []
-    except UnknownFeatureError as exc:
-        known, suggestions = None, list(exc.suggestions)
-    if known is not None:
-        suggestions = [known.qemu] if known.qemu is not None else []
-    # A canonical name is QEMU's only when the bit has one.
-    suggestions = [s for s in suggestions if reg.by_qemu(s) is not None]
-    err = UnknownFeatureError(name, suggestions)
+    err = UnknownFeatureError(name, reg.hint(name, lambda f: f.qemu))
     # Same error and hint, said as what it is: a name other tools may know.
     err.args = (str(err).replace("unknown feature", "QEMU does not know the -cpu feature", 1),)
     return err

@@ -18,6 +18,7 @@ import enum
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -153,6 +154,18 @@ class Registry:
             suggestions = list(dict.fromkeys(self._by_name[c].name for c in close))[:3]
             raise UnknownFeatureError(name, suggestions)
         return found
+
+    def hint(self, name: str, spelling: Callable[[Feature], str | None]) -> list[str]:
+        """What to suggest for `name` in one tool's spelling (`spelling`:
+        Feature -> that tool's name or None): the bit's own name there when
+        `name` is the bit in any spelling, else the close matches that tool
+        can spell."""
+        try:
+            known = self.lookup(name)
+        except UnknownFeatureError as exc:
+            return [s for c in exc.suggestions if (s := spelling(self.lookup(c))) is not None]
+        own = spelling(known)
+        return [own] if own is not None else []
 
     def by_qemu(self, name: str) -> Feature | None:
         return self._by_qemu.get(name)
