@@ -65,7 +65,7 @@ def test_round_trip_live_table_with_flags(kvm: Kvm, fmt: Format) -> None:
 def test_json_is_versioned_with_hex_strings() -> None:
     dump = Dump(CpuidTable([CpuidEntry(7, 0, EntryFlag.SIGNIFICANT_INDEX, 1, 2, 3, 4)]))
     doc = json.loads(dumps(dump, "json"))
-    assert doc["format"] == "kvmcpuid-dump" and doc["version"] == 1
+    assert doc["format"] == "kvmcpuid-dump" and doc["version"] == 2
     assert doc["entries"] == [
         {"function": "0x00000007", "index": "0x00", "flags": "0x1",
          "eax": "0x00000001", "ebx": "0x00000002", "ecx": "0x00000003", "edx": "0x00000004"}

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
+if TYPE_CHECKING:
+    from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+    from kvmcpuid_virt.cpuid.table import CpuidTable
+    from kvmcpuid_virt.kvm import Kvm
+
 __all__ = ["add_parser", "run"]
 
 
@@ -12,7 +18,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "dump",
         help="write this host's supported (or emulated) CPUID table",
         description="Read KVM_GET_SUPPORTED_CPUID (or KVM_GET_EMULATED_CPUID) from /dev/kvm "
-        "and write it as a JSON dump with host metadata, libvirt <cpudata>, or `cpuid -1r` text.",
+        "and write it as a JSON dump with host metadata and the feature MSRs (with what a vCPU "
+        "accepts of each), libvirt <cpudata> (CPUID and MSR values), or `cpuid -1r` text "
+        "(CPUID only).",
     )
     p.add_argument("--emulated", action="store_true", help="KVM_GET_EMULATED_CPUID instead")
     p.add_argument(
@@ -21,6 +29,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-o", "--output", default="-", metavar="FILE",
                    help="write FILE atomically (default: standard output)")
     p.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
+
+
+def feature_msrs(kvm: Kvm, table: CpuidTable) -> FeatureMsrs:
+    """KVM's feature MSRs with what a vCPU given `table` accepts of each
+    (kvm/msrs.msr_delivery, ~1.3 ms); absent, saying why, on a kernel
+    without KVM_CAP_GET_MSR_FEATURES. A vCPU trial that fails leaves the
+    accepted bits unknown, never the command failed."""
+    from kvmcpuid_virt.errors import KvmError
+    from kvmcpuid_virt.kvm.msrs import msr_delivery
+
+    msrs = kvm.read_feature_msrs()
+    if not msrs.available:
+        return msrs
+    try:
+        delivery = msr_delivery(kvm, table=table, values=msrs.as_dict())
+    except KvmError:
+        return msrs
+    return msrs.with_deliverable({t.index: t.deliverable for t in delivery.trials})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     with Kvm(args.device) as kvm:
         table = kvm.emulated_cpuid() if args.emulated else kvm.supported_cpuid()
         meta = host_metadata(kvm.api_version())
+        if not args.emulated:
+            table = table.with_msrs(feature_msrs(kvm, table))
     dump = Dump(table, "emulated" if args.emulated else "supported", meta)
     atomic_write(args.output, dumps(dump, args.format))
     return 0

@@ -15,6 +15,13 @@ table that is not one CPUID table (table.first_problem: no leaf 0, a
 Flag-less formats (<cpudata>, `cpuid -1r`) get SIGNIFICANT_INDEX back for
 the leaves INDEXED_LEAVES names and for any leaf the file lists at a subleaf
 other than 0 (the tool that wrote it read that subleaf on purpose).
+
+Feature MSRs (CpuidTable.msrs): the JSON dump carries them from version 2 on
+("feature_msrs": whether KVM offered KVM_CAP_GET_MSR_FEATURES, index ->
+value, and, when a vCPU was tried, the bits of each it accepts); a version-1
+dump and `cpuid -1r` text have none (msrs None: unknown, not zero); libvirt's
+<cpudata> carries the <msr index= edx= eax=/> elements libvirt writes there
+(which MSRs a vCPU accepts is not known from it).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from typing import Any, Final, Literal
 
+    from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+
 __all__ = [
     "FORMATS",
     "JSON_FORMAT_NAME",
@@ -55,8 +64,13 @@ if TYPE_CHECKING:
 FORMATS: Final[tuple[Format, ...]] = ("json", "cpudata", "cpuid")
 _KINDS: Final[tuple[DumpKind, ...]] = ("supported", "emulated", "cpu", "guest", "config")
 JSON_FORMAT_NAME: Final = "kvmcpuid-dump"
-JSON_FORMAT_VERSION: Final = 1
+JSON_FORMAT_VERSION: Final = 2
+# Version 1: no feature MSRs (read with msrs None).
+READ_VERSIONS: Final = (1, 2)
 _U32: Final = 0xFFFF_FFFF
+_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+# More than any KVM lists (about 30 with nested VMX): a bound for hostile files.
+MAX_MSRS: Final = 1024
 # Bigger than any real table by far; a bound so a hostile file cannot make us
 # build millions of entries.
 MAX_ENTRIES: Final = 4096
@@ -82,6 +96,11 @@ class Dump:
 
     def __repr__(self) -> str:
         return f"Dump({self.table!r}, kind={self.kind!r}, source={self.source!r})"
+
+    @property
+    def msrs(self) -> FeatureMsrs | None:
+        """The feature MSRs the dump carries (None: its format has none)."""
+        return self.table.msrs
 
 
 def __getattr__(name: str) -> object:
@@ -165,6 +184,9 @@ def _dump_json(dump: Dump) -> str:
         "kind": dump.kind,
         "host": dict(dump.host),
     }
+    msrs = dump.table.msrs
+    if msrs is not None:
+        head["feature_msrs"] = _msrs_json(msrs)
     lines = ["{"]
     for key, value in head.items():
         lines.append(f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True)},")
@@ -182,6 +204,17 @@ def _dump_json(dump: Dump) -> str:
     lines.append("  ]")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _msrs_json(msrs: FeatureMsrs) -> dict[str, object]:
+    if not msrs.available:
+        return {"available": False, **({"why": msrs.why} if msrs.why else {})}
+    doc: dict[str, object] = {
+        "available": True, "values": {f"{i:#010x}": f"{v:#018x}" for i, v in msrs.items}
+    }  # fmt: skip
+    if msrs.deliverable is not None:
+        doc["deliverable"] = {f"{i:#010x}": f"{v:#018x}" for i, v in msrs.deliverable}
+    return doc
 
 
 def _repeated_key(pairs: list[tuple[str, object]]) -> str:
@@ -264,6 +297,8 @@ def _hex32(value: Any, what: str) -> int:
 # "notes": what `kvmcpuid baseline --format json` adds (a list of strings),
 # read and not kept.
 _TOP_KEYS: Final = frozenset({"format", "version", "kind", "host", "entries", "notes"})
+_TOP_KEYS_V2: Final = _TOP_KEYS | {"feature_msrs"}
+_MSR_KEYS: Final = frozenset({"available", "why", "values", "deliverable"})
 _ENTRY_KEYS: Final = frozenset({"function", "index", "flags", *REGISTERS})
 
 
@@ -313,14 +348,16 @@ def _load_json(text: str, source: str) -> Dump:
     if repeats.key(doc) is not None:
         raise DumpFormatError(source, None, f"key {_show(repeats.key(doc))} given twice")
     version = doc.get("version")
-    if type(version) is not int or version != JSON_FORMAT_VERSION:  # True == 1 in Python
+    if type(version) is not int or version not in READ_VERSIONS:  # True == 1 in Python
         raise DumpFormatError(
-            source, None, f"dump version {_show(version)}; this tool reads version "
-            f"{JSON_FORMAT_VERSION}"
+            source, None, f"dump version {_show(version)}; this tool reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}"
         )  # fmt: skip
-    unknown = set(doc) - _TOP_KEYS
+    unknown = set(doc) - (_TOP_KEYS if version == 1 else _TOP_KEYS_V2)
     if unknown:
-        raise DumpFormatError(source, None, f"unknown keys {_show(sorted(unknown))}")
+        later = " (feature MSRs came with version 2)" if "feature_msrs" in unknown else ""
+        raise DumpFormatError(source, None, f"unknown keys {_show(sorted(unknown))}{later}")
+    msrs = _load_msrs(doc["feature_msrs"], repeats, source) if "feature_msrs" in doc else None
     notes = doc.get("notes", [])
     if not (isinstance(notes, list) and all(type(n) is str for n in notes)):
         raise DumpFormatError(source, None, "'notes' must be a list of strings")
@@ -373,7 +410,71 @@ def _load_json(text: str, source: str) -> Dump:
         if at is None:
             raise DumpFormatError(source, None, reason)
         raise DumpFormatError(source, _entry_line(text, at), f"entry {at}: {reason}")
-    return Dump(CpuidTable(entries), kind, host, source)
+    return Dump(CpuidTable(entries, msrs), kind, host, source)
+
+
+def _hex64(value: Any, what: str, limit: int = _U64) -> int:
+    """A 64-bit MSR value (or a 32-bit index, limit _U32) from a dump: a hex
+    string only, as the writer writes it."""
+    if type(value) is str:
+        digits = value[2:] if value[:2] in ("0x", "0X") else ""
+        if 0 < len(digits) <= 16 and digits.isascii() and digits.isalnum():
+            try:
+                number = int(digits, 16)
+            except ValueError:
+                number = -1
+            if 0 <= number <= limit:
+                return number
+    raise ValueError(f"{what}: expected a hex string like '0x10a' within "
+                     f"{limit.bit_length()} bits, got {_show(value)}")  # fmt: skip
+
+
+def _msr_map(raw: Any, repeats: _Repeats, what: str) -> list[tuple[int, int]]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"'{what}' must map MSR indices to values")
+    if repeats.key(raw) is not None:
+        raise ValueError(f"{what}: MSR {_show(repeats.key(raw))} given twice")
+    if len(raw) > MAX_MSRS:
+        raise ValueError(f"{what}: {len(raw)} MSRs (limit {MAX_MSRS})")
+    out: dict[int, int] = {}
+    for k, v in raw.items():
+        index = _hex64(k, f"{what} MSR index", _U32)
+        if index in out:
+            raise ValueError(f"{what}: MSR {index:#x} given twice")
+        out[index] = _hex64(v, f"{what} of MSR {index:#x}")
+    return sorted(out.items())
+
+
+def _load_msrs(raw: Any, repeats: _Repeats, source: str) -> FeatureMsrs:
+    """The 'feature_msrs' object of a version-2 dump."""
+    from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError("must be an object")
+        if repeats.key(raw) is not None:
+            raise ValueError(f"key {_show(repeats.key(raw))} given twice")
+        unknown = raw.keys() - _MSR_KEYS
+        if unknown:
+            raise ValueError(f"unknown keys {_show(sorted(unknown))}")
+        available = raw.get("available")
+        if type(available) is not bool:
+            raise ValueError(f"'available' must be true or false, not {_show(available)}")
+        why = raw.get("why", "")
+        if type(why) is not str or not why.isprintable():
+            raise ValueError("'why' must be a printable string")
+        if not available:
+            if "values" in raw or "deliverable" in raw:
+                raise ValueError("values given although 'available' is false")
+            return FeatureMsrs.absent(why)
+        if "values" not in raw:
+            raise ValueError("'values' missing although 'available' is true")
+        values = _msr_map(raw["values"], repeats, "values")
+        accepts = (_msr_map(raw["deliverable"], repeats, "deliverable")
+                   if "deliverable" in raw else None)  # fmt: skip
+        return FeatureMsrs(values, True, accepts, why)
+    except ValueError as exc:
+        raise DumpFormatError(source, None, f"feature_msrs: {exc}") from None
 
 
 def _host(host: Any, source: str) -> dict[str, str]:
@@ -418,12 +519,27 @@ def _load_cpudata(text: str, source: str) -> Dump:
     _no_text(root.text, root, source, "in <cpudata>")
     rows = []
     lines: list[int | None] = []
+    msrs: dict[int, int] = {}
     for el in root:
         _no_text(el.tail, el, source, "between the elements of <cpudata>")
         if not isinstance(el.tag, str):
             continue  # comments and processing instructions
         if el.tag == "msr":
-            continue  # MSR values are not CPUID; libvirt keeps them beside it
+            # libvirt keeps MSR values beside CPUID: <msr index= edx= eax=/>.
+            _only_attrs(el, {"index", "edx", "eax"}, source)
+            if len(el) or (el.text or "").strip():
+                raise DumpFormatError(source, _line(el), "<msr> has content; it takes attributes")
+            try:
+                index = _hex32(_required(el, "index"), "index")
+                value = _hex32(el.get("edx", "0"), "edx") << 32 | _hex32(el.get("eax", "0"), "eax")
+            except ValueError as exc:
+                raise DumpFormatError(source, _line(el), str(exc)) from None
+            if index in msrs:
+                raise DumpFormatError(source, _line(el), f"<msr index='{index:#x}'> listed again")
+            if len(msrs) >= MAX_MSRS:
+                raise DumpFormatError(source, _line(el), f"more than {MAX_MSRS} <msr> elements")
+            msrs[index] = value
+            continue
         if el.tag != "cpuid":
             raise DumpFormatError(source, _line(el), f"unexpected element <{_show_tag(el)}>")
         _only_attrs(el, _CPUID_ATTRS, source)
@@ -441,7 +557,12 @@ def _load_cpudata(text: str, source: str) -> Dump:
             raise DumpFormatError(source, _line(el), f"more than {MAX_ENTRIES} entries")
     entries = _flag_less(rows)
     _check(entries, source, lines.__getitem__, _by_line(lines))
-    return Dump(CpuidTable(entries), "cpu", {}, source)
+    found = None
+    if msrs:
+        from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+
+        found = FeatureMsrs.of(msrs)
+    return Dump(CpuidTable(entries, found), "cpu", {}, source)
 
 
 def _show_tag(el: Any) -> str:
@@ -476,6 +597,10 @@ def _dump_cpudata(dump: Dump) -> str:
         attrs: dict[str, str] = {"eax_in": f"{e.function:#010x}", "ecx_in": f"{e.index:#04x}"}
         attrs.update((r, f"{e.reg(r):#010x}") for r in REGISTERS)
         etree.SubElement(root, "cpuid", attrs)
+    # libvirt's own spelling of an MSR value; what a vCPU accepts has no place.
+    for index, value in dump.table.msrs.items if dump.table.msrs is not None else ():
+        etree.SubElement(root, "msr", {"index": f"{index:#x}", "edx": f"{value >> 32:#010x}",
+                                       "eax": f"{value & _U32:#010x}"})  # fmt: skip
     out: bytes = etree.tostring(root, pretty_print=True, encoding="utf-8")
     return out.decode()
 

@@ -33,6 +33,7 @@ from importlib import resources
 from typing import Any, Final
 
 from kvmcpuid_virt.cpuid.features import NAME_RE, FeatureKind, Registry
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import UnknownFeatureError
 
@@ -330,51 +331,8 @@ def msr_registry() -> MsrRegistry:
     return load_msr_registry(text)
 
 
-# --- what KVM reported ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FeatureMsrs:
-    """The feature MSRs of a KVM (or of a dump): index -> value.
-
-    `available` tells "absent" from "empty": False when nothing could be read
-    (a kernel without KVM_CAP_GET_MSR_FEATURES, a dump format without MSRs),
-    True when KVM answered, even with no MSR at all."""
-
-    items: tuple[tuple[int, int], ...] = ()
-    available: bool = True
-
-    def __post_init__(self) -> None:
-        seen = set()
-        for index, value in self.items:
-            if not 0 <= index <= _U32 or not 0 <= value <= _U64:
-                raise ValueError(f"feature MSR {index:#x} = {value:#x} is out of range")
-            if index in seen:
-                raise ValueError(f"feature MSR {index:#x} given twice")
-            seen.add(index)
-        if self.items and not self.available:
-            raise ValueError("feature MSR values given but marked unavailable")
-
-    @classmethod
-    def of(cls, values: Mapping[int, int]) -> FeatureMsrs:
-        """What a KVM that answered reported, sorted by index."""
-        return cls(tuple(sorted((int(k), int(v)) for k, v in values.items())), True)
-
-    @classmethod
-    def absent(cls) -> FeatureMsrs:
-        return cls((), False)
-
-    def as_dict(self) -> dict[int, int]:
-        return dict(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __contains__(self, index: object) -> bool:
-        return any(i == index for i, _ in self.items)
-
-    def get(self, index: int, default: int | None = None) -> int | None:
-        return self.as_dict().get(index, default)
+# What KVM reported: FeatureMsrs lives in cpuid/msr_values.py (light: CpuidTable
+# carries one) and is re-exported here.
 
 
 # --- what a vCPU accepts of it ---------------------------------------------------

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Final, Literal
 
+    from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+
 __all__ = [
     "INDEXED_LEAVES",
     "REGISTERS",
@@ -153,11 +155,20 @@ class CpuidEntry:
 
 
 class CpuidTable:
-    """An ordered, immutable collection of CpuidEntry with CPUID lookup rules."""
+    """An ordered, immutable collection of CpuidEntry with CPUID lookup rules.
 
-    __slots__ = ("_any", "_entries", "_exact")
+    `msrs` rides along: the feature MSRs of the same source (a dump's, or
+    KVM's), None when the source carried none (a version-1 dump, `cpuid -1r`
+    text, a guest's answer): unknown, which is not "zero". Equality and
+    hashing are the CPUID entries only; copies made by replace_entry, masked
+    and sorted keep it."""
 
-    def __init__(self, entries: Iterable[CpuidEntry] = ()) -> None:
+    __slots__ = ("_any", "_entries", "_exact", "msrs")
+
+    def __init__(
+        self, entries: Iterable[CpuidEntry] = (), msrs: FeatureMsrs | None = None
+    ) -> None:
+        self.msrs = msrs
         self._entries: tuple[CpuidEntry, ...] = tuple(entries)
         self._exact: dict[tuple[int, int], CpuidEntry] = {}
         self._any: dict[int, CpuidEntry] = {}
@@ -215,7 +226,11 @@ class CpuidTable:
 
     def sorted(self) -> CpuidTable:
         """The same entries ordered by (function, index), stable for stateful runs."""
-        return CpuidTable(sorted(self._entries, key=lambda e: e.key))
+        return CpuidTable(sorted(self._entries, key=lambda e: e.key), self.msrs)
+
+    def with_msrs(self, msrs: FeatureMsrs | None) -> CpuidTable:
+        """The same entries carrying `msrs` (None: unknown)."""
+        return CpuidTable(self._entries, msrs)
 
     def replace_entry(self, entry: CpuidEntry) -> CpuidTable:
         """A copy with the entry for entry.key replaced (or appended)."""
@@ -223,9 +238,9 @@ class CpuidTable:
         for i, old in enumerate(out):
             if old.key == entry.key:
                 out[i] = entry
-                return CpuidTable(out)
+                return CpuidTable(out, self.msrs)
         out.append(entry)
-        return CpuidTable(out)
+        return CpuidTable(out, self.msrs)
 
     def masked(self, masks: Iterable[tuple[int, int | None, Register, int]]) -> CpuidTable:
         """A copy with the given bits cleared: (leaf, subleaf or None for every
@@ -245,7 +260,7 @@ class CpuidTable:
                 if changes:
                     entry = entry.replace(**changes)
             out.append(entry)
-        return CpuidTable(out)
+        return CpuidTable(out, self.msrs)
 
 
 # The dense ranges whose max leaf (EAX of their first leaf) bounds what a guest

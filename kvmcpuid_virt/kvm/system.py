@@ -32,7 +32,7 @@ TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, 
 if TYPE_CHECKING:
     from typing import Final, Literal
 
-    from kvmcpuid_virt.cpuid.msr_features import FeatureMsrs
+    from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
     from kvmcpuid_virt.cpuid.table import CpuidTable
     from kvmcpuid_virt.kvm.vm import Vm
 
@@ -46,11 +46,14 @@ __all__ = [
     "KVM_PATH",
     "MAX_NENT",
     "MAX_TRIES",
+    "NO_MSR_FEATURES_CAP",
     "Kvm",
     "entries_from_buffer",
 ]
 
 KVM_PATH: Final = "/dev/kvm"
+# Why a KVM's feature MSRs are absent (FeatureMsrs.why).
+NO_MSR_FEATURES_CAP: Final = "this kernel has no KVM_CAP_GET_MSR_FEATURES (before Linux 4.17)"
 # KVM_CREATE_VM can fail with EINTR when a signal arrives during VM setup;
 # retry a few times, never forever.
 _CREATE_TRIES: Final = 5
@@ -194,11 +197,10 @@ class Kvm(KvmFd):
         return dict(done)
 
     def read_feature_msrs(self) -> FeatureMsrs:
-        """The feature MSRs as plain data (cpuid/msr_features.py), "absent"
+        """The feature MSRs as plain data (cpuid/msr_values.py), "absent"
         on a kernel without KVM_CAP_GET_MSR_FEATURES."""
-        # Lazy: the registry module (dataclasses, json) is off the dump path.
-        from kvmcpuid_virt.cpuid.msr_features import FeatureMsrs
+        from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 
         if not self.has_feature_msrs():
-            return FeatureMsrs.absent()
+            return FeatureMsrs.absent(NO_MSR_FEATURES_CAP)
         return FeatureMsrs.of(self.feature_msrs())
