@@ -21,7 +21,7 @@ __all__ = ["add_parser", "run"]
 
 PROG = "kvmcpuid baseline"
 HELP = "the configuration every given host can run"
-FORMATS = ("qemu", "libvirt", "json", "cpudata", "cpuid")
+FORMATS = ("qemu", "libvirt", "json", "cpudata", "cpuid", "firecracker")
 
 
 def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
@@ -87,6 +87,16 @@ def run(args: argparse.Namespace) -> int:
     # With this machine among the hosts, what QEMU cannot set up here (its
     # start trial, toolfacts/learn.trial_start) is not common to every host.
     among_hosts = any(of_this_host(d) for d in inputs)
+
+    if args.format == "firecracker":  # a custom CPU template (docs/exports.md)
+        from kvmcpuid_virt.adapters.firecracker import render as firecracker
+
+        off = _config(result, args, among_hosts, facts).disabled() if args.max_model else ()
+        text, more = firecracker(result.table, inputs, off)
+        for n in (*notes, *more):
+            _note(n)
+        atomic_write(args.output, text)
+        return 0
 
     if args.format in ("json", "cpudata", "cpuid"):
         out = Dump(result.table, "supported", {"baseline_of": ", ".join(result.sources)},
