@@ -385,3 +385,51 @@ def test_cli_firecracker_of_this_host_round_trips(kvm: object) -> None:
     with Kvm() as k:
         table = k.supported_cpuid()
     assert guest_sees(apply(doc, table)) == guest_sees(table)
+
+
+# --- feature MSRs ---------------------------------------------------------------
+
+def _raw_msrs(path: Path) -> dict[int, int]:
+    return {int(m.get("index", "0"), 16):
+            int(m.get("edx", "0"), 16) << 32 | int(m.get("eax", "0"), 16)
+            for m in etree.parse(str(path)).getroot().iter("msr")}  # fmt: skip
+
+
+# IA32_ARCH_CAPABILITIES (10AH) bits as the Intel SDM vol. 4, table 2-2 gives
+# them: 0 RDCL_NO, 1 IBRS_ALL, 3 SKIP_L1DFL_VMENTRY, 5 MDS_NO, 8 TAA_NO.
+ARCH_CAPABILITIES_BITS = {"RDCL_NO": 0, "IBRS_ALL": 1, "SKIP_L1DFL_VMENTRY": 3, "MDS_NO": 5,
+                          "TAA_NO": 8}  # fmt: skip
+
+
+def test_msr_modifiers_give_every_host_the_common_arch_capabilities(data_dir: Path) -> None:
+    paths = [_path(data_dir, s) for s in ("Atom-P5362", "Ice-Lake-Server")]
+    inputs = [load_dump(str(p)) for p in paths]
+    doc = template(baseline(inputs).table, inputs).doc
+    assert schema_problems(doc) == []
+    (m,) = [m for m in doc["msr_modifiers"] if int(m["addr"], 16) == 0x10A]
+    care, value = parse_bitmap(m["bitmap"], 64)
+    raws = [_raw_msrs(p)[0x10A] for p in paths]
+    got = set()
+    for name, bit in ARCH_CAPABILITIES_BITS.items():
+        assert care >> bit & 1, name
+        every = all(r >> bit & 1 for r in raws)
+        assert value >> bit & 1 == every, name
+        for r in raws:  # applied to each host's value, as Firecracker does
+            assert (r & ~care | value) >> bit & 1 == every, name
+        got.add(every)
+    assert got == {True, False}
+
+
+def test_no_arch_capabilities_modifier_where_firecracker_hides_the_msr(data_dir: Path) -> None:
+    # On AMD Firecracker clears CPUID.07H.0:EDX[29], so IA32_ARCH_CAPABILITIES
+    # is not there for a template to change.
+    inputs = _inputs(data_dir, ["Atom-P5362", "EPYC-9334-32-Core"])
+    doc = template(baseline(inputs, allow_mixed_vendors=True).table, inputs).doc
+    assert all(int(m["addr"], 16) != 0x10A for m in doc["msr_modifiers"])
+
+
+def test_no_msr_modifiers_without_values_from_every_host(data_dir: Path) -> None:
+    inputs = _inputs(data_dir, ["Xeon-Gold-6148", "Ice-Lake-Server"])  # the first has no <msr>
+    t = template(baseline(inputs).table, inputs)
+    assert t.doc["msr_modifiers"] == []
+    assert any("no feature-MSR values" in n for n in t.notes)
