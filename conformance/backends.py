@@ -52,6 +52,7 @@ class Case:
     queries: tuple[tuple[int, int], ...]
     # backend -> why the adapter could not render this configuration
     render_errors: dict[Backend, str] = dataclasses.field(default_factory=dict)
+    facts: ToolFacts | None = None  # what the adapters rendered it with
 
 
 def make_case(case_id: str, config: CpuConfig, facts: ToolFacts) -> Case:
@@ -74,7 +75,7 @@ def make_case(case_id: str, config: CpuConfig, facts: ToolFacts) -> Case:
     qemu_cpu = render(Backend.QEMU, "kvmcpuid_virt.adapters.qemu")
     libvirt_cpu = render(Backend.LIBVIRT, "kvmcpuid_virt.adapters.libvirt")
     return Case(case_id, config, config.expected, qemu_cpu, libvirt_cpu,
-                tuple(image.default_queries(config.expected)), errors)
+                tuple(image.default_queries(config.expected)), errors, facts)
 
 
 class CouldNotRun(Exception):

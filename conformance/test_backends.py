@@ -68,7 +68,7 @@ def _libvirt_ignores(*cases: Case) -> tuple[Ignore, ...]:
     reg = registry()
     rules = {}
     for case in cases:
-        for u in unexpressible(case.config):
+        for u in unexpressible(case.config, case.facts):
             f = reg.lookup(u.name)
             rules[u.name] = Ignore(f.leaf, f.subleaf, f.reg, f.mask, f"not in <cpu>: {u.where}")
     return tuple(rules.values())

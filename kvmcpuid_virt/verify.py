@@ -19,10 +19,18 @@ from typing import Final
 
 from lxml import etree
 
-from kvmcpuid_virt.adapters.libvirt import base_model, kvm_features_element, render, unexpressible
+from kvmcpuid_virt.adapters.libvirt import (
+    HOST_PASSTHROUGH,
+    base_model,
+    kvm_features_element,
+    render,
+    unexpressible,
+)
+from kvmcpuid_virt.adapters.libvirt import parse as parse_libvirt_cpu
 from kvmcpuid_virt.adapters.qemu import cpu_value
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
+from kvmcpuid_virt.config.build import with_model_identity
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
@@ -93,7 +101,14 @@ class Target:
     def libvirt_cpu(self) -> str:
         if self.libvirt_cpu_given is not None:
             return self.libvirt_cpu_given
-        return render(self.config, base_model(self.config, self.facts))
+        return render(self.config, self.libvirt_base())
+
+    def libvirt_base(self) -> str:
+        """What the <cpu> is based on: HOST_PASSTHROUGH ('host': also mode
+        'maximum'), 'auto' (host-model: libvirt picks) or a cpu_map model."""
+        if self.libvirt_cpu_given is not None:
+            return parse_libvirt_cpu(self.libvirt_cpu_given, "<cpu>")[0]
+        return base_model(self.config, self.facts)
 
     def libvirt_features(self) -> etree._Element | None:
         """The <features> element beside <cpu>: the user's, or ours with the
@@ -110,7 +125,7 @@ class Target:
         default, so the comparison leaves them out and says so."""
         reg = registry()
         out = []
-        for u in unexpressible(self.config):
+        for u in unexpressible(self.config, self.facts):
             if not u.expressible:
                 f = reg.lookup(u.name)
                 out.append(Ignore(f.leaf, f.subleaf, f.reg, f.mask, f"{f.name}: {u.where}"))
@@ -301,16 +316,6 @@ _UNMODELLED_QEMU: Final = {
         "brand ID and package type (AMD)", "performance optimization identifiers (AMD)",
     )
 }
-_LIBVIRT_MODEL = "libvirt's <model> sets it, CpuConfig.expected has the host's"
-_UNMODELLED_LIBVIRT: Final = {
-    **_UNMODELLED_QEMU,
-    **{name: _LIBVIRT_MODEL for name in (
-        "stepping", "model", "family", "processor type", "extended model", "extended family",
-        "extended signature (AMD)", "brand string", "max basic leaf", "max extended leaf",
-        "max leaf 7 subleaf", "physical address bits", "linear address bits",
-        "guest physical address bits", "CLFLUSH line size (8-byte units)",
-    )},
-}
 # Unnamed bits KVM offers that QEMU 7.2 does not pass on (CPUID.80000021H).
 _QEMU_DROPS: Final = (
     Ignore(0x8000_0021, 0, "eax", 0x0000_0204, f"0x80000021 eax bits 2, 9: {_QEMU_OWN}"),
@@ -333,25 +338,47 @@ def _brand(table: CpuidTable, text: str) -> CpuidTable:
 
 def _expectations(backend: Backend, target: Target) -> tuple[CpuidTable, list[Ignore],
                                                                dict[str, str]]:  # fmt: skip
-    """What this backend's guest should see (the requested table, for QEMU's
-    `-cpu host` with the host CPU's brand string, which QEMU passes on), the
-    extra ignore rules and the fields the configuration does not model here."""
+    """What this backend's guest should see, the extra ignore rules and the
+    fields the configuration does not model here. QEMU's `-cpu host` and
+    libvirt's host-passthrough (which is `-cpu host`) pass the host CPU's
+    brand string on (/proc/cpuinfo "model name"); a named model gets QEMU's
+    definition of the model libvirt names, which for a <cpu> based on
+    another cpu_map model than the configuration's is that model's."""
     if backend == Backend.KVM:
         return target.requested, [], {}
     if backend == Backend.LIBVIRT:
-        return target.requested, [*target.libvirt_ignores(), *_QEMU_DROPS], _UNMODELLED_LIBVIRT
-    requested, unmodelled = target.requested, dict(_UNMODELLED_QEMU)
-    if target.qemu_cpu().split(",", 1)[0].removeprefix("-cpu ").strip() == "host":
-        requested = _brand(requested, cpuinfo_fields("model name")["model name"])
+        base = target.libvirt_base()
+        ignores = [*target.libvirt_ignores(), *_QEMU_DROPS]
     else:
-        # A named model: QEMU sets these from the model (model-id, leaf 1's
-        # signature copied to 0x80000001) and its default phys-bits (40).
-        unmodelled["brand string"] = "QEMU's model-id sets it"
-        unmodelled["extended signature (AMD)"] = "QEMU copies the model's leaf 1 signature"
-        for name in ("physical address bits", "linear address bits",
-                     "guest physical address bits"):
-            unmodelled[name] = "QEMU's default phys-bits for a named model"
-    return requested, list(_QEMU_DROPS), unmodelled
+        base = target.qemu_cpu().split(",", 1)[0].removeprefix("-cpu ").strip()
+        ignores = list(_QEMU_DROPS)
+    requested, unmodelled = target.requested, dict(_UNMODELLED_QEMU)
+    if base == HOST_PASSTHROUGH:
+        return _brand(requested, cpuinfo_fields("model name")["model name"]), ignores, unmodelled
+    # A named model: QEMU sets these from the model (model-id, leaf 1's
+    # signature copied to 0x80000001) and its default phys-bits (40).
+    unmodelled["brand string"] = "QEMU's model-id sets it"
+    unmodelled["extended signature (AMD)"] = "QEMU copies the model's leaf 1 signature"
+    for name in ("physical address bits", "linear address bits",
+                 "guest physical address bits"):
+        unmodelled[name] = "QEMU's default phys-bits for a named model"
+    qemu = target.facts.qemu
+    if base != target.config.model:
+        if qemu is not None and base in qemu.identities:
+            reg = registry()
+            requested = with_model_identity(requested, qemu.identity(base),
+                                            [reg.lookup(n) for n in target.config.enabled()])
+        else:  # host-model: libvirt picks the model when it starts the guest
+            for name in _IDENTITY_FIELDS:
+                unmodelled[name] = f"the <cpu> leaves the model to libvirt ({base})"
+    return requested, ignores, unmodelled
+
+
+# What with_model_identity() sets: a model's identity and max leaves.
+_IDENTITY_FIELDS: Final = (
+    "stepping", "model", "family", "processor type", "extended model", "extended family",
+    "max basic leaf", "max extended leaf", "max leaf 7 subleaf",
+)
 
 
 def _report(

@@ -14,7 +14,9 @@ from lxml import etree
 from kvmcpuid_virt.adapters import libvirt as lv
 from kvmcpuid_virt.analysis.given import applied
 from kvmcpuid_virt.config import build as select
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid import fields
+from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.fsutil import load_dump
 from kvmcpuid_virt.kvm import Kvm
@@ -44,8 +46,15 @@ DOMAIN = """<?xml version="1.0"?>
 """
 
 
-def _patch(domain: str) -> str:
-    c = select.build(table(), facts=FACTS)
+def _named() -> CpuConfig:
+    """A configuration of a named cpu_map model (the newest the test table runs)."""
+    c = select.build(table(), select.Policy(model="auto"), facts=FACTS)
+    assert c.model != "host" and c.model in FACTS.cpu_map
+    return c
+
+
+def _patch(domain: str, c: CpuConfig | None = None) -> str:
+    c = _named() if c is None else c
     return lv.patch_domain(domain, c, lv.base_model(c, FACTS))
 
 
@@ -56,11 +65,12 @@ def _domain(cpu_xml: str, name: str = "t") -> str:
 
 
 def test_render_shape() -> None:
-    c = select.build(table(), facts=FACTS)
+    c = _named()
     cpu = etree.fromstring(lv.render(c, lv.base_model(c, FACTS)))
     assert (cpu.get("mode"), cpu.get("match"), cpu.get("check")) == ("custom", "exact", "full")
     model = cpu.find("model")
     assert model is not None and model.get("fallback") == "forbid"
+    assert model.text == c.model  # the configured model itself, so its identity too
     feats = {f.get("name"): f.get("policy") for f in cpu.findall("feature")}
     assert set(feats.values()) == {"require", "disable"}
     assert feats["sse2"] == "require" and feats["avx"] == "disable"
@@ -69,6 +79,58 @@ def test_render_shape() -> None:
     # PV bits are reported, never put in <cpu>.
     assert not any(n and n.startswith("kvm") for n in feats)
     assert {u.name for u in lv.unexpressible(c)} >= {"kvmclock"}
+
+
+def test_render_host_is_host_passthrough() -> None:
+    """This host's full CPU is host-passthrough (the host's identity, max
+    leaves, brand, address sizes), checked by libvirt (check='full'),
+    migratable='on' as QEMU's -cpu host; the features are written as for a
+    named model, and parse reads it all back."""
+    c = select.build(table(), select.Policy(disable=("sse2",)), facts=FACTS)
+    assert lv.base_model(c, FACTS) == lv.HOST_PASSTHROUGH == c.model
+    cpu = etree.fromstring(lv.render(c, lv.base_model(c, FACTS)))
+    assert {str(k): str(v) for k, v in cpu.attrib.items()} == {
+        "mode": "host-passthrough", "check": "full", "migratable": "on"}
+    assert cpu.find("model") is None and cpu.find("vendor") is None
+    feats = {f.get("name"): f.get("policy") for f in cpu.findall("feature")}
+    assert feats["sse2"] == "disable" and feats["fpu"] == "require"
+    assert lv.parse(cpu) == ("host", *(tuple(n for n in names if registry().lookup(n).libvirt)
+                                       for names in (c.enabled(), c.disabled())))
+    assert lv.identity_note(c, lv.base_model(c, FACTS)) is None
+
+
+def test_host_passthrough_unexpressible_follows_qemus_host_expansion() -> None:
+    """With host-passthrough, libvirt's defaults are QEMU's expansion of
+    `host` (the recording of QEMU's own query-cpu-model-expansion): a
+    nameless feature set as QEMU's expansion has it is carried; one set the
+    other way is reported, on or off."""
+    c = select.build(table(), facts=FACTS)
+    reg = registry()
+    assert FACTS.qemu is not None
+    host = FACTS.qemu.host
+    nameless = [n for n in c.features if reg.lookup(n).libvirt is None
+                and reg.lookup(n).libvirt_kvm is None and reg.lookup(n).qemu in host]
+    assert nameless, "the recording has no feature without a cpu_map name"
+    lost = {u.name: u for u in lv.unexpressible(c, FACTS)}
+    for n in nameless:
+        assert (n in lost) == (c.features[n] != host[str(reg.lookup(n).qemu)]), n
+    flipped = dataclasses.replace(c, features={**c.features, nameless[0]: not c.features[
+        nameless[0]]})
+    u = {x.name: x for x in lv.unexpressible(flipped, FACTS)}[nameless[0]]
+    assert u.carrier == lv.Carrier.NOWHERE and u.on == flipped.features[nameless[0]]
+    # Without QEMU's expansion nothing is assumed carried.
+    assert {x.name for x in lv.unexpressible(c)} >= set(nameless)
+
+
+def test_named_model_rendered_on_another_model_is_said() -> None:
+    """A model cpu_map lacks (QEMU's versioned names) is rendered on a cpu_map
+    model, and identity_note says whose identity the guest then gets."""
+    c = dataclasses.replace(_named(), model="EPYC-v4")
+    assert "EPYC-v4" not in FACTS.cpu_map
+    base = lv.base_model(c, FACTS)
+    assert base != "EPYC-v4"
+    note = lv.identity_note(c, base)
+    assert note is not None and base in note and "EPYC-v4" in note
 
 
 @pytest.mark.parametrize("bad", ['x"/><evil/><feature name="y', "a&b", "a<b"])
@@ -83,7 +145,7 @@ def test_markup_injection_refused(bad: str) -> None:
 
 
 def test_patch_changes_only_cpu() -> None:
-    c = select.build(table(), facts=FACTS)
+    c = _named()
     out = lv.patch_domain(DOMAIN, c, lv.base_model(c, FACTS))
     start, end = DOMAIN.index("  <cpu "), DOMAIN.index("  <devices>")
     assert out.startswith(DOMAIN[:start])
@@ -94,6 +156,14 @@ def test_patch_changes_only_cpu() -> None:
     out2 = lv.patch_domain(bare, c, lv.base_model(c, FACTS))
     assert out2.startswith(bare[: bare.index("</domain>")])
     assert etree.fromstring(out2.encode()).find("cpu") is not None
+    # This host's full CPU: host-passthrough stays, checked and migratable.
+    host = select.build(table(), facts=FACTS)
+    out3 = lv.patch_domain(DOMAIN, host, lv.base_model(host, FACTS))
+    assert out3.startswith(DOMAIN[:start]) and out3.endswith(DOMAIN[end:])
+    cpu = etree.fromstring(out3.encode()).find("cpu")
+    assert cpu is not None
+    assert {str(k): str(v) for k, v in cpu.attrib.items()} == {
+        "mode": "host-passthrough", "check": "full", "migratable": "on"}
 
 
 def test_patch_refuses_non_domain_and_entities() -> None:
@@ -125,11 +195,14 @@ def _rng() -> etree.RelaxNG:
 @pytest.mark.libvirt
 @pytest.mark.parametrize("dump", cpu_dump_paths(), ids=lambda p: p.stem)
 def test_dump_xml_validates_against_schema(dump: Path) -> None:
-    config = select.build(load_dump(str(dump)).table, source=str(dump), facts=FACTS)
-    cpu_xml = lv.render(config, lv.base_model(config, FACTS), indent="  ")
-    doc = etree.fromstring(_domain(cpu_xml).encode())
     rng = _rng()
-    assert rng.validate(doc), rng.error_log.last_error
+    host = select.build(load_dump(str(dump)).table, source=str(dump), facts=FACTS)
+    config = select.build(load_dump(str(dump)).table, select.Policy(model="auto"),
+                          source=str(dump), facts=FACTS)
+    for c in (host, config):
+        cpu_xml = lv.render(c, lv.base_model(c, FACTS), indent="  ")
+        doc = etree.fromstring(_domain(cpu_xml).encode())
+        assert rng.validate(doc), rng.error_log.last_error
     # Independent check on the chosen base: every cpu_map feature of that
     # model is required in the element (the model adds nothing unasked).
     cpu = doc.find("cpu")
@@ -207,9 +280,9 @@ def test_base_model_vendor_names_come_from_fields(monkeypatch: pytest.MonkeyPatc
         pytest.skip("no AMD EPYC dump in the CPU dump directory")
     c = select.build(load_dump(str(amd[0])).table, facts=FACTS)
     assert c.vendor == "AuthenticAMD"
-    assert found[lv.base_model(c, FACTS)].vendor == "AMD"
+    assert found[lv.cpu_map_model(c, FACTS)].vendor == "AMD"
     monkeypatch.setitem(fields.LIBVIRT_VENDOR, "AuthenticAMD", "Intel")
-    assert found[lv.base_model(c, FACTS)].vendor == "Intel"
+    assert found[lv.cpu_map_model(c, FACTS)].vendor == "Intel"
 
 
 def test_one_feature_name_pattern() -> None:
@@ -322,3 +395,30 @@ def test_libvirt_defines_patched_rich_domain(libvirt_conn_uri: str) -> None:
     for tag in KEPT:
         assert _c14n(theirs.find(tag)) == _c14n(ours.find(tag)), tag
     assert [el.tag for el in theirs] == [el.tag for el in ours]
+
+
+@pytest.mark.kvm
+@pytest.mark.libvirt
+def test_libvirt_passes_host_passthrough_on_as_cpu_host(kvm: Kvm, libvirt_conn_uri: str,
+                                                        live_facts: ToolFacts) -> None:
+    """libvirt's own QEMU command line for this host's rendering: `-cpu
+    host,migratable=on` and every <feature> as QEMU's property (libvirt's own
+    cpu_map-to-QEMU spelling, against the registry's), nothing else."""
+    import shlex
+
+    import libvirt
+
+    config = select.build(kvm.supported_cpuid(), source="/dev/kvm", facts=live_facts)
+    cpu_xml = lv.render(config, lv.base_model(config, live_facts), indent="  ")
+    conn = libvirt.open(libvirt_conn_uri)
+    try:
+        argv = shlex.split(conn.domainXMLToNative("qemu-argv", _domain(cpu_xml), 0))
+    finally:
+        conn.close()
+    value = argv[argv.index("-cpu") + 1].split(",")
+    assert value[:2] == ["host", "migratable=on"]
+    reg = registry()
+    want = {str(reg.lookup(n).qemu): "on" if on else "off" for n, on in config.features.items()
+            if reg.lookup(n).libvirt is not None}
+    got = dict(p.split("=", 1) for p in value[2:])
+    assert got == want

@@ -1,20 +1,32 @@
 """libvirt: render a CpuConfig as a `<cpu>` element, patch it into an existing
 domain XML, and parse a `<cpu>` element back.
 
-Rendered form: `<cpu mode='custom' match='exact' check='full'>` with
-`<model fallback='forbid'>` (libvirt may not substitute another model) and one
-`<feature policy='require|disable' name=.../>` per feature that has a cpu_map
-name, sorted, enabled first. libvirt needs a cpu_map model even for `host`
-(mode='custom' names one), so the base is the newest cpu_map model whose
-features are all enabled in the config; with every feature explicit the base
-only decides what cpu_map cannot express (family/model/stepping, cache info).
+Rendered forms, one `<feature policy='require|disable' name=.../>` per
+feature that has a cpu_map name, sorted, enabled first:
+- a config of this host's full CPU (model `host`, as QEMU's `-cpu host`):
+  `<cpu mode='host-passthrough' check='full' migratable='on'>`. libvirt
+  (9.0) passes it on as `-cpu host,migratable=on,FEAT=on|off,...`, so the
+  guest gets the host's identity, max leaves, brand and address sizes, as
+  the configuration has them. check='full' makes libvirt refuse to start a
+  guest that lacks a required feature (QEMU alone only warns without
+  `enforce`). migratable='on' (libvirt's default, written out) is what
+  `-cpu host` does and what CpuConfig.expected models: QEMU passes on only
+  the bits it has names for; 'off' adds KVM's unnamed ones (measured here:
+  0x80000008 EBX bits 17, 28, 30 and kvm-asyncpf-vmexit).
+- a named model: `<cpu mode='custom' match='exact' check='full'>` with
+  `<model fallback='forbid'>` (libvirt may not substitute another model):
+  the config's own model where cpu_map has it, so the guest sees QEMU's
+  definition of that model (family/model/stepping, max leaves); else the
+  newest cpu_map model whose features are all decided, and
+  `identity_note()` says that the guest then sees that model's identity.
 
 KVM paravirtual bits have no cpu_map names. libvirt takes three of them in
 `<features><kvm>` (pv-ipi, poll-control, hint-dedicated: the registry's
 libvirt_kvm) and the rest through its own defaults (<clock>, <pvspinlock>,
-<apic eoi>). A `<cpu>` cannot carry them: `unexpressible()` reports each with
-where libvirt takes it, and `patch_features()` sets the `<features><kvm>` ones
-in a domain (`--patch` does both).
+<apic eoi>), which for host-passthrough are QEMU's `host` expansion. A
+`<cpu>` cannot carry them: `unexpressible()` reports each one the model's
+default does not give, with where libvirt takes it, and `patch_features()`
+sets the `<features><kvm>` ones in a domain (`--patch` does both).
 
 Every name written comes from the registry and passes safe_name/safe_model;
 the element is built with lxml, never by string formatting.
@@ -39,10 +51,13 @@ from kvmcpuid_virt.toolfacts.facts import CpuModel, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
 
 __all__ = [
+    "HOST_PASSTHROUGH",
     "Carrier",
     "Unexpressible",
     "base_model",
     "cpu_element",
+    "cpu_map_model",
+    "identity_note",
     "kvm_features_element",
     "parse",
     "patch_domain",
@@ -119,33 +134,62 @@ def kvm_features_element(config: CpuConfig) -> etree._Element | None:
     return features
 
 
-def unexpressible(config: CpuConfig) -> list[Unexpressible]:
-    """Features the config decides that a `<cpu>` cannot carry: those on (an
-    off one without a cpu_map name is off in every cpu_map model anyway) and
-    the KVM bits libvirt takes elsewhere, or not at all."""
+def unexpressible(config: CpuConfig, facts: ToolFacts | None = None) -> list[Unexpressible]:
+    """Features the config decides that a `<cpu>` cannot carry, and what
+    libvirt does with them instead.
+
+    Named models (mode='custom'): those on without a cpu_map name (an off one
+    is off in every cpu_map model anyway) and the KVM bits libvirt takes
+    elsewhere, or not at all. host-passthrough (a `host` config): libvirt's
+    defaults are QEMU's own expansion of `host` (facts.qemu.host), so a
+    feature without a cpu_map name is carried when the config has it as that
+    expansion does, and is unexpressible, on or off, when it differs; without
+    that expansion every such feature is reported."""
     reg = registry()
+    passthrough = config.model == HOST_PASSTHROUGH
+    defaults = (facts.qemu.host if passthrough and facts is not None and facts.qemu is not None
+                else None)  # fmt: skip
     out = []
     for name, on in config.features.items():
         f = _feature(reg, name)
-        if f.libvirt is None and (on or f.libvirt_kvm):
-            if f.libvirt_kvm and LIBVIRT_KVM_ACTS_ON.get(f.libvirt_kvm) == on:
-                carrier = Carrier.KVM_FEATURES
-            elif f.libvirt_kvm:
-                carrier = Carrier.IGNORED
-            else:
-                carrier = Carrier.NOWHERE
-            out.append(Unexpressible(name, on, carrier, f.libvirt_kvm))
+        if f.libvirt is not None or not (on or f.libvirt_kvm or passthrough):
+            continue
+        if f.libvirt_kvm and LIBVIRT_KVM_ACTS_ON.get(f.libvirt_kvm) == on:
+            carrier = Carrier.KVM_FEATURES
+        elif defaults is not None and f.qemu is not None and defaults.get(f.qemu) == on:
+            continue  # host-passthrough gives it as configured
+        elif f.libvirt_kvm:
+            carrier = Carrier.IGNORED
+        else:
+            carrier = Carrier.NOWHERE
+        out.append(Unexpressible(name, on, carrier, f.libvirt_kvm))
     return out
 
 
+# base_model()'s answer for a configuration of this host's full CPU: no
+# cpu_map model, mode='host-passthrough'.
+HOST_PASSTHROUGH: Final = "host"
+
+
 def base_model(config: CpuConfig, facts: ToolFacts) -> str:
-    """The cpu_map model to name: the config's own model when cpu_map has it
-    and every one of its features is on, else the newest cpu_map model (of the
-    config's vendor, or vendor-neutral) whose features are all on. When none
-    fits (a configuration without fpu, say), the model that needs the fewest
-    of its features disabled: cpu_element() writes policy='disable' for every
+    """What the `<cpu>` is based on: HOST_PASSTHROUGH ('host') for a config of
+    this host's full CPU (config.model 'host'), else cpu_map_model()."""
+    if config.model == HOST_PASSTHROUGH:
+        return HOST_PASSTHROUGH
+    return cpu_map_model(config, facts)
+
+
+def cpu_map_model(config: CpuConfig, facts: ToolFacts) -> str:
+    """The cpu_map model to name in mode='custom': the config's own model when
+    cpu_map (and QEMU) have it and the config decides each of its features
+    (cpu_element() disables those that are off), so the guest gets QEMU's
+    definition of that model; else the newest cpu_map model (of the config's
+    vendor, or vendor-neutral) whose features are all on. When none fits (a
+    configuration without fpu, say), the model that needs the fewest of its
+    features disabled: cpu_element() writes policy='disable' for every
     feature that is off, model features included, so the guest still gets
-    exactly the configuration."""
+    exactly the configuration's features (identity_note() says whose
+    family/model/stepping it gets)."""
     reg = registry()
     found = dict(facts.cpu_map)
     if not found:
@@ -168,7 +212,7 @@ def base_model(config: CpuConfig, facts: ToolFacts) -> str:
         # libvirt refuses a model its QEMU does not define (cpu_map has
         # pentiumpro, QEMU 7.2 does not).
         found = {n: m for n, m in found.items() if n in facts.qemu.definitions}
-    if config.model in found and missing(found[config.model]) == 0:
+    if config.model in found and missing(found[config.model]) is not None:
         return config.model
     vendor = LIBVIRT_VENDOR.get(config.vendor, config.vendor)
     best: tuple[int, int] | None = None  # (features to disable, -order)
@@ -187,12 +231,24 @@ def base_model(config: CpuConfig, facts: ToolFacts) -> str:
     return name
 
 
+def identity_note(config: CpuConfig, model: str) -> str | None:
+    """What a `<cpu>` based on `model` (base_model's answer) gives the guest
+    that the configuration does not have, or None: a named configuration
+    rendered on another cpu_map model gets that model's family/model/stepping,
+    max leaves and brand string (libvirt has no element for them)."""
+    if model == config.model:
+        return None
+    return (f"libvirt's cpu_map has no usable model {config.model!r}: the <cpu> names "
+            f"{model!r}, so the guest sees {model}'s family/model/stepping, max leaves and "
+            f"brand string, not {config.model}'s")  # fmt: skip
+
+
 # What cpu_element() writes itself; the rest of a domain's old <cpu> (the
 # guest's topology, NUMA cells, cache and address-size settings, extensions)
-# is not CPUID and is carried over. `migratable` goes too: libvirt refuses it
-# outside host-passthrough/maximum ("Attribute migratable is only allowed
-# for 'host-passthrough' / 'maximum' CPU mode"), and every feature it would
-# have filtered is explicit in our element.
+# is not CPUID and is carried over. `migratable` is ours too: libvirt refuses
+# it outside host-passthrough/maximum ("Attribute migratable is only allowed
+# for 'host-passthrough' / 'maximum' CPU mode"), and host-passthrough gets
+# migratable='on' (see the module's docstring).
 _REPLACED_ATTRS: Final = frozenset({"mode", "match", "check", "migratable"})
 _REPLACED_CHILDREN: Final = frozenset({"model", "vendor", "feature"})
 # libvirt's order (virCPUDefFormatBuf: model, vendor, topology, cache,
@@ -218,12 +274,16 @@ def _carried(old: etree._Element) -> tuple[list[etree._Element], list[etree._Ele
 def cpu_element(
     config: CpuConfig, model: str, *, carry: etree._Element | None = None
 ) -> etree._Element:
-    """The `<cpu>` element naming `model` (base_model's choice, or the
-    caller's), not yet indented. With `carry` (a domain's old
-    `<cpu>`), everything of it but the model, vendor, features and the
-    attributes in _REPLACED_ATTRS is kept, in libvirt's order."""
+    """The `<cpu>` element based on `model` (base_model's choice, or the
+    caller's: HOST_PASSTHROUGH or a cpu_map model), not yet indented. With
+    `carry` (a domain's old `<cpu>`), everything of it but the model,
+    vendor, features and the attributes in _REPLACED_ATTRS is kept, in
+    libvirt's order."""
     reg = registry()
-    cpu = etree.Element("cpu", mode="custom", match="exact", check="full")
+    if model == HOST_PASSTHROUGH:
+        cpu = etree.Element("cpu", mode="host-passthrough", check="full", migratable="on")
+    else:
+        cpu = etree.Element("cpu", mode="custom", match="exact", check="full")
     before: list[etree._Element] = []
     after: list[etree._Element] = []
     if carry is not None:
@@ -231,8 +291,9 @@ def cpu_element(
             if key not in _REPLACED_ATTRS:
                 cpu.set(key, value)
         before, after = _carried(carry)
-    m = etree.SubElement(cpu, "model", fallback="forbid")
-    m.text = safe_model(model)
+    if model != HOST_PASSTHROUGH:
+        m = etree.SubElement(cpu, "model", fallback="forbid")
+        m.text = safe_model(model)
     cpu.extend(before)
     for on in (True, False):
         for name in config.enabled() if on else config.disabled():

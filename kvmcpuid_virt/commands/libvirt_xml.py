@@ -86,12 +86,15 @@ def _render(args: argparse.Namespace, table: CpuidTable, table_source: str, this
     else:
         text = lv.render(config, model) + "\n"
     notes = dropped_warnings(PROG, config)
+    identity = lv.identity_note(config, model)
+    if identity is not None:
+        notes += f"{PROG}: warning: {identity}\n"
     # The paravirtual switches a <cpu> cannot carry, in two lines rather than
     # one per feature: where libvirt takes them (patched in with --patch),
     # and what it cannot set.
-    elsewhere = [u.where for u in lv.unexpressible(config) if u.expressible and domain is None]
-    nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lv.unexpressible(config)
-               if not u.expressible]  # fmt: skip
+    lost = lv.unexpressible(config, facts)
+    elsewhere = [u.where for u in lost if u.expressible and domain is None]
+    nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lost if not u.expressible]
     if elsewhere:
         notes += f"{PROG}: note: put in the domain's features: {' '.join(elsewhere)}\n"
     if nowhere:
