@@ -51,7 +51,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="qemu",
         help="spell features as QEMU -cpu or libvirt cpu_map does (default: qemu)",
     )
-    p.add_argument("--format", choices=("table", "json"), default="table", help="default: table")
+    p.add_argument(
+        "--format",
+        choices=("table", "json", "kubevirt"),
+        default="table",
+        help="default: table; kubevirt: KubeVirt node labels (cpu-feature, cpu-model, "
+        "cpu-vendor .node.kubevirt.io/NAME=true, libvirt's names; docs/exports.md)",
+    )
     p.add_argument("--device", default="/dev/kvm", help=argparse.SUPPRESS)
 
 
@@ -61,12 +67,18 @@ def run(args: argparse.Namespace) -> int:
 
     msrs: FeatureMsrs | None = None
     delivery: MsrDelivery | None = None
+    this_host = True
     if args.dump:
         from kvmcpuid_virt.fsutil import load_dump
 
-        table = load_dump(args.dump).table
+        dump = load_dump(args.dump)
+        table = dump.table
         source = args.dump
         note: str | None = NO_MSRS_IN_DUMP
+        if args.format == "kubevirt":
+            from kvmcpuid_virt.cli.options import of_this_host, refuse_emulated
+
+            this_host = of_this_host(refuse_emulated(dump))
     else:
         from kvmcpuid_virt.kvm import Kvm
 
@@ -74,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
             table = kvm.supported_cpuid()
             msrs, delivery, note = live_msr_view(kvm, table)
         source = f"{args.device} KVM_GET_SUPPORTED_CPUID"
+    if args.format == "kubevirt":
+        sys.stdout.write(_kubevirt(table, this_host, not args.dump, delivery))
+        return 0
     reg = registry()
     view = (msrs, delivery, note, msr_registry())
     if args.format == "json":
@@ -82,6 +97,21 @@ def run(args: argparse.Namespace) -> int:
         text = render_table(table, reg, args.names, source, msr_view=view)
     sys.stdout.write(text)
     return 0
+
+
+def _kubevirt(
+    table: CpuidTable, this_host: bool, live: bool, delivery: MsrDelivery | None
+) -> str:
+    """The KubeVirt labels; live, with the feature-MSR bits a vCPU here
+    accepts (none when the vCPU trial could not run); from a dump, with the
+    feature MSRs it carries."""
+    from kvmcpuid_virt.adapters.kubevirt import node_labels
+    from kvmcpuid_virt.cli.options import learn_facts
+
+    values: dict[int, int] | None = None  # None: what the table carries
+    if live:
+        values = {} if delivery is None else {t.index: t.deliverable for t in delivery.trials}
+    return node_labels(table, learn_facts(), this_host=this_host, msr_values=values).text()
 
 
 def live_msr_view(
