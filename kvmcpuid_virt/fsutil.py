@@ -189,7 +189,7 @@ def read_text(path: str) -> tuple[str, str]:
 def load_dump(path: str) -> Dump:
     """Read a dump in any supported format (`-` is standard input). Every
     error, reading included, is a DumpFormatError naming the source."""
-    from kvmcpuid_virt.cpuid.formats import loads
+    from kvmcpuid_virt.cpuid.canonical import loads
     from kvmcpuid_virt.errors import DumpFormatError
 
     try:
