@@ -26,9 +26,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias
 
+from kvmcpuid_virt.analysis.hostbits import NAMED, Profile, pack, profiles, unpack
 from kvmcpuid_virt.config.cpuconfig import vendor_of
 from kvmcpuid_virt.cpuid import fields
-from kvmcpuid_virt.cpuid.features import Registry, registry
 from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.table import (
     INDEXED_LEAVES,
@@ -94,6 +94,10 @@ def neutral_mask(leaf: int, subleaf: int, reg: str) -> int:
     return VENDOR_NEUTRAL.get((leaf, subleaf, reg), VENDOR_NEUTRAL.get((leaf, None, reg), 0))
 
 
+# VENDOR_NEUTRAL packed (hostbits), for the mixed-vendor AND.
+_NEUTRAL: Final = pack({(leaf, sub, r): neutral_mask(leaf, sub, r)
+                        for leaf, sub, r in unpack(0)})  # fmt: skip
+
 def require_vendor(dump: Dump) -> str:
     """The dump's vendor string; a table without leaf 0 is not a CPUID dump
     (every word would read as 0 beyond its missing max leaf)."""
@@ -147,16 +151,20 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
     """The table every input can give (see the module docstring)."""
     if not dumps:
         raise InputError("a baseline needs at least one host")
-    reg = registry()
     notes: list[str] = []
-    vendors, mixed = _check_vendors(dumps, allow_mixed_vendors, notes)
-    full = [d for d in dumps if d.kind != "config"]
-    template = _pick_template(dumps, full, vendors[0])
+    # Each distinct table is read once (hostbits.profiles); every rule below
+    # is an AND or a minimum, which a repeated table does not change.
+    profs = profiles(dumps)
+    vendors, mixed = _check_vendors(dumps, profs, allow_mixed_vendors, notes)
+    template = _pick_template(dumps, profs, vendors[0])
     _note_inputs(dumps, template, notes)
-    masks = _flag_words(reg)
-    words = _intersect_words(dumps, masks, mixed)
-    top = _common_ranges(full, template, notes)
-    entries = _template_entries(template, full, top, masks, words, notes)
+    masks = unpack(NAMED)
+    words = _intersect_words(profs, mixed)
+    distinct = {id(p): (d, p) for d, p in zip(dumps, profs, strict=True) if d.kind != "config"}
+    full = [d for d, _ in distinct.values()]
+    uniq = [p for _, p in distinct.values()]
+    top = _common_ranges(uniq, template, notes)
+    entries = _template_entries(template, uniq, top, masks, words, notes)
     _add_uncovered_words(entries, words)
     _min_fields(entries, top, full, notes)
     _xsave_fix(entries, notes)
@@ -164,11 +172,12 @@ def baseline(dumps: Sequence[Dump], *, allow_mixed_vendors: bool = False) -> Bas
 
 
 def _check_vendors(
-    dumps: Sequence[Dump], allow_mixed_vendors: bool, notes: list[str]
+    dumps: Sequence[Dump], profs: Sequence[Profile], allow_mixed_vendors: bool,
+    notes: list[str],
 ) -> tuple[list[str], bool]:
     """Every input's vendor, and whether they are mixed: an error unless allowed,
     since vendor-specific bits mean different things (or nothing) elsewhere."""
-    vendors = [require_vendor(d) for d in dumps]
+    vendors = [p.vendor or require_vendor(d) for d, p in zip(dumps, profs, strict=True)]
     mixed = len(set(vendors)) > 1
     if mixed:
         by_vendor: dict[str, list[str]] = {}
@@ -187,19 +196,15 @@ def _check_vendors(
     return vendors, mixed
 
 
-def _pick_template(dumps: Sequence[Dump], full: Sequence[Dump], first_vendor: str) -> Dump:
+def _pick_template(dumps: Sequence[Dump], profs: Sequence[Profile], first_vendor: str) -> Dump:
     """The input whose non-flag leaves are kept: the oldest full input of the
-    first input's vendor (the most conservative model to show a guest)."""
+    first input's vendor (the most conservative model to show a guest; by
+    family, model, stepping, none first; the first such input on a tie)."""
+    full = [(d, p) for d, p in zip(dumps, profs, strict=True) if d.kind != "config"]
     if not full:
         return dumps[0]
-    candidates = [d for d in full if vendor_of(d.table) == first_vendor] or full
-    return min(candidates, key=lambda d: _signature_key(d.table))
-
-
-def _signature_key(table: CpuidTable) -> tuple[int, int, int]:
-    """Family, model, stepping to order hosts by age; none sorts first."""
-    sig = fields.signature(table)
-    return (0, 0, 0) if sig is None else (sig.family, sig.model, sig.stepping)
+    candidates = [(d, p) for d, p in full if p.vendor == first_vendor] or full
+    return min(candidates, key=lambda dp: dp[1].signature)[0]
 
 
 def _note_inputs(dumps: Sequence[Dump], template: Dump, notes: list[str]) -> None:
@@ -219,44 +224,21 @@ def _note_inputs(dumps: Sequence[Dump], template: Dump, notes: list[str]) -> Non
         )
 
 
-def _flag_words(reg: Registry) -> _Words:
-    """Each feature word's named bits: the only bits the AND touches."""
-    out: _Words = {}
-    for leaf, subleaf, r in reg.words():
-        mask = 0
-        for f in reg.in_word(leaf, subleaf, r):
-            mask |= f.mask
-        out[(leaf, subleaf, r)] = mask
-    return out
+def _intersect_words(profs: Sequence[Profile], mixed: bool) -> _Words:
+    """Each feature word's named bits ANDed over every input, as a guest on any
+    of them would read it (each within its own leaf range; a feature-only
+    input has none: its leaf 0 carries only the vendor); with mixed vendors
+    only the vendor-neutral bits can be on."""
+    value = NAMED & _NEUTRAL if mixed else NAMED
+    for p in {id(p): p for p in profs}.values():
+        value &= p.words
+    return unpack(value)
 
 
-def _intersect_words(dumps: Sequence[Dump], masks: _Words, mixed: bool) -> _Words:
-    """Each feature word ANDed over every input, as a guest on any of them would
-    read it; with mixed vendors only the vendor-neutral bits can be on."""
-    # Each input is read within its own leaf range (a feature-only input has
-    # none: its leaf 0 carries only the vendor).
-    all_limits = [(None if d.kind == "config" else fields.leaf_limits(d.table), d.table)
-                  for d in dumps]  # fmt: skip
-    words: _Words = {}
-    for (leaf, subleaf, r), mask in masks.items():
-        if mixed:
-            mask &= neutral_mask(leaf, subleaf, r)
-        value = mask
-        for limits, table in all_limits:
-            if not value:
-                break
-            if limits is not None and not fields.in_range(leaf, limits, strict=True):
-                value = 0
-                break
-            value &= table.get(leaf, subleaf, r)
-        words[(leaf, subleaf, r)] = value
-    return words
-
-
-def _common_ranges(full: Sequence[Dump], template: Dump, notes: list[str]) -> dict[int, int]:
+def _common_ranges(full: Sequence[Profile], template: Dump, notes: list[str]) -> dict[int, int]:
     """Range base -> the smallest max leaf over the full inputs; a range some
     full input lacks is dropped (raw CPU dumps have no KVM leaves)."""
-    full_limits = [fields.leaf_limits(d.table) for d in full or [template]]
+    full_limits = [p.limits for p in full] or [fields.leaf_limits(template.table)]
     top: dict[int, int] = {}
     for base in (0, _HYPERVISOR, _EXTENDED, _CENTAUR):
         values = [lim.get(base) for lim in full_limits]
@@ -274,7 +256,7 @@ def _common_ranges(full: Sequence[Dump], template: Dump, notes: list[str]) -> di
 
 def _template_entries(
     template: Dump,
-    full: Sequence[Dump],
+    full: Sequence[Profile],
     top: Mapping[int, int],
     masks: _Words,
     words: _Words,
@@ -284,11 +266,15 @@ def _template_entries(
     has, their feature bits replaced by the intersected words."""
     entries: _Entries = {}
     dropped_leaves: set[tuple[int, int]] = set()
+    wanted = frozenset(template.table.keys())
+    missing: set[tuple[int, int]] = set()
+    for p in full:
+        missing.update(k for k in wanted - p.keys if not p.answers(*k))
     for e in template.table:
         base = fields.range_base(e.function)
         if base not in top or e.function > top[base]:
             continue
-        if any(d.table.lookup(e.function, e.index) is None for d in full):
+        if e.key in missing:
             dropped_leaves.add(e.key)
             continue
         changes: dict[str, int] = {}

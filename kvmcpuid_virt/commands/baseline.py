@@ -35,7 +35,10 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
                    help="dump files (JSON from `kvmcpuid dump`, <cpudata>, `cpuid -1r`)")
     p.add_argument("--connect", action="append", default=[], metavar="URI",
                    help="a libvirt host (e.g. qemu+ssh://host/system): its host-model CPU "
-                   "(repeatable)")  # fmt: skip
+                   "(repeatable; asked concurrently)")  # fmt: skip
+    p.add_argument("--skip-unreachable", action="store_true",
+                   help="leave out a --connect host that cannot be asked, with a warning "
+                   "(default: fail)")  # fmt: skip
     p.add_argument("--this-host", action="store_true",
                    help="include this host's KVM_GET_SUPPORTED_CPUID")
     p.add_argument("--allow-mixed-vendors", action="store_true",
@@ -54,18 +57,30 @@ def _note(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from functools import cache
+
     from kvmcpuid_virt.analysis import baseline as bl
     from kvmcpuid_virt.cli.options import learn_facts, of_this_host, refuse_emulated
     from kvmcpuid_virt.cpuid.formats import Dump, dumps
     from kvmcpuid_virt.errors import InputError
-    from kvmcpuid_virt.fsutil import atomic_write, load_dump
-    from kvmcpuid_virt.libvirt_caps import connect_dump
+    from kvmcpuid_virt.fleet import load_dumps
+    from kvmcpuid_virt.fsutil import atomic_write
 
-    inputs: list[Dump] = [refuse_emulated(load_dump(p)) for p in args.dumps]
+    inputs: list[Dump] = load_dumps(args.dumps, refuse_emulated)
     notes: list[str] = []
-    facts = learn_facts()
-    for uri in args.connect:
-        host_model = connect_dump(uri, facts)
+    # The tool facts only where they are used (a host-model's features
+    # through cpu_map, a rendered configuration, --max-model).
+    learned = cache(learn_facts)
+    if args.connect:
+        from kvmcpuid_virt.fleet import ask_all
+        from kvmcpuid_virt.libvirt_caps import connect_dump
+
+        facts = learned()
+        answers = ask_all(args.connect, lambda uri: connect_dump(uri, facts), prog=PROG,
+                          what="host-models", skip_unreachable=args.skip_unreachable)  # fmt: skip
+    else:
+        answers = []
+    for uri, host_model in answers:
         inputs.append(host_model.dump)
         if host_model.msr_features:
             notes.append(f"{uri}: host-model MSR features, not CPUID bits, left out: "
@@ -91,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "firecracker":  # a custom CPU template (docs/exports.md)
         from kvmcpuid_virt.adapters.firecracker import render as firecracker
 
-        off = _config(result, args, among_hosts, facts).disabled() if args.max_model else ()
+        off = _config(result, args, among_hosts, learned()).disabled() if args.max_model else ()
         text, more = firecracker(result.table, inputs, off)
         for n in (*notes, *more):
             _note(n)
@@ -103,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                    "baseline")  # fmt: skip
         if args.max_model:
             # A dump has no model; cap its feature bits through a config.
-            config = _config(result, args, among_hosts, facts)
+            config = _config(result, args, among_hosts, learned())
             out = Dump(config.expected, "supported", out.host, "baseline")
         text = dumps(out, args.format)
         if args.format == "json":
@@ -117,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.output, text)
         return 0
 
-    config = _config(result, args, among_hosts, facts)
+    config = _config(result, args, among_hosts, learned())
+    facts = learned()
     for n in notes:
         _note(n)
     if args.format == "qemu":
