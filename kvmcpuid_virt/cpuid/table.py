@@ -175,8 +175,10 @@ class CpuidTable:
         for entry in self._entries:
             # First entry wins: STATEFUL_FUNC leaves (old leaf 2) repeat a
             # function in read order, and the first is what CPUID answers first.
-            if entry.indexed:
-                self._exact.setdefault(entry.key, entry)
+            # int(): IntFlag's own operators cost ~1 us each, and a
+            # 2000-host baseline builds 2000 tables (benchmarks/bench_baseline.py).
+            if int(entry.flags) & 1:  # SIGNIFICANT_INDEX
+                self._exact.setdefault((entry.function, entry.index), entry)
             else:
                 self._any.setdefault(entry.function, entry)
 
