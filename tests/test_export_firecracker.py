@@ -433,3 +433,53 @@ def test_no_msr_modifiers_without_values_from_every_host(data_dir: Path) -> None
     t = template(baseline(inputs).table, inputs)
     assert t.doc["msr_modifiers"] == []
     assert any("no feature-MSR values" in n for n in t.notes)
+
+
+# --- purity ---------------------------------------------------------------------
+
+_PURE_CHILD = r'''
+import json, os, sys
+texts = [open(p, encoding="utf-8").read() for p in sys.argv[2:]]
+recording = json.load(open(sys.argv[1], encoding="utf-8"))
+from kvmcpuid_virt.adapters import firecracker, kubevirt
+from kvmcpuid_virt.analysis.baseline import baseline
+from kvmcpuid_virt.cpuid import formats
+from kvmcpuid_virt.toolfacts.facts import ToolFacts
+PKG = os.path.dirname(os.path.abspath(__import__("kvmcpuid_virt").__file__))
+MACHINE = ("subprocess", "socket", "ctypes", "fcntl", "mmap", "qemu", "libvirt",
+           "kvmcpuid_virt.kvm", "kvmcpuid_virt.fsutil", "kvmcpuid_virt.toolfacts.learn")
+seen = []
+def hook(event, args):
+    if event == "open":
+        path = args[0]
+        if isinstance(path, int) or os.path.abspath(str(path)).startswith(PKG + os.sep):
+            return
+        if str(path).endswith((".py", ".pyc", ".so")):
+            return  # a module being loaded: judged by its import event
+        seen.append(f"open {path}")
+    elif event == "import" and any(args[0] == m or args[0].startswith(m + ".") for m in MACHINE):
+        seen.append(f"import {args[0]}")
+    elif event.split(".")[0] in ("subprocess", "socket", "fcntl", "mmap", "ctypes") or \
+            event in ("os.system", "os.exec", "os.posix_spawn", "os.fork", "os.listdir"):
+        seen.append(event)
+facts = ToolFacts.from_json(recording)
+dumps = [formats.loads(t, f"dump{i}") for i, t in enumerate(texts)]  # inputs, read first
+sys.addaudithook(hook)
+for group in ([d] for d in dumps):
+    firecracker.render(baseline(group).table, group, ("avx2",))
+    kubevirt.node_labels(group[0].table, facts).text()
+print(json.dumps(seen))
+'''
+
+
+def test_exports_touch_no_machine(data_dir: Path) -> None:
+    # Both exports are pure (docs/ARCHITECTURE.md): run on every real dump
+    # under an audit hook (PEP 578) that records files, processes, sockets,
+    # ioctls, mmaps and machine-facing imports. Inputs are read first.
+    from tests.conftest import RECORDING, cpu_dump_paths
+
+    paths = [str(p) for p in cpu_dump_paths()]
+    r = subprocess.run([sys.executable, "-c", _PURE_CHILD, str(RECORDING), *paths],
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
