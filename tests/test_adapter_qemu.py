@@ -19,6 +19,7 @@ from kvmcpuid_virt.adapters import qemu
 from kvmcpuid_virt.analysis.given import applied
 from kvmcpuid_virt.commands.qemu_flags import main as qemu_flags_main
 from kvmcpuid_virt.config import build as select
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, UnknownFeatureError
 from kvmcpuid_virt.fsutil import load_dump
@@ -203,6 +204,10 @@ HOST_ONLY = frozenset({
     "perfctr-core", "perfctr-nb", "pfthreshold", "skinit", "svm-lock", "tce", "tsc-scale",
     "vmcb-clean", "wdt", "ibs", "avic",
 })  # fmt: skip
+# Feature-MSR bits a raw host MSR has and KVM does not pass on: KVM lists no
+# IA32_CORE_CAPABILITIES feature MSR (split-lock-detect, 0xCF[5]), and clears
+# TAA_NO (0x10A[8]) on a host without RTM (x86.c, kvm_get_arch_capabilities).
+MSR_HOST_ONLY = frozenset({"split-lock-detect", "taa-no"})
 # 2. Paravirtual: the KVM leaf 0x40000001 does not exist on bare metal.
 # 3. Emulated by KVM whatever the CPU: x2apic and tsc-adjust (in-kernel LAPIC,
 #    TSC offsetting), the speculation-control MSR interfaces KVM virtualizes.
@@ -245,6 +250,21 @@ def test_golden_against_recorded_qmp(dump: Path) -> None:
     # nor emulated is on in ours.
     agreed = {n for n in config.enabled() if props.get(n) is True}
     assert len(agreed) > 30
+    # The feature-MSR bits the config decides (those of the MSRs the dump's
+    # <msr> elements carry) against the same QEMU answer.
+    msr_on = {n for n, on in config.msr_features.items() if on}
+    msr_ours_only = {n for n in msr_on if props.get(n) is False}
+    msr_qemu_only = {n for n in config.msr_features if not config.msr_features[n]
+                     and props.get(n) is True}  # fmt: skip
+    assert msr_ours_only <= MSR_HOST_ONLY, sorted(msr_ours_only - MSR_HOST_ONLY)
+    for name in msr_qemu_only:
+        # Only where the enumerating CPUID bit is one KVM emulates and the
+        # bare-metal CPUID lacks (AMD's synthesized IA32_ARCH_CAPABILITIES).
+        gate = msr_registry().msr(msr_registry().lookup(name).msr)
+        assert gate is not None and gate.enumerated_by in EMULATED, name
+        assert not config.features.get(gate.enumerated_by, False), name
+    if config.msr_features and config.features.get("arch-capabilities"):
+        assert {n for n in msr_on if props.get(n) is True}, "no MSR feature agrees with QEMU"
 
 
 def test_regenerating_golden_skips(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

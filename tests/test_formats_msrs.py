@@ -173,7 +173,7 @@ def test_live_dump_carries_the_feature_msrs_a_c_program_reads() -> None:
     from tests.kvm_msr_c import c_msr_reading
 
     c = c_msr_reading()
-    proc = _cli("dump")
+    proc = _cli("dump", "--msr-trial")
     assert proc.returncode == 0, proc.stderr
     msrs = loads(proc.stdout, "live.json").msrs
     assert msrs is not None
@@ -189,6 +189,11 @@ def test_live_dump_carries_the_feature_msrs_a_c_program_reads() -> None:
             expected[index] = sum(1 << b for (i, b), r in c.bit_result.items()
                                   if i == index and r == 1)  # fmt: skip
     assert msrs.deliverable_dict() == expected
+    # Without --msr-trial: the same values, what a vCPU accepts unknown.
+    plain = _cli("dump")
+    assert plain.returncode == 0, plain.stderr
+    light = loads(plain.stdout, "plain.json").msrs
+    assert light is not None and light.items == msrs.items and light.deliverable is None
 
 
 def test_simulated_kernel_without_msr_features_capability_dumps_them_absent() -> None:
@@ -198,7 +203,7 @@ def test_simulated_kernel_without_msr_features_capability_dumps_them_absent() ->
 
     kernel = SimulatedKernel(feature_msrs=None)
     with _kvm(kernel) as kvm:
-        msrs = feature_msrs(kvm, kvm.supported_cpuid())
+        msrs = feature_msrs(kvm, kvm.supported_cpuid(), trial=True)
     assert Ioctl.CREATE_VM not in kernel.requests
     assert not msrs.available and "KVM_CAP_GET_MSR_FEATURES" in msrs.why
     back = loads(dumps(Dump(TABLE.with_msrs(msrs)), "json"), "sim.json")

@@ -5,6 +5,9 @@ Rendering rules: canonical QEMU property names only (from the registry),
 always `name=on|off` (QEMU deprecates `+name/-name`, and mixing the two forms
 changes precedence), features on first then off, each sorted, and always
 `enforce` so that QEMU refuses to start rather than silently drop a feature.
+Feature-MSR bits (rdctl-no, mds-no, vmx-*: cpuid/msr_features) are QEMU
+properties in the same namespace: they follow the CPUID features, on then
+off, spelled as QEMU spells them (the feature-MSR registry's QEMU names).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Final, Literal
 from kvmcpuid_virt.adapters import safe_model, safe_name
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
+from kvmcpuid_virt.cpuid.msr_features import MsrFeature, MsrRegistry, msr_registry
 from kvmcpuid_virt.errors import InputError, UnknownFeatureError
 
 __all__ = ["Format", "cpu_value", "parse", "render", "render_argv"]
@@ -42,12 +46,25 @@ def _qemu_name(reg: Registry, name: str) -> str:
     return safe_name(name)
 
 
+def _qemu_msr_name(reg: MsrRegistry, name: str) -> str:
+    """The feature-MSR registry's QEMU spelling of a config key, refusing
+    anything else."""
+    feature = reg.by_qemu(name)
+    if feature is None or feature.qemu != name:
+        raise InputError(f"refusing MSR feature {name!r}: not a canonical QEMU name in the "
+                         "registry")  # fmt: skip
+    return safe_name(name)
+
+
 def cpu_value(config: CpuConfig) -> str:
-    """The value of -cpu: MODEL,on...,off...,enforce."""
+    """The value of -cpu: MODEL,on...,off...,msr on...,msr off...,enforce."""
     reg = registry()
+    mreg = msr_registry()
     parts = [safe_model(config.model)]
     parts += [f"{_qemu_name(reg, n)}=on" for n in config.enabled()]
     parts += [f"{_qemu_name(reg, n)}=off" for n in config.disabled()]
+    parts += [f"{_qemu_msr_name(mreg, n)}=on" for n in config.msr_enabled()]
+    parts += [f"{_qemu_msr_name(mreg, n)}=off" for n in config.msr_disabled()]
     parts.append("enforce")
     return ",".join(parts)
 
@@ -70,9 +87,11 @@ def render(config: CpuConfig, fmt: Format = "arg") -> str:
             "argv": argv,
             "model": config.model,
             "vendor": config.vendor,
-            "enabled": list(config.enabled()),
-            "disabled": list(config.disabled()),
+            "enabled": sorted([*config.enabled(), *config.msr_enabled()]),
+            "disabled": sorted([*config.disabled(), *config.msr_disabled()]),
             "dropped": list(config.dropped),
+            "expected_msrs": {f"{i:#x}": f"{v:#x}" for i, v in config.expected_msrs.items()},
+            "notes": list(config.notes),
         }
         return json.dumps(doc, indent=2) + "\n"
     raise ValueError(f"unknown format {fmt!r}")
@@ -88,12 +107,15 @@ def _unknown_to_qemu(reg: Registry, name: str) -> UnknownFeatureError:
     return err
 
 
-def _qemu_feature(reg: Registry, name: str) -> Feature:
-    """The feature whose QOM property (canonical or alias) is exactly `name`:
-    QEMU looks property names up as given, so `LAHF-LM` or libvirt's `cvt16`
-    make it exit."""
+def _qemu_feature(reg: Registry, name: str) -> Feature | MsrFeature:
+    """The feature (a CPUID bit, else a feature-MSR bit) whose QOM property
+    (canonical or alias) is exactly `name`: QEMU looks property names up as
+    given, so `LAHF-LM` or libvirt's `cvt16` make it exit."""
     feature = reg.by_qemu(name)
     if feature is None:
+        msr_feature = msr_registry().by_qemu(name)
+        if msr_feature is not None:
+            return msr_feature
         raise _unknown_to_qemu(reg, name)
     return feature
 
@@ -181,7 +203,7 @@ def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, .
             on = True
         elif val in _OFF:
             on = False
-        elif reg.by_qemu(name) is not None:
+        elif reg.by_qemu(name) is not None or msr_registry().by_qemu(name) is not None:
             # What QEMU says: "Parameter 'NAME' expects 'on' or 'off'".
             raise InputError(f"-cpu option {_show(opt)}: {name} takes on or off "
                              "(or yes/no, true/false, y/n)")  # fmt: skip

@@ -17,17 +17,16 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 
-from kvmcpuid_virt.config import qemu_adjust
+from kvmcpuid_virt.config import msr_policy, qemu_adjust
 from kvmcpuid_virt.config.cpuconfig import CpuConfig, vendor_of
 from kvmcpuid_virt.cpuid.features import Feature, FeatureKind, Registry, registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import PolicyError, UnsupportedFeatureError
+from kvmcpuid_virt.errors import PolicyError, UnknownFeatureError, UnsupportedFeatureError
 from kvmcpuid_virt.toolfacts.facts import (
     CpuModel,
     ModelIdentity,
     ModelSource,
-    QemuFacts,
     ToolFacts,
 )
 
@@ -221,17 +220,19 @@ class _Host:
     vendor: str
 
 
-def _host(reg: Registry, table: CpuidTable, policy: Policy, qemu: QemuFacts | None,
+def _host(reg: Registry, table: CpuidTable, policy: Policy, facts: ToolFacts,
           this_host: bool) -> _Host:  # fmt: skip
+    qemu = facts.qemu
     supported_table = qemu_adjust.qemu_supported(table, kernel_irqchip=policy.kernel_irqchip)
     relevant = {f.name: f for f in relevant_features(reg, qemu.props if qemu else None)}
     supported = supported_features(reg, supported_table, relevant.values())
-    if qemu is not None and this_host:
-        # Only this host's QEMU start trial speaks for this host's KVM.
-        supported -= set(qemu.undeliverable)
-        for name in qemu.undeliverable:
-            log.info("%s: QEMU cannot set up a vCPU with it here (%s)", name,
-                     qemu.undeliverable[name])  # fmt: skip
+    if this_host:
+        # Only this host's vCPU trial (kvm/msrs.msr_delivery) speaks for this
+        # host's KVM: a feature whose bit the vCPU's CPUID loses cannot be given.
+        lost = facts.undeliverable()
+        supported -= set(lost)
+        for name in lost:
+            log.info("%s: a vCPU here cannot be given it (%s)", name, lost[name])
     # What `host` turns on by itself (see qemu_adjust for why these stay off).
     default = supported - qemu_adjust.NO_AUTOENABLE - qemu_adjust.UNMIGRATABLE
     return _Host(supported_table, relevant, frozenset(supported), frozenset(default),
@@ -239,8 +240,8 @@ def _host(reg: Registry, table: CpuidTable, policy: Policy, qemu: QemuFacts | No
 
 
 def _named_model(reg: Registry, policy: Policy, facts: ToolFacts,
-                 host: _Host) -> tuple[str, set[str], list[str]]:  # fmt: skip
-    """A named model's base: (its name, the features on, those it asks for
+                 host: _Host) -> tuple[CpuModel, set[str], list[str]]:  # fmt: skip
+    """A named model's base: (the model, the features on, those it asks for
     that the host cannot give)."""
     qemu = facts.qemu
     if policy.model_source == ModelSource.QEMU and qemu is not None:
@@ -260,7 +261,7 @@ def _named_model(reg: Registry, policy: Policy, facts: ToolFacts,
         # not the model's demands: where KVM lacks one, it is just off.
         wanted -= {n for n in wanted - host.supported
                    if host.relevant[n].kind == FeatureKind.KVM_PV}  # fmt: skip
-    return m.name, wanted & host.supported, sorted(wanted - host.supported)
+    return m, wanted & host.supported, sorted(wanted - host.supported)
 
 
 def _switches(reg: Registry, policy: Policy, host: _Host, on: set[str],
@@ -292,16 +293,39 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
     when `source` is /dev/kvm)."""
     reg = registry()
     qemu = facts.qemu
-    host = _host(reg, table, policy, qemu, source == "/dev/kvm" if this_host is None else this_host)
+    mine = source == "/dev/kvm" if this_host is None else this_host
+    host = _host(reg, table, policy, facts, mine)
+    # --enable/--disable of a feature-MSR bit (mds-no, ...) go to msr_policy.
+    msr_enable = tuple(n for n in policy.enable if _is_msr_name(reg, n))
+    msr_disable = tuple(n for n in policy.disable if _is_msr_name(reg, n))
+    cpuid_policy = dataclasses.replace(
+        policy, enable=tuple(n for n in policy.enable if n not in msr_enable),
+        disable=tuple(n for n in policy.disable if n not in msr_disable),
+    )  # fmt: skip
     missing: list[str] = []
+    model_msrs: set[str] | None = None
     if policy.model == "host":
         model_name, on = "host", set(host.default)
     elif policy.model == "auto":
         model_name = _auto_model(reg, facts, set(host.supported), host.relevant, host.vendor)
         on = set(host.default)
     else:
-        model_name, on, missing = _named_model(reg, policy, facts, host)
-    _switches(reg, policy, host, on, missing)
+        model, on, missing = _named_model(reg, policy, facts, host)
+        model_name, model_msrs = model.name, msr_policy.model_msr_features(model)
+    _switches(reg, cpuid_policy, host, on, missing)
+    cpuid_on = {name: name in on for name in host.relevant}
+    msrs = msr_policy.msrs_for(table, facts, mine)
+    props = qemu.props if qemu else None
+    msr = msr_policy.decide(msrs, cpuid_on, qemu_props=props, wants=model_msrs,
+                            enable=msr_enable, disable=msr_disable, source=source)  # fmt: skip
+    missing += [n for n in msr.missing if n not in missing]
+    notes = list(msr.notes)
+    if mine and facts.msr_delivery is not None:
+        delivery = facts.msr_delivery
+        notes += msr_policy.host_abort_notes(msrs, props, {
+            t.index: n for t in delivery.trials if (n := delivery.note(t.index)) is not None})
+    for note in notes:
+        log.info("%s", note)
     if missing and not policy.allow_unsupported:
         named = policy.model not in ("host", "auto")
         why = f"--model {policy.model}" if named else "--enable"
@@ -317,5 +341,15 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
         )
     return CpuConfig(
         model=model_name, features=features, expected=expected, vendor=host.vendor,
-        dropped=tuple(missing), source=source,
+        dropped=tuple(missing), source=source, msr_features=msr.features,
+        expected_msrs=msr.expected, notes=tuple(notes),
     )  # fmt: skip
+
+
+def _is_msr_name(reg: Registry, name: str) -> bool:
+    """A switch's name that only the feature-MSR registry knows."""
+    try:
+        reg.lookup(name)
+    except UnknownFeatureError:
+        return msr_policy.is_msr_feature(name)
+    return False

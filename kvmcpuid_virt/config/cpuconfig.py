@@ -33,6 +33,13 @@ class CpuConfig:
     dropped:  features asked for that the host cannot give, dropped under
               --allow-unsupported (the CLI warns about each).
     source:   where the table came from ('/dev/kvm' or a dump path).
+    msr_features:  feature-MSR bits (cpuid/msr_features registry names, QEMU's
+              spelling) -> on/off, for those the config decides (config/
+              msr_policy.py); empty when the feature MSRs are unknown.
+    expected_msrs: MSR index -> the value the guest should read, for the
+              feature MSRs its CPUID enumerates.
+    notes:    one line each about the decision (unknown feature MSRs, why
+              plain `-cpu host` aborts here).
     """
 
     model: str
@@ -41,6 +48,9 @@ class CpuConfig:
     vendor: str = ""
     dropped: tuple[str, ...] = ()
     source: str = ""
+    msr_features: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    expected_msrs: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A read-only, name-sorted copy: frozen means frozen, and sorted makes
@@ -48,6 +58,19 @@ class CpuConfig:
         frozen = types.MappingProxyType(dict(sorted(self.features.items())))
         object.__setattr__(self, "features", frozen)
         object.__setattr__(self, "dropped", tuple(self.dropped))
+        msr = types.MappingProxyType(dict(sorted(self.msr_features.items())))
+        object.__setattr__(self, "msr_features", msr)
+        object.__setattr__(self, "expected_msrs",
+                           types.MappingProxyType(dict(sorted(self.expected_msrs.items()))))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    def msr_enabled(self) -> tuple[str, ...]:
+        """MSR features that are on, sorted."""
+        return tuple(name for name, on in self.msr_features.items() if on)
+
+    def msr_disabled(self) -> tuple[str, ...]:
+        """MSR features that are off, sorted."""
+        return tuple(name for name, on in self.msr_features.items() if not on)
 
     def enabled(self) -> tuple[str, ...]:
         """Canonical names of the features that are on, sorted."""

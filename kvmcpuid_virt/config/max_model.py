@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
+from kvmcpuid_virt.config import msr_policy
 from kvmcpuid_virt.config.build import expected_table, with_model_identity
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import FeatureKind, Registry, registry
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.toolfacts.facts import CpuModel, ModelSource, ToolFacts
 
 __all__ = ["QEMU_ADDED", "limit_to_model"]
@@ -54,5 +56,35 @@ def limit_to_model(config: CpuConfig, name: str, facts: ToolFacts) -> tuple[CpuC
     if qemu is not None and model in qemu.definitions:
         enabled = [reg.lookup(n) for n, on in features.items() if on]
         expected = with_model_identity(expected, qemu.identity(model), enabled)
-    capped = dataclasses.replace(config, model=model, features=features, expected=expected)
+    # MSR features outside the model go off too; what the guest reads from
+    # each MSR follows (and an MSR whose enumerating CPUID bit went off is gone).
+    allowed_msr = msr_policy.model_msr_features(m)
+    msr_features: dict[str, bool] = {}
+    for fname, on in config.msr_features.items():
+        if on and fname not in allowed_msr:
+            off.append(fname)
+        msr_features[fname] = on and fname in allowed_msr
+    expected_msrs = {
+        index: value & _kept_bits(msr_features, index)
+        for index, value in config.expected_msrs.items()
+        if _gate_on(index, features)
+    }
+    capped = dataclasses.replace(
+        config, model=model, features=features, expected=expected,
+        msr_features=msr_features, expected_msrs=expected_msrs,
+    )  # fmt: skip
     return capped, off
+
+
+def _kept_bits(msr_features: dict[str, bool], index: int) -> int:
+    mask = 0
+    for f in msr_registry().in_msr(index):
+        if msr_features.get(f.name, False):
+            mask |= f.mask
+    return mask
+
+
+def _gate_on(index: int, features: dict[str, bool]) -> bool:
+    info = msr_registry().msr(index)
+    gate = info.enumerated_by if info is not None else None
+    return gate is None or features.get(gate, False)

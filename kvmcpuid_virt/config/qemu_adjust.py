@@ -142,7 +142,7 @@ def _reason(name: str, ours: bool, qemu: bool, undeliverable: Mapping[str, str])
     if qemu and not ours and name in undeliverable:
         return (
             "QEMU's host expansion lists it, but QEMU cannot create a vCPU with it "
-            f"on this host ({undeliverable[name]}); toolfacts.learn.trial_start found that out"
+            f"on this host ({undeliverable[name]}); the feature-MSR vCPU trial found that out"
         )
     if ours and not qemu:
         if name in NO_AUTOENABLE:

@@ -48,6 +48,7 @@ __all__ = [
     "explain_set_failure",
     "load_msr_registry",
     "msr_registry",
+    "qemu_written",
     "refusal_reason",
 ]
 
@@ -378,6 +379,61 @@ class MsrDelivery:
     def trial(self, index: int) -> MsrTrial | None:
         return self._by_index.get(index)
 
+    def offered(self) -> FeatureMsrs:
+        """KVM's values as tried, with the bits a vCPU accepted of each."""
+        return FeatureMsrs.of({t.index: t.offered for t in self.trials},
+                              {t.index: t.deliverable for t in self.trials})  # fmt: skip
+
+    def note(self, index: int, registry: MsrRegistry | None = None) -> str | None:
+        """One line: MSR `index`, the value KVM offers, the value a vCPU here
+        accepts and why; None when the vCPU took all of it."""
+        t = self._by_index.get(index)
+        if t is None or not t.refused:
+            return None
+        reg = registry or msr_registry()
+        info = reg.msr(index)
+        label = info.label if info else f"MSR {index:X}H"
+        why = f" ({t.reason})" if t.reason else ""
+        return (f"{label} (MSR {index:#x}): KVM offers {t.offered:#x}, a vCPU here "
+                f"accepts {t.deliverable:#x}{why}")  # fmt: skip
+
+    def cpuid_notes(self, registry: MsrRegistry | None = None) -> dict[str, str]:
+        """CPUID features (registry names) a vCPU here cannot be given, each
+        with the one-line note of the feature MSR it enumerates: the vCPU's
+        CPUID loses the bit, and KVM then accepts only 0 for that MSR."""
+        reg = registry or msr_registry()
+        out: dict[str, str] = {}
+        for t in self.trials:
+            info = reg.msr(t.index)
+            if info is None or info.enumerated_by not in self.cpuid_lost:
+                continue
+            lost = f"{info.label}: the vCPU's CPUID loses {info.enumerated_by}"
+            out.setdefault(info.enumerated_by, self.note(t.index, reg) or lost)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "trials": [{"index": f"{t.index:#x}", "offered": f"{t.offered:#x}",
+                        "accepted": t.accepted,
+                        "read_back": None if t.read_back is None else f"{t.read_back:#x}",
+                        "deliverable": f"{t.deliverable:#x}", "reason": t.reason}
+                       for t in self.trials],
+            "cpuid_lost": list(self.cpuid_lost),
+            "seconds": self.seconds,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> MsrDelivery:
+        """to_json()'s output back (KeyError/TypeError/ValueError if damaged)."""
+        trials = tuple(
+            MsrTrial(int(t["index"], 16), int(t["offered"], 16), bool(t["accepted"]),
+                     None if t["read_back"] is None else int(t["read_back"], 16),
+                     int(t["deliverable"], 16),
+                     None if t["reason"] is None else str(t["reason"]))
+            for t in doc["trials"]
+        )  # fmt: skip
+        return cls(trials, tuple(str(n) for n in doc["cpuid_lost"]), float(doc["seconds"]))
+
     def deliverable(self, index: int) -> int:
         """The bits of KVM's value of MSR `index` a vCPU accepts (0: none, or
         an MSR that was not tried)."""
@@ -442,6 +498,20 @@ def refusal_reason(
             "enumerate it"
         )
     return f"KVM refuses these bits of {info.name} although the vCPU's CPUID has {what}"
+
+
+def qemu_written(index: int, value: int, props: frozenset[str] | None,
+                 registry: MsrRegistry | None = None) -> int:  # fmt: skip
+    """What QEMU writes to feature MSR `index` for `-cpu host` when KVM offers
+    `value`: the bits it has properties for (QEMU keeps each MSR as a feature
+    word of named bits; with `props`, only those this binary knows). This is
+    the value in its "failed to set MSR 0x10a to 0x69"."""
+    reg = registry or msr_registry()
+    mask = 0
+    for f in reg.in_msr(index):
+        if f.kind is FeatureKind.PLAIN and (props is None or f.qemu in props):
+            mask |= f.mask
+    return value & mask
 
 
 _SET_FAILURE: Final = re.compile(r"failed to set MSR (0x[0-9a-fA-F]+) to (0x[0-9a-fA-F]+)")

@@ -16,6 +16,8 @@ import enum
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from kvmcpuid_virt.cpuid.msr_features import MsrDelivery
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.errors import PolicyError, ToolError
 
 __all__ = [
@@ -26,10 +28,14 @@ __all__ = [
     "ModelSource",
     "QemuFacts",
     "ToolFacts",
+    "msrs_from_json",
+    "msrs_to_json",
 ]
 
-# The version of to_json()'s format (the cache and the recordings).
-FORMAT_VERSION: Final = 3
+# The version of to_json()'s format (the cache and the recordings). Version 3
+# (no feature-MSR facts) still reads, with them unknown.
+FORMAT_VERSION: Final = 4
+_READ_VERSIONS: Final = (3, 4)
 QEMU_BINARY: Final = "qemu-system-x86_64"
 DEFAULT_LIBVIRT_URI: Final = "qemu:///system"
 # query-cpu-definitions names that are not CPU models one can cap at.
@@ -96,8 +102,9 @@ class QemuFacts:
     expansions:    every named model's features (QEMU property names);
     identities:    every named model's max leaves and family/model/stepping;
     undeliverable: features QEMU lists for `host` but cannot set up a vCPU
-                   with on this host (feature -> QEMU's error), found by a
-                   trial start of `-cpu host`.
+                   with on this host (feature -> why), from this host's
+                   feature-MSR trial (ToolFacts.msr_delivery; recordings
+                   before it: a trial start of `-cpu host`).
     """
 
     binary: str
@@ -187,7 +194,10 @@ class ToolFacts:
                   (qemu_missing says why);
     cpu_map:      libvirt's cpu_map models by name (empty when not installed);
     msr_features: cpu_map feature names defined by an MSR, not a CPUID bit;
-    libvirt_uri:  the libvirt connection in use.
+    libvirt_uri:  the libvirt connection in use;
+    host_msrs:    this host's KVM feature MSRs with the bits a vCPU here
+                  accepts of each (None: not learned, e.g. no /dev/kvm);
+    msr_delivery: the vCPU trial behind host_msrs (kvm/msrs.msr_delivery).
     """
 
     qemu: QemuFacts | None
@@ -195,6 +205,16 @@ class ToolFacts:
     msr_features: frozenset[str] = frozenset()
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
     qemu_missing: str = f"{QEMU_BINARY} not found (install qemu-system-x86 or set KVMCPUID_QEMU)"
+    host_msrs: FeatureMsrs | None = None
+    msr_delivery: MsrDelivery | None = None
+
+    def undeliverable(self) -> Mapping[str, str]:
+        """CPUID features this host's vCPUs cannot be given, feature -> a
+        one-line note: from the feature-MSR trial when learned, else what an
+        older recording's QEMU start trial found."""
+        if self.msr_delivery is not None:
+            return self.msr_delivery.cpuid_notes()
+        return self.qemu.undeliverable if self.qemu is not None else {}
 
     def require_qemu(self) -> QemuFacts:
         """The QEMU facts, or the ToolError that says why there are none."""
@@ -234,22 +254,43 @@ class ToolFacts:
                                                        key=lambda m: (m.order, m.name))],
             "msr_features": sorted(self.msr_features),
             "libvirt_uri": self.libvirt_uri,
+            "host_msrs": None if self.host_msrs is None else msrs_to_json(self.host_msrs),
+            "msr_delivery": None if self.msr_delivery is None else self.msr_delivery.to_json(),
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ToolFacts:
         """A ToolFacts from to_json()'s output (a ValueError for another
         version, KeyError/TypeError for a damaged document)."""
-        if doc.get("version") != FORMAT_VERSION:
+        if doc.get("version") not in _READ_VERSIONS:
             raise ValueError(f"tool facts version {doc.get('version')!r}, not {FORMAT_VERSION}")
         qemu = doc["qemu"]
+        host_msrs, delivery = doc.get("host_msrs"), doc.get("msr_delivery")
         return cls(
             qemu=None if qemu is None else QemuFacts.from_json(qemu),
             cpu_map={str(m["name"]): _model_from_json(m) for m in doc["cpu_map"]},
             msr_features=frozenset(doc["msr_features"]),
             libvirt_uri=str(doc["libvirt_uri"]),
             qemu_missing=str(doc["qemu_missing"]),
+            host_msrs=None if host_msrs is None else msrs_from_json(host_msrs),
+            msr_delivery=None if delivery is None else MsrDelivery.from_json(delivery),
         )
+
+
+def msrs_to_json(msrs: FeatureMsrs) -> dict[str, Any]:
+    return {
+        "available": msrs.available, "why": msrs.why,
+        "values": {f"{i:#x}": f"{v:#x}" for i, v in msrs.items},
+        "deliverable": None if msrs.deliverable is None else
+        {f"{i:#x}": f"{v:#x}" for i, v in msrs.deliverable},
+    }  # fmt: skip
+
+
+def msrs_from_json(doc: Mapping[str, Any]) -> FeatureMsrs:
+    values = [(int(k, 16), int(v, 16)) for k, v in doc["values"].items()]
+    raw = doc["deliverable"]
+    accepts = None if raw is None else [(int(k, 16), int(v, 16)) for k, v in raw.items()]
+    return FeatureMsrs(values, bool(doc["available"]), accepts, str(doc["why"]))
 
 
 def _model_json(m: CpuModel) -> dict[str, Any]:

@@ -1,32 +1,37 @@
 """Learn the ToolFacts of this machine: ask the QEMU binary (QMP
 query-version, query-cpu-definitions, query-cpu-model-expansion of `host` and
-of every model, a trial start of `-cpu host`) and read libvirt's installed
-cpu_map. The one place those tools are asked; callers build the facts once,
-at the command boundary, and pass them down.
+of every model), read libvirt's installed cpu_map, and ask a vCPU of this
+host's KVM which feature-MSR values it accepts (kvm/msrs.msr_delivery: what
+`-cpu host` would abort on, found without starting QEMU). The one place those
+tools are asked; callers build the facts once, at the command boundary, and
+pass them down.
 
-Both answers are cached as JSON in $XDG_CACHE_HOME/kvmcpuid_virt, keyed by
+The answers are cached as JSON in $XDG_CACHE_HOME/kvmcpuid_virt, keyed by
 what they depend on: the QEMU binary's path, mtime and size plus the running
-kernel and boot (its `host` expansion follows KVM), or the cpu_map files'
-names, mtimes and sizes. Cache files are written atomically; a corrupt or
-foreign one is ignored.
+kernel and boot (its `host` expansion follows KVM), the cpu_map files'
+names, mtimes and sizes, or the kernel and boot (the MSR trial). Cache files
+are written atomically; a corrupt or foreign one is ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from kvmcpuid_virt.errors import InputError, ToolError
+from kvmcpuid_virt.cpuid.msr_features import MsrDelivery
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+from kvmcpuid_virt.errors import InputError, KvmError, ToolError
 from kvmcpuid_virt.fsutil import cache_dir, parse_xml_file, write_cache
 from kvmcpuid_virt.host import boot_id
-from kvmcpuid_virt.qmp import Session, TransientError, converse, default_accel, run_commands
+from kvmcpuid_virt.kvm.system import KVM_PATH
+from kvmcpuid_virt.qmp import Session, converse, default_accel
 from kvmcpuid_virt.toolfacts.facts import (
     DEFAULT_LIBVIRT_URI,
     FORMAT_VERSION,
@@ -35,24 +40,24 @@ from kvmcpuid_virt.toolfacts.facts import (
     ModelSource,
     QemuFacts,
     ToolFacts,
+    msrs_from_json,
+    msrs_to_json,
 )
 
 __all__ = [
     "CPU_MAP_DIR",
-    "TRIAL_LIMIT",
     "cpu_map_models",
     "find_qemu",
     "learn",
+    "learn_msrs",
     "learn_qemu",
     "libvirt_uri",
     "msr_features",
-    "trial_start",
 ]
 
 log = logging.getLogger(__name__)
 
 CPU_MAP_DIR: Final = "/usr/share/libvirt/cpu_map"
-TRIAL_LIMIT: Final = 4
 
 
 def learn(
@@ -73,8 +78,13 @@ def learn(
             log.debug("no QEMU to ask: %s", exc)
             missing = str(exc)
     models, msr = _cpu_map(Path(cpu_map))
+    host_msrs, delivery = learn_msrs()
+    if qemu_facts is not None and delivery is not None and qemu_facts.accel == "kvm":
+        # What QEMU cannot set up a vCPU with here, said by the vCPU trial.
+        qemu_facts = dataclasses.replace(qemu_facts, undeliverable=delivery.cpuid_notes())
     return ToolFacts(qemu=qemu_facts, cpu_map=models, msr_features=msr,
-                     libvirt_uri=uri or libvirt_uri(), qemu_missing=missing)  # fmt: skip
+                     libvirt_uri=uri or libvirt_uri(), qemu_missing=missing,
+                     host_msrs=host_msrs, msr_delivery=delivery)  # fmt: skip
 
 
 def libvirt_uri() -> str:
@@ -117,42 +127,6 @@ def _digest(parts: Sequence[object]) -> str:
 
 # --- QEMU -----------------------------------------------------------------------
 
-# MSRs whose existence a CPUID feature announces, so that QEMU writes them
-# when it creates the vCPU: "failed to set MSR 0x10a" means the feature that
-# enumerates the MSR cannot be given. (IA32_ARCH_CAPABILITIES is enumerated by
-# CPUID.7.0:EDX[29]; seen on this nested AMD host with QEMU 7.2 and Linux
-# 6.18: KVM lists the bit and the MSR, then refuses QEMU's write to it.)
-_MSR_FEATURE: Final = {0x10A: "arch-capabilities"}
-_MSR_FAIL = re.compile(r"failed to set MSR (0x[0-9a-fA-F]+)")
-
-
-def trial_start(binary: str) -> dict[str, str]:
-    """Start `-cpu host` for real (a pc machine, stopped before the first
-    instruction) and learn which features QEMU's host expansion lists but
-    cannot set up a vCPU with. Bounded: at most TRIAL_LIMIT starts, each
-    within kvmcpuid_virt.qmp.QMP_TIMEOUT. Returns feature -> QEMU's error
-    line."""
-    off: dict[str, str] = {}
-    for _ in range(TRIAL_LIMIT):
-        cpu = ",".join(["host", *(f"{f}=off" for f in sorted(off))])
-        try:
-            run_commands(binary, [], machine="pc", cpu=cpu, accel="kvm")
-        except TransientError:
-            # Failed for a moment every time (qmp.retrying): no answer, and
-            # nothing that may be cached as one.
-            raise
-        except ToolError as exc:
-            m = _MSR_FAIL.search(str(exc))
-            feature = _MSR_FEATURE.get(int(m.group(1), 16)) if m else None
-            if m is None or feature is None or feature in off:
-                log.warning("%s -cpu %s does not start: %s", binary, cpu, exc)
-                return off
-            off[feature] = m.group(0)
-        else:
-            return off
-    return off
-
-
 def qemu_key(binary: str) -> str:
     """What QEMU's answers depend on: the binary, the kernel and boot, and
     whether KVM is usable here."""
@@ -169,7 +143,7 @@ def qemu_key(binary: str) -> str:
 
 def _ask_qemu(binary: str) -> QemuFacts:
     """One QEMU conversation (the version, the definitions, every expansion:
-    ~0.3 s for QEMU 7.2's 132 models) and the trial start under KVM."""
+    ~0.3 s for QEMU 7.2's 132 models)."""
     accel = default_accel()
 
     def expansion(session: Session, name: str) -> Any:
@@ -192,7 +166,6 @@ def _ask_qemu(binary: str) -> QemuFacts:
     return QemuFacts.from_replies(
         binary=binary, version=text, accel=accel, definitions=defs, host_expansion=host,
         expansions=dict(zip(names, replies, strict=True)),
-        undeliverable=trial_start(binary) if accel == "kvm" else {},
     )  # fmt: skip
 
 
@@ -212,6 +185,42 @@ def learn_qemu(binary: str) -> QemuFacts:
     facts = _ask_qemu(binary)
     _write_cache(name, {"version": FORMAT_VERSION, "key": key, "facts": facts.to_json()})
     return facts
+
+
+# --- this host's feature MSRs ------------------------------------------------------
+
+
+def learn_msrs(device: str = KVM_PATH) -> tuple[FeatureMsrs | None, MsrDelivery | None]:
+    """This host's KVM feature MSRs with the bits a vCPU accepts of each, and
+    the vCPU trial behind them (kvm/msrs.msr_delivery, ~1.3 ms), cached per
+    kernel and boot; (None, None) where there is no usable KVM. A kernel
+    without KVM_CAP_GET_MSR_FEATURES gives them absent and an empty trial."""
+    if not os.path.exists(device):
+        return None, None
+    key = _digest((device, os.uname().release, boot_id()))
+    doc = _read_cache("msrs.json", key)
+    if doc is not None:
+        try:
+            return msrs_from_json(doc["msrs"]), MsrDelivery.from_json(doc["delivery"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # a damaged cache file: ask again
+    from kvmcpuid_virt.kvm.msrs import msr_delivery
+    from kvmcpuid_virt.kvm.system import Kvm
+
+    try:
+        with Kvm(device) as kvm:
+            msrs = kvm.read_feature_msrs()
+            delivery = msr_delivery(kvm, values=msrs.as_dict()) if msrs.available else \
+                MsrDelivery(())  # fmt: skip
+    except (KvmError, OSError) as exc:
+        log.debug("no feature-MSR trial: %s", exc)
+        return None, None
+    if msrs.available:
+        msrs = msrs.with_deliverable({t.index: t.deliverable for t in delivery.trials})
+    doc = {"version": FORMAT_VERSION, "key": key, "msrs": msrs_to_json(msrs),
+           "delivery": delivery.to_json()}  # fmt: skip
+    _write_cache("msrs.json", doc)
+    return msrs, delivery
 
 
 # --- libvirt cpu_map -------------------------------------------------------------
