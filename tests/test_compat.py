@@ -446,7 +446,7 @@ def test_cached_facts_are_what_learn_cached(qemu_binary: str, tmp_path: Path,
     def no_qemu(*_a: object, **_k: object) -> None:
         raise AssertionError("cached_facts started QEMU")
 
-    monkeypatch.setattr(learn, "run_commands", no_qemu)
+    monkeypatch.setattr(learn, "converse", no_qemu)
     fresh = cached.cached_facts(qemu_binary)
     assert fresh.stale is None and fresh.facts.qemu == learned.qemu
     assert fresh.facts.cpu_map == learned.cpu_map
