@@ -37,6 +37,7 @@ from conformance.backends import (
     run_libvirt_cases,
     run_qemu_cases,
 )
+from conformance.identity import VMMS, QemuIdentity, cpu_value, identity_cases, qemu_identities
 from conformance.plan import Plan, plan
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
@@ -189,6 +190,15 @@ def libvirt_uri(qemu_binary: str) -> str:
 @pytest.fixture(scope="session")
 def batch_libvirt(the_plan: Plan, libvirt_uri: str) -> Batch:
     return _record_batch(run_libvirt_cases(the_plan.cases(), libvirt_uri))
+
+
+@pytest.fixture(scope="session")
+def qemu_defined(the_plan: Plan, qemu_binary: str) -> dict[str, QemuIdentity]:
+    """QEMU's own expansion of every -cpu value whose identity the suite
+    checks (conformance/identity.py), from one QEMU."""
+    cases = identity_cases(the_plan).values()
+    return qemu_identities(qemu_binary,
+                           [cpu_value(b, c) for b in VMMS for c in cases if c.qemu_cpu])
 
 
 def libvirt_retries() -> dict[str, object]:

@@ -6,16 +6,24 @@ check (so the failure is the mutant's doing).
 Mutants:
 - qemu-swap: two feature names swapped in the QEMU adapter's name mapping;
 - libvirt-disable-as-require: the libvirt adapter writes policy='require'
-  for features that are off (a source mutation of adapters/libvirt.py).
+  for features that are off (a source mutation of adapters/libvirt.py);
+- one VMM wrapper per field class (identity: stepping, family; max leaf:
+  level; brand: model-id; address size: phys-bits) appending a property to
+  the guest's -cpu: the suite's identity check and `kvmcpuid verify` both
+  fail naming the field;
+- libvirt-host-as-custom: this host's full CPU rendered on a cpu_map model
+  (the libvirt adapter's old bug): both name the identity and max leaf.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +35,7 @@ from conformance.backends import (
     run_qemu_cases,
 )
 from conformance.checks import KnownGap, UncontrolledMismatch, check_delta, check_table
+from conformance.identity import QemuIdentity, check_identity, cpu_value
 from conformance.plan import Plan
 from conformance.test_backends import _ignores, _uncontrolled
 from kvmcpuid_virt.analysis.backend import Backend
@@ -145,3 +154,97 @@ def test_mutant_libvirt_disable_as_require(the_plan: Plan, control: HostControl,
                              mutant))
     assert verdict.startswith("FAIL"), (
         f"the suite did not catch 'disable' rendered as 'require': {verdict}")
+
+
+# --- field mutants: a VMM that changes one field of each class ------------------------
+
+# One -cpu property a VMM wrapper appends, per field class, and the field
+# each check must name: (verify's FIELD_RULES name, the suite's identity
+# check's name). family=23 keeps base family 0xF on this AMD host, so verify
+# sees the extended family change. host-phys-bits=off: with it on (as for
+# -cpu host), QEMU ignores phys-bits.
+FIELD_MUTANTS: dict[str, tuple[str, str]] = {
+    "stepping=9": ("stepping", "stepping"),
+    "family=23": ("extended family", "family"),
+    "level=7": ("max basic leaf", "max basic leaf"),
+    "model-id=Evil": ("brand string", "brand string"),
+    "host-phys-bits=off,phys-bits=36": ("physical address bits", "physical address bits"),
+}
+
+
+def _qemu_wrapper(tmp_path: Path, qemu_binary: str, prop: str) -> Path:
+    """A QEMU that appends `prop` to the guest's -cpu value, then runs the real one."""
+    wrapper = tmp_path / "qemu-mutant"
+    wrapper.write_text(
+        "#!/bin/bash\nargs=(); next=0\n"
+        'for a in "$@"; do\n'
+        f'  if [ $next = 1 ]; then a="$a,{prop}"; next=0; fi\n'
+        '  [ "$a" = "-cpu" ] && next=1; args+=("$a")\n'
+        "done\n"
+        f'exec {qemu_binary} "${{args[@]}}"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _verify_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmcpuid_virt.cli", "verify", *args],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize("prop", sorted(FIELD_MUTANTS))
+def test_mutant_vmm_changing_one_field(the_plan: Plan, batch_qemu: Batch, qemu_binary: str,
+                                       qemu_defined: dict[str, QemuIdentity], tmp_path: Path,
+                                       prop: str) -> None:
+    """A VMM that changes one field: the suite's identity check (against
+    QEMU's own expansion) and `kvmcpuid verify --qemu WRAPPER` both fail,
+    each naming the field; the unbroken QEMU passes the same check."""
+    verify_name, suite_name = FIELD_MUTANTS[prop]
+    full = the_plan.full
+    want = qemu_defined[cpu_value(Backend.QEMU, full)]
+    assert check_identity(want, batch_qemu.get(full.id).observed) == [], "unbroken QEMU fails"
+    wrapper = _qemu_wrapper(tmp_path, qemu_binary, prop)
+    mutant = run_qemu_cases([full], str(wrapper))
+    problems = check_identity(want, mutant.get(full.id).observed)
+    assert any(p.startswith(f"{suite_name}: QEMU defines ") for p in problems), (
+        f"the suite did not catch {prop}: {problems}")
+    r = _verify_cli("--backend", "qemu", "--qemu", str(wrapper))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert any(line.startswith(f"{verify_name}: configured ") for line in r.stdout.splitlines()
+               ), f"verify did not name {verify_name}:\n{r.stdout}"
+
+
+def test_mutant_libvirt_host_rendered_on_a_cpu_map_model(
+    the_plan: Plan, batch_libvirt: Batch, libvirt_uri: str, control: HostControl,
+    qemu_defined: dict[str, QemuIdentity], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The libvirt adapter as it was: this host's full CPU rendered as
+    mode='custom' on a cpu_map model. The guest then has that model's
+    family/model/stepping and max leaves: the suite's identity check and
+    verify (its rendering mutated, its expectation not) both name them."""
+    from kvmcpuid_virt import verify as verify_mod
+    from kvmcpuid_virt.adapters import libvirt as lv
+
+    full = the_plan.full
+    want = qemu_defined[cpu_value(Backend.LIBVIRT, full)]
+    assert check_identity(want, batch_libvirt.get(full.id).observed) == [], "unbroken fails"
+    monkeypatch.setattr(lv, "base_model", lv.cpu_map_model)
+    mutant = make_case("mutant-libvirt-custom", full.config, the_plan.facts)
+    assert "mode=\"custom\"" in mutant.libvirt_cpu, "the mutant did not apply"
+    batch = run_libvirt_cases([mutant], libvirt_uri, keep_failed_logs=False)
+    problems = check_identity(want, batch.get(mutant.id).observed)
+    assert any(p.startswith(("family: ", "model: ")) for p in problems), problems
+    assert any(p.startswith("max basic leaf: ") for p in problems), problems
+
+    real_render = lv.render
+    monkeypatch.setattr(verify_mod, "render", lambda config, model, *a, **k: real_render(
+        config, lv.cpu_map_model(config, the_plan.facts), *a, **k))
+    monkeypatch.setattr(verify_mod, "base_model", lambda config, facts: "host")
+    target = verify_mod.target_for(full.config, the_plan.facts)
+    [report] = verify_mod.verify(target, [Backend.LIBVIRT], supported=the_plan.supported,
+                                 uncontrolled=_controlled(control, Backend.LIBVIRT),
+                                 reasons=control.reasons, timeout=20.0, libvirt_uri=libvirt_uri)
+    assert report.comparison is not None and not report.ok, report.text()
+    named = {m.name for m in report.comparison.field_failures}
+    assert {"max basic leaf", "family"} & named and "max basic leaf" in named, named
