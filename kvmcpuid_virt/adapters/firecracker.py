@@ -278,9 +278,15 @@ def without(table: CpuidTable, names: Iterable[str], reg: Registry | None = None
 
 
 def render(
-    target: CpuidTable, inputs: Sequence[Dump], off: Iterable[str] = ()
-) -> tuple[str, tuple[str, ...]]:
-    """The template for `target` with the features `off` cleared, as JSON
-    text, and its notes."""
+    target: CpuidTable, inputs: Sequence[Dump], off: Iterable[str] = (),
+    keep: Iterable[str] | None = None,
+) -> tuple[str, tuple[str, ...]]:  # fmt: skip
+    """The template for `target` with the features `off` cleared and, given
+    `keep` (a capped configuration's features that are on), every named
+    feature outside it too; as JSON text, and its notes."""
+    if keep is not None:
+        kept = set(keep)
+        off = {*off, *(f.name for f in registry().features
+                       if f.kind is not FeatureKind.DYNAMIC and f.name not in kept)}  # fmt: skip
     t = template(without(target, off), inputs)
     return t.text(), t.notes
