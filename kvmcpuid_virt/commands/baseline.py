@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "firecracker":  # a custom CPU template (docs/exports.md)
         from kvmcpuid_virt.adapters.firecracker import render as firecracker
 
-        off = _config(result, args, among_hosts, learned()).disabled() if args.max_model else ()
-        text, more = firecracker(result.table, inputs, off)
+        keep = _config(result, args, among_hosts, learned()).enabled() if args.max_model else None
+        text, more = firecracker(result.table, inputs, keep=keep)
         for n in (*notes, *more):
             _note(n)
         atomic_write(args.output, text)
