@@ -483,3 +483,28 @@ def test_exports_touch_no_machine(data_dir: Path) -> None:
                        capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []
+
+
+@pytest.mark.qemu
+@pytest.mark.libvirt
+def test_cli_max_model_caps_the_template_at_the_models_features(data_dir: Path) -> None:
+    # --max-model EPYC on Zen 2 and Zen 4: on each host, the guest sees no
+    # named feature beyond libvirt's own x86_EPYC.xml (read here directly),
+    # but for the bits left to Firecracker and the guest.
+    model_file = Path("/usr/share/libvirt/cpu_map/x86_EPYC.xml")
+    if not model_file.exists():
+        pytest.skip("libvirt's cpu_map is not installed")
+    model = {str(f.get("name")) for f in etree.parse(str(model_file)).getroot().iter("feature")}
+    paths = [str(_path(data_dir, s)) for s in ("Ryzen-9-3900X-12-Core", "EPYC-9334-32-Core")]
+    r = _cli("baseline", "--format", "firecracker", "--max-model", "EPYC", *paths)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert schema_problems(doc) == []
+    reg = registry()
+    free = {f.name for f in reg.features
+            if (f.leaf, f.subleaf, f.reg, f.bit) in NOT_THE_TEMPLATES | AMD_NORMALIZED}
+    for p in paths:
+        seen = guest_sees(apply(doc, load_dump(p).table)) - free
+        beyond = {n for n in seen if reg.lookup(n).libvirt not in model}
+        assert not beyond, (p, sorted(beyond))
+        assert len(seen) > 40  # the model's features stay
