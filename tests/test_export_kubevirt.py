@@ -296,3 +296,17 @@ def test_live_labels_of_this_host(kvm: object, cpu_map_bits: CpuMap) -> None:
     assert got["cpu-feature"], "no feature labels"
     for model in got["cpu-model"]:
         assert cpu_map_bits.models[model] <= got["cpu-feature"], model
+
+
+def test_without_cpu_map_or_qemu_features_and_vendor_only() -> None:
+    # A machine with neither tool: labels from the registry alone, no model
+    # labels, and a note saying why (the command prints it as a warning).
+    from kvmcpuid_virt.toolfacts.facts import NO_TOOLS
+
+    path = next((p for p in DUMPS if "EPYC-9334" in p.name), None)
+    if path is None:
+        pytest.skip("no EPYC 9334 dump")
+    labels = node_labels(load_dump(str(path)).table, NO_TOOLS)
+    assert labels.models == () and labels.note and "cpu_map" in labels.note
+    assert labels.vendor == "AMD"
+    assert "avx512f" in labels.features  # Zen 4 has AVX-512 (CPUID.07H.0:EBX[16])

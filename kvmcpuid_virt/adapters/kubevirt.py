@@ -88,6 +88,7 @@ class NodeLabels:
     features: tuple[str, ...]
     models: tuple[str, ...]
     unlabelled: Mapping[str, str]
+    note: str | None = None  # why there are no model labels at all
 
     def labels(self) -> dict[str, str]:
         out = {}
@@ -194,6 +195,9 @@ def node_labels(
     vendor = LIBVIRT_VENDOR.get(vendor_string)
     models: list[str] = []
     unlabelled: dict[str, str] = {}
+    if not facts.cpu_map and facts.qemu is None:
+        note = f"no cpu-model labels: no libvirt cpu_map and {facts.qemu_missing}"
+        return NodeLabels(vendor, tuple(sorted(labels)), (), {}, note)
     # No vendor filter, as in KubeVirt: libvirt calls a model of the other
     # vendor usable where the host has its features, and QEMU runs it.
     for m in facts.models():  # oldest first

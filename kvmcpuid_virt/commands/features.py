@@ -111,7 +111,10 @@ def _kubevirt(
     values: dict[int, int] | None = None  # None: what the table carries
     if live:
         values = {} if delivery is None else {t.index: t.deliverable for t in delivery.trials}
-    return node_labels(table, learn_facts(), this_host=this_host, msr_values=values).text()
+    labels = node_labels(table, learn_facts(), this_host=this_host, msr_values=values)
+    if labels.note:
+        sys.stderr.write(f"kvmcpuid features: warning: {labels.note}\n")
+    return labels.text()
 
 
 def live_msr_view(
