@@ -2,7 +2,10 @@
 or configurations as the table a guest would get from them):
 feature bits grouped by leaf/register as "only in A" / "only in B", the
 non-flag fields that differ (vendor, family/model, max leaves, address sizes,
-XSAVE), and the fingerprints (kernel, KVM API, QEMU, libvirt, microcode).
+XSAVE), the feature-MSR bits (IA32_ARCH_CAPABILITIES' mds-no, ..., named by
+cpuid/msr_features; only where both sides carry feature MSRs) and the
+fingerprints (kernel, KVM API, QEMU, libvirt, microcode; feature MSRs that
+hold a number, such as the microcode revision, are shown with them).
 
 Only feature bits and fields decide whether two hosts differ; fingerprint
 differences are shown but do not count (two identical CPUs on different
@@ -20,9 +23,12 @@ from kvmcpuid_virt.analysis.baseline import require_vendor, word_value
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.formats import Dump
+from kvmcpuid_virt.cpuid.msr_features import MsrLayout, MsrRegistry, msr_registry
 from kvmcpuid_virt.cpuid.table import Register
 
-__all__ = ["FieldDiff", "HostDiff", "WordDiff", "diff", "render_json", "render_table"]
+__all__ = [
+    "FieldDiff", "HostDiff", "MsrDiff", "WordDiff", "diff", "render_json", "render_table",
+]  # fmt: skip
 
 # Metadata that differs on every run and says nothing about the host.
 _VOLATILE: Final = frozenset({"time"})
@@ -42,6 +48,20 @@ class WordDiff:
 
 
 @dataclasses.dataclass(frozen=True)
+class MsrDiff:
+    """The named bits of one feature MSR that only one side has."""
+
+    index: int
+    name: str  # the SDM's, e.g. IA32_ARCH_CAPABILITIES
+    only_a: tuple[str, ...]
+    only_b: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"MSR {self.index:X}H"
+
+
+@dataclasses.dataclass(frozen=True)
 class FieldDiff:
     name: str
     a: str
@@ -58,10 +78,11 @@ class HostDiff:
     # What the caller wants said with the result (features a configuration
     # asked for that the host it was applied to cannot give).
     notes: tuple[str, ...] = ()
+    msrs: tuple[MsrDiff, ...] = ()
 
     @property
     def identical(self) -> bool:
-        return not self.words and not self.fields
+        return not self.words and not self.fields and not self.msrs
 
 
 def _fields(d: Dump) -> dict[str, str]:
@@ -115,7 +136,52 @@ def diff(a: Dump, b: Dump, *, notes: tuple[str, ...] = ()) -> HostDiff:
         for k in keys
         if a.host.get(k) != b.host.get(k)
     )
-    return HostDiff(a.source, b.source, tuple(words), field_diffs, fp, notes)
+    msrs, values, more = _msr_diffs(a, b, msr_registry())
+    return HostDiff(a.source, b.source, tuple(words), field_diffs, fp + values,
+                    notes + more, msrs)  # fmt: skip
+
+
+def _msr_diffs(a: Dump, b: Dump, reg: MsrRegistry
+               ) -> tuple[tuple[MsrDiff, ...], tuple[FieldDiff, ...], tuple[str, ...]]:  # fmt: skip
+    """The feature-MSR differences: named bits per flag MSR, the value MSRs
+    as fingerprint rows, and a note when only one side carries MSRs (unknown
+    is not zero: nothing is compared then)."""
+    ma, mb = a.msrs, b.msrs
+    known_a = ma is not None and ma.available
+    known_b = mb is not None and mb.available
+    if not (known_a and known_b):
+        if known_a != known_b:
+            which = "B" if known_a else "A"
+            return (), (), (f"{which} carries no feature MSRs: MSR features not compared",)
+        return (), (), ()
+    assert ma is not None and mb is not None
+    va, vb = ma.as_dict(), mb.as_dict()
+    out: list[MsrDiff] = []
+    values: list[FieldDiff] = []
+    for index in sorted(set(va) | set(vb)):
+        info = reg.msr(index)
+        x, y = va.get(index), vb.get(index)
+        if info is not None and info.layout is MsrLayout.VALUE:
+            if x != y:
+                values.append(FieldDiff(f"{info.label}",
+                                        "-" if x is None else f"{x:#x}",
+                                        "-" if y is None else f"{y:#x}"))  # fmt: skip
+            continue
+        xa, xb = x or 0, y or 0
+        if xa == xb:
+            continue
+        only_a: list[str] = []
+        only_b: list[str] = []
+        for bit in range(64):
+            if (xa ^ xb) >> bit & 1:
+                f = reg.at(index, bit)
+                name = f.name if f is not None else f"bit{bit}"
+                side = only_a if xa >> bit & 1 else only_b
+                if name not in side:
+                    side.append(name)
+        out.append(MsrDiff(index, info.name if info else f"MSR {index:#x}",
+                           tuple(only_a), tuple(only_b)))  # fmt: skip
+    return tuple(out), tuple(values), ()
 
 
 def _wrap(names: tuple[str, ...], width: int) -> list[str]:
@@ -149,6 +215,16 @@ def render_table(d: HostDiff, width: int = 100) -> str:
                 rt = right[i] if i < len(right) else ""
                 out.append(f"{label:<22}  {lt:<{col}}  {rt}".rstrip())
         out.append("")
+    if d.msrs:
+        out.append(f"{'feature MSR':<22}  {'only in A':<{col}}  only in B")
+        for m in d.msrs:
+            left, right = _wrap(m.only_a, col), _wrap(m.only_b, col)
+            for i in range(max(len(left), len(right))):
+                label = m.label if i == 0 else ""
+                lt = left[i] if i < len(left) else ""
+                rt = right[i] if i < len(right) else ""
+                out.append(f"{label:<22}  {lt:<{col}}  {rt}".rstrip())
+        out.append("")
     for title, rows in (("field", d.fields), ("fingerprint", d.fingerprint)):
         if rows:
             out.append(f"{title:<30}  {'A':<{col}}  B")
@@ -159,9 +235,11 @@ def render_table(d: HostDiff, width: int = 100) -> str:
                 else:  # a value too long for its column (brand strings)
                     out.extend((r.name, f"  A: {r.a}", f"  B: {r.b}"))
             out.append("")
+    msr_bits = sum(len(m.only_a) + len(m.only_b) for m in d.msrs)
+    msr_part = f", {msr_bits} feature-MSR bit(s)" if msr_bits else ""
     out.append("identical CPUID" if d.identical else
-               f"{sum(len(w.only_a) + len(w.only_b) for w in d.words)} feature bit(s) and "
-               f"{len(d.fields)} field(s) differ")  # fmt: skip
+               f"{sum(len(w.only_a) + len(w.only_b) for w in d.words)} feature bit(s){msr_part} "
+               f"and {len(d.fields)} field(s) differ")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -174,6 +252,11 @@ def render_json(d: HostDiff) -> str:
             {"leaf": f"{w.leaf:#x}", "subleaf": w.subleaf, "reg": w.reg,
              "only_a": list(w.only_a), "only_b": list(w.only_b)}
             for w in d.words
+        ],
+        "msr_features": [
+            {"msr": f"{m.index:#x}", "name": m.name, "only_a": list(m.only_a),
+             "only_b": list(m.only_b)}
+            for m in d.msrs
         ],
         "fields": [dataclasses.asdict(f) for f in d.fields],
         "fingerprint": [dataclasses.asdict(f) for f in d.fingerprint],

@@ -19,6 +19,8 @@ from kvmcpuid_virt.adapters import qemu as qemu_adapter
 from kvmcpuid_virt.config.build import Policy, build
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.formats import Dump, loads
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.toolfacts.facts import ModelSource, ToolFacts
@@ -204,5 +206,20 @@ def load_operand(
         config = libvirt_cpu(text, source).config(table, table_source, facts)
         label = f"{source} (libvirt <cpu> applied to {table_source})"
     # "guest": a whole table as the guest reads it, max leaves included (not
-    # a feature-only "config" view).
-    return Dump(config.expected, kind="guest", source=label), config
+    # a feature-only "config" view), with the feature MSRs the config sets.
+    return Dump(config.expected.with_msrs(configured_msrs(config)), kind="guest",
+                source=label), config  # fmt: skip
+
+
+def configured_msrs(config: CpuConfig) -> FeatureMsrs | None:
+    """The feature MSRs a guest of `config` gets, as its decided MSR
+    features set them (MSR index -> the bits that are on); None when the
+    config decides none (its feature MSRs were unknown)."""
+    if not config.msr_features:
+        return None
+    reg = msr_registry()
+    values: dict[int, int] = {}
+    for name, on in config.msr_features.items():
+        f = reg.lookup(name)
+        values[f.msr] = values.get(f.msr, 0) | (f.mask if on else 0)
+    return FeatureMsrs.of(values)

@@ -51,9 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if hit is None:
         from kvmcpuid_virt.adapters.qemu import render
         from kvmcpuid_virt.cli.options import config_from_args, dropped_warnings, learn_facts
+        from kvmcpuid_virt.config.msr_policy import UNKNOWN
 
         config = config_from_args(args, learn_facts(), table, source, this_host)
-        hit = (render(config, args.format), dropped_warnings(PROG, config))
+        # Said where it matters: MSR features left to QEMU's defaults.
+        unknown = "".join(f"{PROG}: warning: {n}\n" for n in config.notes if UNKNOWN in n)
+        hit = (render(config, args.format), dropped_warnings(PROG, config) + unknown)
         memo.store(k, *hit)
     sys.stderr.write(hit[1])
     sys.stdout.write(hit[0])

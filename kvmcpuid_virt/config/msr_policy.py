@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 from kvmcpuid_virt.cpuid.msr_features import (
     MsrFeature,
@@ -31,6 +32,7 @@ from kvmcpuid_virt.errors import PolicyError
 from kvmcpuid_virt.toolfacts.facts import CpuModel, ModelSource, ToolFacts
 
 __all__ = [
+    "UNKNOWN",
     "MsrDecision",
     "decide",
     "expected_msrs",
@@ -179,9 +181,13 @@ def expected_msrs(
     return out
 
 
+UNKNOWN: Final = "carries no feature MSRs"
+
+
 def unknown_note(source: str) -> str:
+    """The note of a config whose feature MSRs are unknown (it contains UNKNOWN)."""
     where = source or "the input"
-    return (f"{where} carries no feature MSRs (a version-1 dump, `cpuid -1r` text, or "
+    return (f"{where} {UNKNOWN} (a version-1 dump, `cpuid -1r` text, or "
             "<cpudata> without <msr>): MSR features such as mds-no are left to QEMU's "
             "model defaults; take `kvmcpuid dump` on the host for them")  # fmt: skip
 
