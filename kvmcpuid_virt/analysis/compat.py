@@ -62,8 +62,12 @@ __all__ = [
     "Verdict",
     "compat",
     "compat_config",
+    "field_value",
+    "host_offer",
+    "ignored_mask",
     "judge_text",
     "wanted_table",
+    "xsave_components",
 ]
 
 _ALL: Final = 0xFFFF_FFFF
@@ -345,6 +349,17 @@ def _settable(f: Feature, qemu: QemuFacts | None) -> bool:
         qemu is None or f.qemu in qemu.props)
 
 
+def host_offer(host: Host) -> Dump:
+    """What `host` can give a guest, as compat() reads it (see _offer)."""
+    return _offer(host, registry())
+
+
+def ignored_mask(leaf: int, subleaf: int, reg: Register,
+                 rules: tuple[Ignore, ...] = GUEST_STATE_MASKS) -> int:  # fmt: skip
+    """The bits of a word compat() does not compare (GUEST_STATE_MASKS)."""
+    return _ignored(rules, leaf, subleaf, reg)
+
+
 def _feature_reasons(guest: Dump, host: Host, reg: Registry, ignore: tuple[Ignore, ...],
                      checked: dict[str, Rule], notes: list[str]) -> Iterator[Reason]:  # fmt: skip
     offer = _offer(host, reg)
@@ -416,6 +431,16 @@ def _value(dump: Dump, rule: FieldRule, subleaf: int | None = None) -> int | Non
     for i, r in enumerate(rule.regs):
         value |= ((entry.reg(r) & rule.mask) >> shift) << (32 * i)
     return value
+
+
+def field_value(dump: Dump, rule: FieldRule, subleaf: int | None = None) -> int | None:
+    """A rule's field in `dump` as compat() reads it (None: not there)."""
+    return _value(dump, rule, subleaf)
+
+
+def xsave_components(dump: Dump) -> list[int]:
+    """The XSAVE components (>= 2) the dump enables, as compat() reads them."""
+    return _xsave_components(dump)
 
 
 def _show(rule: FieldRule, value: int | None) -> str:

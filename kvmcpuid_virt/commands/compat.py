@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["add_parser", "run"]
 
-HELP = "can a guest with this CPU run on this host (or a dump's)?"
+PROG = "kvmcpuid compat"
+HELP = "can a guest with this CPU run on this host (or a dump's, or which of many)?"
 
 
 def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
@@ -29,24 +30,61 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
         "compat", help=HELP,
         description="Whether a guest's CPU fits this host: feature bits a subset of what "
         "the host can give, max leaves and counts no greater, vendor and XSAVE layout "
-        "equal (docs/compat.md). Exit status: 0 fits, 1 does not fit, 2 error.",
+        "equal (docs/compat.md). With several hosts (HOST dumps, repeated --connect): "
+        "which of them can take the guest. With --matrix: every ordered pair of the "
+        "hosts. Exit status: 0 fits (every host, every pair), 1 does not fit, 2 error.",
     )  # fmt: skip
-    p.add_argument("guest", metavar="GUEST",
-                   help="a domain XML, a libvirt <cpu>, a file with `-cpu VALUE` (or "
-                   "kvmcpuid-qemu-flags output), or a dump of what a guest sees; "
-                   "- for stdin")  # fmt: skip
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--host", metavar="DUMP",
-                       help="judge against this dump's supported CPUID instead of this "
-                       "host's /dev/kvm")  # fmt: skip
-    where.add_argument("--connect", metavar="URI",
-                       help="judge against the host-model CPU of the libvirt daemon at URI "
-                       "(feature bits only: a host-model names no max leaves)")  # fmt: skip
-    p.add_argument("--format", choices=("table", "json"), default="table",
-                   help="default: table")  # fmt: skip
+    p.add_argument("operands", nargs="*", metavar="GUEST [HOST ...]",
+                   help="GUEST: a domain XML, a libvirt <cpu>, a file with `-cpu VALUE` (or "
+                   "kvmcpuid-qemu-flags output), or a dump of what a guest sees; - for "
+                   "stdin. HOST: dumps of hosts to judge it on (with --matrix every "
+                   "operand is a HOST)")  # fmt: skip
+    p.add_argument("--host", metavar="DUMP",
+                   help="judge against this dump's supported CPUID instead of this "
+                   "host's /dev/kvm")  # fmt: skip
+    p.add_argument("--connect", metavar="URI", action="append", default=[],
+                   help="judge against the host-model CPU of the libvirt daemon at URI "
+                   "(feature bits only: a host-model names no max leaves); repeatable, "
+                   "the daemons are asked concurrently")  # fmt: skip
+    p.add_argument("--matrix", action="store_true",
+                   help="for every ordered pair (A, B) of the hosts: can a guest with A's "
+                   "full CPU run on B")  # fmt: skip
+    p.add_argument("--skip-unreachable", action="store_true",
+                   help="leave out a --connect host that cannot be asked, with a warning "
+                   "(default: fail)")  # fmt: skip
+    p.add_argument("--format", choices=("table", "json", "html"), default="table",
+                   help="default: table (html: --matrix only)")  # fmt: skip
+    p.add_argument("-o", "--output", default="-", metavar="FILE",
+                   help="write FILE atomically (default: standard output)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvmcpuid_virt.errors import InputError
+
+    if args.matrix:
+        if args.host:
+            raise InputError("--matrix takes its hosts as operands: HOST... (dumps) and "
+                             "--connect URI")  # fmt: skip
+        return _matrix(args)
+    if not args.operands:
+        raise InputError("no guest: give GUEST (a domain XML, <cpu>, -cpu file or dump)")
+    if args.format == "html":
+        raise InputError("--format html is the --matrix page")
+    if len(args.operands) > 1 or len(args.connect) > 1 or (args.host and args.connect):
+        return _fleet(args)
+    return _single(args)
+
+
+def _write(args: argparse.Namespace, text: str) -> None:
+    from kvmcpuid_virt.fsutil import atomic_write
+
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write(args.output, text)
+
+
+def _single(args: argparse.Namespace) -> int:
     from functools import cache
 
     from kvmcpuid_virt.analysis.compat import judge_text
@@ -56,14 +94,80 @@ def run(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.toolfacts.facts import NO_TOOLS
 
     # The guest first: a bad path or file fails before /dev/kvm or QEMU.
-    text, source = read_text(args.guest)
+    text, source = read_text(args.operands[0])
     # The tool facts (QEMU's model definitions) only where they are used: to
     # apply a configuration, or as the QEMU layer of this machine.
     facts = cache(learn_facts)
     host = _host(args, facts)
     verdict = judge_text(text, source, host, facts() if classify(text) != "dump" else NO_TOOLS)
-    sys.stdout.write(verdict.render_json() if args.format == "json" else verdict.render_table())
+    _write(args, verdict.render_json() if args.format == "json" else verdict.render_table())
     return 0 if verdict.fits else 1
+
+
+def _hosts(args: argparse.Namespace, dumps: list[str],
+           facts: Callable[[], ToolFacts]) -> list[Host]:  # fmt: skip
+    """The hosts named: dumps (HOST operands, --host), then --connect URIs
+    (asked concurrently), in that order."""
+    from kvmcpuid_virt.analysis.compat import Host
+    from kvmcpuid_virt.cli.options import refuse_emulated
+    from kvmcpuid_virt.fleet import load_dumps
+
+    hosts = [Host(d) for d in load_dumps(dumps, refuse_emulated)]
+    if args.connect:
+        from kvmcpuid_virt.fleet import ask_all
+        from kvmcpuid_virt.libvirt_caps import connect_dump
+
+        learned = facts()
+        answers = ask_all(args.connect, lambda uri: connect_dump(uri, learned), prog=PROG,
+                          what="host-models", skip_unreachable=args.skip_unreachable)  # fmt: skip
+        hosts += [Host(model.dump) for _, model in answers]
+    return hosts
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    """Which of several hosts can take GUEST: one verdict per host."""
+    from functools import cache
+
+    from kvmcpuid_virt.analysis.compat import judge_text
+    from kvmcpuid_virt.analysis.given import classify
+    from kvmcpuid_virt.analysis.matrix_report import fleet_json, fleet_table
+    from kvmcpuid_virt.cli.options import learn_facts
+    from kvmcpuid_virt.fsutil import read_text
+    from kvmcpuid_virt.toolfacts.facts import NO_TOOLS
+
+    text, source = read_text(args.operands[0])
+    facts = cache(learn_facts)
+    dumps = [*([args.host] if args.host else []), *args.operands[1:]]
+    hosts = _hosts(args, dumps, facts)
+    tools = facts() if classify(text) != "dump" else NO_TOOLS
+    verdicts = [judge_text(text, source, h, tools) for h in hosts]
+    _write(args, fleet_json(source, verdicts) if args.format == "json"
+           else fleet_table(source, verdicts))  # fmt: skip
+    return 0 if all(v.fits for v in verdicts) else 1
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    """Every ordered pair of the hosts (analysis/matrix.py)."""
+    from functools import cache
+
+    from kvmcpuid_virt.analysis import matrix_report as report
+    from kvmcpuid_virt.analysis.matrix import matrix
+    from kvmcpuid_virt.cli.options import learn_facts
+    from kvmcpuid_virt.errors import InputError
+
+    hosts = _hosts(args, list(args.operands), cache(learn_facts))
+    if len(hosts) < 2:
+        raise InputError("--matrix needs at least two hosts (HOST dumps, --connect URI)")
+    m = matrix([h.dump for h in hosts])
+    if args.format == "json":
+        text = report.matrix_json(m)
+    elif args.format == "html":
+        text = report.matrix_html(m)
+    else:
+        text = report.matrix_table(m)
+    _write(args, text)
+    return 0 if all(m.fits(g, h) for g in range(len(m.groups))
+                    for h in range(len(m.groups))) else 1  # fmt: skip
 
 
 def _host(args: argparse.Namespace, facts: Callable[[], ToolFacts]) -> Host:
@@ -76,7 +180,7 @@ def _host(args: argparse.Namespace, facts: Callable[[], ToolFacts]) -> Host:
     if args.connect:
         from kvmcpuid_virt.libvirt_caps import connect_dump
 
-        return Host(connect_dump(args.connect, facts()).dump)
+        return Host(connect_dump(args.connect[0], facts()).dump)
     if args.host:
         from kvmcpuid_virt.cli.options import of_this_host, refuse_emulated
         from kvmcpuid_virt.fsutil import load_dump

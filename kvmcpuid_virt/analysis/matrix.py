@@ -1,0 +1,251 @@
+"""The migration matrix: for every ordered pair of hosts (A, B), can a guest
+configured with A's full CPU (everything A can give, as compat reads it:
+`compat.host_offer`) run on B, by compat's RULES (docs/compat.md)?
+
+Hosts whose tables read the same for every rule are one *group* (a fleet of
+thousands has a few dozen configurations); the matrix is computed over the
+groups and says which hosts each holds. Each guest group's row is one
+integer, a bit per host group, built from per-host-group bitsets: "hosts
+whose offer has feature bit p", "hosts whose max basic leaf is at least v",
+... A row is the AND of the bitsets of what the guest has, so the cost per
+pair is a fraction of one big-integer AND, and the reasons of a cell are
+compat() itself, asked only for the cells shown (`Matrix.verdict`).
+
+`fits_pair` is the same verdict for one pair, written out rule by rule;
+the tests hold both to compat().fits.
+
+Pure: a function of the dumps and of the feature registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Final
+
+from kvmcpuid_virt.analysis.baseline import word_value
+from kvmcpuid_virt.analysis.compat import (
+    RULES,
+    FieldRule,
+    Host,
+    Rule,
+    Scope,
+    Verdict,
+    compat,
+    field_value,
+    host_offer,
+    ignored_mask,
+    xsave_components,
+)
+from kvmcpuid_virt.analysis.hostbits import WORDS, pack
+from kvmcpuid_virt.cpuid.formats import Dump
+
+__all__ = ["Group", "Matrix", "Side", "fits_pair", "matrix", "side"]
+
+_FIELDS: Final = tuple(r for r in RULES if r.scope == Scope.REGISTER)
+_XSAVE: Final = tuple(r for r in RULES if r.scope == Scope.XSAVE_COMPONENTS)
+# The bits compat() compares in each feature word, packed (hostbits order).
+_COMPARED: Final = pack({(leaf, sub, r): ~ignored_mask(leaf, sub, r) & 0xFFFF_FFFF
+                         for leaf, sub, r in WORDS})  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One host read both ways: as the guest (A's full CPU) and as the host.
+
+    guest_words: the guest's feature words, packed, the compared bits only;
+    offer_words: what the host can give, packed;
+    guest_fields / host_fields: each REGISTER rule's value (None: absent);
+    guest_xsave: (component, its size, offset, flags) the guest has;
+    host_xsave: component -> (size, offset, flags) of the host;
+    ranged: the host announces its leaf ranges (not a feature-only view)."""
+
+    guest: Dump
+    host: Dump
+    guest_words: int
+    offer_words: int
+    guest_fields: tuple[int | None, ...]
+    host_fields: tuple[int | None, ...]
+    guest_xsave: tuple[tuple[int, tuple[int | None, ...]], ...]
+    host_xsave: tuple[tuple[int, tuple[int | None, ...]], ...]
+    ranged: bool
+
+    def key(self) -> tuple[object, ...]:
+        """What every verdict of this host depends on: equal keys, one group."""
+        return (self.guest_words, self.offer_words, self.guest_fields, self.host_fields,
+                self.guest_xsave, self.host_xsave, self.ranged)  # fmt: skip
+
+
+def side(dump: Dump) -> Side:
+    """Read one host (a dump, or a feature-only host-model) both ways."""
+    offer = host_offer(Host(dump))
+    # A guest with everything the host offers; a feature-only view stays
+    # one (it names no max leaves, so none are compared).
+    guest = Dump(offer.table, "config" if dump.kind == "config" else "guest", dump.host,
+                 dump.source)  # fmt: skip
+    words: dict[tuple[int, int, str], int] = {}
+    offers: dict[tuple[int, int, str], int] = {}
+    for leaf, sub, r in WORDS:
+        words[(leaf, sub, r)] = word_value(guest, leaf, sub, r)
+        offers[(leaf, sub, r)] = word_value(offer, leaf, sub, r)
+    comps = xsave_components(guest)
+    return Side(
+        guest=guest,
+        host=dump,
+        guest_words=pack(words) & _COMPARED,  # type: ignore[arg-type]
+        offer_words=pack(offers),  # type: ignore[arg-type]
+        guest_fields=tuple(field_value(guest, r) for r in _FIELDS),
+        host_fields=tuple(field_value(dump, r) for r in _FIELDS),
+        guest_xsave=tuple((i, tuple(field_value(guest, r, i) for r in _XSAVE)) for i in comps),
+        host_xsave=tuple((i, tuple(field_value(dump, r, i) for r in _XSAVE))
+                         for i in range(2, 63) if field_value(dump, _XSAVE[0], i) is not None),
+        ranged=dump.kind != "config",
+    )
+
+
+def _field_ok(rule: FieldRule, g: int, h: int | None) -> bool:
+    if h is None:
+        return False
+    if rule.rule == Rule.NO_GREATER:
+        return g <= h
+    if rule.rule == Rule.EQUAL:
+        return g == h
+    return not g & ~h  # SUBSET
+
+
+def fits_pair(a: Side, b: Side) -> bool:
+    """Whether a guest with A's full CPU fits B, rule by rule (compat's)."""
+    if a.guest_words & ~b.offer_words:
+        return False
+    if not b.ranged:
+        return True  # a feature-only host: its fields are unknown
+    for rule, g, h in zip(_FIELDS, a.guest_fields, b.host_fields, strict=True):
+        if g is not None and not _field_ok(rule, g, h):
+            return False
+    host_xsave = dict(b.host_xsave)
+    for i, values in a.guest_xsave:
+        have = host_xsave.get(i)
+        for k, g in enumerate(values):
+            if g is not None and have is not None and have[k] is not None and have[k] != g:
+                return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Hosts that read the same for every rule: `members` index Matrix.hosts."""
+
+    side: Side
+    members: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Matrix:
+    """hosts: every host's source, in input order; groups: the distinct
+    configurations; rows[g]: bit h set when group g's guest fits group h."""
+
+    hosts: tuple[str, ...]
+    groups: tuple[Group, ...]
+    rows: tuple[int, ...]
+
+    def fits(self, guest: int, host: int) -> bool:
+        """Group `guest`'s full CPU on group `host`."""
+        return bool(self.rows[guest] >> host & 1)
+
+    def group_of(self) -> list[int]:
+        """Each host's group, by host index."""
+        out = [0] * len(self.hosts)
+        for g, group in enumerate(self.groups):
+            for m in group.members:
+                out[m] = g
+        return out
+
+    def verdict(self, guest: int, host: int) -> Verdict:
+        """compat() of the cell: its reasons (the groups' first hosts named)."""
+        return compat(self.groups[guest].side.guest, Host(self.groups[host].side.host))
+
+    def fitting_pairs(self) -> int:
+        """How many ordered pairs of hosts fit (the diagonal included)."""
+        sizes = [len(g.members) for g in self.groups]
+        total = 0
+        for g, row in enumerate(self.rows):
+            total += sizes[g] * sum(sizes[h] for h in range(len(sizes)) if row >> h & 1)
+        return total
+
+
+def matrix(dumps: Sequence[Dump]) -> Matrix:
+    """The matrix of `dumps` (see the module)."""
+    sides: dict[int, Side] = {}  # one read per distinct table object
+    groups: dict[tuple[object, ...], list[int]] = {}
+    reps: dict[tuple[object, ...], Side] = {}
+    for i, d in enumerate(dumps):
+        s = sides.get(id(d.table) * 2 + (d.kind == "config"))
+        if s is None:
+            s = sides[id(d.table) * 2 + (d.kind == "config")] = side(d)
+        k = s.key()
+        reps.setdefault(k, s)
+        groups.setdefault(k, []).append(i)
+    order = list(groups)
+    all_sides = [reps[k] for k in order]
+    return Matrix(
+        hosts=tuple(d.source for d in dumps),
+        groups=tuple(Group(reps[k], tuple(groups[k])) for k in order),
+        rows=_rows(all_sides),
+    )
+
+
+def _rows(sides: Sequence[Side]) -> tuple[int, ...]:
+    """Each guest's row over the hosts (bit h: fits host h), by bitsets."""
+    n = len(sides)
+    everyone = (1 << n) - 1
+    unranged = sum(1 << j for j, s in enumerate(sides) if not s.ranged)
+    # has[p]: hosts whose offer has packed feature bit p.
+    has: dict[int, int] = {}
+    for j, s in enumerate(sides):
+        w = s.offer_words
+        while w:
+            low = w & -w
+            p = low.bit_length() - 1
+            has[p] = has.get(p, 0) | 1 << j
+            w ^= low
+    memo: dict[tuple[object, ...], int] = {}
+
+    def field_hosts(r: int, g: int) -> int:
+        key = ("field", r, g)
+        found = memo.get(key)
+        if found is None:
+            rule = _FIELDS[r]
+            found = unranged | sum(1 << j for j, s in enumerate(sides)
+                                   if s.ranged and _field_ok(rule, g, s.host_fields[r]))
+            memo[key] = found
+        return found
+
+    def xsave_hosts(i: int, k: int, g: int) -> int:
+        key = ("xsave", i, k, g)
+        found = memo.get(key)
+        if found is None:
+            ok = unranged
+            for j, s in enumerate(sides):
+                have = dict(s.host_xsave).get(i)
+                if not s.ranged or have is None or have[k] is None or have[k] == g:
+                    ok |= 1 << j
+            memo[key] = found = ok
+        return found
+
+    rows = []
+    for a in sides:
+        row = everyone
+        w = a.guest_words
+        while w and row:
+            low = w & -w
+            row &= has.get(low.bit_length() - 1, 0)
+            w ^= low
+        for r, g in enumerate(a.guest_fields):
+            if g is not None and row:
+                row &= field_hosts(r, g)
+        for i, values in a.guest_xsave:
+            for k, g in enumerate(values):
+                if g is not None and row:
+                    row &= xsave_hosts(i, k, g)
+        rows.append(row)
+    return tuple(rows)
