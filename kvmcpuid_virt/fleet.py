@@ -33,11 +33,12 @@ T = TypeVar("T")
 class FleetError(ToolError):
     """Hosts that could not be asked (each was named on its own line)."""
 
-    def __init__(self, failures: Sequence[tuple[str, str]], total: int) -> None:
+    def __init__(self, failures: Sequence[tuple[str, str]], total: int,
+                 message: str = "") -> None:  # fmt: skip
         self.failures = tuple(failures)
         names = ", ".join(h for h, _ in self.failures)
-        super().__init__(f"{len(self.failures)} of {total} hosts could not be asked: {names} "
-                         "(--skip-unreachable goes on without them)")  # fmt: skip
+        super().__init__(message or f"{len(self.failures)} of {total} hosts could not be "
+                         f"asked: {names} (--skip-unreachable goes on without them)")  # fmt: skip
 
 
 def load_dumps(paths: Sequence[str], check: Callable[[Dump], Dump] = lambda d: d) -> list[Dump]:
@@ -103,7 +104,8 @@ def ask_all(
     the answers, in the hosts' order. Each host that fails is one line on
     stderr, "PROG: HOST: CAUSE"; then, after every host was asked (the
     operator sees all of them at once), a FleetError, or with
-    `skip_unreachable` a warning naming what was left out."""
+    `skip_unreachable` a warning naming what was left out. A single failure
+    without `skip_unreachable` is the FleetError alone, "HOST: CAUSE"."""
     out = sys.stderr if stream is None else stream
     results: dict[int, T] = {}
     failures: dict[int, str] = {}
@@ -147,6 +149,9 @@ def ask_all(
     if missing:
         raise ToolError(f"{hosts[missing[0]]}: the question ended without an answer")
     failed = [(hosts[i], failures[i]) for i in sorted(failures)]
+    if len(failed) == 1 and not skip_unreachable:
+        host, cause = failed[0]
+        raise FleetError(failed, len(hosts), f"{host}: {cause}")
     for host, cause in failed:
         out.write(f"{prog}: {host}: {cause}\n")
     if failed and not skip_unreachable:
