@@ -208,7 +208,7 @@ def template(
                           for r in REGISTERS if r in regs for v, care in (regs[r],)],
         })  # fmt: skip
 
-    msr_modifiers, msr_note = _msr_modifiers(tables, mreg, vendors)
+    msr_modifiers, msr_note = _msr_modifiers(tables, mreg, vendors, target, reg)
     if msr_note:
         notes.append(msr_note)
     left = sorted({f.name for f in reg.features if f.kind is FeatureKind.DYNAMIC}
@@ -235,8 +235,9 @@ def _msr_values(table: CpuidTable) -> dict[int, int] | None:
 
 
 def _msr_modifiers(
-    tables: Sequence[CpuidTable], mreg: MsrRegistry, vendors: set[str]
-) -> tuple[list[dict[str, str]], str | None]:
+    tables: Sequence[CpuidTable], mreg: MsrRegistry, vendors: set[str],
+    target: CpuidTable, reg: Registry,
+) -> tuple[list[dict[str, str]], str | None]:  # fmt: skip
     per_host = [_msr_values(t) for t in tables]
     if any(v is None for v in per_host):
         return [], "no feature-MSR values in every input, so no msr_modifiers"
@@ -248,6 +249,8 @@ def _msr_modifiers(
         info = mreg.msr(index)
         if info is None or info.layout is not MsrLayout.FLAGS:
             continue  # a number or VMX controls: not feature flags to intersect
+        if info.enumerated_by is not None and not reg.lookup(info.enumerated_by).present(target):
+            continue  # the template's CPUID says the MSR is not there
         care = 0
         for f in mreg.in_msr(index):
             care |= f.mask

@@ -19,7 +19,8 @@ a dump) and the ToolFacts instead of from a libvirt daemon:
   QEMU's start trial found undeliverable on this host removed), settable
   plain features only (not the ones that follow the guest's CR4, not those
   libvirt's host-model leaves out: invtsc, topoext), plus the feature-MSR
-  bits the table's MSR values carry and a vCPU accepts;
+  bits the table's MSR values carry and a vCPU accepts, where the guest
+  gets the CPUID bit enumerating that MSR;
 - models: cpu_map's models (QEMU's when cpu_map is absent), of either
   vendor as in KubeVirt, not obsolete, that QEMU defines, whose every cpu_map feature is a
   feature label, and whose QEMU definition (the expansion libvirt's "usable"
@@ -122,15 +123,25 @@ def _features(
 
 
 def _msr_features(
-    mreg: MsrRegistry, values: Mapping[int, int] | None, undeliverable: Iterable[str]
-) -> set[str]:
+    reg: Registry, mreg: MsrRegistry, values: Mapping[int, int] | None,
+    undeliverable: Iterable[str], supported: set[str],
+) -> set[str]:  # fmt: skip
     """libvirt names of the feature-MSR bits `values` (index -> the bits a
-    vCPU gets) has that QEMU can set."""
+    vCPU gets) has that QEMU can set, where the CPUID bit that enumerates
+    the MSR is one a guest gets (QEMU drops an MSR's features without it:
+    IA32_ARCH_CAPABILITIES needs arch-capabilities)."""
     if not values:
         return set()
     skip = set(undeliverable)
-    return {f.libvirt for f in mreg.present(values)
-            if f.libvirt and f.kind is FeatureKind.PLAIN and f.name not in skip}  # fmt: skip
+    out = set()
+    for f in mreg.present(values):
+        info = mreg.msr(f.msr)
+        gate = info.enumerated_by if info is not None else None
+        if gate is not None and reg.lookup(gate).name not in supported:
+            continue
+        if f.libvirt and f.kind is FeatureKind.PLAIN and f.name not in skip:
+            out.add(f.libvirt)
+    return out
 
 
 def table_msr_values(table: CpuidTable) -> dict[int, int] | None:
@@ -190,7 +201,7 @@ def node_labels(
     labels, supported = _features(reg, table, facts, this_host)
     values = table_msr_values(table) if msr_values is None else dict(msr_values)
     undeliverable = facts.qemu.undeliverable if facts.qemu and this_host else {}
-    labels |= _msr_features(mreg, values, undeliverable)
+    labels |= _msr_features(reg, mreg, values, undeliverable, supported)
     vendor_string = vendor_of(table)
     vendor = LIBVIRT_VENDOR.get(vendor_string)
     models: list[str] = []
