@@ -307,14 +307,20 @@ class _LibvirtBeside:
 # Fields CpuConfig.expected does not model for a backend (gaps of config/,
 # seen on this host's QEMU 7.2): their mismatches are reported, never failing.
 _QEMU_OWN = "QEMU's own model sets it, CpuConfig.expected has KVM's value"
+# The cache leaves: QEMU's own cache model unless host-cache-info=on (libvirt:
+# <cache mode='passthrough'/>) passes the host's on.
+_CACHE_FIELDS: Final = (
+    "cache/TLB descriptors", "cache type and level", "cache line size, partitions, ways",
+    "cache sets", "cache flags", "L1 cache and TLB", "L2/L3 cache and TLB",
+    "cache type and level (AMD)", "cache line size, partitions, ways (AMD)",
+    "cache sets (AMD)", "cache flags (AMD)",
+)
 _UNMODELLED_QEMU: Final = {
-    name: _QEMU_OWN for name in (
-        "cache/TLB descriptors", "cache type and level", "cache line size, partitions, ways",
-        "cache sets", "cache flags", "L1 cache and TLB", "L2/L3 cache and TLB",
-        "cache type and level (AMD)", "cache line size, partitions, ways (AMD)",
-        "cache sets (AMD)", "cache flags (AMD)", "MONITOR/MWAIT line sizes and extensions",
-        "brand ID and package type (AMD)", "performance optimization identifiers (AMD)",
-    )
+    **{name: f"{_QEMU_OWN} (host-cache-info=off)" for name in _CACHE_FIELDS},
+    **{name: _QEMU_OWN for name in (
+        "MONITOR/MWAIT line sizes and extensions", "brand ID and package type (AMD)",
+        "performance optimization identifiers (AMD)",
+    )},
 }
 # Unnamed bits KVM offers that QEMU 7.2 does not pass on (CPUID.80000021H).
 _QEMU_DROPS: Final = (
@@ -349,10 +355,16 @@ def _expectations(backend: Backend, target: Target) -> tuple[CpuidTable, list[Ig
     if backend == Backend.LIBVIRT:
         base = target.libvirt_base()
         ignores = [*target.libvirt_ignores(), *_QEMU_DROPS]
+        cache = parse_xml(target.libvirt_cpu(), "<cpu>").find("cache")
+        host_caches = cache is not None and cache.get("mode") == "passthrough"
     else:
-        base = target.qemu_cpu().split(",", 1)[0].removeprefix("-cpu ").strip()
+        parts = target.qemu_cpu().removeprefix("-cpu ").strip().split(",")
+        base, host_caches = parts[0], "host-cache-info=on" in parts
         ignores = list(_QEMU_DROPS)
     requested, unmodelled = target.requested, dict(_UNMODELLED_QEMU)
+    if host_caches:  # QEMU passes the host's cache leaves on, as KVM reports them
+        for name in _CACHE_FIELDS:
+            del unmodelled[name]
     if base == HOST_PASSTHROUGH:
         return _brand(requested, cpuinfo_fields("model name")["model name"]), ignores, unmodelled
     # A named model: QEMU sets these from the model (model-id, leaf 1's

@@ -92,6 +92,8 @@ def test_render_host_is_host_passthrough() -> None:
     assert {str(k): str(v) for k, v in cpu.attrib.items()} == {
         "mode": "host-passthrough", "check": "full", "migratable": "on"}
     assert cpu.find("model") is None and cpu.find("vendor") is None
+    cache = cpu.find("cache")
+    assert cache is not None and cache.get("mode") == "passthrough" and len(cache.attrib) == 1
     feats = {f.get("name"): f.get("policy") for f in cpu.findall("feature")}
     assert feats["sse2"] == "disable" and feats["fpu"] == "require"
     assert lv.parse(cpu) == ("host", *(tuple(n for n in names if registry().lookup(n).libvirt)
@@ -417,8 +419,10 @@ def test_libvirt_passes_host_passthrough_on_as_cpu_host(kvm: Kvm, libvirt_conn_u
         conn.close()
     value = argv[argv.index("-cpu") + 1].split(",")
     assert value[:2] == ["host", "migratable=on"]
+    # <cache mode='passthrough'/>: the host's cache leaves, QEMU's own L3 off.
+    assert value[-2:] == ["host-cache-info=on", "l3-cache=off"]
     reg = registry()
     want = {str(reg.lookup(n).qemu): "on" if on else "off" for n, on in config.features.items()
             if reg.lookup(n).libvirt is not None}
-    got = dict(p.split("=", 1) for p in value[2:])
+    got = dict(p.split("=", 1) for p in value[2:-2])
     assert got == want

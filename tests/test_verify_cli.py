@@ -430,3 +430,18 @@ def test_every_backend_compares_fields_and_passes(kvm: Kvm, qemu_binary: str,
     for b in doc["backends"]:
         cmp = b["comparison"]
         assert cmp["fields_compared"] > 10 and cmp["bits_compared"] > 1000, b["backend"]
+
+
+def test_libvirt_host_guest_is_held_to_the_configuration(kvm: Kvm,
+                                                          libvirt_conn_uri: str) -> None:
+    """This host's full CPU under libvirt (host-passthrough, the host's
+    caches): identity, max leaves, address sizes and cache leaves are held to
+    the configuration; what stays not modelled is only what QEMU fills in
+    itself with no setting to change it (docs/field-rules.md)."""
+    r = _verify("--backend", "libvirt", "--connect", libvirt_conn_uri, "--format", "json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    [cmp] = [b["comparison"] for b in json.loads(r.stdout)["backends"]]
+    unmodelled = {m["name"] for m in cmp["field_mismatches"] if not m["modelled"]}
+    assert unmodelled <= {"MONITOR/MWAIT line sizes and extensions",
+                          "brand ID and package type (AMD)",
+                          "performance optimization identifiers (AMD)"}, unmodelled

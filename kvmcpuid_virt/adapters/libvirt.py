@@ -12,7 +12,11 @@ feature that has a cpu_map name, sorted, enabled first:
   `enforce`). migratable='on' (libvirt's default, written out) is what
   `-cpu host` does and what CpuConfig.expected models: QEMU passes on only
   the bits it has names for; 'off' adds KVM's unnamed ones (measured here:
-  0x80000008 EBX bits 17, 28, 30 and kvm-asyncpf-vmexit).
+  0x80000008 EBX bits 17, 28, 30 and kvm-asyncpf-vmexit). With
+  `<cache mode='passthrough'/>` (QEMU's host-cache-info=on; only valid in
+  host-passthrough) the cache leaves (2, 4, 0x80000005/6, 0x8000001D) are the
+  host's, as KVM reports them and the configuration has them, instead of
+  QEMU's made-up model; a domain's own `<cache>` is kept instead.
 - a named model: `<cpu mode='custom' match='exact' check='full'>` with
   `<model fallback='forbid'>` (libvirt may not substitute another model):
   the config's own model where cpu_map has it, so the guest sees QEMU's
@@ -294,6 +298,8 @@ def cpu_element(
     if model != HOST_PASSTHROUGH:
         m = etree.SubElement(cpu, "model", fallback="forbid")
         m.text = safe_model(model)
+    elif not any(n.tag == "cache" for n in before):
+        etree.SubElement(cpu, "cache", mode="passthrough")
     cpu.extend(before)
     for on in (True, False):
         for name in config.enabled() if on else config.disabled():
@@ -363,14 +369,24 @@ def _canonical(node: etree._Element) -> bytes:
     return out
 
 
-def _kept(cpu: etree._Element | None) -> tuple[list[tuple[str, str]], list[bytes]]:
+def _added(model: str, old: etree._Element | None) -> frozenset[str]:
+    """The children cpu_element() adds to `old` (a domain's <cpu>, or None)."""
+    if model == HOST_PASSTHROUGH and (old is None or old.find("cache") is None):
+        return frozenset({"cache"})
+    return frozenset()
+
+
+def _kept(cpu: etree._Element | None,
+          added: frozenset[str] = frozenset()) -> tuple[list[tuple[str, str]], list[bytes]]:
     """What of a <cpu> must survive patching: its attributes and children
     other than those cpu_element() writes (sorted: libvirt's order is ours
-    to choose, their content is not)."""
+    to choose, their content is not); `added`: children cpu_element() added
+    because the old <cpu> had none (host-passthrough's <cache>)."""
     if cpu is None:
         return [], []
     attrs = sorted((str(k), str(v)) for k, v in cpu.attrib.items() if k not in _REPLACED_ATTRS)
-    nodes = sorted(_canonical(n) for n in cpu if n.tag not in _REPLACED_CHILDREN)
+    nodes = sorted(_canonical(n) for n in cpu
+                   if n.tag not in _REPLACED_CHILDREN and n.tag not in added)  # fmt: skip
     return attrs, nodes
 
 
@@ -448,7 +464,7 @@ def patch_domain(domain_xml: str, config: CpuConfig, model: str,
     if (
         _without_cpu(new_root) != _without_cpu(root)
         or len(new_root.findall("cpu")) != 1
-        or _kept(new_root.find("cpu")) != _kept(root.find("cpu"))
+        or _kept(new_root.find("cpu"), _added(model, root.find("cpu"))) != _kept(root.find("cpu"))
     ):
         raise InputError(f"{source}: patching <cpu> would change more than <cpu>; refusing")
     return new
