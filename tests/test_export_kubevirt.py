@@ -36,13 +36,13 @@ REGS = ("eax", "ebx", "ecx", "edx")
 GIVEN_BY_KVM_OR_QEMU = frozenset({"hypervisor", "tsc-deadline", "arat", "x2apic"})
 # What a CPU may have that is no node label, and why: osxsave and ospke
 # mirror CR4 bits the guest sets (Intel SDM vol. 2A, CPUID 01H ECX[27],
-# 07H ECX[4]); invtsc blocks migration and topoext needs a matching
-# topology, so QEMU's migratable `host` model, libvirt's host-model and
-# hence KubeVirt leave them out (QEMU feature_word_info unmigratable_flags,
-# no_autoenable_flags). cpu_map features QEMU 7.2 has no property for (cmt,
+# 07H ECX[4]); topoext needs a matching topology, so QEMU's `host` model,
+# libvirt's host-model and hence KubeVirt leave it out (QEMU
+# feature_word_info no_autoenable_flags; this host's libvirtd agrees, see
+# the live test). cpu_map features QEMU 7.2 has no property for (cmt,
 # mbm_total, mbm_local here) cannot be given to a guest either: the test
 # asks the recorded QEMU's own property list.
-NOT_LABELLED = frozenset({"osxsave", "ospke", "invtsc", "topoext"})
+NOT_LABELLED = frozenset({"osxsave", "ospke", "topoext"})
 # The CPUID bit that says an MSR exists (Intel SDM vol. 4, table 2-2):
 # IA32_ARCH_CAPABILITIES CPUID.07H.0:EDX[29], IA32_CORE_CAPABILITIES
 # 07H.0:EDX[30], IA32_PERF_CAPABILITIES 01H:ECX[15] (PDCM); cpu_map's names.
@@ -318,3 +318,60 @@ def test_without_cpu_map_or_qemu_features_and_vendor_only() -> None:
     assert labels.models == () and labels.note and "cpu_map" in labels.note
     assert labels.vendor == "AMD"
     assert "avx512f" in labels.features  # Zen 4 has AVX-512 (CPUID.07H.0:EBX[16])
+
+
+def _libvirt_host_model(uri: str) -> tuple[set[str], set[str], str]:
+    """libvirt's own view, through libvirt-python as KubeVirt's
+    node-labeller.sh gets it with virsh: the host-model CPU expanded
+    (hypervisor-cpu-baseline --features: policy 'require'), the usable
+    models, the vendor."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        caps = etree.fromstring(conn.getDomainCapabilities(None, "x86_64", None, "kvm").encode())
+        hm = caps.find(".//mode[@name='host-model']")
+        assert hm is not None
+        cpu = etree.Element("cpu", mode="custom", match="exact")
+        etree.SubElement(cpu, "model").text = hm.findtext("model")
+        etree.SubElement(cpu, "vendor").text = hm.findtext("vendor")
+        for f in hm.findall("feature"):
+            etree.SubElement(cpu, "feature", policy=str(f.get("policy")), name=str(f.get("name")))
+        expanded = conn.baselineHypervisorCPU(
+            None, "x86_64", None, "kvm", [etree.tostring(cpu).decode()],
+            libvirt.VIR_CONNECT_BASELINE_CPU_EXPAND_FEATURES)  # fmt: skip
+    finally:
+        conn.close()
+    feats = {str(f.get("name")) for f in etree.fromstring(expanded.encode()).findall("feature")
+             if f.get("policy") == "require"}  # fmt: skip
+    usable = {str(m.text) for m in caps.findall(".//mode[@name='custom']/model")
+              if m.get("usable") == "yes"}  # fmt: skip
+    return feats, usable, str(hm.findtext("vendor"))
+
+
+def test_live_labels_against_this_hosts_libvirtd(
+    kvm: object, libvirt_conn_uri: str, live_facts: object, cpu_map_bits: CpuMap
+) -> None:
+    # What KubeVirt would label this node with, from libvirtd itself, and
+    # ours from KVM's table: every difference is one this tool explains.
+    from kvmcpuid_virt.toolfacts.facts import ToolFacts
+
+    assert isinstance(live_facts, ToolFacts) and live_facts.qemu is not None
+    r = _cli("features", "--format", "kubevirt")
+    assert r.returncode == 0, r.stderr
+    ours = _parse(r.stdout)
+    feats, usable, vendor = _libvirt_host_model(libvirt_conn_uri)
+    assert ours["cpu-vendor"] == {vendor}
+    # libvirt's host-model names what QEMU's `-cpu host` start trial here
+    # finds it cannot set up (arch-capabilities on this nested AMD host:
+    # `-cpu host` aborts on MSR 0x10a), and the feature-MSR bits of that MSR.
+    undeliverable = set(live_facts.qemu.undeliverable)
+    gated = {n for n, (index, _) in cpu_map_bits.msr.items()
+             if MSR_ENUMERATED_BY.get(index) in undeliverable}  # fmt: skip
+    assert feats - ours["cpu-feature"] <= undeliverable | gated, sorted(feats - ours["cpu-feature"])
+    assert ours["cpu-feature"] - feats == set(), sorted(ours["cpu-feature"] - feats)
+    # Models: libvirt's usable ones, less KubeVirt's obsolete list, and less
+    # those missing a feature label (KubeVirt's own second test).
+    kubevirt_models = {m for m in usable - KUBEVIRT_OBSOLETE
+                       if cpu_map_bits.models.get(m, frozenset()) <= feats}  # fmt: skip
+    assert ours["cpu-model"] == kubevirt_models

@@ -17,8 +17,8 @@ a dump) and the ToolFacts instead of from a libvirt daemon:
 - features: what KVM gives a guest through QEMU (config.build's supported
   set: QEMU's own additions such as x2apic and hypervisor included, what
   QEMU's start trial found undeliverable on this host removed), settable
-  plain features only (not the ones that follow the guest's CR4, not those
-  libvirt's host-model leaves out: invtsc, topoext), plus the feature-MSR
+  plain features only (not the ones that follow the guest's CR4, not
+  topoext, which libvirt's host-model leaves out), plus the feature-MSR
   bits the table's MSR values carry and a vCPU accepts, where the guest
   gets the CPUID bit enumerating that MSR;
 - models: cpu_map's models (QEMU's when cpu_map is absent), of either
@@ -115,9 +115,9 @@ def _features(
     supported = supported_features(reg, qemu_adjust.qemu_supported(table), relevant)
     if qemu is not None and this_host:
         supported -= set(qemu.undeliverable)
-    # libvirt's host-model is QEMU's migratable `host` expansion: without
-    # the non-migratable (invtsc) and the never-automatic (topoext) bits.
-    supported -= qemu_adjust.UNMIGRATABLE | qemu_adjust.NO_AUTOENABLE
+    # libvirt's host-model leaves out what QEMU's `host` never turns on by
+    # itself (topoext, kvm-hint-dedicated); it keeps invtsc (libvirt 9.0).
+    supported -= qemu_adjust.NO_AUTOENABLE
     names = {f.libvirt for f in relevant if f.name in supported and f.libvirt}
     return {n for n in names if n is not None}, supported
 
