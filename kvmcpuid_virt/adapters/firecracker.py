@@ -33,6 +33,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
+from kvmcpuid_virt.adapters.msr_values import guest_msr_values
 from kvmcpuid_virt.config.cpuconfig import vendor_of
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import FeatureKind, Registry, registry
@@ -220,25 +221,11 @@ def template(
     return Template(doc, tuple(notes))
 
 
-def _msr_values(table: CpuidTable) -> dict[int, int] | None:
-    """index -> the bits a vCPU of that host gets (its deliverable bits when
-    a vCPU trial is recorded), or None when the table carries no MSRs."""
-    msrs = getattr(table, "msrs", None)
-    if msrs is None or not getattr(msrs, "available", False):
-        return None
-    values = dict(msrs.items)
-    deliverable = getattr(msrs, "deliverable", None)
-    if deliverable is not None:
-        accepted = dict(deliverable)
-        values = {i: v & accepted.get(i, 0) for i, v in values.items()}
-    return values
-
-
 def _msr_modifiers(
     tables: Sequence[CpuidTable], mreg: MsrRegistry, vendors: set[str],
     target: CpuidTable, reg: Registry,
 ) -> tuple[list[dict[str, str]], str | None]:  # fmt: skip
-    per_host = [_msr_values(t) for t in tables]
+    per_host = [guest_msr_values(t) for t in tables]
     if any(v is None for v in per_host):
         return [], "no feature-MSR values in every input, so no msr_modifiers"
     known = [v for v in per_host if v is not None]

@@ -36,6 +36,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
+from kvmcpuid_virt.adapters.msr_values import guest_msr_values
 from kvmcpuid_virt.config import qemu_adjust
 from kvmcpuid_virt.config.build import relevant_features, supported_features
 from kvmcpuid_virt.config.cpuconfig import vendor_of
@@ -144,20 +145,6 @@ def _msr_features(
     return out
 
 
-def table_msr_values(table: CpuidTable) -> dict[int, int] | None:
-    """The feature-MSR values a table carries (`CpuidTable.msrs`), each cut
-    to the bits a vCPU accepts when that is recorded; None when unknown."""
-    msrs = getattr(table, "msrs", None)
-    if msrs is None or not getattr(msrs, "available", False):
-        return None
-    values = dict(msrs.items)
-    accepted = getattr(msrs, "deliverable", None)
-    if accepted is not None:
-        ok = dict(accepted)
-        values = {i: v & ok.get(i, 0) for i, v in values.items()}
-    return values
-
-
 def _model_misses(
     m: CpuModel, reg: Registry, facts: ToolFacts, labels: set[str], supported: set[str],
     msr_known: bool,
@@ -199,7 +186,7 @@ def node_labels(
     reg = reg or registry()
     mreg = mreg or msr_registry()
     labels, supported = _features(reg, table, facts, this_host)
-    values = table_msr_values(table) if msr_values is None else dict(msr_values)
+    values = guest_msr_values(table) if msr_values is None else dict(msr_values)
     undeliverable = facts.qemu.undeliverable if facts.qemu and this_host else {}
     labels |= _msr_features(reg, mreg, values, undeliverable, supported)
     vendor_string = vendor_of(table)
