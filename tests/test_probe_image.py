@@ -208,3 +208,102 @@ def test_image_under_qemu_host_model(qemu_binary: str, tmp_path: Path) -> None:
     assert observed.lookup(0).regs()[1:] == supported.lookup(0).regs()[1:]  # type: ignore[union-attr]
     assert observed.get(0x80000000, 0, "eax") == supported.get(0x80000000, 0, "eax")
     assert seconds < 10
+
+
+# --- feature MSRs: RDMSR gated by the guest's own CPUID --------------------------
+
+# IA32_BIOS_SIGN_ID (0x8B) exists wherever CPUID.01H:EDX[5] (MSR) is set;
+# IA32_ARCH_CAPABILITIES (0x10A) where CPUID.07H.0:EDX[29] is (Intel SDM).
+MSR_QUERIES = [image.msr_query(0x8B, None), image.msr_query(0x10A, (7, 0, "edx", 29))]
+
+
+@pytest.mark.parametrize(
+    ("encoded", "expected"),
+    [
+        (image.rdmsr(), "0f 32"),
+        (image.mov_r32_imm32(image.AX, 1), "66 b8 01 00 00 00"),
+        (image.and_r32_cs_si_disp8(image.DX, 24), "2e 66 23 54 18"),
+        (image.or_r32_r32(image.AX, image.BX), "66 09 d8"),
+        (image.test_rr32(image.AX, image.AX), "66 85 c0"),
+    ],
+)
+def test_msr_encoder_bytes(encoded: bytes, expected: str) -> None:
+    assert encoded.hex(" ") == expected
+
+
+def test_msr_query_gates_are_the_spec_bits() -> None:
+    assert image.msr_query(0x8B, None) == (0x8B, 1, 0, 0, 0, 0, 1 << 5)
+    assert image.msr_query(0x10A, (7, 0, "edx", 29)) == (0x10A, 7, 0, 0, 0, 0, 1 << 29)
+    with pytest.raises(ValueError, match="no gate bit"):
+        image.build(QUERIES, [(0x10A, 7, 0, 0, 0, 0, 0)])
+    with pytest.raises(ValueError, match="duplicate MSR"):
+        image.build(QUERIES, [MSR_QUERIES[0], MSR_QUERIES[0]])
+
+
+def test_cpuid_only_image_is_unchanged_by_the_msr_support() -> None:
+    assert image.build(QUERIES) == image.build(QUERIES, ())
+    assert image.query_digest(QUERIES) == image.query_digest(QUERIES, ())
+    assert image.frame_size(len(QUERIES)) == image.frame_size(len(QUERIES), 0)
+
+
+def test_msr_image_disassembles_to_rdmsr_behind_the_gate(tmp_path: Path) -> None:
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    code = tmp_path / "code.bin"
+    code.write_bytes(image.build(QUERIES, MSR_QUERIES)[: image.CONST_OFFSET].rstrip(b"\0"))
+    out = subprocess.run([objdump, "-D", "-b", "binary", "-mi8086", str(code)],
+                         capture_output=True, check=True).stdout.decode()  # fmt: skip
+    assert "rdmsr" in out and "and    %cs:0x18(%si),%edx" in out and "je" in out
+    assert out.index("cpuid", out.index("cmp    $0x")) < out.index("rdmsr")
+
+
+def test_msr_frame_round_trip_and_absent_msrs() -> None:
+    leaf1 = _table().lookup(1)
+    assert leaf1 is not None
+    # leaf 1 EDX gets bit 5 (MSR); leaf 7 EDX has no bit 29 (arch-capabilities)
+    table = _table().replace_entry(leaf1.replace(edx=leaf1.edx | 1 << 5))
+    stream = image.encode(QUERIES, table, MSR_QUERIES, {0x8B: 0x1_0000_0065, 0x10A: 0x69})
+    observed, read = image.parse_msrs(b"noise" + stream, QUERIES, MSR_QUERIES)
+    assert observed == image.parse(image.encode(QUERIES, table), QUERIES)
+    assert read == {0x8B: 0x1_0000_0065, 0x10A: None}
+    _, none_read = image.parse_msrs(image.encode(QUERIES, _table(), MSR_QUERIES, {0x8B: 1}),
+                                    QUERIES, MSR_QUERIES)  # fmt: skip
+    assert none_read == {0x8B: None, 0x10A: None}  # no MSR bit: nothing read
+    assert len(stream) == image.frame_size(len(QUERIES), len(MSR_QUERIES))
+    with pytest.raises(ProbeError, match="different query list"):
+        image.parse_msrs(stream, QUERIES, MSR_QUERIES[:1])
+    bad = bytearray(stream)
+    at = len(image.START_MARKER) + 8 + 16 * len(QUERIES) + 12  # status of 0x10A
+    bad[at] = 2
+    with pytest.raises(ProbeError, match="checksum"):
+        image.parse_msrs(bytes(bad), QUERIES, MSR_QUERIES)
+
+
+@pytest.mark.kvm
+def test_raw_kvm_guest_reads_the_msr_value_kvm_set_msrs_wrote() -> None:
+    """Raw KVM: KVM_SET_MSRS writes IA32_BIOS_SIGN_ID, the guest's RDMSR
+    reads exactly it back (a value KVM itself would never report), and an
+    MSR whose gate the guest's own CPUID lacks is not read."""
+    from kvmcpuid_virt.probe.kvm import run_kvm
+
+    with Kvm() as kvm:
+        supported = kvm.supported_cpuid()
+    queries = image.default_queries(supported)
+    value = 0x0BAD_F00D_0000_0000
+    result = run_kvm(supported, queries, msrs={0x8B: value}, msr_queries=MSR_QUERIES)
+    assert result.msrs[0x8B] == value and result.msr_vmm == {0x8B: value}
+    guest_has_arch_caps = result.observed.get(7, 0, "edx") >> 29 & 1
+    assert (result.msrs[0x10A] is None) == (not guest_has_arch_caps)
+
+
+def test_image_under_qemu_reads_the_ucode_rev_qemu_was_given(qemu_binary: str,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    """QEMU writes its ucode-rev property to IA32_BIOS_SIGN_ID: the guest's
+    RDMSR reads exactly the value on QEMU's command line."""
+    queries = [(0, 0), (1, 0), (7, 0)]
+    cpu = "qemu64,ucode-rev=0x1234567800000000"
+    serial, _, _ = _boot(qemu_binary, tmp_path, image.build(queries, MSR_QUERIES), cpu)
+    observed, read = image.parse_msrs(serial, queries, MSR_QUERIES)
+    assert read[0x8B] == 0x1234_5678_0000_0000
+    assert (read[0x10A] is None) == (not observed.get(7, 0, "edx") >> 29 & 1)

@@ -20,8 +20,18 @@ Wire format on COM1 (port 0x3F8), all integers little-endian:
                             parsed against the wrong queries)
     count x        4 x u32  eax, ebx, ecx, edx of CPUID(leaf, subleaf), in
                             query order (the host knows the inputs)
+    mcount x       3 x u32  only with MSR queries: status (1 read, 0 not read:
+                            the guest's own CPUID says the MSR does not
+                            exist), then EAX and EDX of RDMSR(index)
     checksum       u32      c = rol32(c, 1) + dword over every result dword
     END_MARKER     8 bytes  b"\\x7fKCPEND\\x01"
+
+MSR queries (MsrQuery) carry their gate: the CPUID leaf, subleaf and a mask
+per register whose bit says the MSR exists (IA32_ARCH_CAPABILITIES: leaf 7.0
+EDX[29]). The guest runs that CPUID itself and reads the MSR only when the
+masked answer is non-zero, because an RDMSR of an absent MSR raises #GP,
+which with no IDT ends in a triple fault. With MSR queries the digest also
+covers them (without, the frame is byte for byte the CPUID-only one).
 
 Then the guest exits: `out 0xF4, al` (QEMU isa-debug-exit; raw KVM sees a
 KVM_EXIT_IO), a keyboard-controller reset (0xFE to port 0x64) and a PCI reset
@@ -34,7 +44,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Final
 
@@ -57,12 +67,15 @@ __all__ = [
     "RESET_OFFSET",
     "START_MARKER",
     "Asm",
+    "MsrQuery",
     "build",
     "default_queries",
     "encode",
     "flat_image",
     "frame_size",
+    "msr_query",
     "parse",
+    "parse_msrs",
     "query_digest",
 ]
 
@@ -89,6 +102,15 @@ QUERY_SIZE: Final = 8
 # Every query must fit below the reset vector; the loop compares SI against
 # the table's end, so the end must be a 16-bit offset too.
 MAX_QUERIES: Final = (RESET_OFFSET - QUERY_OFFSET) // QUERY_SIZE  # 7806
+# MSR queries (index, gate leaf, gate subleaf, four register masks: 7 x u32)
+# go right after the CPUID queries.
+MSR_QUERY_SIZE: Final = 28
+MAX_MSR_QUERIES: Final = 64
+
+
+# An MSR the guest reads: (index, leaf, subleaf, eax/ebx/ecx/edx masks of
+# CPUID(leaf, subleaf) of which a set bit says the MSR exists).
+MsrQuery = tuple[int, int, int, int, int, int, int]
 
 _U32: Final = 0xFFFF_FFFF
 
@@ -182,6 +204,27 @@ def mov_al_cs_si() -> bytes:
     return bytes([0x2E, 0x8A, _modrm(0, AX, 0b100)])  # mov al, cs:[si]  (2E 8A /r)
 
 
+def rdmsr() -> bytes:
+    return b"\x0f\x32"  # rdmsr: edx:eax = MSR[ecx]
+
+
+def mov_r32_imm32(reg: int, value: int) -> bytes:
+    return bytes([0x66, 0xB8 + reg]) + (value & _U32).to_bytes(4, "little")  # mov r32, imm32
+
+
+def and_r32_cs_si_disp8(reg: int, disp: int) -> bytes:
+    # and r32, cs:[si+disp8]  (2E 66 23 /r, mod=01 rm=100)
+    return bytes([0x2E, 0x66, 0x23, _modrm(1, reg, 0b100), disp])
+
+
+def or_r32_r32(dst: int, src: int) -> bytes:
+    return bytes([0x66, 0x09, _modrm(3, src, dst)])  # or r32, r32  (66 09 /r)
+
+
+def test_rr32(dst: int, src: int) -> bytes:
+    return bytes([0x66, 0x85, _modrm(3, src, dst)])  # test r32, r32  (66 85 /r)
+
+
 def lidt_cs_disp16(offset: int) -> bytes:
     # lidt cs:[disp16]  (2E 0F 01 /3, mod=00 rm=110 is [disp16])
     return bytes([0x2E, 0x0F, 0x01, _modrm(0, 3, 0b110)]) + _u16(offset)
@@ -227,6 +270,9 @@ class Asm:
 
     def jae_near(self, target: str) -> None:
         self._rel(b"\x0f\x83", 2, target)  # jae rel16  (0F 83 cw)
+
+    def jz_near(self, target: str) -> None:
+        self._rel(b"\x0f\x84", 2, target)  # jz rel16  (0F 84 cw)
 
     def assemble(self) -> bytes:
         out = bytearray(self.code)
@@ -282,7 +328,7 @@ def _emit_eax(a: Asm, *, checksum: bool) -> None:
 
 
 def _program(prefix: tuple[int, int], queries: tuple[int, int], end: tuple[int, int],
-             idt_ptr: int) -> bytes:
+             idt_ptr: int, msrs: tuple[int, int] | None = None) -> bytes:
     a = Asm(org=0)
     a.label("start")
     a.emit(cli())  # cli: nothing may interrupt a guest without an IDT
@@ -308,11 +354,54 @@ def _program(prefix: tuple[int, int], queries: tuple[int, int], end: tuple[int, 
     a.emit(add_r16_imm8(SI, QUERY_SIZE))  # add si, 8
     a.jmp_near("next")  # jmp next
     a.label("done")
+    if msrs is not None:
+        _msr_loop(a, msrs)
     a.emit(mov_r32_r32(AX, BP))  # mov eax, ebp
     _emit_eax(a, checksum=False)  # the checksum
     _emit_bytes(a, "suffix", *end)  # end marker
     _exit_sequence(a, idt_ptr)
     return a.assemble()
+
+
+def _msr_loop(a: Asm, msrs: tuple[int, int]) -> None:
+    """For each MSR query at cs:[si]: CPUID(gate), mask, RDMSR only if set."""
+    a.emit(mov_r16_imm16(SI, msrs[0]))  # mov si, first MSR query
+    a.label("mnext")
+    a.emit(cmp_r16_imm16(SI, msrs[1]))  # cmp si, end of MSR queries
+    a.jae_near("mdone")  # jae mdone
+    a.emit(mov_r32_cs_si_disp8(AX, 4))  # mov eax, cs:[si+4]  (gate leaf)
+    a.emit(mov_r32_cs_si_disp8(CX, 8))  # mov ecx, cs:[si+8]  (gate subleaf)
+    a.emit(cpuid())  # cpuid: the guest's own answer
+    a.emit(and_r32_cs_si_disp8(AX, 12))  # and eax, cs:[si+12]
+    a.emit(and_r32_cs_si_disp8(BX, 16))  # and ebx, cs:[si+16]
+    a.emit(and_r32_cs_si_disp8(CX, 20))  # and ecx, cs:[si+20]
+    a.emit(and_r32_cs_si_disp8(DX, 24))  # and edx, cs:[si+24]
+    a.emit(or_r32_r32(AX, BX))  # or eax, ebx
+    a.emit(or_r32_r32(AX, CX))  # or eax, ecx
+    a.emit(or_r32_r32(AX, DX))  # or eax, edx
+    a.emit(test_rr32(AX, AX))  # test eax, eax
+    a.jz_near("mabsent")  # jz mabsent: CPUID says the MSR does not exist
+    a.emit(mov_r32_cs_si_disp8(CX, 0))  # mov ecx, cs:[si]  (MSR index)
+    a.emit(rdmsr())  # rdmsr
+    a.emit(mov_r32_r32(DI, DX))  # mov edi, edx: DX is needed for the port
+    a.emit(mov_r32_r32(BX, AX))  # mov ebx, eax
+    a.emit(mov_r16_imm16(DX, COM1))  # mov dx, 0x3f8
+    a.emit(mov_r32_imm32(AX, 1))  # mov eax, 1: status "read"
+    _emit_eax(a, checksum=True)
+    a.emit(mov_r32_r32(AX, BX))  # mov eax, ebx (low half)
+    _emit_eax(a, checksum=True)
+    a.emit(mov_r32_r32(AX, DI))  # mov eax, edi (high half)
+    _emit_eax(a, checksum=True)
+    a.jmp_near("mstep")  # jmp mstep
+    a.label("mabsent")
+    a.emit(mov_r16_imm16(DX, COM1))  # mov dx, 0x3f8
+    for _ in range(3):  # status 0, then two zero halves
+        a.emit(xor_r32_r32(AX, AX))  # xor eax, eax
+        _emit_eax(a, checksum=True)
+    a.label("mstep")
+    a.emit(add_r16_imm8(SI, MSR_QUERY_SIZE))  # add si, 28
+    a.jmp_near("mnext")  # jmp mnext
+    a.label("mdone")
 
 
 def _exit_sequence(a: Asm, idt_ptr: int) -> None:
@@ -342,35 +431,70 @@ def _validate(queries: Sequence[Query]) -> tuple[Query, ...]:
     return out
 
 
-def query_digest(queries: Sequence[Query]) -> int:
-    """crc32 of the packed query list, echoed by the guest in its header."""
-    return zlib.crc32(b"".join(struct.pack("<II", leaf, sub) for leaf, sub in queries))
+def _validate_msrs(msrs: Sequence[MsrQuery]) -> tuple[MsrQuery, ...]:
+    out: tuple[MsrQuery, ...] = tuple(tuple(int(v) for v in m) for m in msrs)  # type: ignore[misc]
+    if len(out) > MAX_MSR_QUERIES:
+        raise ValueError(f"{len(out)} MSR queries (at most {MAX_MSR_QUERIES})")
+    for m in out:
+        if len(m) != 7 or not all(0 <= v <= _U32 for v in m):
+            raise ValueError(f"MSR query {m!r} is not seven 32-bit values")
+        if not any(m[3:]):
+            raise ValueError(f"MSR query {m[0]:#x} has no gate bit (the guest would never "
+                             "read it)")  # fmt: skip
+    if len({m[0] for m in out}) != len(out):
+        raise ValueError("duplicate MSR queries")
+    return out
 
 
-def frame_size(count: int) -> int:
-    """Bytes the guest writes for `count` queries."""
-    return len(START_MARKER) + 8 + 16 * count + 4 + len(END_MARKER)
+def msr_query(index: int, gate: tuple[int, int, str, int] | None) -> MsrQuery:
+    """The query of MSR `index`, read when CPUID(leaf, subleaf).reg[bit] is
+    set (gate); None: an MSR every x86 CPU with RDMSR has, gated by
+    CPUID.01H:EDX[5] (MSR)."""
+    leaf, subleaf, reg, bit = gate if gate is not None else (1, 0, "edx", 5)
+    masks = [0, 0, 0, 0]
+    masks[REGISTERS.index(reg)] = 1 << bit
+    return (index, leaf, subleaf, masks[0], masks[1], masks[2], masks[3])
 
 
-def build(queries: Sequence[Query]) -> bytes:
+def query_digest(queries: Sequence[Query], msrs: Sequence[MsrQuery] = ()) -> int:
+    """crc32 of the packed query list (and MSR queries, when there are any),
+    echoed by the guest in its header."""
+    packed = b"".join(struct.pack("<II", leaf, sub) for leaf, sub in queries)
+    packed += b"".join(struct.pack("<7I", *m) for m in msrs)
+    return zlib.crc32(packed)
+
+
+def frame_size(count: int, msr_count: int = 0) -> int:
+    """Bytes the guest writes for `count` queries and `msr_count` MSR queries."""
+    return len(START_MARKER) + 8 + 16 * count + 12 * msr_count + 4 + len(END_MARKER)
+
+
+def build(queries: Sequence[Query], msrs: Sequence[MsrQuery] = ()) -> bytes:
     """The 64 KiB image that answers `queries` (at most MAX_QUERIES distinct
-    (leaf, subleaf) pairs). Cached: the same list gives the same bytes object."""
-    return _build(_validate(queries))
+    (leaf, subleaf) pairs) and reads the MSRs of `msrs` its CPUID says exist.
+    Cached: the same lists give the same bytes object."""
+    qs, ms = _validate(queries), _validate_msrs(msrs)
+    if QUERY_OFFSET + QUERY_SIZE * len(qs) + MSR_QUERY_SIZE * len(ms) > RESET_OFFSET:
+        raise ValueError("the queries and MSR queries do not fit in the image")
+    return _build(qs, ms)
 
 
 @lru_cache(maxsize=32)
-def _build(queries: tuple[Query, ...]) -> bytes:
-    prefix = START_MARKER + struct.pack("<II", len(queries), query_digest(queries))
+def _build(queries: tuple[Query, ...], msrs: tuple[MsrQuery, ...] = ()) -> bytes:
+    prefix = START_MARKER + struct.pack("<II", len(queries), query_digest(queries, msrs))
     prefix_at = CONST_OFFSET
     end_at = prefix_at + len(prefix)
     idt_at = end_at + len(END_MARKER)
     idt = struct.pack("<HI", 0, 0)  # IDT pointer: limit 0, base 0
     table = b"".join(struct.pack("<II", leaf, sub) for leaf, sub in queries)
+    msr_at = QUERY_OFFSET + len(table)
+    table += b"".join(struct.pack("<7I", *m) for m in msrs)
     code = _program(
         (prefix_at, prefix_at + len(prefix)),
-        (QUERY_OFFSET, QUERY_OFFSET + len(table)),
+        (QUERY_OFFSET, msr_at),
         (end_at, end_at + len(END_MARKER)),
         idt_at,
+        (msr_at, QUERY_OFFSET + len(table)) if msrs else None,
     )
     if len(code) > CONST_OFFSET:
         raise AssertionError(f"code is {len(code)} bytes, overlaps the constants")
@@ -387,15 +511,24 @@ def _checksum(words: Iterable[int]) -> int:
     return c
 
 
-def encode(queries: Sequence[Query], table: CpuidTable) -> bytes:
+def encode(queries: Sequence[Query], table: CpuidTable, msrs: Sequence[MsrQuery] = (),
+           values: Mapping[int, int] | None = None) -> bytes:  # fmt: skip
     """The bytes a guest whose CPUID answers from `table` writes for
-    `queries` (0 where the table has no entry): for testing backends."""
-    qs = _validate(queries)
+    `queries` (0 where the table has no entry) and, for `msrs`, its RDMSR of
+    each that `table` gates on (`values`, 0 where missing): for testing
+    backends."""
+    qs, ms = _validate(queries), _validate_msrs(msrs)
     words = [table.get(leaf, sub, reg) for leaf, sub in qs for reg in REGISTERS]
+    for m in ms:
+        if _gated_on(m, table):
+            v = (values or {}).get(m[0], 0)
+            words += [1, v & _U32, v >> 32 & _U32]
+        else:
+            words += [0, 0, 0]
     return b"".join(
         (
             START_MARKER,
-            struct.pack("<II", len(qs), query_digest(qs)),
+            struct.pack("<II", len(qs), query_digest(qs, ms)),
             struct.pack(f"<{len(words)}I", *words),
             struct.pack("<I", _checksum(words)),
             END_MARKER,
@@ -403,30 +536,42 @@ def encode(queries: Sequence[Query], table: CpuidTable) -> bytes:
     )
 
 
+def _gated_on(m: MsrQuery, table: CpuidTable) -> bool:
+    return any(table.get(m[1], m[2], r) & mask for r, mask in zip(REGISTERS, m[3:], strict=True))
+
+
 def parse(serial: bytes, queries: Sequence[Query]) -> CpuidTable:
     """The guest's answers as a CpuidTable, in query order. Bytes before the
     start marker (firmware chatter) are ignored; a missing marker, a short
     stream, a wrong header or a bad checksum raise ProbeError."""
-    qs = _validate(queries)
+    return parse_msrs(serial, queries, ())[0]
+
+
+def parse_msrs(serial: bytes, queries: Sequence[Query], msrs: Sequence[MsrQuery]
+               ) -> tuple[CpuidTable, dict[int, int | None]]:  # fmt: skip
+    """parse(), and the guest's RDMSR answers: MSR index -> value, None
+    where its own CPUID said the MSR does not exist (not read)."""
+    qs, ms = _validate(queries), _validate_msrs(msrs)
+    size = frame_size(len(qs), len(ms))
     start = serial.find(START_MARKER)
     if start < 0:
         raise ProbeError(f"no start marker in {len(serial)} bytes of guest serial output")
-    frame = serial[start : start + frame_size(len(qs))]
-    if len(frame) < frame_size(len(qs)):
+    frame = serial[start : start + size]
+    if len(frame) < size:
         raise ProbeError(
-            f"guest serial output truncated: {len(frame)} of {frame_size(len(qs))} bytes "
+            f"guest serial output truncated: {len(frame)} of {size} bytes "
             "after the start marker"
         )
     pos = len(START_MARKER)
     count, digest = struct.unpack_from("<II", frame, pos)
     pos += 8
-    if count != len(qs) or digest != query_digest(qs):
+    if count != len(qs) or digest != query_digest(qs, ms):
         raise ProbeError(
             f"guest answered a different query list ({count} queries, digest {digest:#010x}; "
-            f"expected {len(qs)}, {query_digest(qs):#010x})"
+            f"expected {len(qs)}, {query_digest(qs, ms):#010x})"
         )
-    words = struct.unpack_from(f"<{4 * count}I", frame, pos)
-    pos += 16 * count
+    words = struct.unpack_from(f"<{4 * count + 3 * len(ms)}I", frame, pos)
+    pos += 16 * count + 12 * len(ms)
     (checksum,) = struct.unpack_from("<I", frame, pos)
     pos += 4
     if frame[pos:] != END_MARKER:
@@ -436,6 +581,12 @@ def parse(serial: bytes, queries: Sequence[Query]) -> CpuidTable:
             f"guest output checksum mismatch ({checksum:#010x}, computed "
             f"{_checksum(words):#010x})"
         )
+    answers: dict[int, int | None] = {}
+    for j, m in enumerate(ms):
+        status, low, high = words[4 * count + 3 * j : 4 * count + 3 * j + 3]
+        if status not in (0, 1) or (status == 0 and (low or high)):
+            raise ProbeError(f"guest's answer for MSR {m[0]:#x} is malformed")
+        answers[m[0]] = high << 32 | low if status else None
     multi = {leaf for leaf, sub in qs if sub != 0}
     entries = []
     for i, (leaf, sub) in enumerate(qs):
@@ -452,7 +603,7 @@ def parse(serial: bytes, queries: Sequence[Query]) -> CpuidTable:
                 edx=edx,
             )
         )
-    return CpuidTable(entries)
+    return CpuidTable(entries), answers
 
 
 # Ranges are read from tables that may come from other hosts: bound them.
