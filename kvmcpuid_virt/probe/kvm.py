@@ -35,7 +35,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from kvmcpuid_virt.analysis.backend import Backend
@@ -206,22 +206,32 @@ class KvmProbe:
         return self._vm
 
     def run(self, table: CpuidTable, queries: Sequence[tuple[int, int]],
-            timeout: float = 5.0) -> ProbeResult:
+            timeout: float = 5.0, *, msrs: Mapping[int, int] | None = None,
+            msr_queries: Sequence[image.MsrQuery] = ()) -> ProbeResult:  # fmt: skip
         """Boot the image on a fresh vCPU configured with `table`; the guest's
-        answers to `queries` and KVM_GET_CPUID2 of that vCPU."""
+        answers to `queries` and KVM_GET_CPUID2 of that vCPU. `msrs` are
+        written with KVM_SET_MSRS before it runs (and read back); the guest
+        reads the MSRs of `msr_queries` its CPUID says exist."""
         start = time.perf_counter()
         qs = tuple((int(leaf), int(sub)) for leaf, sub in queries)
-        serial, vmm_view = self.run_image(table, image.build(qs), timeout,
-                                          limit=image.frame_size(len(qs)) + _SERIAL_SLACK)
-        observed = image.parse(serial, qs)
+        held: dict[int, int] = {}
+        limit = image.frame_size(len(qs), len(msr_queries)) + _SERIAL_SLACK
+        serial, vmm_view = self.run_image(table, image.build(qs, msr_queries), timeout,
+                                          limit=limit, msrs=msrs, held=held)  # fmt: skip
+        observed, read = image.parse_msrs(serial, qs, msr_queries)
         return ProbeResult(observed=observed, vmm_view=vmm_view,
-                           seconds=time.perf_counter() - start, backend=Backend.KVM)
+                           seconds=time.perf_counter() - start, backend=Backend.KVM,
+                           msrs=read, msr_set=None if msrs is None else dict(msrs),
+                           msr_vmm=None if msrs is None else held)  # fmt: skip
 
     def run_image(self, table: CpuidTable, img: bytes, timeout: float = 5.0,
-                  *, limit: int = _SERIAL_SLACK) -> tuple[bytes, CpuidTable]:
+                  *, limit: int = _SERIAL_SLACK, msrs: Mapping[int, int] | None = None,
+                  held: dict[int, int] | None = None) -> tuple[bytes, CpuidTable]:  # fmt: skip
         """Boot any 64 KiB image (see image.flat_image) on a fresh vCPU with
         `table`: its COM1 bytes and KVM_GET_CPUID2. ProbeTimeoutError if it
-        runs longer than `timeout` seconds, ProbeError past `limit` bytes."""
+        runs longer than `timeout` seconds, ProbeError past `limit` bytes.
+        `msrs`: KVM_SET_MSRS after KVM_SET_CPUID2 (a refused value is a
+        ProbeError naming it); `held` receives KVM_GET_MSRS of them."""
         vm = self._ensure_vm(img)
         if self._watchdog is None:
             self._watchdog = _Watchdog()
@@ -230,6 +240,14 @@ class KvmProbe:
             self._next_vcpu += 1
         try:
             vcpu.set_cpuid2(table)
+            if msrs:
+                order = list(msrs)
+                took = vcpu.set_msrs(msrs)
+                if took < len(order):
+                    raise ProbeError(f"KVM_SET_MSRS refused MSR {order[took]:#x} = "
+                                     f"{msrs[order[took]]:#x} on this vCPU")  # fmt: skip
+                if held is not None:
+                    held.update(vcpu.get_msrs(order))
             serial = self._run_vcpu(vcpu, self._watchdog, timeout, limit)
             return serial, vcpu.get_cpuid2()
         finally:
@@ -298,14 +316,16 @@ def _run_loop(vcpu: Vcpu, watchdog: _Watchdog, deadline: float, timeout: float,
 
 
 def run_kvm(table: CpuidTable, queries: Sequence[tuple[int, int]], timeout: float = 5.0,
-            *, probe: KvmProbe | None = None) -> ProbeResult:
-    """Boot the image on raw KVM with `table` set by KVM_SET_CPUID2.
+            *, probe: KvmProbe | None = None, msrs: Mapping[int, int] | None = None,
+            msr_queries: Sequence[image.MsrQuery] = ()) -> ProbeResult:  # fmt: skip
+    """Boot the image on raw KVM with `table` set by KVM_SET_CPUID2 (and
+    `msrs` by KVM_SET_MSRS; the guest reads `msr_queries`: KvmProbe.run).
 
     Without `probe`: a fresh /dev/kvm fd, VM and vCPU, all closed before
     returning. Pass a KvmProbe to reuse them across many configurations."""
     if probe is not None:
-        return probe.run(table, queries, timeout)
+        return probe.run(table, queries, timeout, msrs=msrs, msr_queries=msr_queries)
     # One run: skip the coalesced zone, whose VM teardown would cost more
     # than the per-byte exits it saves.
     with KvmProbe(vcpus_per_vm=1, coalesce=False) as one:
-        return one.run(table, queries, timeout)
+        return one.run(table, queries, timeout, msrs=msrs, msr_queries=msr_queries)
