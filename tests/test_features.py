@@ -347,7 +347,8 @@ def test_command_table_fits_80_columns(path: Path, names: str) -> None:
     assert re.search(rf"^  .*\b{spelled}\b", text, re.M)
 
 
-@pytest.mark.parametrize("path", DUMPS[:2], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in DUMPS if "<msr" not in p.read_text()][:2],
+                         ids=lambda p: p.stem)  # fmt: skip
 def test_command_says_a_dump_has_no_feature_msrs(path: Path) -> None:
     rc, text = _cli("features", "--from", str(path))
     assert rc == 0
