@@ -21,15 +21,20 @@ if TYPE_CHECKING:  # heavy-ish imports stay out of `kvmcpuid --help`
     )
     from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 
-    # What render_* show of the feature MSRs: the values (None: a dump), the
-    # vCPU trial, a note (why something is missing), the MSR registry.
+    # What render_* show of the feature MSRs: the values (None: unknown), the
+    # vCPU trial, a note (why something is missing, or whence), the registry.
     MsrView = tuple[FeatureMsrs | None, MsrDelivery | None, str | None, MsrRegistry]
 
-__all__ = ["NO_MSRS_IN_DUMP", "add_parser", "live_msr_view", "render_json", "render_table", "run"]
+__all__ = [
+    "FROM_DUMP", "NO_MSRS_IN_DUMP", "add_parser", "live_msr_view", "render_json", "render_table",
+    "run",
+]  # fmt: skip
 
 WIDTH = 80
-# `--from DUMP`: no dump format carries feature MSRs yet.
+# `--from DUMP` of a dump without feature MSRs (format 1, `cpuid -1r` text,
+# a <cpudata> without <msr>): unknown, not "none".
 NO_MSRS_IN_DUMP = "no feature MSRs in this dump"
+FROM_DUMP = "as the dump's host reported them; no vCPU tried them here"
 NO_MSR_CAP = "this kernel has no KVM_CAP_GET_MSR_FEATURES"
 
 
@@ -75,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         table = dump.table
         source = args.dump
         note: str | None = NO_MSRS_IN_DUMP
+        if table.msrs is not None:
+            # A format-2 dump's (or <cpudata>'s <msr>) values: shown as the
+            # host it came from reported them; no vCPU trial here.
+            msrs = table.msrs
+            note = FROM_DUMP if msrs.available else (msrs.why or NO_MSR_CAP)
         if args.format == "kubevirt":
             from kvmcpuid_virt.cli.options import of_this_host, refuse_emulated
 
@@ -220,7 +230,7 @@ def _msr_lines(
             extra = mreg.unnamed(index, value)
             title += f", unnamed {extra:#x})" if extra else ")"
         lines.append("")
-        lines.append(title)
+        lines.extend(_wrap(title, "", "  "))  # a dump's values can be long: 80 columns
         trial = delivery.trial(index) if delivery is not None else None
         for f in on:
             ctl = f" (control {f.control})" if f.control is not None else ""
