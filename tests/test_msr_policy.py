@@ -297,3 +297,15 @@ def test_toolfacts_json_keeps_the_msr_facts_and_reads_older_recordings() -> None
     del older["host_msrs"], older["msr_delivery"]
     old = ToolFacts.from_json(older)
     assert old.host_msrs is None and old.undeliverable() == old.require_qemu().undeliverable
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+def test_compat_reads_qemu_flags_with_msr_features(tmp_path: Path, qemu_binary: str) -> None:
+    """This host's own flags (which now switch MSR features) fit this host."""
+    flags = _cli("qemu-flags")
+    assert flags.returncode == 0 and "mds-no=" in flags.stdout
+    path = tmp_path / "flags.txt"
+    path.write_text(flags.stdout)
+    proc = _cli("compat", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -22,7 +22,7 @@ from kvmcpuid_virt.config.cpuconfig import CpuConfig, vendor_of
 from kvmcpuid_virt.cpuid.features import Feature, FeatureKind, Registry, registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import PolicyError, UnknownFeatureError, UnsupportedFeatureError
+from kvmcpuid_virt.errors import PolicyError, UnsupportedFeatureError
 from kvmcpuid_virt.toolfacts.facts import (
     CpuModel,
     ModelIdentity,
@@ -296,8 +296,8 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
     mine = source == "/dev/kvm" if this_host is None else this_host
     host = _host(reg, table, policy, facts, mine)
     # --enable/--disable of a feature-MSR bit (mds-no, ...) go to msr_policy.
-    msr_enable = tuple(n for n in policy.enable if _is_msr_name(reg, n))
-    msr_disable = tuple(n for n in policy.disable if _is_msr_name(reg, n))
+    msr_enable = tuple(n for n in policy.enable if msr_policy.is_msr_switch(n))
+    msr_disable = tuple(n for n in policy.disable if msr_policy.is_msr_switch(n))
     cpuid_policy = dataclasses.replace(
         policy, enable=tuple(n for n in policy.enable if n not in msr_enable),
         disable=tuple(n for n in policy.disable if n not in msr_disable),
@@ -345,11 +345,3 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
         expected_msrs=msr.expected, notes=tuple(notes),
     )  # fmt: skip
 
-
-def _is_msr_name(reg: Registry, name: str) -> bool:
-    """A switch's name that only the feature-MSR registry knows."""
-    try:
-        reg.lookup(name)
-    except UnknownFeatureError:
-        return msr_policy.is_msr_feature(name)
-    return False

@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Final
 
+from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.msr_features import (
     MsrFeature,
     MsrLayout,
@@ -28,7 +29,7 @@ from kvmcpuid_virt.cpuid.msr_features import (
 )
 from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import PolicyError
+from kvmcpuid_virt.errors import PolicyError, UnknownFeatureError
 from kvmcpuid_virt.toolfacts.facts import CpuModel, ModelSource, ToolFacts
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "expected_msrs",
     "host_abort_notes",
     "is_msr_feature",
+    "is_msr_switch",
     "model_msr_features",
     "msrs_for",
     "relevant",
@@ -70,6 +72,16 @@ def msrs_for(table: CpuidTable, facts: ToolFacts, this_host: bool) -> FeatureMsr
     if own.deliverable is None and mine is not None and mine.items == own.items:
         return mine
     return own
+
+
+def is_msr_switch(name: str) -> bool:
+    """Whether a switch's name (--enable, a -cpu or <feature> name) is a
+    feature-MSR bit: the CPUID registry does not know it, the MSR one does."""
+    try:
+        registry().lookup(name)
+    except UnknownFeatureError:
+        return is_msr_feature(name)
+    return False
 
 
 def is_msr_feature(name: str, reg: MsrRegistry | None = None) -> bool:
