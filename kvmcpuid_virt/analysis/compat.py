@@ -32,6 +32,7 @@ from kvmcpuid_virt.adapters import qemu as qemu_adapter
 from kvmcpuid_virt.analysis.baseline import word_value
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Ignore
 from kvmcpuid_virt.analysis.given import classify, qemu_cpu_value
+from kvmcpuid_virt.config import msr_policy
 from kvmcpuid_virt.config.build import (
     SETTABLE_KINDS,
     Policy,
@@ -567,9 +568,13 @@ def compat_config(parsed: tuple[str, tuple[str, ...], tuple[str, ...]], source: 
     for too (and found missing); disabling one is a no-op."""
     model, enable, disable = parsed
     reg = registry()
-    unknown = tuple(n for n in enable if not _settable(reg.lookup(n), facts.qemu))
+    # Feature-MSR bits (mds-no, ...) go to build() as they are (config/msr_policy).
+    msr_switches = {n for n in (*enable, *disable) if msr_policy.is_msr_switch(n)}
+    cpuid_enable = [n for n in enable if n not in msr_switches]
+    unknown = tuple(n for n in cpuid_enable if not _settable(reg.lookup(n), facts.qemu))
     enable = tuple(n for n in enable if n not in unknown)
-    disable = tuple(n for n in disable if _settable(reg.lookup(n), facts.qemu))
+    disable = tuple(n for n in disable
+                    if n in msr_switches or _settable(reg.lookup(n), facts.qemu))  # fmt: skip
     if facts.qemu is None and model not in ("host", "auto"):
         # The model comes from cpu_map (QEMU's static definition); QEMU's own
         # expansion under KVM, which the facts would have, turns these off.
