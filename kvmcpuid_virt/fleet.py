@@ -21,11 +21,14 @@ from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.errors import KvmcpuidError, ToolError
 from kvmcpuid_virt.fsutil import load_dump
 
-__all__ = ["MAX_CONCURRENT", "FleetError", "Progress", "ask_all", "load_dumps"]
+__all__ = ["MAX_CONCURRENT", "TIMEOUT", "FleetError", "Progress", "ask_all", "load_dumps"]
 
 # How many daemons are asked at once: each question is one connection and
 # one domain-capabilities call, mostly waiting on the network.
 MAX_CONCURRENT: Final = 8
+# How long a host may take to answer (--connect-timeout): a daemon that hangs
+# (stopped, or a network that drops packets) must not hang the command.
+TIMEOUT: Final = 60.0
 
 T = TypeVar("T")
 
@@ -97,11 +100,12 @@ class Progress:
 def ask_all(
     hosts: Sequence[str], ask: Callable[[str], T], *, prog: str, what: str = "asking hosts",
     skip_unreachable: bool = False, limit: int = MAX_CONCURRENT,
-    stream: TextIO | None = None,
+    timeout: float = TIMEOUT, stream: TextIO | None = None,
 ) -> list[tuple[str, T]]:
     """ask(host) for every host, at most `limit` at a time, in daemon threads
-    (a host that hangs cannot hold the process past a Ctrl-C or its end):
-    the answers, in the hosts' order. Each host that fails is one line on
+    (a host that hangs cannot hold the process past a Ctrl-C or its end);
+    a host without an answer after `timeout` seconds has failed: the
+    answers, in the hosts' order. Each host that fails is one line on
     stderr, "PROG: HOST: CAUSE"; then, after every host was asked (the
     operator sees all of them at once), a FleetError, or with
     `skip_unreachable` a warning naming what was left out. A single failure
@@ -136,19 +140,25 @@ def ask_all(
 
     threads = [threading.Thread(target=worker, name=f"kvmcpuid-fleet-{n}", daemon=True)
                for n in range(max(1, min(limit, len(hosts))))]  # fmt: skip
+    deadline = time.monotonic() + timeout
     try:
         for t in threads:
             t.start()
         # A bounded wait in a loop: the main thread stays where signals land.
         while hosts and not done.wait(0.2):
-            if not any(t.is_alive() for t in threads):
-                break  # a worker died of something not ours: its error shows below
+            if not any(t.is_alive() for t in threads) or time.monotonic() > deadline:
+                break
     finally:
         progress.close()
-    missing = [i for i in range(len(hosts)) if i not in results and i not in failures]
-    if missing:
-        raise ToolError(f"{hosts[missing[0]]}: the question ended without an answer")
-    failed = [(hosts[i], failures[i]) for i in sorted(failures)]
+    with lock:
+        pending.clear()  # what no worker took yet is not asked any more
+        answered = dict(results)
+        for i in range(len(hosts)):
+            if i not in answered and i not in failures:
+                alive = any(t.is_alive() for t in threads)
+                failures[i] = (f"no answer within {timeout:g} s" if alive
+                               else "the question ended without an answer")  # fmt: skip
+        failed = [(hosts[i], failures[i]) for i in sorted(failures)]
     if len(failed) == 1 and not skip_unreachable:
         host, cause = failed[0]
         raise FleetError(failed, len(hosts), f"{host}: {cause}")
@@ -159,7 +169,7 @@ def ask_all(
     if failed:
         out.write(f"{prog}: warning: left out {len(failed)} of {len(hosts)} hosts "
                   f"(--skip-unreachable): {', '.join(h for h, _ in failed)}\n")  # fmt: skip
-    return [(hosts[i], results[i]) for i in sorted(results)]
+    return [(hosts[i], answered[i]) for i in sorted(answered)]
 
 
 def _cause(message: str, host: str) -> str:

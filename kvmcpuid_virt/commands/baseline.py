@@ -39,6 +39,9 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     p.add_argument("--skip-unreachable", action="store_true",
                    help="leave out a --connect host that cannot be asked, with a warning "
                    "(default: fail)")  # fmt: skip
+    p.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a --connect host that has not answered by then has failed "
+                   "(default: 60)")  # fmt: skip
     p.add_argument("--this-host", action="store_true",
                    help="include this host's KVM_GET_SUPPORTED_CPUID")
     p.add_argument("--allow-mixed-vendors", action="store_true",
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
         facts = learned()
         answers = ask_all(args.connect, lambda uri: connect_dump(uri, facts), prog=PROG,
-                          what="host-models", skip_unreachable=args.skip_unreachable)  # fmt: skip
+                          what="host-models", skip_unreachable=args.skip_unreachable,
+                          timeout=args.connect_timeout)  # fmt: skip
     else:
         answers = []
     for uri, host_model in answers:

@@ -52,6 +52,9 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     p.add_argument("--skip-unreachable", action="store_true",
                    help="leave out a --connect host that cannot be asked, with a warning "
                    "(default: fail)")  # fmt: skip
+    p.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a --connect host that has not answered by then has failed "
+                   "(default: 60)")  # fmt: skip
     p.add_argument("--format", choices=("table", "json", "html"), default="table",
                    help="default: table (html: --matrix only)")  # fmt: skip
     p.add_argument("-o", "--output", default="-", metavar="FILE",
@@ -119,7 +122,8 @@ def _hosts(args: argparse.Namespace, dumps: list[str],
 
         learned = facts()
         answers = ask_all(args.connect, lambda uri: connect_dump(uri, learned), prog=PROG,
-                          what="host-models", skip_unreachable=args.skip_unreachable)  # fmt: skip
+                          what="host-models", skip_unreachable=args.skip_unreachable,
+                          timeout=args.connect_timeout)  # fmt: skip
         hosts += [Host(model.dump) for _, model in answers]
     return hosts
 
