@@ -50,6 +50,7 @@ from kvmcpuid_virt.adapters import safe_model, safe_name
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.errors import InputError, PolicyError, UnknownFeatureError
 from kvmcpuid_virt.toolfacts.facts import CpuModel, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
@@ -309,6 +310,14 @@ def cpu_element(
             etree.SubElement(
                 cpu, "feature", policy="require" if on else "disable", name=safe_name(f.libvirt)
             )
+    # Feature-MSR bits (mds-no, vmx-*) in cpu_map's spelling, after the CPUID ones.
+    mreg = msr_registry()
+    for on in (True, False):
+        for name in config.msr_enabled() if on else config.msr_disabled():
+            mf = mreg.lookup(name)
+            if mf.libvirt is not None:
+                etree.SubElement(cpu, "feature", policy="require" if on else "disable",
+                                 name=safe_name(mf.libvirt))  # fmt: skip
     cpu.extend(after)
     return cpu
 
@@ -797,7 +806,7 @@ def _features(source: str, cpu: etree._Element) -> tuple[tuple[str, ...], tuple[
         if policy not in _POLICIES:
             raise _bad(source, f, f"feature {_show(name)}: unknown policy {_show(policy)} (not "
                        f"one of {', '.join(_POLICIES)})")  # fmt: skip
-        feature = reg.by_libvirt(name)
+        feature = reg.by_libvirt(name) or msr_registry().by_libvirt(name)
         if feature is None:
             raise _unknown_to_libvirt(source, f, reg, name)
         if feature.name in first:
