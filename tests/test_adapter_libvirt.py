@@ -17,6 +17,7 @@ from kvmcpuid_virt.config import build as select
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import registry
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.fsutil import load_dump
 from kvmcpuid_virt.kvm import Kvm
@@ -424,5 +425,9 @@ def test_libvirt_passes_host_passthrough_on_as_cpu_host(kvm: Kvm, libvirt_conn_u
     reg = registry()
     want = {str(reg.lookup(n).qemu): "on" if on else "off" for n, on in config.features.items()
             if reg.lookup(n).libvirt is not None}
+    # Feature-MSR bits (mds-no, ...) too: libvirt spells them as QEMU does.
+    mreg = msr_registry()
+    want |= {str(mreg.lookup(n).qemu): "on" if on else "off"
+             for n, on in config.msr_features.items() if mreg.lookup(n).libvirt is not None}
     got = dict(p.split("=", 1) for p in value[2:-2])
     assert got == want
