@@ -309,3 +309,24 @@ def test_compat_reads_qemu_flags_with_msr_features(tmp_path: Path, qemu_binary: 
     path.write_text(flags.stdout)
     proc = _cli("compat", str(path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_libvirt_cpu_carries_msr_features_in_cpu_maps_spelling_and_reads_back() -> None:
+    """cpu_map names IA32_ARCH_CAPABILITIES bits by <msr>: the rendered
+    <cpu> has them as <feature>s, and reading that <cpu> back gives the
+    same MSR decisions."""
+    from lxml import etree
+
+    from kvmcpuid_virt.adapters import libvirt as lv
+
+    config = build(load_dump(str(ATOM)).table, facts=FACTS, source=str(ATOM))
+    cpu = lv.cpu_element(config, lv.base_model(config, FACTS))
+    names = {f.get("name"): f.get("policy") for f in cpu.iter("feature")}
+    reg = msr_registry()
+    for name, on in config.msr_features.items():
+        libvirt_name = reg.lookup(name).libvirt
+        if libvirt_name is not None:
+            assert names[libvirt_name] == ("require" if on else "disable"), name
+    _model, enable, disable = lv.parse(etree.fromstring(etree.tostring(cpu)), "cpu.xml")
+    assert set(config.msr_enabled()) <= set(enable)
+    assert {n for n in config.msr_disabled() if reg.lookup(n).libvirt} <= set(disable)
