@@ -21,6 +21,7 @@ import re
 
 from kvmcpuid_virt.cpuid import formats
 from kvmcpuid_virt.cpuid.table import CpuidEntry, CpuidTable, EntryFlag, first_problem
+from kvmcpuid_virt.errors import DumpFormatError
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
@@ -92,9 +93,13 @@ def loads(text: str, source: str = "<string>") -> Dump:
         return formats.loads(text, source)
     head, table = fast
     # The header through the full reader (its keys, version, kind, host,
-    # repeated keys; errors at the same lines, the header being the same
-    # prefix), closed with the table's own leaf 0 as the only entry.
-    shell = formats.loads(head, source)
+    # repeated keys), closed with the table's own leaf 0 as the only entry.
+    # Any error is the whole text's to report: where the document goes wrong
+    # (a bracket never closed) is not always inside the header.
+    try:
+        shell = formats.loads(head, source)
+    except DumpFormatError:
+        return formats.loads(text, source)
     msrs = shell.table.msrs
     if msrs is not None:
         # The header's feature MSRs ride on the table; hosts with the same
