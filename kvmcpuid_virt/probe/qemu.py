@@ -40,7 +40,7 @@ from typing import Final
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, ToolError
-from kvmcpuid_virt.probe import image
+from kvmcpuid_virt.probe import image, smp_image
 from kvmcpuid_virt.probe.qom import describe_filtered, vmm_view_from_qom
 from kvmcpuid_virt.probe.result import ProbeResult
 from kvmcpuid_virt.process import (
@@ -60,7 +60,7 @@ from kvmcpuid_virt.qmp import (
     transient_oserror,
 )
 
-__all__ = ["DEFAULT_MACHINE", "EXIT_STATUS", "qemu_argv", "run_qemu"]
+__all__ = ["DEFAULT_MACHINE", "EXIT_STATUS", "SmpResult", "qemu_argv", "run_qemu", "run_qemu_smp"]
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,17 @@ def run_qemu(
     *,
     want_vmm_view: bool = False,
     machine: str = DEFAULT_MACHINE,
+    msr_queries: Sequence[image.MsrQuery] = (),
 ) -> ProbeResult:
     """Boot the CPUID image under `qemu -cpu cpu_arg` and return what the guest
-    saw. Raises ProbeTimeoutError when the guest has not exited after
-    `timeout` seconds (QEMU is killed), ProbeError when its output is missing
-    or broken, ToolError when QEMU cannot be run (TransientError when it
-    failed transiently every time)."""
+    saw (and read of the MSRs of `msr_queries` its CPUID says exist). Raises
+    ProbeTimeoutError when the guest has not exited after `timeout` seconds
+    (QEMU is killed), ProbeError when its output is missing or broken,
+    ToolError when QEMU cannot be run (TransientError when it failed
+    transiently every time)."""
     queries = list(queries)
     deadline = Deadline(timeout)
-    blob = image.build(queries)
+    blob = image.build(queries, msr_queries) if msr_queries else image.build(queries)
     with private_tempdir() as tmp:
         bios = tmp / "image.bin"
         bios.write_bytes(blob)
@@ -214,13 +216,14 @@ def run_qemu(
             serial = tmp / f"serial{suffix}.log"
             qmp_socket = tmp / f"qmp{suffix}.sock" if want_vmm_view else None
             argv = _argv(qemu, cpu_arg, bios, serial, machine, qmp_socket)
-            return _run_once(qemu, argv, serial, qmp_socket, queries, deadline)
+            return _run_once(qemu, argv, serial, qmp_socket, queries, deadline, msr_queries)
 
         return retrying(attempt, deadline, "QEMU probe")
 
 
 def _run_once(qemu: str, argv: list[str], serial: Path, qmp_socket: Path | None,
-              queries: list[Query], deadline: Deadline) -> ProbeResult:  # fmt: skip
+              queries: list[Query], deadline: Deadline,
+              msr_queries: Sequence[image.MsrQuery] = ()) -> ProbeResult:  # fmt: skip
     """One QEMU run: listen (with a vmm view), start, ask, wait, read the serial output."""
     with ExitStack() as stack:
         session: Session | None = None
@@ -232,7 +235,7 @@ def _run_once(qemu: str, argv: list[str], serial: Path, qmp_socket: Path | None,
         stack.callback(kill_process, proc)  # even if a signal comes before _run_to_exit
         ended = _run_to_exit(proc, session, deadline)
         seconds = time.monotonic() - started
-    return _result(ended, read_serial(serial), queries, seconds)
+    return _result(ended, read_serial(serial), queries, seconds, msr_queries)
 
 
 def _argv(qemu: str, cpu_arg: str, bios: Path, serial: Path, machine: str,
@@ -313,12 +316,13 @@ def _wait_for_exit(proc: subprocess.Popen[bytes], deadline: Deadline) -> bytes:
     return stderr
 
 
-def _result(ended: _Ended, serial: bytes, queries: list[Query], seconds: float) -> ProbeResult:
+def _result(ended: _Ended, serial: bytes, queries: list[Query], seconds: float,
+            msr_queries: Sequence[image.MsrQuery] = ()) -> ProbeResult:  # fmt: skip
     """The guest's answers from its serial output; ProbeError, with QEMU's
     last words, if bad (TransientError when QEMU ended transiently)."""
     diagnostics = _diagnostics(ended.stderr) + ended.notes
     try:
-        observed = image.parse(serial, queries)
+        observed, read = image.parse_msrs(serial, queries, msr_queries)
     except ProbeError as exc:
         detail = "; ".join(diagnostics[-3:]) or "no message"
         message = f"QEMU exited with status {ended.status} ({detail}): {exc}"
@@ -335,4 +339,54 @@ def _result(ended: _Ended, serial: bytes, queries: list[Query], seconds: float) 
         seconds=seconds,
         backend=Backend.QEMU,
         diagnostics=diagnostics,
+        msrs=read,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class SmpResult:
+    """What each vCPU of a multi-vCPU guest saw (the BSP's first), by
+    reporting order; `vcpus`: how many the guest was started with."""
+
+    tables: tuple[CpuidTable, ...]
+    vcpus: int
+    seconds: float
+    diagnostics: tuple[str, ...] = ()
+
+
+def run_qemu_smp(
+    cpu_arg: str,
+    queries: Sequence[Query],
+    smp: str,
+    vcpus: int,
+    timeout: float = 10.0,
+    qemu: str = "qemu-system-x86_64",
+    *,
+    machine: str = DEFAULT_MACHINE,
+) -> SmpResult:
+    """Boot probe/smp_image.py under `qemu -cpu cpu_arg -smp smp` (`vcpus`
+    vCPUs in all) and return every vCPU's answers. Errors as run_qemu's;
+    no monitor (QEMU's view is the single-vCPU probe's business)."""
+    queries = list(queries)
+    deadline = Deadline(timeout)
+    blob = smp_image.build(queries, vcpus, sipi=True)
+    with private_tempdir() as tmp:
+        bios = tmp / "smp.bin"
+        bios.write_bytes(blob)
+        serial = tmp / "serial.log"
+        argv = [*_argv(qemu, cpu_arg, bios, serial, machine, None), "-smp", smp]
+        started = time.monotonic()
+        with ExitStack() as stack:
+            proc = _start(qemu, argv)
+            stack.callback(kill_process, proc)
+            ended = _run_to_exit(proc, None, deadline)
+        seconds = time.monotonic() - started
+        raw = read_serial(serial)
+    diagnostics = _diagnostics(ended.stderr)
+    try:
+        tables = smp_image.parse(raw, queries, vcpus)
+    except ProbeError as exc:
+        detail = "; ".join(diagnostics[-3:]) or "no message"
+        raise ProbeError(f"QEMU (-smp {smp}) exited with status {ended.status} ({detail}): "
+                         f"{exc}") from exc
+    return SmpResult(tuple(tables), vcpus, seconds, tuple(diagnostics))
