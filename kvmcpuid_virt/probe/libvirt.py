@@ -565,6 +565,7 @@ class LibvirtProbe:
         *,
         want_vmm_view: bool = False,
         features: etree._Element | None = None,
+        msr_queries: Sequence[image.MsrQuery] = (),
     ) -> ProbeResult:
         """Boot the image in a transient domain with `cpu_xml` as its <cpu>
         (and `features` as its <features>, see domain_xml); `timeout` bounds
@@ -574,7 +575,7 @@ class LibvirtProbe:
         still paused (two monitor commands; libvirt marks the domain tainted
         'custom-monitor' for them)."""
         queries = list(queries)
-        blob = image.build(queries)
+        blob = image.build(queries, msr_queries) if msr_queries else image.build(queries)
         self.stats.guest()
         started = time.monotonic()
         tries = 0
@@ -582,7 +583,8 @@ class LibvirtProbe:
         while True:
             tries += 1
             try:
-                result = self._attempt(cpu_xml, queries, blob, timeout, want_vmm_view, features)
+                result = self._attempt(cpu_xml, queries, blob, timeout, want_vmm_view, features,
+                                       msr_queries)  # fmt: skip
             except _Retry as retry:
                 if retry.cause == Transient.CONNECTION:
                     self._forget_connection()
@@ -617,6 +619,7 @@ class LibvirtProbe:
     def _attempt(
         self, cpu_xml: etree._Element | str | bytes, queries: list[Query], blob: bytes,
         timeout: float, want_vmm_view: bool, features: etree._Element | None,
+        msr_queries: Sequence[image.MsrQuery] = (),
     ) -> ProbeResult:
         """One domain: create, (read QEMU's view,) resume, wait, read the serial."""
         deadline = Deadline(timeout)
@@ -643,7 +646,8 @@ class LibvirtProbe:
                     seconds = time.monotonic() - started
                 log.debug("libvirt domain %s ran in %.3f s", name, seconds)
                 try:
-                    observed = image.parse(read_serial(serial), queries)
+                    observed, read = image.parse_msrs(read_serial(serial), queries,
+                                                      msr_queries)  # fmt: skip
                 except ProbeError as exc:
                     raise ProbeError(f"libvirt guest {name}: {exc}") from exc
             except _Retry:
@@ -663,7 +667,7 @@ class LibvirtProbe:
             self._drop_log(domain_log_path)
         return ProbeResult(
             observed=observed, vmm_view=vmm_view, seconds=seconds, backend=Backend.LIBVIRT,
-            diagnostics=notes,
+            diagnostics=notes, msrs=read,
         )
 
     def _boot(self, xml: bytes, name: str, deadline: Deadline,
@@ -727,9 +731,10 @@ def run_libvirt(
     name_prefix: str = DOMAIN_PREFIX,
     want_vmm_view: bool = False,
     features: etree._Element | None = None,
+    msr_queries: Sequence[image.MsrQuery] = (),
 ) -> ProbeResult:
     """One probe guest through libvirt at `uri` (connection opened and closed
     here; use LibvirtProbe to reuse one)."""
     with LibvirtProbe(uri, name_prefix=name_prefix) as probe:
         return probe.run(cpu_xml, queries, timeout, want_vmm_view=want_vmm_view,
-                         features=features)
+                         features=features, msr_queries=msr_queries)
