@@ -107,12 +107,14 @@ def require_vendor(dump: Dump) -> str:
     return vendor
 
 
-def word_value(dump: Dump, leaf: int, subleaf: int, reg: Register) -> int:
+def word_value(dump: Dump, leaf: int, subleaf: int, reg: Register,
+               limits: dict[int, int] | None = None) -> int:  # fmt: skip
     """A register as a guest would read it: 0 beyond the dump's max leaf. A
     feature-only input (kind "config") announces no max leaves: its words
-    count as they are."""
+    count as they are. `limits`: fields.leaf_limits(dump.table), when the
+    caller reads many words of one dump."""
     if dump.kind != "config" and not fields.in_range(
-        leaf, fields.leaf_limits(dump.table), strict=True
+        leaf, fields.leaf_limits(dump.table) if limits is None else limits, strict=True
     ):
         return 0
     return dump.table.get(leaf, subleaf, reg)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -295,7 +296,9 @@ def _pos(leaf: int, subleaf: int, reg: Register, bit: int | None = None) -> str:
     return at if bit is None else f"{at}[{bit}]"
 
 
+@functools.lru_cache(maxsize=1024)
 def _ignored(rules: tuple[Ignore, ...], leaf: int, subleaf: int, reg: Register) -> int:
+    # Cached: the same few rules for every word of every verdict (a matrix).
     mask = 0
     for rule in rules:
         if rule.applies(leaf, subleaf, reg):
@@ -362,8 +365,10 @@ def ignored_mask(leaf: int, subleaf: int, reg: Register,
 
 
 def _feature_reasons(guest: Dump, host: Host, reg: Registry, ignore: tuple[Ignore, ...],
-                     checked: dict[str, Rule], notes: list[str]) -> Iterator[Reason]:  # fmt: skip
-    offer = _offer(host, reg)
+                     checked: dict[str, Rule], notes: list[str],
+                     offer: Dump | None = None) -> Iterator[Reason]:  # fmt: skip
+    offer = _offer(host, reg) if offer is None else offer
+    limits = [fields.leaf_limits(d.table) for d in (guest, host.dump, offer)]
     control = host.control or Control()
     table = "KVM's supported CPUID" if host.dump.kind == "supported" else "the host's CPUID"
     shown_on: list[str] = []  # off in the guest, but the host may show them on
@@ -372,15 +377,20 @@ def _feature_reasons(guest: Dump, host: Host, reg: Registry, ignore: tuple[Ignor
         word: Word = (leaf, subleaf, r)
         checked[_pos(leaf, subleaf, r)] = Rule.SUBSET
         mask = ~_ignored(ignore, leaf, subleaf, r) & _ALL
-        want = word_value(guest, leaf, subleaf, r) & mask
-        kvm = word_value(host.dump, leaf, subleaf, r)
+        want = word_value(guest, leaf, subleaf, r, limits[0]) & mask
+        kvm = word_value(host.dump, leaf, subleaf, r, limits[1])
         free = control.uncontrolled.get(word, 0) & mask
         off = control.forced_off.get(word, 0) & free
         on = control.forced_on.get(word, 0) & free
         # A bit the host forces on reaches the guest whatever KVM and QEMU say.
-        can = word_value(offer, leaf, subleaf, r) & ~off | on
-        for bit in range(32):
-            b = 1 << bit
+        can = word_value(offer, leaf, subleaf, r, limits[2]) & ~off | on
+        # Without host control only a missing bit has anything to say (the
+        # matrix asks for thousands of cells).
+        bits = want & ~can if not free else _ALL
+        while bits:
+            b = bits & -bits
+            bits ^= b
+            bit = b.bit_length() - 1
             f = reg.at(leaf, subleaf, r, bit)
             name = f.name if f is not None else f"{_pos(leaf, subleaf, r, bit)} (unnamed)"
             why = control.reasons.get((leaf, subleaf, r, bit))
@@ -514,15 +524,17 @@ def _xsave_components(dump: Dump) -> list[int]:
 
 
 def compat(guest: Dump, host: Host, *, ignore: Iterable[Ignore] = GUEST_STATE_MASKS,
-           notes: Iterable[str] = (), configured: bool = False) -> Verdict:  # fmt: skip
+           notes: Iterable[str] = (), configured: bool = False,
+           offer: Dump | None = None) -> Verdict:  # fmt: skip
     """Whether `host` can give `guest`'s CPU, by RULES. `configured`: the
-    guest table is what a configuration asks for (see FieldRule.qemu_sets)."""
+    guest table is what a configuration asks for (see FieldRule.qemu_sets).
+    `offer`: host_offer(host), when the caller has it already."""
     reg = registry()
     rules = tuple(ignore)
     checked: dict[str, Rule] = {}
     found = list(notes)
     reasons = [*_field_reasons(guest, host, checked, configured),
-               *_feature_reasons(guest, host, reg, rules, checked, found)]  # fmt: skip
+               *_feature_reasons(guest, host, reg, rules, checked, found, offer)]  # fmt: skip
     if host.qemu is None:
         found.append("judged without QEMU facts: KVM's table with QEMU's fixed adjustments "
                      "(no QEMU filter, no start trial)")  # fmt: skip

@@ -38,6 +38,7 @@ from kvmcpuid_virt.analysis.compat import (
     xsave_components,
 )
 from kvmcpuid_virt.analysis.hostbits import WORDS, pack
+from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.formats import Dump
 
 __all__ = ["Group", "Matrix", "Side", "fits_pair", "matrix", "side"]
@@ -51,7 +52,8 @@ _COMPARED: Final = pack({(leaf, sub, r): ~ignored_mask(leaf, sub, r) & 0xFFFF_FF
 
 @dataclasses.dataclass(frozen=True)
 class Side:
-    """One host read both ways: as the guest (A's full CPU) and as the host.
+    """One host read both ways: as the guest (A's full CPU) and as the host
+    (`offer`: compat.host_offer of it).
 
     guest_words: the guest's feature words, packed, the compared bits only;
     offer_words: what the host can give, packed;
@@ -62,6 +64,7 @@ class Side:
 
     guest: Dump
     host: Dump
+    offer: Dump
     guest_words: int
     offer_words: int
     guest_fields: tuple[int | None, ...]
@@ -85,13 +88,15 @@ def side(dump: Dump) -> Side:
                  dump.source)  # fmt: skip
     words: dict[tuple[int, int, str], int] = {}
     offers: dict[tuple[int, int, str], int] = {}
+    limits = fields.leaf_limits(offer.table)
     for leaf, sub, r in WORDS:
-        words[(leaf, sub, r)] = word_value(guest, leaf, sub, r)
-        offers[(leaf, sub, r)] = word_value(offer, leaf, sub, r)
+        words[(leaf, sub, r)] = word_value(guest, leaf, sub, r, limits)
+        offers[(leaf, sub, r)] = word_value(offer, leaf, sub, r, limits)
     comps = xsave_components(guest)
     return Side(
         guest=guest,
         host=dump,
+        offer=offer,
         guest_words=pack(words) & _COMPARED,  # type: ignore[arg-type]
         offer_words=pack(offers),  # type: ignore[arg-type]
         guest_fields=tuple(field_value(guest, r) for r in _FIELDS),
@@ -162,7 +167,8 @@ class Matrix:
 
     def verdict(self, guest: int, host: int) -> Verdict:
         """compat() of the cell: its reasons (the groups' first hosts named)."""
-        return compat(self.groups[guest].side.guest, Host(self.groups[host].side.host))
+        target = self.groups[host].side
+        return compat(self.groups[guest].side.guest, Host(target.host), offer=target.offer)
 
     def fitting_pairs(self) -> int:
         """How many ordered pairs of hosts fit (the diagonal included)."""
