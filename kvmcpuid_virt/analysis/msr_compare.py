@@ -27,8 +27,10 @@ from typing import Any, Final
 
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import Layer
+from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.msr_features import MsrLayout, MsrRegistry, msr_registry
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.cpuid.table import CpuidTable, Register
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "MsrComparison",
     "MsrMismatch",
     "compare_msrs",
+    "expectations",
     "gate_of",
     "msr_queries",
     "observed_gates",
@@ -73,6 +76,28 @@ def msr_queries(indices: Sequence[int] = PROBED) -> list[tuple[int, int, int, in
     return out
 
 
+# IA32_BIOS_SIGN_ID: raw KVM writes KVM's own value (the MSR is a number,
+# not feature bits; QEMU writes its ucode-rev property, not modelled here).
+_UCODE_REV: Final = 0x8B
+
+
+def expectations(config: CpuConfig, backend: Backend, host_msrs: FeatureMsrs | None
+                 ) -> tuple[dict[int, int], dict[int, int] | None]:  # fmt: skip
+    """(what the guest should read from each feature MSR, what raw KVM
+    writes with KVM_SET_MSRS: None for QEMU and libvirt, which write them
+    themselves from the -cpu flags). Raw KVM also writes IA32_BIOS_SIGN_ID
+    with KVM's value when a vCPU here accepts it."""
+    expected = dict(config.expected_msrs)
+    if backend != Backend.KVM:
+        return expected, None
+    to_set = dict(expected)
+    value = None if host_msrs is None else host_msrs.get(_UCODE_REV)
+    accepts = None if host_msrs is None else host_msrs.deliverable_dict()
+    if value is not None and (accepts is None or accepts.get(_UCODE_REV) == value):
+        to_set[_UCODE_REV] = expected[_UCODE_REV] = value
+    return expected, to_set
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class MsrMismatch:
     """One feature MSR (a named bit, or the whole value of a value MSR) the
@@ -106,6 +131,8 @@ class MsrComparison:
     def summary(self) -> str:
         seen = sum(1 for v in self.read.values() if v is not None)
         head = f"{self.backend}: {seen} feature MSR(s) read"
+        if self.not_modelled:
+            head += f" ({len(self.not_modelled)} the configuration sets no value for)"
         if self.ok:
             return f"{head}, all as configured"
         return f"{head}, {len(self.mismatches)} mismatch(es): " + "; ".join(
