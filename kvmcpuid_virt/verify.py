@@ -30,6 +30,12 @@ from kvmcpuid_virt.adapters.libvirt import parse as parse_libvirt_cpu
 from kvmcpuid_virt.adapters.qemu import cpu_value
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
+from kvmcpuid_virt.analysis.msr_compare import (
+    MsrComparison,
+    compare_msrs,
+    expectations,
+    msr_queries,
+)
 from kvmcpuid_virt.config.build import with_model_identity
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.cpuid.features import registry
@@ -172,10 +178,13 @@ class BackendReport:
     # The error is the backend's machinery failing (could_not_run): no
     # verdict, where any other error is the backend refusing the configuration.
     machinery: bool = False
+    # The guest's feature-MSR answers against the configuration (msr_compare).
+    msrs: MsrComparison | None = None
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.comparison is not None and self.comparison.ok
+        return (self.error is None and self.comparison is not None and self.comparison.ok
+                and (self.msrs is None or self.msrs.ok))  # fmt: skip
 
     @property
     def could_not_run(self) -> bool:
@@ -190,6 +199,7 @@ class BackendReport:
             "error": self.error,
             "diagnostics": list(self.diagnostics),
             "comparison": None if self.comparison is None else self.comparison.as_json(),
+            "msrs": None if self.msrs is None else self.msrs.as_json(),
         }
 
     def text(self, include_host: bool = False) -> str:
@@ -198,7 +208,9 @@ class BackendReport:
             what = "could not run the guest" if self.machinery else "did not run"
             return "\n".join([*head, f"{self.backend}: {what}: {self.error}"])
         assert self.comparison is not None
-        return "\n".join([*head, self.comparison.table(include_host)])
+        msr = [] if self.msrs is None or not (self.msrs.mismatches or any(
+            v is not None for v in self.msrs.read.values())) else [self.msrs.summary()]  # fmt: skip
+        return "\n".join([*head, self.comparison.table(include_host), *msr])
 
 
 def _run(
@@ -207,12 +219,15 @@ def _run(
 ) -> ProbeResult:
     """Raw KVM and QEMU, in this thread (libvirt: _LibvirtBeside)."""
     if backend == Backend.KVM:
-        return run_kvm(target.requested, queries, timeout)
+        _, to_set = expectations(target.config, backend, target.facts.host_msrs)
+        return run_kvm(target.requested, queries, timeout, msrs=to_set,
+                       msr_queries=msr_queries())  # fmt: skip
     if backend == Backend.QEMU:
         facts = target.facts.qemu
         result: ProbeResult = run_qemu(
             target.qemu_cpu(), queries, timeout=timeout, want_vmm_view=True,
             qemu=qemu or (facts.binary if facts is not None else QEMU_BINARY),
+            msr_queries=msr_queries(),
         )
         return result
     raise ValueError(f"unknown backend {backend!r}")
@@ -283,7 +298,7 @@ class _LibvirtBeside:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvmcpuid-verify")
         self._future = self._pool.submit(
             self._probe.run, target.libvirt_cpu(), queries, timeout, want_vmm_view=True,
-            features=target.libvirt_features(),
+            features=target.libvirt_features(), msr_queries=msr_queries(),
         )
         return self
 
@@ -409,4 +424,8 @@ def _report(
         "left out, libvirt XML cannot set them: "
         + ", ".join(rule.reason.split(":", 1)[0] for rule in extra)
     ] if extra else []
-    return BackendReport(backend, cmp, result.seconds, (*result.diagnostics, *notes))
+    expected_msrs, _ = expectations(target.config, backend, target.facts.host_msrs)
+    host_msrs = target.facts.host_msrs
+    msrs = compare_msrs(expected_msrs, result.msrs, backend, vmm=result.msr_vmm,
+                        offered=None if host_msrs is None else host_msrs.as_dict())  # fmt: skip
+    return BackendReport(backend, cmp, result.seconds, (*result.diagnostics, *notes), msrs=msrs)
