@@ -60,8 +60,9 @@ def main(argv: list[str]) -> int:
             }
             times = _timed(commands, runs)
         med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = paired_ratio(times, "matrix", "floor")
         print(f"  {n:>6} hosts ({n * n:.0e} pairs): {med['matrix']:.2f} s; json.load of the "
-              f"files {med['floor']:.2f} s; paired ratio {paired_ratio(times, 'matrix', 'floor'):.2f}")
+              f"files {med['floor']:.2f} s; paired ratio {ratio:.2f}")
     return 0
 
 
