@@ -94,7 +94,8 @@ def test_cpudata_msr_elements_read_as_their_raw_attributes() -> None:
     for path in cpu_dump_paths():
         if path.suffix != ".xml":
             continue
-        raw = {int(el.get("index"), 16): int(el.get("edx"), 16) << 32 | int(el.get("eax"), 16)
+        raw = {int(str(el.get("index")), 16):
+               int(str(el.get("edx")), 16) << 32 | int(str(el.get("eax")), 16)
                for el in etree.parse(str(path)).getroot().iter("msr")}  # fmt: skip
         msrs = load_dump(str(path)).msrs
         if not raw:

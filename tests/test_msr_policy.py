@@ -28,6 +28,7 @@ from kvmcpuid_virt.config.max_model import limit_to_model
 from kvmcpuid_virt.cpuid.formats import Dump, dumps
 from kvmcpuid_virt.cpuid.msr_features import MsrDelivery, MsrTrial, msr_registry
 from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+from kvmcpuid_virt.cpuid.table import CpuidTable
 from kvmcpuid_virt.errors import UnsupportedFeatureError
 from kvmcpuid_virt.fsutil import load_dump
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
@@ -46,7 +47,8 @@ ARCH_CAP_BITS = {
 def _raw_msrs(path: Path) -> dict[int, int]:
     from lxml import etree
 
-    return {int(el.get("index"), 16): int(el.get("edx"), 16) << 32 | int(el.get("eax"), 16)
+    return {int(str(el.get("index")), 16):
+            int(str(el.get("edx")), 16) << 32 | int(str(el.get("eax")), 16)
             for el in etree.parse(str(path)).getroot().iter("msr")}  # fmt: skip
 
 
@@ -276,7 +278,7 @@ def test_msr_feature_names_rendered_are_this_qemus_own_properties(
         assert set(config.msr_features) <= props, path
 
 
-def _live_table() -> object:
+def _live_table() -> CpuidTable:
     from kvmcpuid_virt.kvm import Kvm
 
     with Kvm() as k:
