@@ -47,15 +47,20 @@ class FleetError(ToolError):
 def load_dumps(paths: Sequence[str], check: Callable[[Dump], Dump] = lambda d: d) -> list[Dump]:
     """Every dump file, in order (fsutil.load_dump, then `check`); the first
     bad one is its one-line error. The collector is paused while they are
-    read: thousands of long-lived tables, no cycles among them, and each of
-    its passes would walk them all again."""
+    read, and they are frozen out of its later passes: thousands of
+    long-lived tables, no cycles among them, and each of its passes would
+    walk them all again."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return [check(load_dump(p)) for p in paths]
+        dumps = [check(load_dump(p)) for p in paths]
     finally:
         if enabled:
             gc.enable()
+    # And kept out of the collector's later passes: they live as long as the
+    # command does.
+    gc.freeze()
+    return dumps
 
 
 class Progress:
