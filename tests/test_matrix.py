@@ -276,3 +276,25 @@ def test_cli_which_hosts_take_a_guest() -> None:
     r = _cli(zen1, zen4, zen1)
     assert r.returncode == 0, r.stderr
     assert "2 of 2 hosts can take it" in r.stdout
+
+
+def test_the_matrix_and_the_fast_reader_are_pure(data_dir: Path) -> None:
+    # tests/test_pure_core.py's child under its audit hook, with the matrix,
+    # its three renderings and cpuid.canonical's reader run there as well.
+    from tests.conftest import RECORDING
+    from tests.test_pure_core import CHILD
+
+    marker = 'print(json.dumps({"seen": seen'
+    assert marker in CHILD
+    extra = ("from kvmcpuid_virt.analysis import matrix as mx, matrix_report as mr\n"
+             "from kvmcpuid_virt.cpuid import canonical\n"
+             "m = mx.matrix(tables)\n"
+             "mr.matrix_html(m), mr.matrix_json(m), mr.matrix_table(m)\n"
+             "assert all(canonical.loads(formats.dumps(d), 'c').table == d.table "
+             "for d in tables)\n")  # fmt: skip
+    child = CHILD.replace(marker, extra + marker)
+    dumps = sorted(str(p) for p in data_dir.glob("*.xml"))
+    r = subprocess.run([sys.executable, "-c", child, str(RECORDING), *dumps],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["seen"] == []
