@@ -202,3 +202,26 @@ def test_a_dead_host_is_named_with_its_cause(libvirt_conn_uri: str, tmp_path: Pa
                              "--format", "html", "-o", str(out))  # fmt: skip
         # One host left: a matrix needs two.
         assert rc == 2 and "at least two hosts" in stderr and not out.exists()
+
+
+def test_ctrl_c_while_a_host_hangs(fleet: list[tuple[str, Path]], tmp_path: Path) -> None:
+    from kvmcpuid_virt.cli import EXIT_INTERRUPTED
+
+    hung_uri, hung_root = fleet[2]
+    pid = _daemon_pid(hung_root)
+    out = tmp_path / "m.json"
+    argv = [sys.executable, "-m", "kvmcpuid_virt.cli", "compat", "--matrix",
+            *[a for u, _ in fleet for a in ("--connect", u)], "--format", "json",
+            "-o", str(out)]  # fmt: skip
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=REPO)  # fmt: skip
+        time.sleep(3)  # the others answered; the stopped one cannot
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)  # not the 60 s bound
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert stderr == "kvmcpuid: interrupted\n" and stdout == ""
+    assert not out.exists() and not list(tmp_path.iterdir())
