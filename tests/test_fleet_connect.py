@@ -207,7 +207,7 @@ def test_a_dead_host_is_named_with_its_cause(libvirt_conn_uri: str, tmp_path: Pa
 def test_ctrl_c_while_a_host_hangs(fleet: list[tuple[str, Path]], tmp_path: Path) -> None:
     from kvmcpuid_virt.cli import EXIT_INTERRUPTED
 
-    hung_uri, hung_root = fleet[2]
+    _, hung_root = fleet[2]
     pid = _daemon_pid(hung_root)
     out = tmp_path / "m.json"
     argv = [sys.executable, "-m", "kvmcpuid_virt.cli", "compat", "--matrix",
