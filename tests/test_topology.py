@@ -112,3 +112,30 @@ def test_a_vmm_booting_another_topology_is_caught(kvm: Kvm, qemu_binary: str,
                           str(wrapper))
     problems = check_topology(topology, result.tables)
     assert any(named in p for p in problems), problems
+
+
+@pytest.mark.parametrize(("spec", "booted"), [
+    ("sockets=1,cores=2,threads=2", "sockets=1,cores=2,threads=2"),
+    ("sockets=2,cores=1,threads=1", "sockets=2,cores=1,threads=1"),
+    ("sockets=1,cores=2,threads=2", "sockets=1,cores=4,threads=1"),
+])
+def test_libvirt_guest_topology(kvm: Kvm, libvirt_conn_uri: str, live_facts: ToolFacts,
+                                spec: str, booted: str) -> None:
+    """libvirt's <vcpu> and <cpu><topology>: consistent when booted as
+    configured; another topology with as many vCPUs is caught."""
+    from kvmcpuid_virt.adapters import libvirt as lv
+    from kvmcpuid_virt.probe.libvirt import LibvirtProbe
+
+    config = build(kvm.supported_cpuid(), source="/dev/kvm", facts=live_facts)
+    queries = smp_queries(default_queries(config.expected))
+    want, run = Topology.parse(spec), Topology.parse(booted)
+    with LibvirtProbe(libvirt_conn_uri, keep_failed_logs=False) as probe:
+        result = probe.run_smp(lv.render(config, lv.base_model(config, live_facts)), queries,
+                               run.vcpus, run.libvirt_topology(), 30.0,
+                               features=lv.kvm_features_element(config))
+    assert len(result.tables) == run.vcpus
+    problems = check_topology(want, result.tables)
+    if spec == booted:
+        assert problems == []
+    else:
+        assert any("topology level 0 (0xB.0)" in p for p in problems), problems

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import enum
 import errno
 import logging
@@ -63,11 +64,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from lxml import etree
@@ -81,7 +82,7 @@ from kvmcpuid_virt.errors import (
     ProbeTimeoutError,
     ToolError,
 )
-from kvmcpuid_virt.probe import image
+from kvmcpuid_virt.probe import image, smp_image
 from kvmcpuid_virt.probe.result import ProbeResult
 from kvmcpuid_virt.probe.retry import DEFAULT_POLICY, AdaptiveLimit, RetryPolicy, RetryStats
 from kvmcpuid_virt.process import PREFIX, Deadline, private_tempdir, read_serial
@@ -102,6 +103,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 DOMAIN_PREFIX: Final = PREFIX
 # Seconds between state polls: small next to libvirt's 200 ms stop poll.
@@ -250,14 +252,18 @@ def domain_xml(
     machine: str = "pc",
     emulator: str | None = None,
     features: etree._Element | None = None,
+    vcpus: int = 1,
+    topology: etree._Element | None = None,
 ) -> bytes:
     """The transient domain of one probe run, built with lxml. `features`: a
     `<features>` element to include (the KVM paravirtual switches libvirt
-    takes there, see adapters.libvirt.kvm_features_element)."""
+    takes there, see adapters.libvirt.kvm_features_element); `vcpus` and
+    `topology` (a `<topology>` for the <cpu>, replacing any it has): the
+    multi-vCPU guest's."""
     root = etree.Element("domain", type="kvm")
     etree.SubElement(root, "name").text = name
     etree.SubElement(root, "memory", unit="MiB").text = "16"
-    etree.SubElement(root, "vcpu").text = "1"
+    etree.SubElement(root, "vcpu").text = str(vcpus)
     os_ = etree.SubElement(root, "os")
     etree.SubElement(os_, "type", arch="x86_64", machine=machine).text = "hvm"
     etree.SubElement(os_, "loader", type="rom", readonly="yes").text = str(loader)
@@ -265,7 +271,14 @@ def domain_xml(
         if features.tag != "features":
             raise InputError(f"expected a <features> element, got <{features.tag}>")
         root.append(copy.deepcopy(features))
-    root.append(_cpu_element(cpu_xml))
+    cpu = _cpu_element(cpu_xml)
+    if topology is not None:
+        for old in cpu.findall("topology"):
+            cpu.remove(old)
+        # libvirt's order: after <model>/<vendor>, before the features.
+        at = sum(1 for c in cpu if c.tag in ("model", "vendor"))
+        cpu.insert(at, copy.deepcopy(topology))
+    root.append(cpu)
     # Every way the guest can end ends the domain: its reset (the normal
     # end here) is a reboot to libvirt, its triple-fault fallback a crash.
     for event in ("on_poweroff", "on_reboot", "on_crash"):
@@ -576,6 +589,32 @@ class LibvirtProbe:
         'custom-monitor' for them)."""
         queries = list(queries)
         blob = image.build(queries, msr_queries) if msr_queries else image.build(queries)
+        result, causes = self._with_retries(lambda: self._attempt(
+            cpu_xml, queries, blob, timeout, want_vmm_view, features, msr_queries))
+        assert isinstance(result, ProbeResult)
+        if causes:
+            result.diagnostics.append(_refusals(causes))
+        return result
+
+    def run_smp(self, cpu_xml: etree._Element | str | bytes, queries: Sequence[Query],
+                vcpus: int, topology: etree._Element, timeout: float = 10.0,
+                *, features: etree._Element | None = None) -> smp_image.SmpResult:
+        """Boot the multi-vCPU image (probe/smp_image.py) with `vcpus` vCPUs
+        and `topology` in the <cpu>; every vCPU's answers. Retries as run()."""
+        queries = list(queries)
+        blob = smp_image.build(queries, vcpus, sipi=True)
+        result, causes = self._with_retries(lambda: self._attempt(
+            cpu_xml, queries, blob, timeout, False, features, smp=(vcpus, topology)))
+        assert isinstance(result, smp_image.SmpResult)
+        if causes:
+            result = dataclasses.replace(result, diagnostics=(*result.diagnostics,
+                                                              _refusals(causes)))
+        return result
+
+    def _with_retries(self, attempt: Callable[[], _R]) -> tuple[_R, list[str]]:
+        """attempt() until it does not meet a transient refusal: its result
+        and the causes of the refusals; LibvirtUnavailableError when the
+        retries run out."""
         self.stats.guest()
         started = time.monotonic()
         tries = 0
@@ -583,8 +622,7 @@ class LibvirtProbe:
         while True:
             tries += 1
             try:
-                result = self._attempt(cpu_xml, queries, blob, timeout, want_vmm_view, features,
-                                       msr_queries)  # fmt: skip
+                result = attempt()
             except _Retry as retry:
                 if retry.cause == Transient.CONNECTION:
                     self._forget_connection()
@@ -593,11 +631,7 @@ class LibvirtProbe:
                 self._next_try(retry, tries, time.monotonic() - started)
                 causes.append(retry.cause)
                 continue
-            if causes:
-                result.diagnostics.append(
-                    f"libvirt refused {len(causes)} time(s) transiently before the guest ran ("
-                    + ", ".join(f"{c}: {n}" for c, n in sorted(Counter(causes).items())) + ")")
-            return result
+            return result, causes
 
     def _next_try(self, retry: _Retry, tries: int, elapsed: float) -> None:
         """Back off before the next try, or give up: LibvirtUnavailableError
@@ -620,8 +654,10 @@ class LibvirtProbe:
         self, cpu_xml: etree._Element | str | bytes, queries: list[Query], blob: bytes,
         timeout: float, want_vmm_view: bool, features: etree._Element | None,
         msr_queries: Sequence[image.MsrQuery] = (),
-    ) -> ProbeResult:
-        """One domain: create, (read QEMU's view,) resume, wait, read the serial."""
+        smp: tuple[int, etree._Element] | None = None,
+    ) -> ProbeResult | smp_image.SmpResult:
+        """One domain: create, (read QEMU's view,) resume, wait, read the
+        serial. smp: (vCPUs, <topology>) of the multi-vCPU image in `blob`."""
         deadline = Deadline(timeout)
         name = self.name_prefix + uuid.uuid4().hex
         with private_tempdir(0o711) as tmp:
@@ -629,8 +665,10 @@ class LibvirtProbe:
             serial = tmp / "serial.log"
             loader.write_bytes(blob)
             loader.chmod(0o644)
+            vcpus, topology = smp if smp is not None else (1, None)
             xml = domain_xml(name, cpu_xml, loader, serial, machine=self.machine,
-                             emulator=self.emulator, features=features)
+                             emulator=self.emulator, features=features, vcpus=vcpus,
+                             topology=topology)  # fmt: skip
             vmm_view: CpuidTable | None = None
             notes: list[str] = []
             domain_log_path = domain_log(self.uri, name)
@@ -646,8 +684,11 @@ class LibvirtProbe:
                     seconds = time.monotonic() - started
                 log.debug("libvirt domain %s ran in %.3f s", name, seconds)
                 try:
-                    observed, read = image.parse_msrs(read_serial(serial), queries,
-                                                      msr_queries)  # fmt: skip
+                    if smp is not None:
+                        tables = smp_image.parse(read_serial(serial), queries, vcpus)
+                    else:
+                        observed, read = image.parse_msrs(read_serial(serial), queries,
+                                                          msr_queries)  # fmt: skip
                 except ProbeError as exc:
                     raise ProbeError(f"libvirt guest {name}: {exc}") from exc
             except _Retry:
@@ -665,6 +706,8 @@ class LibvirtProbe:
                 self._drop_log(domain_log_path)  # Ctrl-C: nothing to diagnose
                 raise
             self._drop_log(domain_log_path)
+        if smp is not None:
+            return smp_image.SmpResult(tuple(tables), vcpus, seconds, tuple(notes))
         return ProbeResult(
             observed=observed, vmm_view=vmm_view, seconds=seconds, backend=Backend.LIBVIRT,
             diagnostics=notes, msrs=read,
@@ -720,6 +763,11 @@ class LibvirtProbe:
             # workers' connections are done with.
             self._cancel.clear()
             self._close_extra(all_threads=False)
+
+
+def _refusals(causes: Sequence[str]) -> str:
+    return (f"libvirt refused {len(causes)} time(s) transiently before the guest ran ("
+            + ", ".join(f"{c}: {n}" for c, n in sorted(Counter(causes).items())) + ")")
 
 
 def run_libvirt(

@@ -43,6 +43,7 @@ from kvmcpuid_virt.errors import InputError, ProbeError, ProbeTimeoutError, Tool
 from kvmcpuid_virt.probe import image, smp_image
 from kvmcpuid_virt.probe.qom import describe_filtered, vmm_view_from_qom
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.probe.smp_image import SmpResult
 from kvmcpuid_virt.process import (
     Deadline,
     kill_process,
@@ -341,17 +342,6 @@ def _result(ended: _Ended, serial: bytes, queries: list[Query], seconds: float,
         diagnostics=diagnostics,
         msrs=read,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class SmpResult:
-    """What each vCPU of a multi-vCPU guest saw (the BSP's first), by
-    reporting order; `vcpus`: how many the guest was started with."""
-
-    tables: tuple[CpuidTable, ...]
-    vcpus: int
-    seconds: float
-    diagnostics: tuple[str, ...] = ()
 
 
 def run_qemu_smp(

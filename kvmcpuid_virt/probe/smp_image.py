@@ -28,6 +28,7 @@ Each vCPU's answers carry its own APIC IDs (CPUID 1 EBX[31:24], 0xB EDX,
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from collections.abc import Sequence
@@ -64,7 +65,7 @@ from kvmcpuid_virt.probe.image import (
     xor_r32_r32,
 )
 
-__all__ = ["MAX_VCPUS", "START_MARKER", "build", "encode", "parse"]
+__all__ = ["MAX_VCPUS", "START_MARKER", "SmpResult", "build", "encode", "parse"]
 
 START_MARKER: Final = b"\x7fKCPSMP\x01"
 END_MARKER: Final = image.END_MARKER
@@ -93,6 +94,17 @@ QUERY_OFFSET: Final = 0x0600
 MAX_QUERIES: Final = 0x200
 
 Query = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SmpResult:
+    """What each vCPU of a multi-vCPU guest saw (the BSP's first), by
+    reporting order; `vcpus`: how many the guest was started with."""
+
+    tables: tuple[CpuidTable, ...]
+    vcpus: int
+    seconds: float
+    diagnostics: tuple[str, ...] = ()
 
 
 class _Asm(Asm):
