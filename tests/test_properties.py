@@ -33,6 +33,7 @@ from kvmcpuid_virt.analysis.given import qemu_cpu_value
 from kvmcpuid_virt.config.build import Policy, build
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.formats import FORMATS, JSON_FORMAT_NAME, Dump, Format, dumps, loads
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import InputError, PolicyError
 from kvmcpuid_virt.fsutil import load_dump
@@ -461,7 +462,9 @@ def configs(draw: st.DrawFn) -> Any:
 @_settings(100)
 @given(configs())
 def test_qemu_render_parses_back(config: Any) -> None:
-    expected = (config.model, config.enabled(), config.disabled())
+    # Feature-MSR switches (mds-no, ...) follow the CPUID ones.
+    expected = (config.model, config.enabled() + config.msr_enabled(),
+                config.disabled() + config.msr_disabled())  # fmt: skip
     assert qemu.parse(qemu.render(config, "arg")) == expected
     assert qemu.parse(qemu.render(config, "argv")) == expected
     assert qemu.parse(qemu_cpu_value(qemu.render(config, "json"), "flags.json")) == expected
@@ -477,7 +480,11 @@ def test_libvirt_render_parses_back(config: Any) -> None:
     except PolicyError:
         assume(False)
     named = {n for n in config.features if REG.lookup(n).libvirt is not None}
-    expected = (model, tuple(n for n in config.enabled() if n in named),
-                tuple(n for n in config.disabled() if n in named))  # fmt: skip
+    msr = {n for n in config.msr_features if msr_registry().lookup(n).libvirt is not None}
+    expected = (model,
+                tuple(n for n in config.enabled() if n in named)
+                + tuple(n for n in config.msr_enabled() if n in msr),
+                tuple(n for n in config.disabled() if n in named)
+                + tuple(n for n in config.msr_disabled() if n in msr))  # fmt: skip
     assert lv.parse(lv.render(config, model), SOURCE) == expected
     assert {u.name for u in lv.unexpressible(config) if u.on} <= set(config.enabled()) - named
