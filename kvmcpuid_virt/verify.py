@@ -36,8 +36,10 @@ from kvmcpuid_virt.analysis.msr_compare import (
     expectations,
     msr_queries,
 )
+from kvmcpuid_virt.analysis.topology import check_topology, smp_queries
 from kvmcpuid_virt.config.build import with_model_identity
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
+from kvmcpuid_virt.config.topology import Topology
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import (
@@ -52,7 +54,7 @@ from kvmcpuid_virt.host import cpuinfo_fields
 from kvmcpuid_virt.probe.image import default_queries
 from kvmcpuid_virt.probe.kvm import run_kvm
 from kvmcpuid_virt.probe.libvirt import DomainRefusedError, LibvirtProbe
-from kvmcpuid_virt.probe.qemu import run_qemu
+from kvmcpuid_virt.probe.qemu import run_qemu, run_qemu_smp
 from kvmcpuid_virt.probe.result import ProbeResult
 from kvmcpuid_virt.toolfacts.facts import QEMU_BINARY, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
@@ -61,10 +63,12 @@ __all__ = [
     "BACKENDS",
     "BackendReport",
     "Target",
+    "TopologyReport",
     "could_not_run",
     "requested_table",
     "target_for",
     "verify",
+    "verify_topology",
 ]
 
 # Every backend, in the order verify runs them.
@@ -429,3 +433,88 @@ def _report(
     msrs = compare_msrs(expected_msrs, result.msrs, backend, vmm=result.msr_vmm,
                         offered=None if host_msrs is None else host_msrs.as_dict())  # fmt: skip
     return BackendReport(backend, cmp, result.seconds, (*result.diagnostics, *notes), msrs=msrs)
+
+
+# --- topology ---------------------------------------------------------------------------
+
+_RAW_KVM_TOPOLOGY = ("not checked: on raw KVM each vCPU's CPUID is the table this tool "
+                     "writes, with no topology of its own (no VMM lays one out)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologyReport:
+    """One backend's multi-vCPU guest against a topology (analysis.topology)."""
+
+    backend: Backend
+    topology: Topology
+    problems: tuple[str, ...] = ()
+    vcpus: int = 0  # that reported
+    seconds: float = 0.0
+    error: str | None = None
+    machinery: bool = False  # the error is the machinery's (could_not_run)
+    skipped: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.problems
+
+    @property
+    def could_not_run(self) -> bool:
+        return self.error is not None and self.machinery
+
+    def as_json(self) -> dict[str, object]:
+        return {"backend": self.backend, "topology": self.topology.spec(), "ok": self.ok,
+                "could_not_run": self.could_not_run, "vcpus_reported": self.vcpus,
+                "vcpus": self.topology.vcpus, "problems": list(self.problems),
+                "error": self.error, "skipped": self.skipped,
+                "seconds": round(self.seconds, 4)}  # fmt: skip
+
+    def text(self) -> str:
+        head = f"{self.backend}: topology {self.topology.spec()}"
+        if self.skipped is not None:
+            return f"{head}: {self.skipped}"
+        if self.error is not None:
+            what = "could not run the guest" if self.machinery else "did not run"
+            return f"{head}: {what}: {self.error}"
+        if not self.problems:
+            return (f"{head}: {self.vcpus} vCPUs, each with its own APIC IDs, consistent "
+                    "with the topology")  # fmt: skip
+        return "\n".join([f"{head}: {len(self.problems)} problem(s)",
+                          *(f"  {p}" for p in self.problems)])
+
+
+def verify_topology(
+    target: Target, topology: Topology, backends: Iterable[Backend], *, timeout: float = 10.0,
+    qemu: str | None = None, libvirt_uri: str | None = None,
+) -> list[TopologyReport]:
+    """Boot the multi-vCPU guest with `topology` on each VMM backend and
+    check what each vCPU reports (analysis.topology.check_topology). A
+    backend that cannot run it yields a report with `error`, never an
+    exception (Ctrl-C propagates; the guests are cleaned up on the way)."""
+    queries = smp_queries(default_queries(target.requested))
+    out = []
+    for backend in backends:
+        if backend == Backend.KVM:
+            out.append(TopologyReport(backend, topology, skipped=_RAW_KVM_TOPOLOGY))
+            continue
+        start = time.monotonic()
+        try:
+            if backend == Backend.QEMU:
+                facts = target.facts.qemu
+                binary = qemu or (facts.binary if facts is not None else QEMU_BINARY)
+                result = run_qemu_smp(target.qemu_cpu(), queries, topology.qemu_smp(),
+                                      topology.vcpus, timeout, binary)
+            else:
+                with LibvirtProbe(libvirt_uri or target.facts.libvirt_uri) as probe:
+                    result = probe.run_smp(target.libvirt_cpu(), queries, topology.vcpus,
+                                           topology.libvirt_topology(), timeout,
+                                           features=target.libvirt_features())
+        except (KvmcpuidError, ProbeError) as exc:
+            out.append(TopologyReport(backend, topology, seconds=time.monotonic() - start,
+                                      error=" ".join(str(exc).split()),
+                                      machinery=could_not_run(exc)))
+            continue
+        out.append(TopologyReport(backend, topology,
+                                  tuple(check_topology(topology, result.tables)),
+                                  len(result.tables), result.seconds))
+    return out

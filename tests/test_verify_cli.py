@@ -445,3 +445,40 @@ def test_libvirt_host_guest_is_held_to_the_configuration(kvm: Kvm,
     assert unmodelled <= {"MONITOR/MWAIT line sizes and extensions",
                           "brand ID and package type (AMD)",
                           "performance optimization identifiers (AMD)"}, unmodelled
+
+
+def test_topology_is_verified_on_the_vmm_backends(kvm: Kvm, qemu_binary: str,
+                                                  libvirt_conn_uri: str) -> None:
+    r = _verify("--connect", libvirt_conn_uri, "--topology", "sockets=1,cores=2,threads=2",
+                "--format", "json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    by = {t["backend"]: t for t in doc["topology"]}
+    assert by["kvm"]["skipped"] and not by["kvm"]["problems"]
+    for b in ("qemu", "libvirt"):
+        assert by[b]["ok"] and by[b]["vcpus_reported"] == 4 and by[b]["problems"] == [], by[b]
+
+
+def test_a_vmm_booting_another_topology_fails_verify(kvm: Kvm, qemu_binary: str,
+                                                     tmp_path: Path) -> None:
+    wrapper = tmp_path / "qemu-smp-mutant"
+    wrapper.write_text(
+        "#!/bin/bash\nargs=(); next=0\n"
+        'for a in "$@"; do\n'
+        '  if [ $next = 1 ]; then a="4,sockets=2,cores=1,threads=2"; next=0; fi\n'
+        '  [ "$a" = "-smp" ] && next=1; args+=("$a")\n'
+        "done\n"
+        f'exec {qemu_binary} "${{args[@]}}"\n'
+    )
+    wrapper.chmod(0o755)
+    r = _verify("--backend", "qemu", "--qemu", str(wrapper), "--topology",
+                "sockets=1,cores=2,threads=2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "qemu: topology sockets=1,cores=2,threads=2: " in r.stdout
+    assert "logical processor count (1 EBX[23:16]): the topology needs at least 4, guest " \
+           "sees 2" in r.stdout, r.stdout  # fmt: skip
+
+
+def test_a_bad_topology_is_one_line(kvm: Kvm) -> None:
+    r = _verify("--topology", "sockets=1,cores=2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "topology" in r.stderr, r.stderr

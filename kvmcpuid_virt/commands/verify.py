@@ -8,13 +8,15 @@ import sys
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:  # annotations only: the command module imports nothing else at load
+    from collections.abc import Sequence
+
     from kvmcpuid_virt.analysis.backend import Backend
     from kvmcpuid_virt.analysis.compare import Word
     from kvmcpuid_virt.analysis.given import LibvirtCpu
     from kvmcpuid_virt.config.cpuconfig import CpuConfig
     from kvmcpuid_virt.cpuid.table import CpuidTable, Register
     from kvmcpuid_virt.toolfacts.facts import ToolFacts
-    from kvmcpuid_virt.verify import BackendReport, Target
+    from kvmcpuid_virt.verify import BackendReport, Target, TopologyReport
 
     BitKey = tuple[int, int, Register, int]
 
@@ -77,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     given.add_argument("--libvirt-xml", metavar="FILE",
                        help="verify the <cpu> of this domain XML or <cpu> element (- for stdin)")
     add_policy_options(p)
+    p.add_argument("--topology", metavar="sockets=S,cores=C,threads=T",
+                   help="also boot a guest with this many vCPUs in this topology (QEMU -smp, "
+                   "libvirt <topology>) and check what each vCPU reports of it: APIC IDs, "
+                   "leaf 1 counts, 0xB levels, 0x80000008, 0x8000001E")  # fmt: skip
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="per-guest timeout in seconds (default 10)")
@@ -94,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     """Check, boot, compare, report; the exit status says how it went (EPILOG).
     Ctrl-C and SIGTERM are cli's (130, 143): every backend cleans up on the way."""
     chosen, uri = _checked_arguments(args)
+    if args.topology is not None:
+        from kvmcpuid_virt.config.topology import Topology
+
+        Topology.parse(args.topology)  # a bad spelling fails before anything boots
     given = _given(args)  # bad flags or XML fail here, before /dev/kvm or QEMU is asked
     return _boot_and_report(args, given, chosen, uri)
 
@@ -110,15 +120,24 @@ def _boot_and_report(args: argparse.Namespace, given: str | LibvirtCpu | None,
     uncontrolled, reasons, notes = _host_control(args)
     reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
                      reasons=reasons, timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
-    status = exit_status(reports)
+    topology: list[TopologyReport] = []
+    if args.topology is not None:
+        from kvmcpuid_virt.config.topology import Topology
+        from kvmcpuid_virt.verify import verify_topology
+
+        topology = verify_topology(target, Topology.parse(args.topology), backends,
+                                   timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
+    status = exit_status([*reports, *topology])
     if args.format == "json":
-        _write_json(status, target.config, notes, reports)
+        _write_json(status, target.config, notes, reports, topology)
     else:
         _write_text(args, target.config, notes, reports)
+        for t in topology:
+            print(t.text())
     return status
 
 
-def exit_status(reports: list[BackendReport]) -> int:
+def exit_status(reports: Sequence[BackendReport | TopologyReport]) -> int:
     """EXIT_MISMATCH when a backend saw a mismatch or refused the
     configuration, else EXIT_COULD_NOT_RUN when a backend's machinery failed,
     else EXIT_OK: a finding outranks a backend that gave none."""
@@ -240,8 +259,8 @@ _STATUS_NAMES = {EXIT_OK: "match", EXIT_MISMATCH: "mismatch",
                  EXIT_COULD_NOT_RUN: "could-not-run"}  # fmt: skip
 
 
-def _write_json(status: int, config: CpuConfig, notes: list[str],
-                reports: list[BackendReport]) -> None:  # fmt: skip
+def _write_json(status: int, config: CpuConfig, notes: list[str], reports: list[BackendReport],
+                topology: Sequence[TopologyReport] = ()) -> None:  # fmt: skip
     """--format json: one document on stdout ("exit_status" is the command's)."""
     import json
 
@@ -253,6 +272,7 @@ def _write_json(status: int, config: CpuConfig, notes: list[str],
         "dropped": list(config.dropped),
         "host_does_not_control": notes,
         "backends": [r.as_json() for r in reports],
+        "topology": [t.as_json() for t in topology],
     }
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
