@@ -26,10 +26,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Final, TypeAlias
 
+from kvmcpuid_virt.adapters.msr_values import guest_msr_values
 from kvmcpuid_virt.analysis.hostbits import NAMED, Profile, pack, profiles, unpack
 from kvmcpuid_virt.config.cpuconfig import vendor_of
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.formats import Dump
+from kvmcpuid_virt.cpuid.msr_features import MsrLayout, msr_registry
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.cpuid.table import (
     INDEXED_LEAVES,
     REGISTERS,
@@ -320,7 +323,8 @@ def _assemble(
 ) -> Baseline:
     """The Baseline of the final entries, in (leaf, subleaf) order; its vendor
     is the table's leaf 0, else the first input's."""
-    table = CpuidTable(sorted(entries.values(), key=lambda e: e.key))
+    table = CpuidTable(sorted(entries.values(), key=lambda e: e.key),
+                       _common_msrs([d for d in dumps if d.kind != "config"], notes))
     return Baseline(
         table=table,
         vendor=vendor_of(table) or vendor,
@@ -328,6 +332,47 @@ def _assemble(
         notes=tuple(notes),
         sources=tuple(d.source for d in dumps),
     )
+
+
+def _common_msrs(full: Sequence[Dump], notes: list[str]) -> FeatureMsrs | None:
+    """The feature MSRs every host can give: for each flag MSR every input
+    lists, its named bits ANDed over the inputs (each cut to what a vCPU of
+    that host accepts, where its dump recorded a trial), as Firecracker's
+    export does. VMX control and value MSRs are left out (not flags to
+    intersect). Where some input carries no feature MSRs (a version-1 dump,
+    `cpuid -1r` text) they are unknown there, so none can be promised: none
+    is available (not None, which a config of this host would fill in with
+    this host's own)."""
+    if not full:
+        return None
+    per_host = [guest_msr_values(d.table) for d in full]
+    if all(v is None for v in per_host):
+        return None
+    unknown = [d.source for d, v in zip(full, per_host, strict=True) if v is None]
+    if unknown:
+        notes.append("feature MSRs: none promised, unknown on " + ", ".join(unknown))
+        return FeatureMsrs((), available=False, why="not every host's feature MSRs are known")
+    known = [v for v in per_host if v is not None]
+    mreg = msr_registry()
+    items = []
+    left_out = []
+    for index in sorted(set.intersection(*(set(v) for v in known))):
+        info = mreg.msr(index)
+        if info is None or info.layout is not MsrLayout.FLAGS:
+            if info is None or info.layout is MsrLayout.CONTROLS:
+                left_out.append(f"{index:#x}")  # a number (microcode) is no feature
+            continue
+        care = 0
+        for f in mreg.in_msr(index):
+            care |= f.mask
+        value = care
+        for v in known:
+            value &= v[index]
+        items.append((index, value))
+    if left_out:
+        notes.append("feature MSRs that are not flags (VMX controls, unknown ones), left "
+                     "out: " + ", ".join(left_out))  # fmt: skip
+    return FeatureMsrs(items, available=True)
 
 
 def _min_fields(
