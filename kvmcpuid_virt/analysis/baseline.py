@@ -14,6 +14,9 @@ Rules:
 - non-flag fields take the minimum (max basic/extended/hypervisor leaf, leaf 7
   max subleaf, physical/virtual/guest address bits); XSAVE masks are ANDed and
   the XSAVE sizes are recomputed for the components that remain;
+- feature MSRs (the table's `msrs`): each flag MSR every full input lists,
+  its named bits ANDed (each cut to what that host's vCPU accepts); none
+  available when some input's are unknown (_common_msrs);
 - everything else (vendor, family/model/stepping, brand, cache and topology
   leaves) comes from the oldest host of the first input's vendor, the
   "template"; an entry is kept only if every full input has it.
