@@ -332,3 +332,25 @@ def test_libvirt_cpu_carries_msr_features_in_cpu_maps_spelling_and_reads_back() 
     _model, enable, disable = lv.parse(etree.fromstring(etree.tostring(cpu)), "cpu.xml")
     assert set(config.msr_enabled()) <= set(enable)
     assert {n for n in config.msr_disabled() if reg.lookup(n).libvirt} <= set(disable)
+
+
+def test_host_model_msr_features_become_the_inputs_feature_msrs() -> None:
+    """A libvirt host-model naming mds-no (cpu_map: IA32_ARCH_CAPABILITIES
+    bit 5) carries MSR 0x10A with that bit, deliverable, into a baseline."""
+    from kvmcpuid_virt.config.host_model import host_model_dump
+
+    if not FACTS.msr_features or "mds-no" not in FACTS.msr_features:
+        pytest.skip("the recording has no cpu_map MSR features")
+    xml = ("<domainCapabilities><cpu><mode name='host-model' supported='yes'>"
+           "<model fallback='forbid'>qemu64</model><vendor>Intel</vendor>"
+           "<feature policy='require' name='mds-no'/><feature policy='require' name='rdctl-no'/>"
+           "</mode></cpu></domainCapabilities>")  # fmt: skip
+    if "qemu64" not in FACTS.cpu_map:
+        pytest.skip("no qemu64 in the recorded cpu_map")
+    hm = host_model_dump(xml, "synthetic", FACTS)
+    msrs = hm.dump.msrs
+    assert msrs is not None and msrs.as_dict() == {0x10A: MDS_NO_BIT | 1}
+    assert msrs.deliverable_dict() == {0x10A: MDS_NO_BIT | 1} and hm.msr_left_out == ()
+
+
+MDS_NO_BIT = 1 << 5  # Intel SDM vol. 4, table 2-2

@@ -1,7 +1,10 @@
 """A libvirt host's CPU as a baseline input: the host-model CPU its domain
 capabilities report (`kvmcpuid baseline --connect qemu+ssh://host/system`),
 turned into a feature-only Dump (kind "config") through the local cpu_map
-(libvirt_caps.connect_dump asks a libvirt host for its domain capabilities)."""
+(libvirt_caps.connect_dump asks a libvirt host for its domain capabilities).
+Its feature-MSR features (mds-no, ...) become the table's feature MSRs: the
+bits of the MSRs they name, taken as what that host's vCPUs accept (libvirt
+lists in host-model only what the host can run)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import TYPE_CHECKING, Final
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
 from kvmcpuid_virt.cpuid.formats import Dump
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, EntryFlag
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
@@ -36,6 +41,9 @@ class HostModel:
     # Names neither the registry nor cpu_map's MSR features know (a newer
     # libvirt than this registry was made from).
     unknown: tuple[str, ...]
+    # Of msr_features, those the feature-MSR registry cannot place in the
+    # table's MSRs (dump.table.msrs carries the others).
+    msr_left_out: tuple[str, ...] = ()
 
 
 def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostModel:
@@ -47,8 +55,26 @@ def host_model_dump(domcaps_xml: str, source: str, facts: ToolFacts) -> HostMode
     names = _feature_names(mode, source, facts)
     vendor = _vendor(mode, source)
     words, by_msr, unknown = _cpuid_words(names, facts.msr_features)
-    dump = Dump(_feature_table(vendor, words), "config", {"libvirt_uri": source}, source)
-    return HostModel(dump, tuple(by_msr), tuple(unknown))
+    msrs, left_out = _msr_values(by_msr) if facts.msr_features else (None, by_msr)
+    table = _feature_table(vendor, words).with_msrs(msrs)
+    dump = Dump(table, "config", {"libvirt_uri": source}, source)
+    return HostModel(dump, tuple(by_msr), tuple(unknown), tuple(left_out))
+
+
+def _msr_values(names: list[str]) -> tuple[FeatureMsrs, list[str]]:
+    """The feature MSRs the host-model's MSR features set (each MSR with
+    at least one of them; every bit deliverable), and the names the
+    feature-MSR registry does not know."""
+    reg = msr_registry()
+    values: dict[int, int] = {}
+    left_out = []
+    for name in names:
+        f = reg.by_libvirt(name)
+        if f is None:
+            left_out.append(name)
+            continue
+        values[f.msr] = values.get(f.msr, 0) | f.mask
+    return FeatureMsrs.of(values, values), left_out
 
 
 def _host_model_mode(root: etree._Element, source: str) -> etree._Element:
