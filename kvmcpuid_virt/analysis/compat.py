@@ -373,11 +373,15 @@ def _feature_reasons(guest: Dump, host: Host, reg: Registry, ignore: tuple[Ignor
     table = "KVM's supported CPUID" if host.dump.kind == "supported" else "the host's CPUID"
     shown_on: list[str] = []  # off in the guest, but the host may show them on
     given_on: list[str] = []  # not in KVM's table, but the host forces them on
+    unknown_pv: list[str] = []  # KVM's own leaves, which a host-model does not name
     for leaf, subleaf, r in reg.words():
         word: Word = (leaf, subleaf, r)
-        checked[_pos(leaf, subleaf, r)] = Rule.SUBSET
         mask = ~_ignored(ignore, leaf, subleaf, r) & _ALL
         want = word_value(guest, leaf, subleaf, r, limits[0]) & mask
+        if not _has_ranges(host.dump) and fields.range_base(leaf) == fields.HYPERVISOR_BASE:
+            unknown_pv += [f.name for f in reg.in_word(leaf, subleaf, r) if want & f.mask]
+            continue
+        checked[_pos(leaf, subleaf, r)] = Rule.SUBSET
         kvm = word_value(host.dump, leaf, subleaf, r, limits[1])
         free = control.uncontrolled.get(word, 0) & mask
         off = control.forced_off.get(word, 0) & free
@@ -415,6 +419,10 @@ def _feature_reasons(guest: Dump, host: Host, reg: Registry, ignore: tuple[Ignor
                 given_on.append(name)
             elif not want & b and (on & b or (free & b and kvm & b and not off & b)):
                 shown_on.append(name)
+    if unknown_pv:
+        notes.append("KVM paravirtual features not compared (a libvirt host-model names "
+                     "none; libvirt sets them from the domain's <features> and <clock>): "
+                     + ", ".join(unknown_pv))  # fmt: skip
     if given_on:
         notes.append("not in KVM's table, but this host forces them on (host-control probe), "
                      f"so the guest gets them: {', '.join(given_on)}")

@@ -89,9 +89,14 @@ def side(dump: Dump) -> Side:
     words: dict[tuple[int, int, str], int] = {}
     offers: dict[tuple[int, int, str], int] = {}
     limits = fields.leaf_limits(offer.table)
+    feature_only = dump.kind == "config"
     for leaf, sub, r in WORDS:
         words[(leaf, sub, r)] = word_value(guest, leaf, sub, r, limits)
         offers[(leaf, sub, r)] = word_value(offer, leaf, sub, r, limits)
+        if feature_only and fields.range_base(leaf) == fields.HYPERVISOR_BASE:
+            # A host-model names no KVM paravirtual feature: not compared
+            # (compat's rule), so as if it had every one.
+            offers[(leaf, sub, r)] = 0xFFFF_FFFF
     comps = xsave_components(guest)
     return Side(
         guest=guest,
