@@ -101,7 +101,9 @@ def policy_key(args: argparse.Namespace) -> tuple[object, ...]:
 
 
 def table_bytes(table: CpuidTable) -> bytes:
-    return repr([(e.function, e.index, int(e.flags), *e.regs()) for e in table]).encode()
+    # The feature MSRs a dump carries decide MSR features too (config/msr_policy).
+    rows = [(e.function, e.index, int(e.flags), *e.regs()) for e in table]
+    return repr((rows, table.msrs)).encode()
 
 
 def learn_facts() -> ToolFacts:
