@@ -354,3 +354,20 @@ def test_host_model_msr_features_become_the_inputs_feature_msrs() -> None:
 
 
 MDS_NO_BIT = 1 << 5  # Intel SDM vol. 4, table 2-2
+
+
+def test_qemu_flags_memo_tells_dumps_apart_by_their_feature_msrs(tmp_path: Path) -> None:
+    """Two dumps with the same CPUID and other feature MSRs, read from the
+    same path in turn: the output memo must not answer the second with the
+    first's flags (mds-no follows IA32_ARCH_CAPABILITIES bit 5)."""
+    table = load_dump(str(ATOM)).table
+    path = tmp_path / "host.json"
+    outputs = []
+    for value in (0x0, 1 << 5):
+        msrs = FeatureMsrs.of({0x10A: value})
+        path.write_text(dumps(Dump(table.with_msrs(msrs), host={"hostname": "elsewhere"}),
+                              "json"))  # fmt: skip
+        proc = _cli("qemu-flags", "--from", str(path))
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert "mds-no=off" in outputs[0] and "mds-no=on" in outputs[1]
