@@ -371,3 +371,17 @@ def test_qemu_flags_memo_tells_dumps_apart_by_their_feature_msrs(tmp_path: Path)
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
     assert "mds-no=off" in outputs[0] and "mds-no=on" in outputs[1]
+
+
+def test_unmet_names_what_a_host_cannot_give_of_a_guests_msr_features() -> None:
+    """For compat-style judgements: a guest with mds-no and rdctl-no on, a
+    host like this one (KVM offers both, a vCPU accepts neither), one that
+    lacks mds-no, and one whose feature MSRs are unknown."""
+    here = FeatureMsrs.of({0x10A: 0x69}, {0x10A: 0})
+    got = msr_policy.unmet(["mds-no", "RDCTL-NO"], here, {"arch-capabilities": True})
+    assert set(got) == {"mds-no", "rdctl-no"} and "refuses" in got["mds-no"]
+    other = FeatureMsrs.of({0x10A: 0x1}, {0x10A: 0x1})
+    assert set(msr_policy.unmet(["mds-no", "rdctl-no"], other, {})) == {"mds-no"}
+    gated = msr_policy.unmet(["rdctl-no"], other, {"arch-capabilities": False})
+    assert "enumerates" in gated["rdctl-no"]
+    assert msr_policy.unmet(["mds-no"], None, {}) == {}

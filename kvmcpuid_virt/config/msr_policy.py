@@ -45,6 +45,7 @@ __all__ = [
     "relevant",
     "resolve",
     "unknown_note",
+    "unmet",
 ]
 
 
@@ -194,6 +195,33 @@ def expected_msrs(
 
 
 UNKNOWN: Final = "carries no feature MSRs"
+
+
+def unmet(wanted: Iterable[str], msrs: FeatureMsrs | None, cpuid_on: Mapping[str, bool],
+          reg: MsrRegistry | None = None) -> dict[str, str]:  # fmt: skip
+    """Of the MSR features a guest has on (`wanted`, any spelling), those a
+    host with `msrs` (and the CPUID features `cpuid_on` it gives) cannot
+    give, each with a one-line reason; for compat-style judgements. Unknown
+    MSRs (None) give nothing: unknown is not "missing"."""
+    r = reg or msr_registry()
+    if msrs is None:
+        return {}
+    out = {}
+    accepts = msrs.deliverable_dict()
+    for name in wanted:
+        f = r.lookup(name)
+        info = r.msr(f.msr)
+        label = info.label if info else f"MSR {f.msr:X}H"
+        value = msrs.get(f.msr)
+        gate = info.enumerated_by if info is not None else None
+        if value is None or not f.present(value):
+            out[f.name] = f"{f.name} ({f.position}): the host's KVM does not offer it"
+        elif accepts is not None and accepts.get(f.msr, 0) & f.mask != f.mask:
+            out[f.name] = f"{f.name} ({f.position}): a vCPU of the host refuses it in {label}"
+        elif gate is not None and not cpuid_on.get(gate, True):
+            out[f.name] = (f"{f.name} ({f.position}): the host cannot give {gate}, "
+                           f"which enumerates {label}")  # fmt: skip
+    return out
 
 
 def unknown_note(source: str) -> str:
