@@ -145,3 +145,17 @@ def test_a_real_guest_with_a_cut_max_leaf_lacks_the_leaves_above(supported: Cpui
     texts = [m.text() for m in cmp.field_mismatches]
     assert f"max basic leaf: configured {top:#x}, guest sees 0x7 (changed in the VMM)" in texts
     assert any(t.startswith(f"basic leaves 0x8..{top:#x}: configured present") for t in texts)
+
+
+def test_an_empty_extended_range_compares_only_its_max_leaf() -> None:
+    """QEMU's xlevel=0 models (pentium3): the configuration has no extended
+    range, so leaf 0x80000000's other registers (KVM's vendor string there)
+    are not the guest's to match; its max leaf still is."""
+    vendor = (0x6874_7541, 0x444D_4163, 0x6974_6E65)  # 'AuthenticAMD' as EBX, ECX, EDX
+    requested = CpuidTable([CpuidEntry(0, eax=2), CpuidEntry(0x8000_0000, 0, 0, 0, *vendor)])
+    quiet = CpuidTable([CpuidEntry(0, eax=2), CpuidEntry(0x8000_0000)])
+    cmp = compare(requested, quiet, backend=Backend.QEMU)
+    assert cmp.ok and not cmp.mismatches and cmp.fields_compared == 3  # vendor, both max leaves
+    raised = CpuidTable([CpuidEntry(0, eax=2), CpuidEntry(0x8000_0000, eax=0x8000_0008)])
+    [m] = compare(requested, raised, backend=Backend.QEMU).field_mismatches
+    assert m.name == "max extended leaf"

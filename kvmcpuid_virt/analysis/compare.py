@@ -454,8 +454,17 @@ def _compare_all(requested: CpuidTable, guest: CpuidTable, backend: Backend,
     absent: dict[int, set[int]] = {}
     present: set[tuple[int, int]] = set()
     compared = 0
+    # A range whose max leaf is configured below its base (QEMU's xlevel=0 for
+    # old models): the configuration has none of it, its base leaf's other
+    # registers included; only the max leaf itself is compared.
+    empty = {b for b in _RANGES if b and requested.lookup(b, 0) is not None
+             and requested.get(b, 0, "eax") < b}  # fmt: skip
     for leaf, subleaf in sorted(set(requested.keys()) | asked):
         base = _range_base(leaf)
+        if base in empty and (leaf, subleaf) in asked:
+            if leaf == base and subleaf == 0:
+                present.add((leaf, subleaf))
+            continue
         if base is not None and leaf > want_limits.get(base, leaf):
             continue  # beyond the configuration's own max leaf: CPUID answers another leaf
         if (leaf, subleaf) not in asked:
