@@ -70,3 +70,12 @@ def test_a_host_whose_msrs_are_unknown_leaves_none_available() -> None:
     # must not fill the gap with this machine's own MSRs.
     assert msrs_for(result.table, NO_TOOLS, True) is msrs
     assert baseline([old, old]).table.msrs is None  # nobody's known: unknown
+
+
+def test_a_host_models_msr_features_count_too() -> None:
+    # A feature-only input (a libvirt host-model, kind "config") that names
+    # MDS_NO but not RDCL_NO: the baseline promises only MDS_NO.
+    a = _host("a", FeatureMsrs([(ARCH_CAPABILITIES, RDCL_NO | MDS_NO)]))
+    view = _host("qemu+ssh://b/system", FeatureMsrs([(ARCH_CAPABILITIES, MDS_NO)]))
+    hm = Dump(view.table, "config", {}, view.source)
+    assert _values(baseline([a, hm]).table.msrs) == {ARCH_CAPABILITIES: MDS_NO}

@@ -14,7 +14,7 @@ Rules:
 - non-flag fields take the minimum (max basic/extended/hypervisor leaf, leaf 7
   max subleaf, physical/virtual/guest address bits); XSAVE masks are ANDed and
   the XSAVE sizes are recomputed for the components that remain;
-- feature MSRs (the table's `msrs`): each flag MSR every full input lists,
+- feature MSRs (the table's `msrs`): each flag MSR every input lists,
   its named bits ANDed (each cut to what that host's vCPU accepts); none
   available when some input's are unknown (_common_msrs);
 - everything else (vendor, family/model/stepping, brand, cache and topology
@@ -327,7 +327,7 @@ def _assemble(
     """The Baseline of the final entries, in (leaf, subleaf) order; its vendor
     is the table's leaf 0, else the first input's."""
     table = CpuidTable(sorted(entries.values(), key=lambda e: e.key),
-                       _common_msrs([d for d in dumps if d.kind != "config"], notes))
+                       _common_msrs(dumps, notes))
     return Baseline(
         table=table,
         vendor=vendor_of(table) or vendor,
@@ -339,9 +339,10 @@ def _assemble(
 
 def _common_msrs(full: Sequence[Dump], notes: list[str]) -> FeatureMsrs | None:
     """The feature MSRs every host can give: for each flag MSR every input
-    lists, its named bits ANDed over the inputs (each cut to what a vCPU of
-    that host accepts, where its dump recorded a trial), as Firecracker's
-    export does. VMX control and value MSRs are left out (not flags to
+    lists (a libvirt host-model's too: host_model_dump gives it the MSR
+    features it names), its named bits ANDed over the inputs (each cut to
+    what a vCPU of that host accepts, where its dump recorded a trial), as
+    Firecracker's export does. VMX control and value MSRs are left out (not flags to
     intersect). Where some input carries no feature MSRs (a version-1 dump,
     `cpuid -1r` text) they are unknown there, so none can be promised: none
     is available (not None, which a config of this host would fill in with
