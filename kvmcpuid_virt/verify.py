@@ -12,6 +12,7 @@ re-rendered: verify checks the user's configuration, not ours.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +57,7 @@ from kvmcpuid_virt.probe.kvm import run_kvm
 from kvmcpuid_virt.probe.libvirt import DomainRefusedError, LibvirtProbe
 from kvmcpuid_virt.probe.qemu import run_qemu, run_qemu_smp
 from kvmcpuid_virt.probe.result import ProbeResult
+from kvmcpuid_virt.qmp import run_commands
 from kvmcpuid_virt.toolfacts.facts import QEMU_BINARY, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
 
@@ -386,13 +388,10 @@ def _expectations(backend: Backend, target: Target) -> tuple[CpuidTable, list[Ig
             del unmodelled[name]
     if base == HOST_PASSTHROUGH:
         return _brand(requested, cpuinfo_fields("model name")["model name"]), ignores, unmodelled
-    # A named model: QEMU sets these from the model (model-id, leaf 1's
-    # signature copied to 0x80000001) and its default phys-bits (40).
-    unmodelled["brand string"] = "QEMU's model-id sets it"
-    unmodelled["extended signature (AMD)"] = "QEMU copies the model's leaf 1 signature"
-    for name in ("physical address bits", "linear address bits",
-                 "guest physical address bits"):
-        unmodelled[name] = "QEMU's default phys-bits for a named model"
+    # A named model: QEMU sets the linear and guest physical address bits
+    # itself (48 or 57 with lm, 32 without; 0).
+    for name in ("linear address bits", "guest physical address bits"):
+        unmodelled[name] = "QEMU sets it for a named model"
     qemu = target.facts.qemu
     if base != target.config.model:
         if qemu is not None and base in qemu.identities:
@@ -402,7 +401,50 @@ def _expectations(backend: Backend, target: Target) -> tuple[CpuidTable, list[Ig
         else:  # host-model: libvirt picks the model when it starts the guest
             for name in _IDENTITY_FIELDS:
                 unmodelled[name] = f"the <cpu> leaves the model to libvirt ({base})"
-    return requested, ignores, unmodelled
+    return _named_model_fields(requested, base, target, unmodelled), ignores, unmodelled
+
+
+def _named_model_fields(requested: CpuidTable, base: str, target: Target,
+                        unmodelled: dict[str, str]) -> CpuidTable:  # fmt: skip
+    """`requested` with what QEMU sets itself for a named model: the brand
+    string (the model's model-id, from QEMU's own expansion of the -cpu
+    value, asked live), the physical address bits (its phys-bits, else 40:
+    TCG_PHYS_ADDR_BITS, target/i386/cpu.h) and the extended signature (QEMU
+    answers 0x80000001 EAX with leaf 1's signature). Where QEMU cannot be
+    asked, those stay in `unmodelled`, with why."""
+    value = ",".join([base, *target.qemu_cpu().removeprefix("-cpu ").split(",")[1:]])
+    facts = target.facts.qemu
+    try:
+        model_id, phys = _qemu_named_fields(facts.binary if facts else QEMU_BINARY, value)
+    except KvmcpuidError as exc:
+        why = f"QEMU's expansion of the model could not be read: {' '.join(str(exc).split())}"
+        for name in ("brand string", "extended signature (AMD)", "physical address bits"):
+            unmodelled[name] = why
+        return requested
+    requested = _brand(requested, model_id)
+    signature = requested.get(1, 0, "eax") & 0x0FFF_3FFF
+    for leaf, mask, v in ((0x8000_0001, _U32, signature), (0x8000_0008, 0xFF, phys)):
+        entry = requested.lookup(leaf, 0)
+        if entry is not None:  # both in EAX
+            requested = requested.replace_entry(entry.replace(eax=entry.eax & ~mask | v))
+    return requested
+
+
+_U32: Final = 0xFFFF_FFFF
+_QEMU_DEFAULT_PHYS_BITS: Final = 40  # TCG_PHYS_ADDR_BITS, QEMU target/i386/cpu.h
+
+
+@functools.lru_cache(maxsize=16)
+def _qemu_named_fields(binary: str, cpu_value: str) -> tuple[str, int]:
+    """(model-id, physical address bits) of QEMU's full expansion of a named
+    model's -cpu value (`MODEL,feat=on|off,...,enforce`)."""
+    model, *rest = cpu_value.split(",")
+    props = {k: v == "on" for k, _, v in (p.partition("=") for p in rest)
+             if k not in ("enforce", "check")}  # fmt: skip
+    [reply] = run_commands(binary, [{"execute": "query-cpu-model-expansion", "arguments": {
+        "type": "full", "model": {"name": model, "props": props}}}])
+    got = reply["model"]["props"]
+    return str(got.get("model-id", "")), int(got.get("phys-bits") or _QEMU_DEFAULT_PHYS_BITS)
 
 
 # What with_model_identity() sets: a model's identity and max leaves.

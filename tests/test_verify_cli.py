@@ -482,3 +482,21 @@ def test_a_vmm_booting_another_topology_fails_verify(kvm: Kvm, qemu_binary: str,
 def test_a_bad_topology_is_one_line(kvm: Kvm) -> None:
     r = _verify("--topology", "sockets=1,cores=2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "topology" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("prop", "field"), [
+    ("model-id=Evil", "brand string: configured 'AMD EPYC Processor', guest sees 'Evil'"),
+    ("host-phys-bits=off,phys-bits=36", "physical address bits: configured 40, guest sees 36"),
+])
+def test_a_named_models_brand_and_address_size_are_held_to_qemus(
+    kvm: Kvm, qemu_binary: str, tmp_path: Path, prop: str, field: str
+) -> None:
+    """A named model's brand string and physical address bits are what QEMU's
+    own expansion of the model says (model-id, phys-bits or its default 40):
+    a VMM changing either fails verify, naming the field."""
+    ok = _verify("--backend", "qemu", "--model", "EPYC", "--allow-unsupported")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    r = _verify("--backend", "qemu", "--model", "EPYC", "--allow-unsupported", "--qemu",
+                str(_wrapper(tmp_path, qemu_binary, prop)))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert any(line.startswith(field) for line in r.stdout.splitlines()), r.stdout
