@@ -32,6 +32,7 @@ __all__ = [
     "matrix_html",
     "matrix_json",
     "matrix_table",
+    "short_names",
 ]
 
 FORMAT_NAME: Final = "kvmcpuid-compat-matrix"
@@ -40,11 +41,18 @@ _FITS: Final = "fits"
 _NO: Final = "does-not-fit"
 
 
-def _label(m: Matrix, g: int) -> str:
+def _label(m: Matrix, g: int, names: Sequence[str] | None = None) -> str:
     """A group's name: its one host, or its first host and how many more."""
     members = m.groups[g].members
-    first = m.hosts[members[0]]
+    first = (names or m.hosts)[members[0]]
     return first if len(members) == 1 else f"{first} (+{len(members) - 1})"
+
+
+def short_names(hosts: Sequence[str]) -> list[str]:
+    """Hosts as the page's headers show them: a dump file by its name
+    without the directory, when that is unambiguous (a URI as it is)."""
+    short = [h if "://" in h else h.rsplit("/", 1)[-1] for h in hosts]
+    return short if len(set(short)) == len(set(hosts)) else list(hosts)
 
 
 def _misfits(m: Matrix) -> list[tuple[int, int, Verdict]]:
@@ -133,6 +141,7 @@ def matrix_html(m: Matrix, title: str = "kvmcpuid compat --matrix") -> str:
     n = len(m.groups)
     misfits = _misfits(m)
     missing = {(g, h): v for g, h, v in misfits}
+    names = short_names(m.hosts)
     html = etree.Element("html", lang="en")
     head = etree.SubElement(html, "head")
     etree.SubElement(head, "meta", charset="utf-8")
@@ -151,10 +160,12 @@ def matrix_html(m: Matrix, title: str = "kvmcpuid compat --matrix") -> str:
     top = etree.SubElement(table, "tr")
     etree.SubElement(top, "th").text = "guest's host \\ host"
     for h in range(n):
-        etree.SubElement(top, "th", {"class": "col", "title": _members(m, h)}).text = _label(m, h)
+        etree.SubElement(top, "th", {"class": "col", "title": _members(m, h)}).text = \
+            _label(m, h, names)  # fmt: skip
     for g in range(n):
         row = etree.SubElement(table, "tr")
-        etree.SubElement(row, "th", {"class": "row", "title": _members(m, g)}).text = _label(m, g)
+        etree.SubElement(row, "th", {"class": "row", "title": _members(m, g)}).text = \
+            _label(m, g, names)  # fmt: skip
         for h in range(n):
             v = missing.get((g, h))
             if v is None:
