@@ -278,8 +278,32 @@ def _glance() -> list[str]:
             parts.append(f"{b}: {good}/{len(checked)}" + (f" ({extra})" if extra else ""))
         lines.append(f"{kind}, configurations whose every controlled bit matched: "
                      + "; ".join(parts))
+    lines += _whole_cpuid_lines()
     stuck = [e for e in _RESULTS.values() if e["outcome"] == COULD_NOT_RUN]
     lines.append(f"could not run (the suite's machinery, not the host): {len(stuck)}")
+    return lines
+
+
+# The checks beyond the feature words: (test file and function, what it proves).
+_WHOLE_CPUID: Final = (
+    ("test_identity.py::test_identity_is_qemus",
+     "identity and max leaves equal QEMU's own expansion"),
+    ("test_topology.py::test_topology", "multi-vCPU topology consistent"),
+    ("test_caches.py::test_libvirt_host_passthrough_caches_are_the_hosts",
+     "libvirt host-passthrough caches are the host's"),
+    ("test_mutants.py::test_mutant_vmm_changing_one_field", "field mutants caught"),
+)
+
+
+def _whole_cpuid_lines() -> list[str]:
+    """One line per check beyond the feature words: passed / run."""
+    lines = []
+    for test, what in _WHOLE_CPUID:
+        entries = [e for e in _RESULTS.values() if test in e["nodeid"]]
+        if entries:
+            count = Counter(e["outcome"] for e in entries)
+            lines.append(f"{what}: " + ", ".join(
+                f"{n} {_SYMBOL.get(o, o)}" for o, n in sorted(count.items())))
     return lines
 
 
