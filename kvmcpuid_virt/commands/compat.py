@@ -107,15 +107,21 @@ def _single(args: argparse.Namespace) -> int:
     return 0 if verdict.fits else 1
 
 
-def _hosts(args: argparse.Namespace, dumps: list[str],
-           facts: Callable[[], ToolFacts]) -> list[Host]:  # fmt: skip
+def _hosts(args: argparse.Namespace, dumps: list[str], facts: Callable[[], ToolFacts],
+           *, this_machine: bool = True) -> list[Host]:  # fmt: skip
     """The hosts named: dumps (HOST operands, --host), then --connect URIs
-    (asked concurrently), in that order."""
+    (asked concurrently), in that order. A dump of this machine as it runs
+    now is judged with this machine's QEMU and host control, as `--host`
+    (unless not `this_machine`: the matrix reads every host as its dump)."""
     from kvmcpuid_virt.analysis.compat import Host
-    from kvmcpuid_virt.cli.options import refuse_emulated
+    from kvmcpuid_virt.cli.options import of_this_host, refuse_emulated
     from kvmcpuid_virt.fleet import load_dumps
+    from kvmcpuid_virt.hostview import host_of
 
-    hosts = [Host(d) for d in load_dumps(dumps, refuse_emulated)]
+    hosts = []
+    for d in load_dumps(dumps, refuse_emulated):
+        mine = this_machine and of_this_host(d)
+        hosts.append(host_of(d, facts() if mine else None, this_host=mine))
     if args.connect:
         from kvmcpuid_virt.fleet import ask_all
         from kvmcpuid_virt.libvirt_caps import connect_dump
@@ -159,7 +165,7 @@ def _matrix(args: argparse.Namespace) -> int:
     from kvmcpuid_virt.cli.options import learn_facts
     from kvmcpuid_virt.errors import InputError
 
-    hosts = _hosts(args, list(args.operands), cache(learn_facts))
+    hosts = _hosts(args, list(args.operands), cache(learn_facts), this_machine=False)
     if len(hosts) < 2:
         raise InputError("--matrix needs at least two hosts (HOST dumps, --connect URI)")
     m = matrix([h.dump for h in hosts])
