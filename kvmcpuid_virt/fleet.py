@@ -134,6 +134,9 @@ def ask_all(
             except KvmcpuidError as exc:
                 with lock:
                     failures[i] = _cause(str(exc), hosts[i])
+            except Exception as exc:  # a thread's traceback would be no answer
+                with lock:
+                    failures[i] = f"{type(exc).__name__}: {_cause(str(exc), hosts[i])}"
             else:
                 with lock:
                     results[i] = answer
