@@ -3,8 +3,8 @@ booted on a multi-vCPU guest (probe/smp_image.py), every vCPU's answers
 checked against the topology by the CPUID definitions
 (analysis.topology.check_topology: APIC IDs distinct and split into
 (package, core, thread) as 0xB's shifts say, leaf 1 counts, 0x80000008 ECX,
-0x8000001E, all else the same on every vCPU). Raw KVM has no VMM to lay a
-topology out: each vCPU's CPUID is the table the suite writes.
+0x8000001E, all else the same on every vCPU). On raw KVM the suite is the
+VMM: config.topology.vcpu_tables lays the topology out per vCPU.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from conformance.plan import Plan
 from kvmcpuid_virt.adapters import libvirt as lv
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.topology import check_topology, smp_queries
-from kvmcpuid_virt.config.topology import Topology
+from kvmcpuid_virt.config.topology import Topology, vcpu_tables
 from kvmcpuid_virt.probe.image import default_queries
+from kvmcpuid_virt.probe.kvm import run_kvm_smp
 from kvmcpuid_virt.probe.libvirt import LibvirtProbe
 from kvmcpuid_virt.probe.qemu import run_qemu_smp
 from kvmcpuid_virt.probe.smp_image import SmpResult
@@ -33,6 +34,8 @@ def boot(vmm: Backend, the_plan: Plan, topology: Topology, qemu: str,
     value QEMU gets, default the topology's)."""
     full = the_plan.full
     queries = smp_queries(default_queries(full.expected))
+    if vmm == Backend.KVM:
+        return run_kvm_smp(vcpu_tables(full.expected, topology), queries, TIMEOUT)
     if vmm == Backend.QEMU:
         return run_qemu_smp(full.qemu_cpu, queries, smp or topology.qemu_smp(),
                             topology.vcpus, TIMEOUT, qemu)
@@ -44,10 +47,12 @@ def boot(vmm: Backend, the_plan: Plan, topology: Topology, qemu: str,
 
 
 @pytest.mark.parametrize("spec", TOPOLOGIES)
-@pytest.mark.parametrize("vmm", (Backend.QEMU, Backend.LIBVIRT))
+@pytest.mark.parametrize("vmm", (Backend.KVM, Backend.QEMU, Backend.LIBVIRT))
 def test_topology(request: pytest.FixtureRequest, vmm: Backend, spec: str, the_plan: Plan,
                   qemu_binary: str) -> None:
     uri = request.getfixturevalue("libvirt_uri") if vmm == Backend.LIBVIRT else None
+    if vmm == Backend.KVM:
+        request.getfixturevalue("kvm")
     topology = Topology.parse(spec)
     result = boot(vmm, the_plan, topology, qemu_binary, uri)
     problems = check_topology(topology, result.tables)

@@ -37,10 +37,10 @@ from kvmcpuid_virt.analysis.msr_compare import (
     expectations,
     msr_queries,
 )
-from kvmcpuid_virt.analysis.topology import check_topology, smp_queries
+from kvmcpuid_virt.analysis.topology import TOPOLOGY_QUERIES, check_topology, smp_queries
 from kvmcpuid_virt.config.build import with_model_identity
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
-from kvmcpuid_virt.config.topology import Topology
+from kvmcpuid_virt.config.topology import Topology, vcpu_tables
 from kvmcpuid_virt.cpuid.features import registry
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import (
@@ -53,7 +53,7 @@ from kvmcpuid_virt.errors import (
 )
 from kvmcpuid_virt.host import cpuinfo_fields
 from kvmcpuid_virt.probe.image import default_queries
-from kvmcpuid_virt.probe.kvm import run_kvm
+from kvmcpuid_virt.probe.kvm import run_kvm, run_kvm_smp
 from kvmcpuid_virt.probe.libvirt import DomainRefusedError, LibvirtProbe
 from kvmcpuid_virt.probe.qemu import run_qemu, run_qemu_smp
 from kvmcpuid_virt.probe.result import ProbeResult
@@ -479,10 +479,6 @@ def _report(
 
 # --- topology ---------------------------------------------------------------------------
 
-_RAW_KVM_TOPOLOGY = ("not checked: on raw KVM each vCPU's CPUID is the table this tool "
-                     "writes, with no topology of its own (no VMM lays one out)")
-
-
 @dataclasses.dataclass(frozen=True)
 class TopologyReport:
     """One backend's multi-vCPU guest against a topology (analysis.topology)."""
@@ -536,12 +532,14 @@ def verify_topology(
     queries = smp_queries(default_queries(target.requested))
     out = []
     for backend in backends:
-        if backend == Backend.KVM:
-            out.append(TopologyReport(backend, topology, skipped=_RAW_KVM_TOPOLOGY))
-            continue
         start = time.monotonic()
+        configured: list[CpuidTable] = []
         try:
-            if backend == Backend.QEMU:
+            if backend == Backend.KVM:
+                # This tool is the VMM: each vCPU's table laid out for the topology.
+                configured = vcpu_tables(target.requested, topology)
+                result = run_kvm_smp(configured, queries, timeout)
+            elif backend == Backend.QEMU:
                 facts = target.facts.qemu
                 binary = qemu or (facts.binary if facts is not None else QEMU_BINARY)
                 result = run_qemu_smp(target.qemu_cpu(), queries, topology.qemu_smp(),
@@ -556,7 +554,27 @@ def verify_topology(
                                       error=" ".join(str(exc).split()),
                                       machinery=could_not_run(exc)))
             continue
-        out.append(TopologyReport(backend, topology,
-                                  tuple(check_topology(topology, result.tables)),
-                                  len(result.tables), result.seconds))
+        problems = check_topology(topology, result.tables) + _as_set(configured, result.tables)
+        out.append(TopologyReport(backend, topology, tuple(problems), len(result.tables),
+                                  result.seconds))
+    return out
+
+
+def _as_set(configured: Sequence[CpuidTable], seen: Sequence[CpuidTable]) -> list[str]:
+    """Raw KVM: each vCPU's 0xB and 0x8000001E leaves as its table set them
+    (matched by the initial APIC ID its table gave it)."""
+    out = []
+    by_apic = {t.get(1, 0, "ebx") >> 24: t for t in configured}
+    for guest in seen:
+        want = by_apic.get(guest.get(1, 0, "ebx") >> 24)
+        if want is None:
+            continue  # check_topology names APIC IDs that are not the topology's
+        for leaf, sub in TOPOLOGY_QUERIES:
+            if want.lookup(leaf, sub) is None or guest.lookup(leaf, sub) is None:
+                continue
+            for reg in REGISTERS:
+                a, b = want.get(leaf, sub, reg), guest.get(leaf, sub, reg)
+                if leaf in (0xB, 0x8000_001E) and a != b:
+                    out.append(f"APIC ID {guest.get(1, 0, 'ebx') >> 24}: {leaf:#x}.{sub} {reg}: "
+                               f"configured {a:#010x}, guest sees {b:#010x}")
     return out

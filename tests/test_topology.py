@@ -139,3 +139,34 @@ def test_libvirt_guest_topology(kvm: Kvm, libvirt_conn_uri: str, live_facts: Too
         assert problems == []
     else:
         assert any("topology level 0 (0xB.0)" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("spec", TOPOLOGIES)
+def test_raw_kvm_guest_topology_is_consistent(kvm: Kvm, live_facts: ToolFacts,
+                                              spec: str) -> None:
+    """Raw KVM, this tool the VMM: vcpu_tables() lays the topology out per
+    vCPU; what every vCPU then reads is consistent by the definitions."""
+    from kvmcpuid_virt.config.topology import vcpu_tables
+    from kvmcpuid_virt.probe.kvm import run_kvm_smp
+
+    config = build(kvm.supported_cpuid(), source="/dev/kvm", facts=live_facts)
+    topology = Topology.parse(spec)
+    result = run_kvm_smp(vcpu_tables(config.expected, topology),
+                         smp_queries(default_queries(config.expected)), 10.0)
+    assert len(result.tables) == topology.vcpus
+    assert check_topology(topology, result.tables) == []
+
+
+def test_simulated_vmm_giving_every_vcpu_the_same_ids_is_caught(kvm: Kvm,
+                                                                 live_facts: ToolFacts) -> None:
+    """A VMM that gives every vCPU the BSP's table (simulated: raw KVM with
+    vCPU 0's table on all four): the APIC IDs are not distinct."""
+    from kvmcpuid_virt.config.topology import vcpu_tables
+    from kvmcpuid_virt.probe.kvm import run_kvm_smp
+
+    config = build(kvm.supported_cpuid(), source="/dev/kvm", facts=live_facts)
+    topology = Topology.parse("sockets=1,cores=2,threads=2")
+    bsp = vcpu_tables(config.expected, topology)[0]
+    result = run_kvm_smp([bsp] * 4, smp_queries(default_queries(config.expected)), 10.0)
+    problems = check_topology(topology, result.tables)
+    assert any(p.startswith("initial APIC ID (1 EBX[31:24]): not distinct") for p in problems)

@@ -36,6 +36,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from typing import Final
 
 from kvmcpuid_virt.analysis.backend import Backend
@@ -44,11 +45,11 @@ from kvmcpuid_virt.errors import KvmIoctlError, ProbeError, ProbeTimeoutError
 from kvmcpuid_virt.kvm.abi import EXIT_REASONS, KVM_EXIT_IO_OUT, Cap, ExitReason
 from kvmcpuid_virt.kvm.system import Kvm
 from kvmcpuid_virt.kvm.vm import GuestMemory, Vcpu, Vm
-from kvmcpuid_virt.probe import image
+from kvmcpuid_virt.probe import image, smp_image
 from kvmcpuid_virt.probe.result import ProbeResult
 from kvmcpuid_virt.process import signals_deferred
 
-__all__ = ["IMAGE_BASE", "KICK_SIGNAL", "KvmProbe", "run_kvm"]
+__all__ = ["IMAGE_BASE", "KICK_SIGNAL", "KvmProbe", "run_kvm", "run_kvm_smp"]
 
 log = logging.getLogger(__name__)
 
@@ -329,3 +330,48 @@ def run_kvm(table: CpuidTable, queries: Sequence[tuple[int, int]], timeout: floa
     # than the per-byte exits it saves.
     with KvmProbe(vcpus_per_vm=1, coalesce=False) as one:
         return one.run(table, queries, timeout, msrs=msrs, msr_queries=msr_queries)
+
+
+# The multi-vCPU image's RAM (its data segment at 0x1000, 64 KiB): 128 KiB from 0.
+_SMP_RAM: Final = 0x2_0000
+
+
+def run_kvm_smp(tables: Sequence[CpuidTable], queries: Sequence[tuple[int, int]],
+                timeout: float = 5.0) -> smp_image.SmpResult:
+    """The multi-vCPU image (probe/smp_image.py) on raw KVM, vCPU i with
+    `tables[i]` (KVM_SET_CPUID2): no in-kernel irqchip, so there is no SIPI
+    to send; each AP is started at the image's AP entry (KVM_SET_REGS) and
+    run to its HLT, one after the other on this thread, then the BSP, which
+    finds them done and writes every answer to COM1. A fresh VM, closed
+    before returning; every vCPU run is bounded by `timeout`."""
+    start = time.perf_counter()
+    qs = [(int(leaf), int(sub)) for leaf, sub in queries]
+    n = len(tables)
+    blob = smp_image.build(qs, n, sipi=False)
+    entry = smp_image.ap_entry(qs, n)
+    limit = 16 * len(qs) * n + 64 + _SERIAL_SLACK
+    with ExitStack() as stack:
+        kvm = stack.enter_context(Kvm())
+        rom = stack.enter_context(GuestMemory(image.IMAGE_SIZE, blob))
+        ram = stack.enter_context(GuestMemory(_SMP_RAM))
+        vm = stack.enter_context(kvm.create_vm())
+        vm.set_tss_addr(TSS_ADDR)
+        vm.set_user_memory_region(0, IMAGE_BASE, rom, readonly=True)
+        vm.set_user_memory_region(1, 0, ram)
+        watchdog = _Watchdog()
+        stack.callback(watchdog.close)
+        vcpus = []
+        for i, table in enumerate(tables):
+            with signals_deferred():
+                vcpu = vm.create_vcpu(i)
+                stack.callback(vcpu.close)
+            vcpu.set_cpuid2(table)
+            vcpus.append(vcpu)
+        for vcpu in vcpus[1:]:
+            regs = vcpu.get_regs()
+            regs.rip = entry  # CS base stays the reset vector's 0xFFFF0000
+            vcpu.set_regs(regs)
+            KvmProbe._run_vcpu(vcpu, watchdog, timeout, _SERIAL_SLACK)
+        serial = KvmProbe._run_vcpu(vcpus[0], watchdog, timeout, limit)
+    found = smp_image.parse(serial, qs, n)
+    return smp_image.SmpResult(tuple(found), n, time.perf_counter() - start)

@@ -65,7 +65,7 @@ from kvmcpuid_virt.probe.image import (
     xor_r32_r32,
 )
 
-__all__ = ["MAX_VCPUS", "START_MARKER", "SmpResult", "build", "encode", "parse"]
+__all__ = ["MAX_VCPUS", "START_MARKER", "SmpResult", "ap_entry", "build", "encode", "parse"]
 
 START_MARKER: Final = b"\x7fKCPSMP\x01"
 END_MARKER: Final = image.END_MARKER
@@ -229,14 +229,19 @@ class _Layout:
             struct.pack("<HI", 0, 0)  # fmt: skip
         self.queries = (QUERY_OFFSET, QUERY_OFFSET + 8 * count)
         self.slot = 16 * count
+        self.sipi = sipi
 
 
-def _program(lay: _Layout) -> bytes:
+def _program(lay: _Layout) -> tuple[bytes, int]:
     a = _Asm(org=0)
     a.label("start")
     a.emit(cli())  # cli: no IDT
     a.emit(mov_r16_imm16(AX, DATA_SEGMENT))  # mov ax, 0x100
     a.emit(mov_ds_ax())  # mov ds, ax
+    if not lay.sipi:
+        # Raw KVM: the host starts each AP at ap_entry(); whoever starts here
+        # is the BSP (without an in-kernel APIC there is no BSP flag to read).
+        a.jmp_near("wait")
     a.emit(mov_r32_imm32(CX, APIC_BASE_MSR))  # mov ecx, 0x1b
     a.emit(rdmsr())  # rdmsr: IA32_APIC_BASE
     a.emit(test_eax_imm32(1 << 8))  # test eax, BSP
@@ -333,7 +338,12 @@ def _program(lay: _Layout) -> bytes:
     a.emit(cli())  # cli
     a.emit(hlt())  # hlt
     a.jmp_short("aphalt")
-    return a.assemble()
+    a.label("ap_entry")  # raw KVM's APs start here (CS base as at reset)
+    a.emit(cli())  # cli
+    a.emit(mov_r16_imm16(AX, DATA_SEGMENT))  # mov ax, 0x100
+    a.emit(mov_ds_ax())  # mov ds, ax
+    a.jmp_near("ap")
+    return a.assemble(), a.labels["ap_entry"]
 
 
 def _digest(queries: Sequence[Query], aps: int) -> int:
@@ -356,12 +366,24 @@ def build(queries: Sequence[Query], vcpus: int, *, sipi: bool) -> bytes:
 
 @lru_cache(maxsize=16)
 def _build(qs: tuple[Query, ...], vcpus: int, sipi: bool) -> bytes:
+    return _assembled(qs, vcpus, sipi)[0]
+
+
+def ap_entry(queries: Sequence[Query], vcpus: int) -> int:
+    """Where raw KVM starts each AP of build(..., sipi=False): the image
+    offset, which is the IP with the reset-state CS base 0xFFFF0000."""
+    return _assembled(tuple((int(a), int(b)) for a, b in queries), vcpus, False)[1]
+
+
+@lru_cache(maxsize=16)
+def _assembled(qs: tuple[Query, ...], vcpus: int, sipi: bool) -> tuple[bytes, int]:
     lay = _Layout(len(qs), _digest(qs, vcpus - 1), vcpus - 1, sipi)
-    code = _program(lay)
+    code, entry = _program(lay)
     if len(code) > CONST_OFFSET:
         raise AssertionError(f"code is {len(code)} bytes, overlaps the constants")
     table = b"".join(struct.pack("<II", leaf, sub) for leaf, sub in qs)
-    return image.flat_image(code, data=[(CONST_OFFSET, lay.consts), (QUERY_OFFSET, table)])
+    return image.flat_image(code, data=[(CONST_OFFSET, lay.consts),
+                                        (QUERY_OFFSET, table)]), entry  # fmt: skip
 
 
 def _checksum(words: Sequence[int]) -> int:
