@@ -385,3 +385,16 @@ def test_unmet_names_what_a_host_cannot_give_of_a_guests_msr_features() -> None:
     gated = msr_policy.unmet(["rdctl-no"], other, {"arch-capabilities": False})
     assert "enumerates" in gated["rdctl-no"]
     assert msr_policy.unmet(["mds-no"], None, {}) == {}
+
+
+def test_simulated_kernel_without_msr_features_capability_gives_no_msr_feature() -> None:
+    """A kernel before 4.17 (no KVM_CAP_GET_MSR_FEATURES: the MSRs absent,
+    not unknown): the config turns no MSR feature on, a model asking for
+    one finds it missing, and the flags still render."""
+    table = load_dump(str(ATOM)).table.with_msrs(FeatureMsrs.absent("simulated: no capability"))
+    config = build(table, facts=FACTS, source="simulated", this_host=False)
+    assert not config.msr_enabled() and not any("carries no" in n for n in config.notes)
+    assert qemu.cpu_value(config).endswith(",enforce")
+    with pytest.raises(UnsupportedFeatureError, match="rdctl-no"):
+        build(table, Policy(model="Cooperlake"), facts=FACTS, source="simulated",
+              this_host=False)  # fmt: skip
