@@ -398,3 +398,10 @@ def test_simulated_kernel_without_msr_features_capability_gives_no_msr_feature()
     with pytest.raises(UnsupportedFeatureError, match="rdctl-no"):
         build(table, Policy(model="Cooperlake"), facts=FACTS, source="simulated",
               this_host=False)  # fmt: skip
+
+
+def test_a_misspelt_msr_feature_gets_close_names() -> None:
+    from kvmcpuid_virt.errors import UnknownFeatureError
+
+    with pytest.raises(UnknownFeatureError, match="did you mean 'mds-no'"):
+        build(load_dump(str(ATOM)).table, Policy(enable=("mds-nox",)), facts=FACTS)

@@ -21,8 +21,9 @@ from kvmcpuid_virt.config import msr_policy, qemu_adjust
 from kvmcpuid_virt.config.cpuconfig import CpuConfig, vendor_of
 from kvmcpuid_virt.cpuid.features import Feature, FeatureKind, Registry, registry
 from kvmcpuid_virt.cpuid.fields import LIBVIRT_VENDOR
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.cpuid.table import CpuidTable
-from kvmcpuid_virt.errors import PolicyError, UnsupportedFeatureError
+from kvmcpuid_virt.errors import PolicyError, UnknownFeatureError, UnsupportedFeatureError
 from kvmcpuid_virt.toolfacts.facts import (
     CpuModel,
     ModelIdentity,
@@ -167,7 +168,16 @@ def with_model_identity(
 
 
 def _resolve(reg: Registry, name: str) -> Feature:
-    feature = reg.lookup(name)  # UnknownFeatureError with suggestions
+    try:
+        feature = reg.lookup(name)  # UnknownFeatureError with suggestions
+    except UnknownFeatureError as exc:
+        # Close names among the feature-MSR bits too (mds-nox: mds-no).
+        try:
+            msr_registry().lookup(name)
+        except UnknownFeatureError as msr_exc:
+            both = list(dict.fromkeys((*exc.suggestions, *msr_exc.suggestions)))[:3]
+            raise UnknownFeatureError(name, both) from None
+        raise
     if feature.kind not in SETTABLE_KINDS or feature.qemu is None:
         raise PolicyError(
             f"feature {feature.name!r} cannot be set ({feature.kind}: "
