@@ -131,3 +131,17 @@ def test_verify_raw_kvm_guest_reads_kvms_own_microcode_value() -> None:
     assert msrs is not None and msrs["mismatches"] == []
     if c.cap and 0x8B in c.values and c.set_result.get(0x8B) == 1:
         assert int(msrs["read"]["0x8b"], 16) == c.values[0x8B]
+
+
+def test_perf_capabilities_is_not_modelled_for_the_vmm_backends() -> None:
+    """QEMU writes IA32_PERF_CAPABILITIES only with pmu=on: no expectation
+    for QEMU and libvirt, raw KVM writes and expects it."""
+    import dataclasses
+
+    atom = next(p for p in cpu_dump_paths() if "Atom-P5362" in p.name and p.suffix == ".xml")
+    base = build(load_dump(str(atom)).table, facts=FACTS, source=str(atom))
+    config = dataclasses.replace(base, expected_msrs={**base.expected_msrs, 0x345: 1 << 13})
+    for backend in (Backend.QEMU, Backend.LIBVIRT):
+        assert 0x345 not in expectations(config, backend, None)[0]
+    expected, to_set = expectations(config, Backend.KVM, None)
+    assert expected[0x345] == (to_set or {})[0x345] == 1 << 13

@@ -79,6 +79,10 @@ def msr_queries(indices: Sequence[int] = PROBED) -> list[tuple[int, int, int, in
 # IA32_BIOS_SIGN_ID: raw KVM writes KVM's own value (the MSR is a number,
 # not feature bits; QEMU writes its ucode-rev property, not modelled here).
 _UCODE_REV: Final = 0x8B
+# IA32_PERF_CAPABILITIES: QEMU 7.2 writes it only with its `pmu` property on
+# (kvm_init_msrs), else the guest reads KVM's default with the LBR format
+# fields: not modelled for QEMU and libvirt.
+_VMM_UNMODELLED: Final = frozenset({0x345})
 
 
 def expectations(config: CpuConfig, backend: Backend, host_msrs: FeatureMsrs | None
@@ -89,7 +93,7 @@ def expectations(config: CpuConfig, backend: Backend, host_msrs: FeatureMsrs | N
     with KVM's value when a vCPU here accepts it."""
     expected = dict(config.expected_msrs)
     if backend != Backend.KVM:
-        return expected, None
+        return {i: v for i, v in expected.items() if i not in _VMM_UNMODELLED}, None
     to_set = dict(expected)
     value = None if host_msrs is None else host_msrs.get(_UCODE_REV)
     accepts = None if host_msrs is None else host_msrs.deliverable_dict()
