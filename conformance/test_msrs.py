@@ -18,7 +18,7 @@ from typing import Final
 
 import pytest
 
-from conformance.backends import CouldNotRun
+from conformance.backends import BACKENDS, CouldNotRun
 from conformance.plan import Plan, plan
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.msr_compare import PROBED, compare_msrs, expectations, msr_queries
@@ -36,16 +36,18 @@ UCODE_REV: Final = 0x0C0F_FEE0_0000_0000
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Ids backend first, as the suite's report reads them: [qemu-mds-no].
     if "msr_feature" not in metafunc.fixturenames:
         return
     p = plan()
     names = sorted(p.full.config.msr_features) if isinstance(p, Plan) else []
     if not names:
         why = p if isinstance(p, str) else "the full configuration decides no MSR feature"
-        metafunc.parametrize("msr_feature", [pytest.param("-", marks=pytest.mark.skip(
-            reason=why), id="none")])  # fmt: skip
-        return
-    metafunc.parametrize("msr_feature", names)
+        params = [pytest.param(b, "-", marks=pytest.mark.skip(reason=why), id=f"{b}-none")
+                  for b in BACKENDS]  # fmt: skip
+    else:
+        params = [pytest.param(b, n, id=f"{b}-{n}") for b in BACKENDS for n in names]
+    metafunc.parametrize(("on_backend", "msr_feature"), params)
 
 
 _GUESTS: dict[tuple[Backend, int | None], ProbeResult | BaseException] = {}
@@ -94,8 +96,9 @@ def _boot(the_plan: Plan, backend: Backend, request: pytest.FixtureRequest,
     return got
 
 
-def test_msr_feature(the_plan: Plan, backend: Backend, msr_feature: str,
+def test_msr_feature(the_plan: Plan, on_backend: Backend, msr_feature: str,
                      request: pytest.FixtureRequest) -> None:  # fmt: skip
+    backend = on_backend
     config = the_plan.full.config
     f = msr_registry().lookup(msr_feature)
     if f.msr not in PROBED:
