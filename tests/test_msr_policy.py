@@ -114,8 +114,8 @@ def test_named_model_msr_features_are_its_own_and_missing_ones_are_named() -> No
     config = build(table, Policy(model="Cooperlake", allow_unsupported=True), facts=FACTS,
                    source=str(ATOM))  # fmt: skip
     for n in wanted:
-        assert config.msr_features[n] is (n not in config.dropped), n
-    assert set(lacking) <= set(config.dropped)
+        assert config.msr_features[n] is (n not in config.msr_dropped), n
+    assert set(lacking) <= set(config.msr_dropped)
     if lacking:
         with pytest.raises(UnsupportedFeatureError, match=lacking[0]):
             build(table, Policy(model="Cooperlake"), facts=FACTS, source=str(ATOM))
@@ -405,3 +405,15 @@ def test_a_misspelt_msr_feature_gets_close_names() -> None:
 
     with pytest.raises(UnknownFeatureError, match="did you mean 'mds-no'"):
         build(load_dump(str(ATOM)).table, Policy(enable=("mds-nox",)), facts=FACTS)
+
+
+def test_dropped_msr_features_stay_apart_from_the_cpuid_ones(tmp_path: Path) -> None:
+    """A domain requiring mds-no on a host without it: the configuration
+    drops it as an MSR feature (config.dropped stays CPUID names, which
+    verify and compat look up), and compat reads the domain."""
+    table = load_dump(str(ATOM)).table.with_msrs(FeatureMsrs.of({0x10A: 1}))
+    config = build(table, Policy(enable=("mds-no",), allow_unsupported=True), facts=FACTS)
+    assert config.msr_dropped == ("mds-no",) and "mds-no" not in config.dropped
+    from kvmcpuid_virt.cli.options import dropped_warnings
+
+    assert "mds-no" in dropped_warnings("prog", config)

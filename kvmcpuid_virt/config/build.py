@@ -328,7 +328,7 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
     props = qemu.props if qemu else None
     msr = msr_policy.decide(msrs, cpuid_on, qemu_props=props, wants=model_msrs,
                             enable=msr_enable, disable=msr_disable, source=source)  # fmt: skip
-    missing += [n for n in msr.missing if n not in missing]
+    msr_missing = [n for n in msr.missing if n not in missing]
     notes = list(msr.notes)
     if mine and facts.msr_delivery is not None:
         delivery = facts.msr_delivery
@@ -336,11 +336,11 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
             t.index: n for t in delivery.trials if (n := delivery.note(t.index)) is not None})
     for note in notes:
         log.info("%s", note)
-    if missing and not policy.allow_unsupported:
+    if (missing or msr_missing) and not policy.allow_unsupported:
         named = policy.model not in ("host", "auto")
         why = f"--model {policy.model}" if named else "--enable"
         raise UnsupportedFeatureError(
-            f"this host cannot give {', '.join(missing)} (asked for by {why}; "
+            f"this host cannot give {', '.join([*missing, *msr_missing])} (asked for by {why}; "
             "--allow-unsupported drops them with a warning)"
         )
     features = {name: name in on for name in host.relevant}
@@ -352,6 +352,6 @@ def build(table: CpuidTable, policy: Policy = Policy(), *, facts: ToolFacts,
     return CpuConfig(
         model=model_name, features=features, expected=expected, vendor=host.vendor,
         dropped=tuple(missing), source=source, msr_features=msr.features,
-        expected_msrs=msr.expected, notes=tuple(notes),
+        expected_msrs=msr.expected, notes=tuple(notes), msr_dropped=tuple(msr_missing),
     )  # fmt: skip
 

@@ -40,6 +40,9 @@ class CpuConfig:
               feature MSRs its CPUID enumerates.
     notes:    one line each about the decision (unknown feature MSRs, why
               plain `-cpu host` aborts here).
+    msr_dropped: MSR features asked for that the host cannot give, dropped
+              under --allow-unsupported (apart from `dropped`, which names
+              CPUID features only).
     """
 
     model: str
@@ -51,6 +54,7 @@ class CpuConfig:
     msr_features: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     expected_msrs: Mapping[int, int] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    msr_dropped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A read-only, name-sorted copy: frozen means frozen, and sorted makes
@@ -63,6 +67,7 @@ class CpuConfig:
         object.__setattr__(self, "expected_msrs",
                            types.MappingProxyType(dict(sorted(self.expected_msrs.items()))))
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "msr_dropped", tuple(self.msr_dropped))
 
     def msr_enabled(self) -> tuple[str, ...]:
         """MSR features that are on, sorted."""
