@@ -140,7 +140,8 @@ def config_from_args(
 
 def dropped_warnings(prog: str, config: CpuConfig) -> str:
     """One line naming every feature --allow-unsupported dropped ('' if none)."""
-    if not config.dropped:
+    names = (*config.dropped, *config.msr_dropped)  # CPUID, then feature-MSR bits
+    if not names:
         return ""
     return (f"{prog}: warning: dropped (this host cannot give them): "
-            f"{', '.join(config.dropped)}\n")  # fmt: skip
+            f"{', '.join(names)}\n")  # fmt: skip
