@@ -67,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
         # The table and the tool facts only when a configuration needs them.
         dump, config = load_operand(text, source, None if classify(text) == "dump" else base())
         operands.append(dump)
-        if config is not None and config.dropped:
+        left_out = () if config is None else (*config.dropped, *config.msr_dropped)
+        if left_out:
             notes.append(f"{dump.source}: left out, this host cannot give them: "
-                         f"{', '.join(config.dropped)}")  # fmt: skip
+                         f"{', '.join(left_out)}")  # fmt: skip
     result = diff(operands[0], operands[1], notes=tuple(notes))
     sys.stdout.write(render_json(result) if args.format == "json" else render_table(result))
     return 0 if result.identical else 1
