@@ -499,3 +499,45 @@ def test_a_named_models_brand_and_address_size_are_held_to_qemus(
                 str(_wrapper(tmp_path, qemu_binary, prop)))
     assert r.returncode == 1, r.stdout + r.stderr
     assert any(line.startswith(field) for line in r.stdout.splitlines()), r.stdout
+
+
+def test_sigterm_during_a_topology_guest_leaves_no_qemu(kvm: Kvm, qemu_binary: str,
+                                                        tmp_path: Path) -> None:
+    """SIGTERM while the multi-vCPU guest runs: exit 143, its QEMU gone. The
+    wrapper boots one vCPU where four are configured, so the BSP waits (for
+    its TSC bound) for APs that never come: the signal lands mid-guest."""
+    import os
+    import signal
+    import time
+
+    pidfile = tmp_path / "qemu.pid"
+    wrapper = tmp_path / "qemu-slow-smp"
+    wrapper.write_text(
+        "#!/bin/bash\nargs=(); next=0; smp=0\n"
+        'for a in "$@"; do\n'
+        '  if [ $next = 1 ]; then a="1,sockets=1,cores=1,threads=1"; next=0; smp=1; fi\n'
+        '  [ "$a" = "-smp" ] && next=1; args+=("$a")\n'
+        "done\n"
+        f'[ $smp = 1 ] && echo $$ > {pidfile}\n'
+        f'exec {qemu_binary} "${{args[@]}}"\n'
+    )
+    wrapper.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "kvmcpuid_virt.cli", "verify", "--backend",
+                             "qemu", "--qemu", str(wrapper), "--topology",
+                             "sockets=1,cores=2,threads=2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pidfile.exists(), "the topology guest never started"
+    time.sleep(0.3)
+    pid = int(pidfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    try:
+        os.kill(pid, 0)
+        alive = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:  # gone (a zombie not yet reaped by its new parent counts as gone)
+        alive = False
+    assert not alive, f"QEMU {pid} outlived verify"
