@@ -77,6 +77,19 @@ if ! grep -qs '^namespaces *=' "$conf"; then
     restart=1
 fi
 
+# Stop libvirtd and wait until it is gone: a new daemon started while the
+# old one still exits loses its socket (the old one unlinks it on the way out).
+stop_libvirtd() {
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 1 300); do [ -n "$(alive libvirtd)" ] || return 0; sleep 0.1; done
+    say "libvirtd (pid $1) did not stop within 30 s"; exit 1
+}
+start_libvirtd() {
+    if [ -z "$(alive libvirtd)" ]; then
+        setsid tini -s -- libvirtd </dev/null >>/var/log/libvirt/libvirtd.out 2>&1 &
+    fi
+}
+
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     systemctl start virtlogd libvirtd
     [ -z "$restart" ] || systemctl restart libvirtd
@@ -91,13 +104,10 @@ else
         [ "$parent" = tini ] || restart=1
         if [ -n "$restart" ]; then
             say "restarting libvirtd under tini"
-            kill "$pid"
-            for _ in $(seq 1 50); do [ -n "$(alive libvirtd)" ] || break; sleep 0.1; done
+            stop_libvirtd "$pid"
         fi
     fi
-    if [ -z "$(alive libvirtd)" ]; then
-        setsid tini -s -- libvirtd </dev/null >>/var/log/libvirt/libvirtd.out 2>&1 &
-    fi
+    start_libvirtd
 fi
 
 # Python: the venv with the package (editable) and what the tests use.
@@ -117,15 +127,28 @@ fi
 "$venv/bin/python" -m compileall -q "$here/kvmcpuid_virt" >/dev/null
 
 # Wait (bounded) for the daemon to answer on qemu:///system.
+answers() {
+    for _ in $(seq 1 100); do
+        if "$venv/bin/python" -c 'import libvirt, sys; c = libvirt.open("qemu:///system"); c.getVersion(); c.close()' 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
 answered=
-for _ in $(seq 1 100); do
-    if "$venv/bin/python" -c 'import libvirt, sys; c = libvirt.open("qemu:///system"); c.getVersion(); c.close()' 2>/dev/null; then
-        say "qemu:///system answers"
-        answered=1
-        break
-    fi
-    sleep 0.1
-done
+if answers; then
+    answered=1
+elif [ ! -d /run/systemd/system ] && pid=$(alive libvirtd) && [ -n "$pid" ] \
+        && [ ! -S /run/libvirt/libvirt-sock ]; then
+    # A daemon that lost its socket (an earlier restart raced) never answers
+    # again: start it afresh once.
+    say "libvirtd (pid $pid) runs without /run/libvirt/libvirt-sock: restarting it"
+    stop_libvirtd "$pid"
+    start_libvirtd
+    answers && answered=1
+fi
+[ -z "$answered" ] || say "qemu:///system answers"
 if [ -z "$answered" ]; then
     say "libvirtd did not answer on qemu:///system within 10 s (see /var/log/libvirt/)"
     exit 1
