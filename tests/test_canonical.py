@@ -6,6 +6,7 @@ written by the writer (formats.dumps) with and without feature MSRs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -98,3 +99,64 @@ def test_targeted_edits_read_the_same(edit: Callable[[str], str]) -> None:
         mutated = edit(text)
         assert mutated != text
         _same(mutated)
+
+
+# The header's "host" line is read apart from the rest (canonical._header):
+# edits of that line, and of the lines around it, read as the full reader
+# reads them.
+@pytest.mark.parametrize("edit", [
+    lambda t: t.replace('"host": {', '"host": [{', 1)
+    .replace('},\n  "entries"', '}],\n  "entries"', 1),  # a list
+    lambda t: t.replace('"host": {', '"host": {"x": {"y": "z"}, ', 1),  # not a string
+    lambda t: t.replace('"host": {', '"host": {"x": 1, ', 1),
+    lambda t: t.replace('"host": {', '"host": {"x": "a\\u0007b", ', 1),  # unprintable
+    lambda t: t.replace('"host": {', '"host": {"x": "\\ud800", ', 1),  # a lone surrogate
+    lambda t: t.replace('"host": {', '"host": {"x": "\\u00e9t\\u00e9", ', 1),  # fine
+    lambda t: t.replace('"host": {', '"host": {"x": "a", "x": "a", ', 1),  # same value twice
+    lambda t: t.replace('"host": {', '"host": {}, "host": {', 1),  # the key twice, one line
+    lambda t: t.replace('  "host": {', '  "host": {},\n  "host": {', 1),  # twice, two lines
+    lambda t: t.replace('  "kind"', '  "host": {"a": "b"},\n  "kind"', 1),  # twice, apart
+    lambda t: t.replace('},\n  "entries"', '}\n  ,"entries"', 1),  # the comma moved
+    lambda t: t.replace('},\n  "entries"', '},,\n  "entries"', 1),
+    lambda t: t.replace('},\n  "entries"', '} ,\n  "entries"', 1),
+    lambda t: t.replace('"host": {', '"host": \n{', 1),  # the value on its own line
+    lambda t: t.replace('"host": {', '"host": {"n": "' + "9" * 5000 + '", ', 1),
+    lambda t: t.replace('"host": {', '"host": ' + "[" * 100_000, 1),  # nested too deeply
+    lambda t: t.replace('"host": {', '"host": null, "x": {', 1),
+    lambda t: t.replace('"host": {', '"host": {"host": {"q": "r"}\n}, "x": {', 1),  # nested
+    lambda t: t.replace('"host": {', '"host": {"a": "b",\n  "host": {"q": "r"}\n}, "x": {', 1),
+    lambda t: t.replace('  "host": {"hostname": "h0"},\n', "", 1),  # no host: {}
+    lambda t: t.replace('"host": {', '"host": {"x": "y"} , "notes": ["a"], "z": {', 1),
+])  # fmt: skip
+def test_host_line_edits_read_the_same(edit: Callable[[str], str]) -> None:
+    for text in TEXTS:
+        mutated = edit(text)
+        if mutated == text:
+            continue
+        _same(mutated)
+        _same(mutated)  # and again, through the memo of headers
+
+
+def test_hosts_that_differ_in_their_host_line_alone_read_as_written() -> None:
+    # Many hosts share one header but for "host": each reads its own.
+    for n, text in enumerate(TEXTS):
+        for name in ("a", "b", 'q"uote', "\u00e9"):
+            mutated = text.replace(f'"hostname": "h{n}"', f'"hostname": {json.dumps(name)}', 1)
+            assert canonical.loads(mutated, SOURCE).host == {"hostname": name}
+            _same(mutated)
+
+
+@_settings(400)
+@given(st.sampled_from(TEXTS), st.data())
+def test_any_header_mutation_reads_the_same(text: str, data: st.DataObject) -> None:
+    end = text.index('\n  "entries"') + 2
+    i = data.draw(st.integers(0, end))
+    kind = data.draw(st.sampled_from(["replace", "delete", "insert"]))
+    char = data.draw(st.sampled_from(list('0123456789abx",:{}[] \n\\-+_é\x07')))
+    if kind == "replace":
+        mutated = text[:i] + char + text[i + 1:]
+    elif kind == "delete":
+        mutated = text[:i] + text[i + 1:]
+    else:
+        mutated = text[:i] + char + text[i:]
+    _same(mutated)

@@ -17,6 +17,7 @@ Pure: a function of the text.
 
 from __future__ import annotations
 
+import json
 import re
 
 from kvmcpuid_virt.cpuid import formats
@@ -27,7 +28,7 @@ TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, 
 if TYPE_CHECKING:
     from typing import Final
 
-    from kvmcpuid_virt.cpuid.formats import Dump
+    from kvmcpuid_virt.cpuid.formats import Dump, DumpKind
     from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 
 __all__ = ["loads", "split"]
@@ -69,6 +70,9 @@ _WHOLE_LINE: Final = frozenset({0x0, 0x8000_0000})
 # stays its own; the table carrying the MSRs).
 _WITH_MSRS: dict[tuple[int, FeatureMsrs], tuple[CpuidTable, CpuidTable]] = {}
 _TOKENS: dict[str, str] = {}
+# A header with its "host" value emptied -> (kind, feature MSRs): see _header.
+_HOST: Final = '\n  "host": '
+_HEADS: dict[str, tuple[DumpKind, FeatureMsrs | None]] = {}
 _MAX_TABLES: Final = 20_000
 
 
@@ -96,11 +100,14 @@ def loads(text: str, source: str = "<string>") -> Dump:
     # repeated keys), closed with the table's own leaf 0 as the only entry.
     # Any error is the whole text's to report: where the document goes wrong
     # (a bracket never closed) is not always inside the header.
-    try:
-        shell = formats.loads(head, source)
-    except DumpFormatError:
-        return formats.loads(text, source)
-    msrs = shell.table.msrs
+    shell = _header(head, source)
+    if shell is None:
+        try:
+            got = formats.loads(head, source)
+        except DumpFormatError:
+            return formats.loads(text, source)
+        shell = (got.kind, got.host, got.table.msrs)
+    kind, host, msrs = shell
     if msrs is not None:
         # The header's feature MSRs ride on the table; hosts with the same
         # table and MSRs still share one.
@@ -111,7 +118,60 @@ def loads(text: str, source: str = "<string>") -> Dump:
             if len(_WITH_MSRS) < _MAX_TABLES:
                 _WITH_MSRS[key] = hit
         table = hit[1]
-    return formats.Dump(table, shell.kind, shell.host, source)
+    return formats.Dump(table, kind, host, source)
+
+
+def _header(head: str, source: str) -> tuple[DumpKind, dict[str, str], FeatureMsrs | None] | None:
+    """(kind, host, feature MSRs) of a header, None where the full reader
+    must judge it. Hosts of a fleet differ in their "host" line alone: the
+    header with that value emptied ({}) is read once by the full reader and
+    memoized, and the value is read on its own. That answers as the full
+    reader does: a JSON value in a value's place parses independently of the
+    rest, the "host" key's other rules (an object, no key twice, printable
+    strings) are checked here, and anything else falls back. The memo entry
+    says host {}, so what was emptied was the top-level "host" (a second
+    one would be a key given twice)."""
+    at = head.find(_HOST)
+    if at < 0:
+        return None
+    start = at + len(_HOST)
+    end = head.find("\n", start)
+    if end < 0:
+        return None
+    if head[end - 1] == ",":
+        end -= 1
+    key = f"{head[:start]}{{}}{head[end:]}"
+    known = _HEADS.get(key)
+    if known is None:
+        try:
+            got = formats.loads(key, source)
+        except DumpFormatError:
+            return None
+        if got.host:
+            return None
+        known = (got.kind, got.table.msrs)
+        if len(_HEADS) < _MAX_TABLES:
+            _HEADS[key] = known
+    repeated: list[bool] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        obj = dict(items)
+        if len(obj) != len(items):
+            repeated.append(True)
+        return obj
+
+    try:
+        host = json.loads(head[start:end], object_pairs_hook=pairs)
+    except ValueError:  # JSONDecodeError, or a number too long to read
+        return None
+    except RecursionError:
+        return None
+    if repeated or not isinstance(host, dict):
+        return None
+    try:
+        return known[0], formats.read_host(host, source), known[1]
+    except DumpFormatError:
+        return None
 
 
 def split(text: str, max_entries: int) -> tuple[str, CpuidTable] | None:

@@ -55,6 +55,7 @@ __all__ = [
     "Format",
     "dumps",
     "loads",
+    "read_host",
     "sniff",
 ]
 
@@ -368,7 +369,7 @@ def _load_json(text: str, source: str) -> Dump:
     host = doc.get("host", {})
     if repeats.key(host) is not None:
         raise DumpFormatError(source, None, f"host key {_show(repeats.key(host))} given twice")
-    host = _host(host, source)
+    host = read_host(host, source)
     raw_entries = doc.get("entries")
     if not isinstance(raw_entries, list):
         raise DumpFormatError(source, None, "'entries' must be a list")
@@ -477,7 +478,7 @@ def _load_msrs(raw: Any, repeats: _Repeats, source: str) -> FeatureMsrs:
         raise DumpFormatError(source, None, f"feature_msrs: {exc}") from None
 
 
-def _host(host: Any, source: str) -> dict[str, str]:
+def read_host(host: Any, source: str) -> dict[str, str]:
     """The 'host' metadata: printable strings only (they reach terminals and
     one-line messages; a lone surrogate could not even be printed)."""
     if not isinstance(host, dict) or not all(
