@@ -47,6 +47,8 @@ from kvmcpuid_virt.config.qemu_adjust import qemu_supported
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
 from kvmcpuid_virt.cpuid.formats import Dump, loads
+from kvmcpuid_virt.cpuid.msr_features import MsrRegistry, msr_registry
+from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.cpuid.table import INDEXED_LEAVES, CpuidEntry, CpuidTable, EntryFlag, Register
 from kvmcpuid_virt.toolfacts.facts import ModelSource, QemuFacts, ToolFacts
 from kvmcpuid_virt.xmlutil import parse_xml
@@ -65,9 +67,12 @@ __all__ = [
     "compat",
     "compat_config",
     "field_value",
+    "guest_msr_features",
+    "host_msrs",
     "host_offer",
     "ignored_mask",
     "judge_text",
+    "msr_gates",
     "wanted_table",
     "xsave_components",
 ]
@@ -97,6 +102,7 @@ class Scope(enum.Enum):
     FEATURE_WORDS = "feature words"  # every register the registry names bits in
     XSAVE_COMPONENTS = "XSAVE components"  # CPUID.0DH.i, each component i >= 2 the guest has
     MASKS = "masks"  # the bits of GUEST_STATE_MASKS (or the caller's ignore list)
+    FEATURE_MSRS = "feature MSRs"  # each feature-MSR bit the guest has (msr_policy.unmet)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,6 +153,7 @@ RULES: Final[tuple[FieldRule, ...]] = (
               show="dec"),
     FieldRule("XSAVE component flags", Rule.EQUAL, Scope.XSAVE_COMPONENTS, 0xD, 0, ("ecx",),
               0x3),
+    FieldRule("feature-MSR bits", Rule.SUBSET, Scope.FEATURE_MSRS),
     FieldRule("guest state and topology", Rule.IGNORED, Scope.MASKS),
 )
 
@@ -177,12 +184,16 @@ class Host:
     live or a dump; a raw CPU dump stands in as an upper bound). `qemu`: this
     machine's QEMU, when the host judged is this machine (None: no QEMU layer,
     only QEMU's fixed adjustments of KVM's list). `this_host`: the table is
-    this machine's KVM as it runs now (QEMU's start trial speaks for it)."""
+    this machine's KVM as it runs now (QEMU's start trial speaks for it).
+    `msrs`: the host's feature MSRs when known beyond the dump's own (this
+    machine's, with what its vCPUs accept: msr_policy.msrs_for); None: the
+    dump's (`dump.table.msrs`, itself None when unknown)."""
 
     dump: Dump
     qemu: QemuFacts | None = None
     this_host: bool = False
     control: Control | None = None
+    msrs: FeatureMsrs | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -215,6 +226,9 @@ class Verdict:
     # Registers compared, as "CPUID.07H.0:EBX" -> the rule applied.
     checked: Mapping[str, Rule]
     notes: tuple[str, ...] = ()
+    # MSR features the guest has that the host's unknown feature MSRs leave
+    # unjudged (unknown is not missing, nor given).
+    unjudged: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -237,6 +251,9 @@ class Verdict:
 
     def line(self) -> str:
         """One line naming every feature and field that does not fit."""
+        if self.fits and self.unjudged:
+            return (f"fits as far as known: {self.host} can give {self.guest}'s CPUID; its "
+                    f"feature MSRs are unknown, so {', '.join(self.unjudged)} not judged")
         if self.fits:
             return f"fits: {self.host} can give {self.guest}'s CPU"
         return f"does not fit: {self.host} cannot give {self.guest}: {self.missing()}"
@@ -256,6 +273,7 @@ class Verdict:
             ],
             "reasons": [r.as_json() for r in self.reasons],
             "notes": list(self.notes),
+            "unjudged": list(self.unjudged),
         }
 
     def render_json(self) -> str:
@@ -331,7 +349,85 @@ def _offer(host: Host, reg: Registry) -> Dump:
             supported -= set(qemu.undeliverable)
         decided = {f.name: f.name in supported for f in relevant}
         adjusted = expected_table(adjusted, reg, decided, vendor_of(host.dump.table))
+    # Its feature MSRs: the bits of the features it can give (None: unknown).
+    adjusted = adjusted.with_msrs(_offered_msrs(host_msrs(host), adjusted, reg))
     return Dump(adjusted, host.dump.kind, host.dump.host, host.dump.source)
+
+
+def host_msrs(host: Host) -> FeatureMsrs | None:
+    """The feature MSRs compat judges `host` by (None: unknown)."""
+    return host.msrs if host.msrs is not None else host.dump.table.msrs
+
+
+def _gates(names: Iterable[str], offer: CpuidTable, reg: Registry,
+           mreg: MsrRegistry) -> dict[str, bool]:  # fmt: skip
+    """The CPUID features enumerating the MSRs of `names`, on where `offer` has them."""
+    out: dict[str, bool] = {}
+    limits = fields.leaf_limits(offer)
+    probe = Dump(offer, "supported")
+    for name in names:
+        info = mreg.msr(mreg.lookup(name).msr)
+        gate = info.enumerated_by if info is not None else None
+        if gate is not None and gate not in out:
+            f = reg.lookup(gate)
+            out[gate] = bool(word_value(probe, f.leaf, f.subleaf, f.reg, limits) & f.mask)
+    return out
+
+
+def msr_gates(names: Iterable[str], offer: CpuidTable) -> dict[str, bool]:
+    """The CPUID features enumerating the MSRs of `names` (MSR features),
+    on where `offer` (host_offer's table) has them: unmet's `cpuid_on`."""
+    return _gates(names, offer, registry(), msr_registry())
+
+
+def _offered_msrs(msrs: FeatureMsrs | None, offer: CpuidTable,
+                  reg: Registry) -> FeatureMsrs | None:  # fmt: skip
+    """What a guest given everything can read from each feature MSR: the
+    bits of the features QEMU can set that msr_policy.unmet finds givable."""
+    if msrs is None:
+        return None
+    mreg = msr_registry()
+    names = [f.name for index, _ in msrs.items for f in mreg.in_msr(index)
+             if f.qemu is not None]  # fmt: skip
+    lacking = msr_policy.unmet(names, msrs, _gates(names, offer, reg, mreg), mreg)
+    values = {index: 0 for index, _ in msrs.items}
+    for name in names:
+        if name not in lacking:
+            f = mreg.lookup(name)
+            values[f.msr] |= f.mask
+    return FeatureMsrs.of(values)
+
+
+def guest_msr_features(guest: Dump) -> list[str]:
+    """The MSR features a guest dump has on (its feature MSRs' named bits)."""
+    msrs = guest.table.msrs
+    if msrs is None:
+        return []
+    return [f.name for f in msr_registry().present(msrs.as_dict())]
+
+
+def _msr_reasons(wanted: list[str], host: Host, offer: Dump, reg: Registry,
+                 checked: dict[str, Rule], notes: list[str],
+                 unjudged: list[str]) -> Iterator[Reason]:  # fmt: skip
+    """The guest's MSR features (`wanted`) the host cannot give, by
+    msr_policy.unmet; with the host's feature MSRs unknown, none is judged."""
+    if not wanted:
+        return
+    mreg = msr_registry()
+    msrs = host_msrs(host)
+    if msrs is None:
+        unjudged += wanted
+        notes.append(f"{host.dump.source} {msr_policy.UNKNOWN} (a version-1 dump, `cpuid "
+                     "-1r` text, <cpudata> without <msr>): the guest's MSR features "
+                     f"{', '.join(wanted)} are unknown there, not missing; take `kvmcpuid "
+                     "dump` on that host to judge them")  # fmt: skip
+        return
+    for name in wanted:
+        checked[f"MSR {mreg.lookup(name).msr:X}H"] = Rule.SUBSET
+    lacking = msr_policy.unmet(wanted, msrs, _gates(wanted, offer.table, reg, mreg), mreg)
+    for name, why in lacking.items():
+        f = mreg.lookup(name)
+        yield Reason(name, f.position, Rule.SUBSET, Layer.KVM, "on", "off", why)
 
 
 # What KVM reports whatever the CPU has (arch/x86/kvm/cpuid.c,
@@ -533,20 +629,27 @@ def _xsave_components(dump: Dump) -> list[int]:
 
 def compat(guest: Dump, host: Host, *, ignore: Iterable[Ignore] = GUEST_STATE_MASKS,
            notes: Iterable[str] = (), configured: bool = False,
-           offer: Dump | None = None) -> Verdict:  # fmt: skip
+           offer: Dump | None = None, msr_wanted: Iterable[str] | None = None,
+           ) -> Verdict:  # fmt: skip
     """Whether `host` can give `guest`'s CPU, by RULES. `configured`: the
     guest table is what a configuration asks for (see FieldRule.qemu_sets).
-    `offer`: host_offer(host), when the caller has it already."""
+    `offer`: host_offer(host), when the caller has it already. `msr_wanted`:
+    the guest's MSR features (default: those its dump's feature MSRs have)."""
     reg = registry()
+    offer = _offer(host, reg) if offer is None else offer
     rules = tuple(ignore)
     checked: dict[str, Rule] = {}
     found = list(notes)
+    wanted = guest_msr_features(guest) if msr_wanted is None else list(msr_wanted)
+    unjudged: list[str] = []
     reasons = [*_field_reasons(guest, host, checked, configured),
-               *_feature_reasons(guest, host, reg, rules, checked, found, offer)]  # fmt: skip
+               *_feature_reasons(guest, host, reg, rules, checked, found, offer),
+               *_msr_reasons(wanted, host, offer, reg, checked, found, unjudged)]  # fmt: skip
     if host.qemu is None:
         found.append("judged without QEMU facts: KVM's table with QEMU's fixed adjustments "
                      "(no QEMU filter, no start trial)")  # fmt: skip
-    return Verdict(guest.source, host.dump.source, tuple(reasons), checked, tuple(found))
+    return Verdict(guest.source, host.dump.source, tuple(reasons), checked, tuple(found),
+                   tuple(unjudged))  # fmt: skip
 
 
 def wanted_table(config: CpuConfig, extra: Iterable[str] = ()) -> CpuidTable:
@@ -601,10 +704,20 @@ def compat_config(parsed: tuple[str, tuple[str, ...], tuple[str, ...]], source: 
         disable += tuple(n for n in KVM_DEFAULT_OFF if n not in enable and n not in disable)
     policy = Policy(model=model, enable=enable, disable=disable, allow_unsupported=True,
                     model_source=ModelSource.QEMU)  # fmt: skip
-    config = build(host.dump.table, policy, facts=facts, source=host.dump.source,
+    table = host.dump.table
+    if host.msrs is None and host.this_host:
+        # This machine's feature MSRs, with what its vCPUs accept.
+        host = dataclasses.replace(host, msrs=msr_policy.msrs_for(table, facts, True))
+    if host_msrs(host) is None:
+        # Unknown feature MSRs: built as if the host had none, every MSR
+        # feature the configuration asks for is in msr_dropped (judged
+        # unknown by compat, not missing).
+        table = table.with_msrs(FeatureMsrs.of({}))
+    config = build(table, policy, facts=facts, source=host.dump.source,
                    this_host=host.this_host)  # fmt: skip
     guest = Dump(wanted_table(config, unknown), "guest", source=source)
-    return compat(guest, host, configured=True)
+    msr_wanted = dict.fromkeys((*config.msr_enabled(), *config.msr_dropped))
+    return compat(guest, host, configured=True, msr_wanted=msr_wanted)
 
 
 def _nothing_asked(guest: str, host: Host, why: str) -> Verdict:

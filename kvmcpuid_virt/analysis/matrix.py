@@ -33,13 +33,18 @@ from kvmcpuid_virt.analysis.compat import (
     Verdict,
     compat,
     field_value,
+    guest_msr_features,
+    host_msrs,
     host_offer,
     ignored_mask,
+    msr_gates,
     xsave_components,
 )
 from kvmcpuid_virt.analysis.hostbits import WORDS, pack
+from kvmcpuid_virt.config.msr_policy import unmet
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.formats import Dump
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 
 __all__ = ["Group", "Matrix", "Side", "fits_pair", "matrix", "side"]
 
@@ -48,6 +53,25 @@ _XSAVE: Final = tuple(r for r in RULES if r.scope == Scope.XSAVE_COMPONENTS)
 # The bits compat() compares in each feature word, packed (hostbits order).
 _COMPARED: Final = pack({(leaf, sub, r): ~ignored_mask(leaf, sub, r) & 0xFFFF_FFFF
                          for leaf, sub, r in WORDS})  # fmt: skip
+# Feature-MSR bits follow the CPUID words in the same integer, one bit per
+# registry feature, so the pair test stays `a & ~b`.
+_MSR_FEATURES: Final = tuple(f.name for f in msr_registry().features)
+_MSR_BIT: Final = {name: 1 << (32 * len(WORDS) + i) for i, name in enumerate(_MSR_FEATURES)}
+_ALL_MSR_BITS: Final = sum(_MSR_BIT.values())
+
+
+def _msr_guest_bits(guest: Dump) -> int:
+    return sum(_MSR_BIT[name] for name in guest_msr_features(guest))
+
+
+def _msr_offer_bits(host: Host, offer: Dump) -> int:
+    """The MSR features compat finds the host can give; every one when its
+    feature MSRs are unknown (unknown is not missing: compat notes them)."""
+    msrs = host_msrs(host)
+    if msrs is None:
+        return _ALL_MSR_BITS
+    lacking = unmet(_MSR_FEATURES, msrs, msr_gates(_MSR_FEATURES, offer.table))
+    return sum(bit for name, bit in _MSR_BIT.items() if name not in lacking)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +79,9 @@ class Side:
     """One host read both ways: as the guest (A's full CPU) and as the host
     (`offer`: compat.host_offer of it).
 
-    guest_words: the guest's feature words, packed, the compared bits only;
-    offer_words: what the host can give, packed;
+    guest_words: the guest's feature words, packed, the compared bits only,
+    then its feature-MSR bits (_MSR_BIT);
+    offer_words: what the host can give, packed the same way;
     guest_fields / host_fields: each REGISTER rule's value (None: absent);
     guest_xsave: (component, its size, offset, flags) the guest has;
     host_xsave: component -> (size, offset, flags) of the host;
@@ -81,7 +106,8 @@ class Side:
 
 def side(dump: Dump) -> Side:
     """Read one host (a dump, or a feature-only host-model) both ways."""
-    offer = host_offer(Host(dump))
+    host = Host(dump)
+    offer = host_offer(host)
     # A guest with everything the host offers; a feature-only view stays
     # one (it names no max leaves, so none are compared).
     guest = Dump(offer.table, "config" if dump.kind == "config" else "guest", dump.host,
@@ -102,8 +128,8 @@ def side(dump: Dump) -> Side:
         guest=guest,
         host=dump,
         offer=offer,
-        guest_words=pack(words) & _COMPARED,  # type: ignore[arg-type]
-        offer_words=pack(offers),  # type: ignore[arg-type]
+        guest_words=pack(words) & _COMPARED | _msr_guest_bits(guest),  # type: ignore[arg-type]
+        offer_words=pack(offers) | _msr_offer_bits(host, offer),  # type: ignore[arg-type]
         guest_fields=tuple(field_value(guest, r) for r in _FIELDS),
         host_fields=tuple(field_value(dump, r) for r in _FIELDS),
         guest_xsave=tuple((i, tuple(field_value(guest, r, i) for r in _XSAVE)) for i in comps),

@@ -121,7 +121,7 @@ def _hosts(args: argparse.Namespace, dumps: list[str], facts: Callable[[], ToolF
     hosts = []
     for d in load_dumps(dumps, refuse_emulated):
         mine = this_machine and of_this_host(d)
-        hosts.append(host_of(d, facts() if mine else None, this_host=mine))
+        hosts.append(_with_msrs(host_of(d, facts() if mine else None, this_host=mine), facts))
     if args.connect:
         from kvmcpuid_virt.fleet import ask_all
         from kvmcpuid_virt.libvirt_caps import connect_dump
@@ -197,5 +197,18 @@ def _host(args: argparse.Namespace, facts: Callable[[], ToolFacts]) -> Host:
 
         dump = refuse_emulated(load_dump(args.host))
         mine = of_this_host(dump)
-        return host_of(dump, facts() if mine else None, this_host=mine)
-    return host_of(Dump(live_table(), "supported", source="/dev/kvm"), facts(), this_host=True)
+        return _with_msrs(host_of(dump, facts() if mine else None, this_host=mine), facts)
+    live = Dump(live_table(), "supported", source="/dev/kvm")
+    return _with_msrs(host_of(live, facts(), this_host=True), facts)
+
+
+def _with_msrs(host: Host, facts: Callable[[], ToolFacts]) -> Host:
+    """This machine's feature MSRs, with what its vCPUs accept, for a host
+    that is this machine (a dump's own otherwise: msr_policy.msrs_for)."""
+    if not host.this_host:
+        return host
+    from dataclasses import replace
+
+    from kvmcpuid_virt.config.msr_policy import msrs_for
+
+    return replace(host, msrs=msrs_for(host.dump.table, facts(), True))

@@ -1,0 +1,171 @@
+"""compat and the matrix judge feature MSRs (IA32_ARCH_CAPABILITIES bits
+such as mds-no), on the real dumps of tests/data/cpuid that carry libvirt's
+`<msr>` element and on those that do not.
+
+Independent sources: the Intel SDM's bit positions of IA32_ARCH_CAPABILITIES
+(MSR 10AH: RDCL_NO 0, IBRS_ALL 1, SKIP_L1DFL_VMENTRY 3, MDS_NO 5, TAA_NO 8),
+and each dump's raw `<msr>` value, read here with lxml, for whether the host
+has the bit at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from kvmcpuid_virt.analysis.compat import Host, compat
+from kvmcpuid_virt.analysis.matrix import fits_pair, matrix
+from kvmcpuid_virt.cli import main
+from kvmcpuid_virt.cpuid.formats import Dump
+from kvmcpuid_virt.fsutil import load_dump
+from tests.conftest import DATA
+
+ARCH_CAPABILITIES = 0x10A
+MDS_NO = 5  # SDM: IA32_ARCH_CAPABILITIES[5] MDS_NO
+ICE_LAKE = DATA / "x86_64-cpuid-Ice-Lake-Server.xml"  # 10AH = 0xb: no MDS_NO
+ATOM = DATA / "x86_64-cpuid-Atom-P5362.xml"  # 10AH has MDS_NO
+SKYLAKE = DATA / "x86_64-cpuid-Xeon-Gold-6148.xml"  # no <msr>: unknown
+
+DOMAIN = """<domain type='kvm'><name>g</name><memory>65536</memory>
+<cpu mode='host-passthrough'><feature policy='require' name='mds-no'/></cpu></domain>
+"""
+
+
+def _raw_msr(path: Path, index: int) -> int | None:
+    """The dump's own <msr> value (edx:eax), read with lxml."""
+    for m in etree.parse(str(path)).getroot().iter("msr"):
+        if int(m.get("index", "0"), 16) == index:
+            return int(m.get("edx", "0"), 16) << 32 | int(m.get("eax", "0"), 16)
+    return None
+
+
+@pytest.fixture
+def domain(tmp_path: Path) -> Path:
+    p = tmp_path / "dom.xml"
+    p.write_text(DOMAIN)
+    return p
+
+
+def test_the_dumps_say_what_the_tests_assume() -> None:
+    ice, atom = _raw_msr(ICE_LAKE, ARCH_CAPABILITIES), _raw_msr(ATOM, ARCH_CAPABILITIES)
+    assert ice is not None and not ice >> MDS_NO & 1
+    assert atom is not None and atom >> MDS_NO & 1
+    assert not any(True for _ in etree.parse(str(SKYLAKE)).getroot().iter("msr"))
+
+
+def test_a_domain_requiring_mds_no_does_not_fit_a_host_without_it(
+    domain: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["compat", str(domain), "--host", str(ICE_LAKE), "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert not doc["fits"]
+    [reason] = [r for r in doc["reasons"] if r["field"] == "mds-no"]
+    assert reason["where"] == f"MSR {ARCH_CAPABILITIES:X}H[{MDS_NO}]"
+    assert "mds-no" in reason["detail"] and "does not offer" in reason["detail"]
+    assert {"register": f"MSR {ARCH_CAPABILITIES:X}H", "rule": "subset", "fits": False,
+            "reasons": [reason]} in doc["registers"]  # fmt: skip
+    assert main(["compat", str(domain), "--host", str(ICE_LAKE)]) == 1
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert "does not fit" in last and "mds-no" in last
+
+
+def test_a_host_with_mds_no_takes_it(domain: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compat", str(domain), "--host", str(ATOM), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fits"] and doc["unjudged"] == []
+    assert any(r["register"] == "MSR 10AH" and r["fits"] for r in doc["registers"])
+
+
+def test_unknown_feature_msrs_are_a_note_not_a_misfit(
+    domain: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["compat", str(domain), "--host", str(SKYLAKE), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fits"] and doc["unjudged"] == ["mds-no"]
+    assert not any(r["field"] == "mds-no" for r in doc["reasons"])
+    assert any("carries no feature MSRs" in n and "mds-no" in n for n in doc["notes"])
+    assert main(["compat", str(domain), "--host", str(SKYLAKE)]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert "fits as far as known" in last and "mds-no not judged" in last
+
+
+def _has_cpuid_bit(d: Dump, leaf: int, sub: int, reg: str, bit: int) -> bool:
+    e = d.table.lookup(leaf, sub)
+    return e is not None and bool(e.reg(reg) >> bit & 1)  # type: ignore[arg-type]
+
+
+def _with_msr(path: Path, value: int | None, tag: str) -> Dump:
+    """The dump with IA32_ARCH_CAPABILITIES set to `value` (None: no <msr>)."""
+    root = etree.parse(str(path)).getroot()
+    for m in list(root.iter("msr")):
+        if int(m.get("index", "0"), 16) == ARCH_CAPABILITIES:
+            if value is None:
+                m.getparent().remove(m)  # type: ignore[union-attr]
+            else:
+                m.set("eax", f"{value & 0xFFFF_FFFF:#010x}")
+    d = load_dump(str(path))
+    from kvmcpuid_virt.cpuid.formats import loads
+
+    text = etree.tostring(root, encoding="unicode")
+    return Dump(loads(text, f"{d.source}-{tag}").table, d.kind, d.host, f"{d.source}-{tag}")
+
+
+def test_the_matrix_tells_hosts_apart_by_one_msr_bit() -> None:
+    raw = _raw_msr(ICE_LAKE, ARCH_CAPABILITIES)
+    assert raw is not None
+    plain = load_dump(str(ICE_LAKE))
+    mds = _with_msr(ICE_LAKE, raw | 1 << MDS_NO, "mds")
+    unknown = _with_msr(ICE_LAKE, None, "unknown")
+    assert mds.table.msrs is not None and unknown.table.msrs is None
+    m = matrix([plain, mds, unknown])
+    assert len(m.groups) == 3  # the CPUID is the same; one MSR bit (or its absence) differs
+    p, x, u = m.group_of()
+    assert not m.fits(x, p) and m.fits(p, x)
+    assert [r.field for r in m.verdict(x, p).reasons] == ["mds-no"]
+    assert m.verdict(x, p).reasons[0].where == f"MSR 10AH[{MDS_NO}]"
+    # Unknown is not missing: it takes the guest, compat saying it is unjudged.
+    assert m.fits(x, u) and "mds-no" in m.verdict(x, u).unjudged
+    # A host with unknown MSRs offers a guest none (nothing to ask for).
+    assert m.fits(u, p)
+    for g, ga in enumerate(m.groups):
+        for h, hb in enumerate(m.groups):
+            v = compat(ga.side.guest, Host(hb.side.host))
+            assert m.fits(g, h) == v.fits == fits_pair(ga.side, hb.side)
+
+
+def test_the_matrix_on_the_real_dumps_with_msrs() -> None:
+    # Every real dump, each with a copy whose IA32_ARCH_CAPABILITIES lacks
+    # its lowest set bit: the copy never takes the original's guest.
+    real = [load_dump(str(p)) for p in sorted(DATA.glob("*.xml"))]
+    copies = []
+    for p in sorted(DATA.glob("*.xml")):
+        raw = _raw_msr(p, ARCH_CAPABILITIES)
+        if raw:
+            copies.append((p, _with_msr(p, raw & (raw - 1), "less")))
+    assert len(copies) >= 3
+    tested = 0
+    for path, less in copies:
+        orig = load_dump(str(path))
+        m = matrix([orig, less])
+        o, c = m.group_of()
+        raw = _raw_msr(path, ARCH_CAPABILITIES) or 0
+        bit = (raw & -raw).bit_length() - 1
+        where = f"MSR 10AH[{bit}]"
+        if not _has_cpuid_bit(orig, 7, 0, "edx", 29):
+            # SDM: CPUID.07H.0:EDX[29] enumerates IA32_ARCH_CAPABILITIES; a
+            # raw AMD dump lacks it, so its guest reads no such MSR.
+            assert m.fits(o, c) and m.fits(c, o), path
+            continue
+        tested += 1
+        v = m.verdict(o, c)
+        assert not m.fits(o, c) and [r.where for r in v.reasons] == [where], path
+        assert m.fits(c, o), path
+    assert tested >= 2  # Atom, Ice Lake
+    m = matrix([*real, *(c for _, c in copies)])
+    for g, ga in enumerate(m.groups):
+        for h, hb in enumerate(m.groups):
+            v = compat(ga.side.guest, Host(hb.side.host))
+            assert m.fits(g, h) == v.fits == fits_pair(ga.side, hb.side)
