@@ -27,6 +27,9 @@ from tests.conftest import FACTS, cpu_dump_paths
 from tests.test_policy import table
 
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
+# CpuConfig.source of a table read from /dev/kvm here (cli/options.read_table):
+# only such a `host` config is host-passthrough.
+LIVE = "/dev/kvm"
 
 DOMAIN = """<?xml version="1.0"?>
 <!-- a comment with <cpu mode='host-model'/> inside -->
@@ -87,7 +90,7 @@ def test_render_host_is_host_passthrough() -> None:
     leaves, brand, address sizes), checked by libvirt (check='full'),
     migratable='on' as QEMU's -cpu host; the features are written as for a
     named model, and parse reads it all back."""
-    c = select.build(table(), select.Policy(disable=("sse2",)), facts=FACTS)
+    c = select.build(table(), select.Policy(disable=("sse2",)), facts=FACTS, source=LIVE)
     assert lv.base_model(c, FACTS) == lv.HOST_PASSTHROUGH == c.model
     cpu = etree.fromstring(lv.render(c, lv.base_model(c, FACTS)))
     assert {str(k): str(v) for k, v in cpu.attrib.items()} == {
@@ -107,7 +110,7 @@ def test_host_passthrough_unexpressible_follows_qemus_host_expansion() -> None:
     `host` (the recording of QEMU's own query-cpu-model-expansion): a
     nameless feature set as QEMU's expansion has it is carried; one set the
     other way is reported, on or off."""
-    c = select.build(table(), facts=FACTS)
+    c = select.build(table(), facts=FACTS, source=LIVE)
     reg = registry()
     assert FACTS.qemu is not None
     host = FACTS.qemu.host
@@ -160,7 +163,7 @@ def test_patch_changes_only_cpu() -> None:
     assert out2.startswith(bare[: bare.index("</domain>")])
     assert etree.fromstring(out2.encode()).find("cpu") is not None
     # This host's full CPU: host-passthrough stays, checked and migratable.
-    host = select.build(table(), facts=FACTS)
+    host = select.build(table(), facts=FACTS, source=LIVE)
     out3 = lv.patch_domain(DOMAIN, host, lv.base_model(host, FACTS))
     assert out3.startswith(DOMAIN[:start]) and out3.endswith(DOMAIN[end:])
     cpu = etree.fromstring(out3.encode()).find("cpu")

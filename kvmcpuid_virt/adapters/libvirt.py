@@ -3,7 +3,8 @@ domain XML, and parse a `<cpu>` element back.
 
 Rendered forms, one `<feature policy='require|disable' name=.../>` per
 feature that has a cpu_map name, sorted, enabled first:
-- a config of this host's full CPU (model `host`, as QEMU's `-cpu host`):
+- a config of this host's own full CPU (model `host` read from /dev/kvm
+  here, see own_host(); or the caller asks for it explicitly):
   `<cpu mode='host-passthrough' check='full' migratable='on'>`. libvirt
   (9.0) passes it on as `-cpu host,migratable=on,FEAT=on|off,...`, so the
   guest gets the host's identity, max leaves, brand and address sizes, as
@@ -17,6 +18,11 @@ feature that has a cpu_map name, sorted, enabled first:
   host-passthrough) the cache leaves (2, 4, 0x80000005/6, 0x8000001D) are the
   host's, as KVM reports them and the configuration has them, instead of
   QEMU's made-up model; a domain's own `<cache>` is kept instead.
+- a `host` config of any other table (a dump from another host, a cluster
+  baseline): host-passthrough would give the guest each host's own CPU
+  (identity, caches, whatever KVM there adds) and break migration between
+  different hosts, so it is rendered as a named model below, on the cpu_map
+  model that fits its features best, and identity_note() warns.
 - a named model: `<cpu mode='custom' match='exact' check='full'>` with
   `<model fallback='forbid'>` (libvirt may not substitute another model):
   the config's own model where cpu_map has it, so the guest sees QEMU's
@@ -64,6 +70,7 @@ __all__ = [
     "cpu_map_model",
     "identity_note",
     "kvm_features_element",
+    "own_host",
     "parse",
     "patch_domain",
     "patch_features",
@@ -139,7 +146,8 @@ def kvm_features_element(config: CpuConfig) -> etree._Element | None:
     return features
 
 
-def unexpressible(config: CpuConfig, facts: ToolFacts | None = None) -> list[Unexpressible]:
+def unexpressible(config: CpuConfig, facts: ToolFacts | None = None, *,
+                  passthrough: bool | None = None) -> list[Unexpressible]:  # fmt: skip
     """Features the config decides that a `<cpu>` cannot carry, and what
     libvirt does with them instead.
 
@@ -149,9 +157,10 @@ def unexpressible(config: CpuConfig, facts: ToolFacts | None = None) -> list[Une
     defaults are QEMU's own expansion of `host` (facts.qemu.host), so a
     feature without a cpu_map name is carried when the config has it as that
     expansion does, and is unexpressible, on or off, when it differs; without
-    that expansion every such feature is reported."""
+    that expansion every such feature is reported. `passthrough` as for
+    base_model()."""
     reg = registry()
-    passthrough = config.model == HOST_PASSTHROUGH
+    passthrough = _passthrough(config, passthrough)
     defaults = (facts.qemu.host if passthrough and facts is not None and facts.qemu is not None
                 else None)  # fmt: skip
     out = []
@@ -174,12 +183,32 @@ def unexpressible(config: CpuConfig, facts: ToolFacts | None = None) -> list[Une
 # base_model()'s answer for a configuration of this host's full CPU: no
 # cpu_map model, mode='host-passthrough'.
 HOST_PASSTHROUGH: Final = "host"
+# CpuConfig.source of a table read from this machine's /dev/kvm
+# (cli/options.read_table, conformance/plan).
+_LIVE_SOURCE: Final = "/dev/kvm"
 
 
-def base_model(config: CpuConfig, facts: ToolFacts) -> str:
+def own_host(config: CpuConfig) -> bool:
+    """Whether `config` is this host's own full CPU: model 'host' built from
+    the table /dev/kvm gave here. Only that may be host-passthrough; a dump
+    or a baseline (CpuConfig.source a path or 'baseline') describes other
+    hosts, whose guests must not get whatever CPU they land on."""
+    return config.model == HOST_PASSTHROUGH and config.source == _LIVE_SOURCE
+
+
+def _passthrough(config: CpuConfig, passthrough: bool | None) -> bool:
+    if config.model != HOST_PASSTHROUGH:
+        return False
+    return own_host(config) if passthrough is None else passthrough
+
+
+def base_model(config: CpuConfig, facts: ToolFacts, *, passthrough: bool | None = None) -> str:
     """What the `<cpu>` is based on: HOST_PASSTHROUGH ('host') for a config of
-    this host's full CPU (config.model 'host'), else cpu_map_model()."""
-    if config.model == HOST_PASSTHROUGH:
+    this host's own full CPU (own_host()), else cpu_map_model(). `passthrough`
+    overrides own_host() for a `host` config: True where the caller knows the
+    table is the host the guest will run on (a dump fingerprinted as this
+    host, an explicit --host-passthrough), False to force a named model."""
+    if _passthrough(config, passthrough):
         return HOST_PASSTHROUGH
     return cpu_map_model(config, facts)
 
@@ -243,6 +272,13 @@ def identity_note(config: CpuConfig, model: str) -> str | None:
     max leaves and brand string (libvirt has no element for them)."""
     if model == config.model:
         return None
+    if config.model == HOST_PASSTHROUGH:
+        where = "a baseline" if config.source == "baseline" else (config.source or "the table")
+        return (f"{where} is not this host's own CPU, so the <cpu> is not host-passthrough "
+                f"(the guest would get each host's own CPU and could not migrate between "
+                f"them): it names {model!r} with explicit features, so the guest sees "
+                f"{model}'s family/model/stepping, max leaves, caches and brand string, "
+                "not the configuration's")  # fmt: skip
     return (f"libvirt's cpu_map has no usable model {config.model!r}: the <cpu> names "
             f"{model!r}, so the guest sees {model}'s family/model/stepping, max leaves and "
             f"brand string, not {config.model}'s")  # fmt: skip

@@ -35,6 +35,13 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
         "it changes",
     )  # fmt: skip
     parser.add_argument(
+        "--host-passthrough", action="store_true",
+        help="with --from DUMP and --model host: render host-passthrough anyway, for a "
+        "guest that will only ever run on the host the dump came from (default: only "
+        "this host's /dev/kvm gives host-passthrough; a dump or baseline gets a named "
+        "cpu_map model with explicit features, so that the guest can migrate)",
+    )  # fmt: skip
+    parser.add_argument(
         "-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout"
     )
 
@@ -53,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     # memoized under a key that covers every input (cli/memo.py), the domain
     # being patched included; this keeps the command near Python's start-up.
     table, table_source, this_host = read_table(args)
-    k = memo.key("libvirt-xml", (*policy_key(args), this_host, source, domain),
+    k = memo.key("libvirt-xml", (*policy_key(args), this_host, args.host_passthrough, source,
+                                 domain),
                  table_bytes(table))  # fmt: skip
     hit = memo.load(k)
     if hit is None:
@@ -78,7 +86,14 @@ def _render(args: argparse.Namespace, table: CpuidTable, table_source: str, this
 
     facts = learn_facts()
     config = config_from_args(args, facts, table, table_source, this_host)
-    model = lv.base_model(config, facts)
+    # Only this host's own CPU is host-passthrough (adapters/libvirt.own_host),
+    # unless the user asks for it.
+    passthrough = True if args.host_passthrough else None
+    if args.host_passthrough and config.model != lv.HOST_PASSTHROUGH:
+        from kvmcpuid_virt.errors import InputError
+
+        raise InputError(f"--host-passthrough is for --model host, not {config.model!r}")
+    model = lv.base_model(config, facts, passthrough=passthrough)
     if domain is not None:
         # The whole CPU configuration: <cpu>, and the paravirtual switches
         # libvirt takes in <features><kvm>.
@@ -92,7 +107,7 @@ def _render(args: argparse.Namespace, table: CpuidTable, table_source: str, this
     # The paravirtual switches a <cpu> cannot carry, in two lines rather than
     # one per feature: where libvirt takes them (patched in with --patch),
     # and what it cannot set.
-    lost = lv.unexpressible(config, facts)
+    lost = lv.unexpressible(config, facts, passthrough=passthrough)
     elsewhere = [u.where for u in lost if u.expressible and domain is None]
     nowhere = [f"{u.name}={'on' if u.on else 'off'}" for u in lost if not u.expressible]
     if elsewhere:
