@@ -169,3 +169,34 @@ def test_the_matrix_on_the_real_dumps_with_msrs() -> None:
         for h, hb in enumerate(m.groups):
             v = compat(ga.side.guest, Host(hb.side.host))
             assert m.fits(g, h) == v.fits == fits_pair(ga.side, hb.side)
+
+
+# SDM bit positions of IA32_ARCH_CAPABILITIES, by QEMU's property names.
+SDM_BITS = {"rdctl-no": 0, "skip-l1dfl-vmentry": 3, "mds-no": 5, "taa-no": 8}
+
+
+@pytest.mark.parametrize("name", sorted(SDM_BITS))
+def test_this_host_as_its_vcpus_accept(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # This machine's /dev/kvm, held to a C program's own KVM_GET_MSRS and
+    # KVM_SET_MSRS (tests/kvm_msr_c.py): not offered, refused by a vCPU,
+    # or given.
+    from tests.kvm_msr_c import c_msr_reading
+
+    c = c_msr_reading()
+    bit = SDM_BITS[name]
+    value = c.values.get(ARCH_CAPABILITIES)
+    guest = tmp_path / "g.cpu"
+    guest.write_text(f"-cpu host,{name}=on\n")
+    main(["compat", str(guest), "--format", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    reasons = [r for r in doc["reasons"] if r["field"] == name]
+    if value is None or not value >> bit & 1:
+        assert [r["where"] for r in reasons] == [f"MSR 10AH[{bit}]"]
+        assert "does not offer" in reasons[0]["detail"]
+    elif c.set_result.get(ARCH_CAPABILITIES) == 1 or c.bit_result.get((ARCH_CAPABILITIES, bit)) == 1:
+        assert reasons == []
+    else:
+        assert [r["where"] for r in reasons] == [f"MSR 10AH[{bit}]"]
+        assert "refuses" in reasons[0]["detail"]
