@@ -277,7 +277,7 @@ def _template_entries(
     wanted = frozenset(template.table.keys())
     missing: set[tuple[int, int]] = set()
     for p in full:
-        missing.update(k for k in wanted - p.keys if not p.answers(*k))
+        missing |= p.table.unanswered(wanted)
     for e in template.table:
         base = fields.range_base(e.function)
         if base not in top or e.function > top[base]:

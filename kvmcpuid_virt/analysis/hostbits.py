@@ -87,26 +87,34 @@ class Profile:
              leaf, unless `ranged` is False), packed (see the module);
     ranged:  whether the table announces its leaf ranges (a feature-only
              input, kind "config", does not: its words count as they are);
-    limits:  fields.leaf_limits; keys: the (leaf, subleaf) of every entry.
+    limits:  fields.leaf_limits; keys: the (leaf, subleaf) of every entry
+             (made when first asked: a set per table was a third of a
+             2000-host baseline's per-table work, and it needs none).
     A plain slotted class: a fleet makes thousands, and a frozen
     dataclass sets each field through object.__setattr__."""
 
-    __slots__ = ("keys", "limits", "ranged", "signature", "table", "vendor", "words")
+    __slots__ = ("_keys", "limits", "ranged", "signature", "table", "vendor", "words")
 
     def __init__(self, table: CpuidTable, vendor: str, ranged: bool, limits: dict[int, int],
-                 words: int, keys: frozenset[tuple[int, int]],
-                 signature: tuple[int, int, int]) -> None:  # fmt: skip
+                 words: int, signature: tuple[int, int, int],
+                 keys: frozenset[tuple[int, int]] | None = None) -> None:  # fmt: skip
         self.table = table
         self.vendor = vendor
         self.ranged = ranged
         self.limits = limits
         self.words = words
-        self.keys = keys
+        self._keys = keys
         self.signature = signature
+
+    @property
+    def keys(self) -> frozenset[tuple[int, int]]:
+        if self._keys is None:
+            self._keys = frozenset(map(_KEY, self.table))
+        return self._keys
 
     def answers(self, leaf: int, subleaf: int) -> bool:
         """Whether the table has an entry for CPUID(leaf, subleaf)."""
-        return (leaf, subleaf) in self.keys or self.table.lookup(leaf, subleaf) is not None
+        return self.table.lookup(leaf, subleaf) is not None
 
 
 def _words(table: CpuidTable, limits: dict[int, int] | None) -> int:
@@ -137,7 +145,6 @@ def profile(dump: Dump) -> Profile:
         ranged=ranged,
         limits=limits,
         words=_words(table, limits if ranged else None),
-        keys=frozenset(map(_KEY, table)),
         signature=(0, 0, 0) if sig is None else (sig.family, sig.model, sig.stepping),
     )
 

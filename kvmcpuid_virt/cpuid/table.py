@@ -4,7 +4,9 @@ came from (KVM, a dump, a guest's answer)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from enum import IntFlag
+from itertools import repeat
 
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
@@ -210,6 +212,16 @@ class CpuidTable:
         if found is not None:
             return found
         return self._any.get(leaf)
+
+    def unanswered(self, keys: AbstractSet[tuple[int, int]]) -> set[tuple[int, int]]:
+        """The (leaf, subleaf) pairs of `keys` that lookup() finds no entry
+        for. In set operations: a baseline asks it of thousands of tables."""
+        rest = set(keys).difference(self._exact)
+        if rest:
+            rest.difference_update(zip(self._any, repeat(0)))
+        if rest:
+            rest = {k for k in rest if k[0] not in self._any}
+        return rest
 
     def get(self, leaf: int, subleaf: int, reg: Register) -> int:
         """A register's value, 0 where the table has no entry (what KVM gives a
