@@ -195,7 +195,7 @@ def test_this_host_as_its_vcpus_accept(
     if value is None or not value >> bit & 1:
         assert [r["where"] for r in reasons] == [f"MSR 10AH[{bit}]"]
         assert "does not offer" in reasons[0]["detail"]
-    elif c.set_result.get(ARCH_CAPABILITIES) == 1 or c.bit_result.get((ARCH_CAPABILITIES, bit)) == 1:
+    elif 1 in (c.set_result.get(ARCH_CAPABILITIES), c.bit_result.get((ARCH_CAPABILITIES, bit))):
         assert reasons == []
     else:
         assert [r["where"] for r in reasons] == [f"MSR 10AH[{bit}]"]

@@ -86,19 +86,24 @@ def run(args: argparse.Namespace) -> int:
         answers = []
     for uri, host_model in answers:
         inputs.append(host_model.dump)
-        if host_model.msr_features:
-            notes.append(f"{uri}: host-model MSR features, not CPUID bits, left out: "
-                         f"{', '.join(host_model.msr_features)}")  # fmt: skip
+        if host_model.msr_left_out:
+            # The others are in the dump's feature MSRs and in the intersection.
+            notes.append(f"{uri}: host-model MSR features the feature-MSR registry cannot "
+                         f"place, left out: {', '.join(host_model.msr_left_out)}")  # fmt: skip
         if host_model.unknown:
             notes.append(f"{uri}: host-model features the registry does not know: "
                          f"{', '.join(host_model.unknown)}")  # fmt: skip
     if args.this_host:
+        from kvmcpuid_virt.commands.dump import feature_msrs
         from kvmcpuid_virt.host import host_metadata
         from kvmcpuid_virt.kvm.system import Kvm
 
         with Kvm() as kvm:
-            inputs.append(Dump(kvm.supported_cpuid(), "supported",
-                               host_metadata(kvm.api_version()), "/dev/kvm"))  # fmt: skip
+            table = kvm.supported_cpuid()
+            # Its feature MSRs with what a vCPU here accepts, as `dump --msr-trial`.
+            table = table.with_msrs(feature_msrs(kvm, table))
+            inputs.append(Dump(table, "supported", host_metadata(kvm.api_version()),
+                               "/dev/kvm"))  # fmt: skip
     if not inputs:
         raise InputError("no hosts: give dump files, --connect URI or --this-host")
     result = bl.baseline(inputs, allow_mixed_vendors=args.allow_mixed_vendors)
