@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # heavy-ish imports stay out of `kvmcpuid --help`
     MsrView = tuple[FeatureMsrs | None, MsrDelivery | None, str | None, MsrRegistry]
 
 __all__ = [
-    "FROM_DUMP", "NO_MSRS_IN_DUMP", "add_parser", "live_msr_view", "render_json", "render_table",
-    "run",
+    "FROM_DUMP", "FROM_DUMP_TRIED", "NO_MSRS_IN_DUMP", "add_parser", "live_msr_view",
+    "render_json", "render_table", "run",
 ]  # fmt: skip
 
 WIDTH = 80
@@ -35,6 +35,10 @@ WIDTH = 80
 # a <cpudata> without <msr>): unknown, not "none".
 NO_MSRS_IN_DUMP = "no feature MSRs in this dump"
 FROM_DUMP = "as the dump's host reported them; no vCPU tried them here"
+# A format-2 dump taken with `dump --msr-trial` records what a vCPU of its
+# host accepted: the refused bits are that record, not a trial here.
+FROM_DUMP_TRIED = ("as the dump's host reported them, with the bits a vCPU there accepted "
+                   "(`kvmcpuid dump --msr-trial`); refused: by that vCPU, not tried here")
 NO_MSR_CAP = "this kernel has no KVM_CAP_GET_MSR_FEATURES"
 
 
@@ -84,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
             # A format-2 dump's (or <cpudata>'s <msr>) values: shown as the
             # host it came from reported them; no vCPU trial here.
             msrs = table.msrs
-            note = FROM_DUMP if msrs.available else (msrs.why or NO_MSR_CAP)
+            tried = msrs.deliverable is not None
+            note = (FROM_DUMP_TRIED if tried else FROM_DUMP) if msrs.available \
+                else (msrs.why or NO_MSR_CAP)  # fmt: skip
         if args.format == "kubevirt":
             from kvmcpuid_virt.cli.options import of_this_host, refuse_emulated
 
@@ -232,15 +238,27 @@ def _msr_lines(
         lines.append("")
         lines.extend(_wrap(title, "", "  "))  # a dump's values can be long: 80 columns
         trial = delivery.trial(index) if delivery is not None else None
+        refused_bits = trial.refused if trial is not None else _recorded_refused(msrs, index)
         for f in on:
             ctl = f" (control {f.control})" if f.control is not None else ""
             label = _msr_label(f, names) + _MARK[f.kind]
-            refused = trial is not None and bool(trial.refused & f.mask)
+            refused = refused_bits is not None and bool(refused_bits & f.mask)
             text = f"  bit {f.bit:2}{ctl}  {label}"
             lines.append(f"{text:<44} refused" if refused else text)
         if trial is not None and trial.refused:
             lines.extend(_wrap(f"a vCPU refuses {trial.refused:#x}: {trial.reason}", "  ", "  "))
+        elif trial is None and refused_bits:
+            lines.extend(_wrap(f"a vCPU of the dump's host refused {refused_bits:#x}", "  ", "  "))
     return lines
+
+
+def _recorded_refused(msrs: FeatureMsrs, index: int) -> int | None:
+    """The bits of MSR `index` a dump records its host's vCPU refused
+    (None: the dump records no trial)."""
+    accepts = msrs.deliverable_dict()
+    if accepts is None:
+        return None
+    return (msrs.get(index) or 0) & ~accepts.get(index, 0)
 
 
 def _wrap(text: str, first: str, rest: str) -> list[str]:
@@ -375,17 +393,22 @@ def _msr_json(
     for index, value in msrs.items:
         info = mreg.msr(index)
         trial = delivery.trial(index) if delivery is not None else None
+        recorded = _recorded_refused(msrs, index) if trial is None else None
+        vcpu: dict[str, Any] | None = None
+        if trial is not None:
+            vcpu = {"accepted": trial.accepted, "deliverable": f"{trial.deliverable:#x}",
+                    "refused": f"{trial.refused:#x}", "reason": trial.reason}  # fmt: skip
+        elif recorded is not None:
+            # The dump's own record of its host's vCPU (no trial here).
+            vcpu = {"accepted": not recorded, "deliverable": f"{value & ~recorded:#x}",
+                    "refused": f"{recorded:#x}", "reason": None, "recorded": True}  # fmt: skip
+        refused_bits = trial.refused if trial is not None else recorded
         doc["msrs"].append({
             "index": f"{index:#x}",
             "name": info.name if info else None,
             "value": f"{value:#x}",
             "unnamed": f"{mreg.unnamed(index, value):#x}",
-            "vcpu": None if trial is None else {
-                "accepted": trial.accepted,
-                "deliverable": f"{trial.deliverable:#x}",
-                "refused": f"{trial.refused:#x}",
-                "reason": trial.reason,
-            },
+            "vcpu": vcpu,
         })  # fmt: skip
         for f in mreg.in_msr(index):
             if not f.present(value):
@@ -399,6 +422,6 @@ def _msr_json(
                 "msr": f"{index:#x}",
                 "bit": f.bit,
                 "control": f.control,
-                "refused": None if trial is None else bool(trial.refused & f.mask),
+                "refused": None if refused_bits is None else bool(refused_bits & f.mask),
             })  # fmt: skip
     return doc
