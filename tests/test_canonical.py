@@ -42,7 +42,11 @@ def _answer(read: Callable[[str, str], Dump], text: str) -> tuple[Any, ...]:
         d = read(text, SOURCE)
     except DumpFormatError as exc:
         return ("error", str(exc))
-    return ("dump", d.table.entries, d.kind, d.host, d.source, d.table.msrs)
+    # Lookups too: the fast path builds its tables from a layout shared by
+    # tables of one shape (CpuidTable.from_layout).
+    asked = [*d.table.keys(), (0x7, 9), (0x4, 30), (0x8000_0001, 2), (0x1, 1)]
+    return ("dump", d.table.entries, d.kind, d.host, d.source, d.table.msrs,
+            [d.table.lookup(*k) for k in asked])  # fmt: skip
 
 
 def _same(text: str) -> None:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from kvmcpuid_virt.cpuid.formats import Dump, DumpKind
     from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
+    from kvmcpuid_virt.cpuid.table import TableLayout
 
 __all__ = ["loads", "split"]
 
@@ -63,8 +64,10 @@ _TABLES: dict[tuple[str, ...], CpuidTable] = {}
 # finds nothing). What first_problem looks at is each entry's leaf, subleaf
 # and flags, and the values of leaves 0 and 0x80000000 only: the shape token
 # of a line is "leaf.subleaf.flags", or the whole line for those two leaves.
-# Hosts whose tables differ in feature bits alone share one shape.
-_SHAPES: dict[tuple[str, ...], bool] = {}
+# Hosts whose tables differ in feature bits alone share one shape. Its value:
+# the layout of such tables (CpuidTable.layout), None when they are not one.
+_SHAPES: dict[tuple[str, ...], TableLayout | None] = {}
+_UNSEEN: Final = ((), (), (), ())
 _WHOLE_LINE: Final = frozenset({0x0, 0x8000_0000})
 # (id of a table, feature MSRs) -> (that table, kept alive so that its id
 # stays its own; the table carrying the MSRs).
@@ -195,16 +198,20 @@ def split(text: str, max_entries: int) -> tuple[str, CpuidTable] | None:
     entries, seen, shape = zip(*hits, strict=True)  # type: ignore[misc]
     table = _TABLES.get(seen)
     if table is None:
-        ok = _SHAPES.get(shape)
-        if ok is None:
+        layout = _SHAPES.get(shape, _UNSEEN)
+        if layout is _UNSEEN:
             # need_vendor: a table that passes with it passes without (an
             # emulated dump's leaf 0 may lack the vendor; the full reader judges).
-            ok = first_problem(entries, str) is None
+            layout = None
+            if first_problem(entries, str) is None:
+                layout = CpuidTable(entries).layout()
             if len(_SHAPES) < _MAX_TABLES:
-                _SHAPES[shape] = ok
-        if not ok:
+                _SHAPES[shape] = layout
+        if layout is None:
             return None
-        table = CpuidTable(entries)
+        # The shape fixes each position's leaf, subleaf and flags, which is
+        # all a layout depends on.
+        table = CpuidTable.from_layout(entries, layout)
         if len(_TABLES) < _MAX_TABLES:
             _TABLES[seen] = table
     leaf0 = next(line for e, line in zip(entries, seen, strict=True) if e.key == (0, 0))

@@ -27,6 +27,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     Register = Literal["eax", "ebx", "ecx", "edx"]
+    # CpuidTable.layout: the exact keys and their entries' positions, the
+    # any-subleaf functions and theirs.
+    TableLayout = tuple[tuple[tuple[int, int], ...], tuple[int, ...], tuple[int, ...],
+                        tuple[int, ...]]  # fmt: skip
 REGISTERS: Final[tuple[Register, ...]] = ("eax", "ebx", "ecx", "edx")
 
 
@@ -183,6 +187,31 @@ class CpuidTable:
                 self._exact.setdefault((entry.function, entry.index), entry)
             else:
                 self._any.setdefault(entry.function, entry)
+
+    def layout(self) -> TableLayout:
+        """Where this table's lookup entries sit: from_layout builds a table
+        of other entries with the same (function, index, SIGNIFICANT_INDEX)
+        at each position without walking them (a fleet's tables share a few
+        layouts: cpuid/canonical.py)."""
+        pos = {id(e): i for i, e in reversed(list(enumerate(self._entries)))}
+        exact = tuple(self._exact)
+        anys = tuple(self._any)
+        return (exact, tuple(pos[id(e)] for e in self._exact.values()),
+                anys, tuple(pos[id(e)] for e in self._any.values()))  # fmt: skip
+
+    @classmethod
+    def from_layout(cls, entries: Sequence[CpuidEntry], layout: TableLayout,
+                    msrs: FeatureMsrs | None = None) -> CpuidTable:  # fmt: skip
+        """CpuidTable(entries, msrs), for entries whose (function, index,
+        SIGNIFICANT_INDEX) are, position by position, those of the table
+        `layout` came from (the caller's promise: nothing is checked)."""
+        table = cls.__new__(cls)
+        table.msrs = msrs
+        table._entries = tuple(entries)
+        exact, at_exact, anys, at_any = layout
+        table._exact = dict(zip(exact, map(table._entries.__getitem__, at_exact), strict=True))
+        table._any = dict(zip(anys, map(table._entries.__getitem__, at_any), strict=True))
+        return table
 
     @property
     def entries(self) -> tuple[CpuidEntry, ...]:
