@@ -200,3 +200,40 @@ def test_this_host_as_its_vcpus_accept(
     else:
         assert [r["where"] for r in reasons] == [f"MSR 10AH[{bit}]"]
         assert "refuses" in reasons[0]["detail"]
+
+
+def test_the_matrix_reports_say_which_fitting_cells_are_unjudged(tmp_path: Path) -> None:
+    from kvmcpuid_virt.analysis.matrix_report import matrix_html, matrix_json, matrix_table
+
+    raw = _raw_msr(ICE_LAKE, ARCH_CAPABILITIES)
+    assert raw is not None
+    mds = _with_msr(ICE_LAKE, raw | 1 << MDS_NO, "mds")
+    unknown = _with_msr(ICE_LAKE, None, "unknown")
+    m = matrix([mds, unknown])
+    x, u = m.group_of()
+    assert m.unjudged(x, u) and "mds-no" in m.unjudged(x, u)
+    assert m.unjudged(x, u) == list(m.verdict(x, u).unjudged)  # compat's own list
+    assert m.unjudged(u, x) == [] and m.unjudged(x, x) == []
+    cells = {(c["guest"], c["host"]): c for c in json.loads(matrix_json(m))["cells"]}
+    assert cells[(x, u)]["fits"] and "mds-no" in cells[(x, u)]["unjudged"]
+    assert cells[(u, x)]["unjudged"] == []
+    assert f"{x + 1} on {u + 1}: ok as far as known" in matrix_table(m)
+    page = etree.fromstring(matrix_html(m).encode(), etree.HTMLParser())
+    titles = [td.get("title") for td in page.iter("td") if "as far as known" in td.get("title", "")]
+    assert len(titles) == 1 and "mds-no" in titles[0]
+
+
+def test_which_hosts_take_a_domain_requiring_mds_no(
+    domain: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hosts = [str(ICE_LAKE), str(ATOM), str(SKYLAKE)]
+    assert main(["compat", str(domain), *hosts]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    by_host = {ln.split()[0]: ln for ln in lines if ln.split() and ln.split()[0] in hosts}
+    assert "does not fit" in by_host[str(ICE_LAKE)] and "mds-no" in by_host[str(ICE_LAKE)]
+    assert by_host[str(ATOM)].rstrip().endswith("fits")
+    assert "fits as far as known (feature MSRs unknown: mds-no)" in by_host[str(SKYLAKE)]
+    assert main(["compat", str(domain), *hosts, "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fits"] == [str(ATOM), str(SKYLAKE)]
+    assert [h["unjudged"] for h in doc["hosts"]] == [[], [], ["mds-no"]]

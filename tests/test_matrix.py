@@ -188,8 +188,9 @@ def test_json_schema(real: list[Dump]) -> None:
     assert {h["group"] for h in doc["hosts"]} == set(range(n))
     assert len(doc["cells"]) == n * n
     for cell in doc["cells"]:
-        assert set(cell) == {"guest", "host", "fits", "missing", "reasons"}
-        assert isinstance(cell["fits"], bool)
+        assert set(cell) == {"guest", "host", "fits", "missing", "reasons", "unjudged"}
+        assert isinstance(cell["fits"], bool) and isinstance(cell["unjudged"], list)
+        assert not cell["unjudged"] or cell["fits"]
         assert cell["fits"] == m.fits(cell["guest"], cell["host"])
         assert bool(cell["reasons"]) == (not cell["fits"]) == bool(cell["missing"])
         for r in cell["reasons"]:

@@ -85,7 +85,9 @@ class Side:
     guest_fields / host_fields: each REGISTER rule's value (None: absent);
     guest_xsave: (component, its size, offset, flags) the guest has;
     host_xsave: component -> (size, offset, flags) of the host;
-    ranged: the host announces its leaf ranges (not a feature-only view)."""
+    ranged: the host announces its leaf ranges (not a feature-only view);
+    msrs_known: the host's feature MSRs are known (else compat leaves a
+    guest's MSR features unjudged there, and the cell fits as far as known)."""
 
     guest: Dump
     host: Dump
@@ -97,11 +99,16 @@ class Side:
     guest_xsave: tuple[tuple[int, tuple[int | None, ...]], ...]
     host_xsave: tuple[tuple[int, tuple[int | None, ...]], ...]
     ranged: bool
+    msrs_known: bool = True
 
     def key(self) -> tuple[object, ...]:
         """What every verdict of this host depends on: equal keys, one group."""
         return (self.guest_words, self.offer_words, self.guest_fields, self.host_fields,
-                self.guest_xsave, self.host_xsave, self.ranged)  # fmt: skip
+                self.guest_xsave, self.host_xsave, self.ranged, self.msrs_known)  # fmt: skip
+
+    def msr_features(self) -> list[str]:
+        """The MSR features of this host's guest (its full CPU's)."""
+        return [n for n in _MSR_FEATURES if self.guest_words & _MSR_BIT[n]]
 
 
 def side(dump: Dump) -> Side:
@@ -136,6 +143,7 @@ def side(dump: Dump) -> Side:
         host_xsave=tuple((i, tuple(field_value(dump, r, i) for r in _XSAVE))
                          for i in range(2, 63) if field_value(dump, _XSAVE[0], i) is not None),
         ranged=dump.kind != "config",
+        msrs_known=host_msrs(host) is not None,
     )
 
 
@@ -200,6 +208,13 @@ class Matrix:
         """compat() of the cell: its reasons (the groups' first hosts named)."""
         target = self.groups[host].side
         return compat(self.groups[guest].side.guest, Host(target.host), offer=target.offer)
+
+    def unjudged(self, guest: int, host: int) -> list[str]:
+        """The guest's MSR features a fitting cell leaves unjudged (the
+        host's feature MSRs are unknown): what compat's verdict names."""
+        if self.groups[host].side.msrs_known or not self.fits(guest, host):
+            return []
+        return self.groups[guest].side.msr_features()
 
     def fitting_pairs(self) -> int:
         """How many ordered pairs of hosts fit (the diagonal included)."""

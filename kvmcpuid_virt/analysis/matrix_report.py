@@ -72,6 +72,7 @@ def matrix_json(m: Matrix) -> str:
                 "guest": g, "host": h, "fits": v is None,
                 "missing": "" if v is None else v.missing(),
                 "reasons": [] if v is None else [r.as_json() for r in v.reasons],
+                "unjudged": m.unjudged(g, h),
             })  # fmt: skip
     group_of = m.group_of()
     doc: dict[str, Any] = {
@@ -115,6 +116,13 @@ def matrix_table(m: Matrix) -> str:
         out.append("")
         for g, h, v in misfits:
             out.append(f"{g + 1} on {h + 1}: {_short(v)}")
+    unjudged = _unjudged(m)
+    if unjudged:
+        out.append("")
+        for g, h, names in unjudged:
+            out.append(f"{g + 1} on {h + 1}: ok as far as known, {h + 1}'s feature MSRs are "
+                       f"unknown: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''} "
+                       "not judged")  # fmt: skip
     out.append("")
     out.append(f"{len(m.hosts)} hosts, {len(m.groups)} distinct; {m.fitting_pairs()} of "
                f"{len(m.hosts) ** 2} ordered pairs fit")  # fmt: skip
@@ -169,9 +177,13 @@ def matrix_html(m: Matrix, title: str = "kvmcpuid compat --matrix") -> str:
         for h in range(n):
             v = missing.get((g, h))
             if v is None:
-                cell = etree.SubElement(row, "td", {"class": _FITS,
-                                                    "title": f"{_label(m, g)} fits {_label(m, h)}"})
-                cell.text = "\u2713"
+                title = f"{_label(m, g)} fits {_label(m, h)}"
+                unjudged = m.unjudged(g, h)
+                if unjudged:
+                    title += (" as far as known: its feature MSRs are unknown, so "
+                              f"{', '.join(unjudged)} not judged")  # fmt: skip
+                cell = etree.SubElement(row, "td", {"class": _FITS, "title": title})
+                cell.text = "\u2713?" if unjudged else "\u2713"
             else:
                 cell = etree.SubElement(row, "td", {"class": _NO, "title": v.missing()})
                 etree.SubElement(cell, "a", href=f"#c{g}-{h}").text = "\u2717"
@@ -196,6 +208,11 @@ def matrix_html(m: Matrix, title: str = "kvmcpuid compat --matrix") -> str:
     return text + "\n"
 
 
+def _unjudged(m: Matrix) -> list[tuple[int, int, list[str]]]:
+    n = range(len(m.groups))
+    return [(g, h, names) for g in n for h in n if (names := m.unjudged(g, h))]
+
+
 def _short(v: Verdict, most: int = 8) -> str:
     """What does not fit, the first `most` names (JSON and HTML have all)."""
     names = list(dict.fromkeys(r.field for r in v.reasons))
@@ -213,7 +230,11 @@ def fleet_table(guest: str, verdicts: Sequence[Verdict]) -> str:
     width = max(len(v.host) for v in verdicts)
     out = [f"guest: {guest}", ""]
     for v in verdicts:
-        out.append(f"{v.host.ljust(width)}  {'fits' if v.fits else 'does not fit: ' + v.missing()}")
+        if v.fits and v.unjudged:
+            verdict = f"fits as far as known (feature MSRs unknown: {', '.join(v.unjudged)})"
+        else:
+            verdict = "fits" if v.fits else "does not fit: " + v.missing()
+        out.append(f"{v.host.ljust(width)}  {verdict}")
     out.append("")
     out.append(f"{len(fit)} of {len(verdicts)} hosts can take it"
                + (f": {', '.join(v.host for v in fit)}" if fit else ""))
