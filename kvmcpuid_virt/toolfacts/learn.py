@@ -16,22 +16,18 @@ are written atomically; a corrupt or foreign one is ignored.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from kvmcpuid_virt.cpuid.msr_features import MsrDelivery
 from kvmcpuid_virt.cpuid.msr_values import FeatureMsrs
 from kvmcpuid_virt.errors import InputError, KvmError, ToolError
 from kvmcpuid_virt.fsutil import cache_dir, parse_xml_file, write_cache
 from kvmcpuid_virt.host import boot_id
-from kvmcpuid_virt.kvm.system import KVM_PATH
-from kvmcpuid_virt.qmp import Session, converse, default_accel
 from kvmcpuid_virt.toolfacts.facts import (
     DEFAULT_LIBVIRT_URI,
     FORMAT_VERSION,
@@ -55,7 +51,45 @@ __all__ = [
     "msr_features",
 ]
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
+if TYPE_CHECKING:
+    from kvmcpuid_virt.qmp import Session
+
+T = TypeVar("T")
+
+# Where the answers are cached, these are read, not QEMU: qmp (socket,
+# subprocess), logging, hashlib's OpenSSL and the KVM bindings are imported
+# only where they are used (~15 ms of a command that reads the cache).
+_KVM_PATH: Final = "/dev/kvm"  # kvm/system.KVM_PATH (tests/test_learn_lazy.py)
+
+
+def _debug(msg: str, *args: object) -> None:
+    import logging
+
+    logging.getLogger(__name__).debug(msg, *args)
+
+
+def converse(binary: str, talk: Callable[[Session], T], **kwargs: Any) -> T:
+    """qmp.converse (a module attribute: tests replace it)."""
+    from kvmcpuid_virt.qmp import converse as talk_to
+
+    return talk_to(binary, talk, **kwargs)
+
+
+def _sha256(data: bytes) -> str:
+    # The builtin module: hashlib loads OpenSSL first (~3 ms); the same digest.
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:
+        from hashlib import sha256
+    digest: str = sha256(data).hexdigest()
+    return digest
+
+
+def default_accel() -> str:
+    """qmp.default_accel: kvm when /dev/kvm is usable by this process, else
+    tcg (here without qmp's imports; tests/test_learn_lazy.py holds them equal)."""
+    return "kvm" if os.access(_KVM_PATH, os.R_OK | os.W_OK) else "tcg"
 
 CPU_MAP_DIR: Final = "/usr/share/libvirt/cpu_map"
 
@@ -75,7 +109,7 @@ def learn(
         except ToolError as exc:
             if qemu is not None:
                 raise  # asked for by name: its failure is the answer
-            log.debug("no QEMU to ask: %s", exc)
+            _debug("no QEMU to ask: %s", exc)
             missing = str(exc)
     models, msr = _cpu_map(Path(cpu_map))
     host_msrs, delivery = learn_msrs()
@@ -122,7 +156,7 @@ def _write_cache(name: str, doc: dict[str, Any]) -> None:
 
 
 def _digest(parts: Sequence[object]) -> str:
-    return hashlib.sha256(repr(tuple(parts)).encode()).hexdigest()[:32]
+    return _sha256(repr(tuple(parts)).encode())[:32]
 
 
 # --- QEMU -----------------------------------------------------------------------
@@ -190,7 +224,7 @@ def learn_qemu(binary: str) -> QemuFacts:
 # --- this host's feature MSRs ------------------------------------------------------
 
 
-def learn_msrs(device: str = KVM_PATH) -> tuple[FeatureMsrs | None, MsrDelivery | None]:
+def learn_msrs(device: str = _KVM_PATH) -> tuple[FeatureMsrs | None, MsrDelivery | None]:
     """This host's KVM feature MSRs with the bits a vCPU accepts of each, and
     the vCPU trial behind them (kvm/msrs.msr_delivery, ~1.3 ms), cached per
     kernel and boot; (None, None) where there is no usable KVM. A kernel
@@ -213,7 +247,7 @@ def learn_msrs(device: str = KVM_PATH) -> tuple[FeatureMsrs | None, MsrDelivery 
             delivery = msr_delivery(kvm, values=msrs.as_dict()) if msrs.available else \
                 MsrDelivery(())  # fmt: skip
     except (KvmError, OSError) as exc:
-        log.debug("no feature-MSR trial: %s", exc)
+        _debug("no feature-MSR trial: %s", exc)
         return None, None
     if msrs.available:
         msrs = msrs.with_deliverable({t.index: t.deliverable for t in delivery.trials})
