@@ -36,8 +36,9 @@ def test_render_rules() -> None:
     c = select.build(table(), facts=FACTS)
     value = qemu.cpu_value(c)
     parts = value.split(",")
-    assert parts[0] == "host" and parts[-1] == "enforce"
-    switches = parts[1:-1]
+    # host-cache-info=on: the host's cache leaves, as libvirt's <cache mode='passthrough'/>.
+    assert parts[:2] == ["host", "host-cache-info=on"] and parts[-1] == "enforce"
+    switches = parts[2:-1]
     assert all(p.endswith(("=on", "=off")) for p in switches)
     assert not any(p.startswith(("+", "-")) for p in switches)
     ons = [p for p in switches if p.endswith("=on")]
@@ -146,7 +147,7 @@ ODD_INPUT: list[tuple[str | list[str], str]] = [
     ("host,+", "-cpu option '+': no feature name"),
     ("host,-,enforce", "-cpu option '-': no feature name"),
     ("host,lahf-lm=", "-cpu option 'lahf-lm=': lahf-lm takes on or off"),  # QEMU: "expects"
-    ("host,level=", "-cpu option 'level=': not a CPUID feature switch"),
+    ("host,level=", "-cpu option 'level=': QEMU's level is not a feature; not supported"),
     ("host;lahf-lm=on", "refusing CPU model name 'host;lahf-lm=on'"),
     ("host:lahf-lm", "refusing CPU model name 'host:lahf-lm'"),
     (",lahf-lm=on", "-cpu ',lahf-lm=on': no model name"),

@@ -5,6 +5,10 @@ Rendering rules: canonical QEMU property names only (from the registry),
 always `name=on|off` (QEMU deprecates `+name/-name`, and mixing the two forms
 changes precedence), features on first then off, each sorted, and always
 `enforce` so that QEMU refuses to start rather than silently drop a feature.
+`-cpu host` also gets `host-cache-info=on` (libvirt's `<cache
+mode='passthrough'/>` for host-passthrough): the cache leaves (2, 4,
+0x80000005/6, 0x8000001D) are then the host's, as KVM reports them and the
+configuration has them, rather than QEMU's made-up ones.
 Feature-MSR bits (rdctl-no, mds-no, vmx-*: cpuid/msr_features) are QEMU
 properties in the same namespace: they follow the CPUID features, on then
 off, spelled as QEMU spells them (the feature-MSR registry's QEMU names).
@@ -36,6 +40,44 @@ _ASCII_BLANKS: Final = re.compile(r"[ \t\n\r\f\v]+")
 # -cpu options that are not CPUID features; parse accepts and ignores these
 # (enforce/check only change how QEMU reports a mismatch).
 _IGNORED_FLAGS: Final = frozenset({"enforce", "check"})
+# QEMU's non-feature CPU properties (target/i386/cpu.c x86_cpu_properties,
+# QEMU 7.2) that a configuration can stand beside, with the values it can:
+# host-cache-info and l3-cache decide only the cache leaves, which verify
+# reads from the -cpu value itself (host-cache-info=on: the host's; else
+# QEMU's own, not modelled); migratable=on is `-cpu host`'s default, while
+# off adds KVM bits QEMU has no name for, which no configuration carries.
+_ACCEPTED_PROPS: Final[dict[str, frozenset[bool]]] = {
+    "host-cache-info": frozenset({True, False}),
+    "l3-cache": frozenset({True, False}),
+    "migratable": frozenset({True}),
+}
+# The others: each changes a field the configuration decides from the host's
+# table (identity, max leaves, address sizes, brand, topology IDs, Hyper-V
+# leaves...), so a -cpu value with one is refused rather than read as
+# something else. Any name QEMU has that the registries do not is refused
+# the same way; this list only makes the common ones say what they change.
+_REFUSED_PROPS: Final[dict[str, str]] = {
+    **{n: "the CPU's identity" for n in ("family", "model", "stepping", "vendor", "model-id",
+                                         "ucode-rev")},
+    **{n: "the max leaves" for n in ("level", "xlevel", "xlevel2", "min-level", "min-xlevel",
+                                     "min-xlevel2", "level-func7", "full-cpuid-auto-level",
+                                     "x-intel-pt-auto-level", "cpuid-0xb")},
+    **{n: "the address sizes" for n in ("phys-bits", "host-phys-bits", "host-phys-bits-limit",
+                                        "fill-mtrr-mask")},
+    **{n: "the vCPU's topology IDs" for n in ("apic-id", "socket-id", "die-id", "core-id",
+                                              "thread-id", "node-id")},
+    **{n: "the hypervisor leaves" for n in ("kvm", "tsc-frequency", "vmware-cpuid-freq",
+                                            "x-vendor-cpuid-only")},
+    **{n: "the PMU and LBR leaves" for n in ("pmu", "lbr-fmt", "lbr_fmt", "lmce")},
+}  # fmt: skip
+# QEMU's CPU properties that are no CPUID state at all (QOM links, state
+# read back, migration and enforcement knobs).
+_NOT_CPUID: Final = frozenset({
+    "memory", "start-powered-off", "crash-information", "unavailable-features",
+    "feature-words", "filtered-features", "x-force-features", "x-migrate-smi-count",
+    "kvm-no-smi-migration", "tcg-cpuid", "kvm-pv-enforce-cpuid", "x-hv-max-vps",
+    "x-hv-synic-kvm-only",
+})  # fmt: skip
 
 
 def _qemu_name(reg: Registry, name: str) -> str:
@@ -61,6 +103,8 @@ def cpu_value(config: CpuConfig) -> str:
     reg = registry()
     mreg = msr_registry()
     parts = [safe_model(config.model)]
+    if config.model == "host":
+        parts.append("host-cache-info=on")  # see the module's docstring
     parts += [f"{_qemu_name(reg, n)}=on" for n in config.enabled()]
     parts += [f"{_qemu_name(reg, n)}=off" for n in config.disabled()]
     parts += [f"{_qemu_msr_name(mreg, n)}=on" for n in config.msr_enabled()]
@@ -105,6 +149,20 @@ def _unknown_to_qemu(reg: Registry, name: str) -> UnknownFeatureError:
     # Same error and hint, said as what it is: a name other tools may know.
     err.args = (str(err).replace("unknown feature", "QEMU does not know the -cpu feature", 1),)
     return err
+
+
+def _not_a_feature(name: str, opt: str) -> InputError | None:
+    """The error for a QEMU CPU property that is not a CPUID feature switch
+    (None for a feature, or a name QEMU does not have)."""
+    what = _REFUSED_PROPS.get(name) or ("the Hyper-V leaves" if name.startswith("hv-") else None)
+    if what is not None:
+        why = f"it sets {what}, which a configuration takes from the host's table"
+    elif name in _NOT_CPUID:
+        why = "it is no CPUID state a configuration can say"
+    else:
+        return None
+    return InputError(f"-cpu option {_show(opt)}: QEMU's {name} is not a feature; not "
+                      f"supported here ({why})")  # fmt: skip
 
 
 def _qemu_feature(reg: Registry, name: str) -> Feature | MsrFeature:
@@ -153,6 +211,16 @@ def _cpu_value(words: list[str]) -> str:
     raise InputError("expected a -cpu value or an argument list with -cpu")
 
 
+def _accepted_prop(name: str, val: str, opt: str) -> None:
+    """Check the value of an accepted non-feature property (_ACCEPTED_PROPS)."""
+    on = True if val in _ON else False if val in _OFF else None
+    if on is None:
+        raise InputError(f"-cpu option {_show(opt)}: {name} takes on or off")
+    if on not in _ACCEPTED_PROPS[name]:
+        raise InputError(f"-cpu option {_show(opt)}: {name}={val} is not supported (it adds "
+                         "KVM bits QEMU has no name for, which no configuration carries)")
+
+
 def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """(model, enabled names, disabled names) from a -cpu value, `-cpu VALUE`,
     or an argv containing `-cpu VALUE` (the last one, as QEMU does). Names
@@ -171,8 +239,11 @@ def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, .
     - an empty name (`,=on`, `,+`) or one longer than any QEMU name is
       InputError; empty options (`,,`) are skipped, as QEMU's strtok() does.
 
-    `enforce` and `check` are accepted and ignored; any other non-feature
-    property is InputError. Every message names the option."""
+    `enforce` and `check` are accepted and ignored, and so are the
+    non-feature properties in _ACCEPTED_PROPS (host-cache-info, l3-cache,
+    migratable=on: they decide no feature bit); any other non-feature
+    property (level, phys-bits, model-id, ...) is InputError saying it is not
+    a feature. Every message names the option."""
     # Split as a shell does, at ASCII blanks only: str.split() would also cut
     # at U+00A0 or U+2028, which QEMU would get inside a word.
     words = [w for w in _ASCII_BLANKS.split(text) if w] if isinstance(text, str) else list(text)
@@ -192,12 +263,22 @@ def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, .
             continue  # QEMU's strtok() skips empty options
         if opt[0] in "+-":
             name = _option_name(opt[1:], opt)
+            if name in _ACCEPTED_PROPS or _not_a_feature(name, opt) is not None:
+                # QEMU's +f/-f take feature names only ("not a feature bit").
+                raise InputError(f"-cpu option {_show(opt)}: {name} is not a feature; "
+                                 f"write {name}=on or {name}=off")  # fmt: skip
             if name not in _IGNORED_FLAGS:
                 (plus if opt[0] == "+" else minus).append(_qemu_feature(reg, name).name)
             continue
         name, eq, val = opt.partition("=")
         name = _option_name(name, opt).replace("_", "-")  # QEMU's feat2prop()
         if name in _IGNORED_FLAGS:
+            continue
+        refused = _not_a_feature(name, opt)
+        if refused is not None:
+            raise refused
+        if name in _ACCEPTED_PROPS:
+            _accepted_prop(name, val if eq else "on", opt)
             continue
         if not eq or val in _ON:  # a bare name is name=on
             on = True
