@@ -37,11 +37,9 @@ from kvmcpuid_virt.analysis.compat import (
     host_msrs,
     host_offer,
     ignored_mask,
-    msr_gates,
     xsave_components,
 )
 from kvmcpuid_virt.analysis.hostbits import WORDS, pack
-from kvmcpuid_virt.config.msr_policy import unmet
 from kvmcpuid_virt.cpuid import fields
 from kvmcpuid_virt.cpuid.formats import Dump
 from kvmcpuid_virt.cpuid.msr_features import msr_registry
@@ -60,18 +58,12 @@ _MSR_BIT: Final = {name: 1 << (32 * len(WORDS) + i) for i, name in enumerate(_MS
 _ALL_MSR_BITS: Final = sum(_MSR_BIT.values())
 
 
-def _msr_guest_bits(guest: Dump) -> int:
-    return sum(_MSR_BIT[name] for name in guest_msr_features(guest))
-
-
-def _msr_offer_bits(host: Host, offer: Dump) -> int:
-    """The MSR features compat finds the host can give; every one when its
-    feature MSRs are unknown (unknown is not missing: compat notes them)."""
-    msrs = host_msrs(host)
-    if msrs is None:
-        return _ALL_MSR_BITS
-    lacking = unmet(_MSR_FEATURES, msrs, msr_gates(_MSR_FEATURES, offer.table))
-    return sum(bit for name, bit in _MSR_BIT.items() if name not in lacking)
+def _msr_bits(offer: Dump) -> int:
+    """The feature-MSR bits of a host's full CPU: the features its offer's
+    feature MSRs hold (compat.host_offer keeps just those a guest can be
+    given). They are what the guest has and, QEMU-settable features being
+    all a matrix guest asks for, what the host gives."""
+    return sum(_MSR_BIT[name] for name in guest_msr_features(offer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,19 +123,22 @@ def side(dump: Dump) -> Side:
             # (compat's rule), so as if it had every one.
             offers[(leaf, sub, r)] = 0xFFFF_FFFF
     comps = xsave_components(guest)
+    known = host_msrs(host) is not None
+    msr_bits = _msr_bits(offer)
     return Side(
         guest=guest,
         host=dump,
         offer=offer,
-        guest_words=pack(words) & _COMPARED | _msr_guest_bits(guest),  # type: ignore[arg-type]
-        offer_words=pack(offers) | _msr_offer_bits(host, offer),  # type: ignore[arg-type]
+        guest_words=pack(words) & _COMPARED | msr_bits,  # type: ignore[arg-type]
+        # Unknown feature MSRs are not missing: every MSR bit (compat notes them).
+        offer_words=pack(offers) | (msr_bits if known else _ALL_MSR_BITS),  # type: ignore[arg-type]
         guest_fields=tuple(field_value(guest, r) for r in _FIELDS),
         host_fields=tuple(field_value(dump, r) for r in _FIELDS),
         guest_xsave=tuple((i, tuple(field_value(guest, r, i) for r in _XSAVE)) for i in comps),
         host_xsave=tuple((i, tuple(field_value(dump, r, i) for r in _XSAVE))
                          for i in range(2, 63) if field_value(dump, _XSAVE[0], i) is not None),
         ranged=dump.kind != "config",
-        msrs_known=host_msrs(host) is not None,
+        msrs_known=known,
     )
 
 
@@ -253,8 +248,13 @@ def _rows(sides: Sequence[Side]) -> tuple[int, ...]:
     unranged = sum(1 << j for j, s in enumerate(sides) if not s.ranged)
     # has[p]: hosts whose offer has packed feature bit p.
     has: dict[int, int] = {}
+    # Only bits some guest has are ever looked up (a host with unknown
+    # feature MSRs offers every MSR bit).
+    asked = 0
+    for s in sides:
+        asked |= s.guest_words
     for j, s in enumerate(sides):
-        w = s.offer_words
+        w = s.offer_words & asked
         while w:
             low = w & -w
             p = low.bit_length() - 1
