@@ -13,14 +13,12 @@ Feature names are the only way names reach QEMU command lines and libvirt XML
 
 from __future__ import annotations
 
-import difflib
 import enum
 import functools
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Final
 
 from kvmcpuid_virt.cpuid.fields import in_range, leaf_limits
@@ -149,6 +147,8 @@ class Registry:
             # Users type "SSE4_1" as often as "sse4.1"; case is never meaningful.
             found = self._by_name.get(name.lower())
         if found is None:
+            import difflib  # only for a name not known
+
             close = difflib.get_close_matches(name.lower(), self._by_name, n=10, cutoff=0.75)
             # Suggest each bit once, by its canonical name, not every spelling.
             suggestions = list(dict.fromkeys(self._by_name[c].name for c in close))[:3]
@@ -221,5 +221,7 @@ def load_registry(text: str) -> Registry:
 @functools.cache
 def registry() -> Registry:
     """The shipped registry, loaded on first call and cached."""
-    text = resources.files("kvmcpuid_virt.cpuid").joinpath("data/features.json").read_text()
+    from kvmcpuid_virt.cpuid import shipped_text
+
+    text = shipped_text("features.json")
     return load_registry(text)

@@ -22,14 +22,12 @@ accepted of it, kvm/msrs.py), and the reasons a vCPU refuses a value.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Final
 
 from kvmcpuid_virt.cpuid.features import NAME_RE, FeatureKind, Registry
@@ -231,6 +229,8 @@ class MsrRegistry:
         case; UnknownFeatureError with close matches for a name not known."""
         found = self._by_name.get(name) or self._by_name.get(name.lower())
         if found is None:
+            import difflib  # only for a name not known
+
             close = difflib.get_close_matches(name.lower(), self._by_name, n=10, cutoff=0.75)
             suggestions = list(dict.fromkeys(self._by_name[c].name for c in close))[:3]
             raise UnknownFeatureError(name, suggestions)
@@ -328,7 +328,9 @@ def load_msr_registry(text: str) -> MsrRegistry:
 @functools.cache
 def msr_registry() -> MsrRegistry:
     """The shipped registry, loaded on first call and cached."""
-    text = resources.files("kvmcpuid_virt.cpuid").joinpath("data/msr_features.json").read_text()
+    from kvmcpuid_virt.cpuid import shipped_text
+
+    text = shipped_text("msr_features.json")
     return load_msr_registry(text)
 
 

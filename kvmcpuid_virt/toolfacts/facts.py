@@ -11,7 +11,6 @@ a function of its inputs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -239,6 +238,8 @@ class ToolFacts:
             raise ToolError(self.qemu_missing)
         if name not in self.qemu.definitions:
             known = sorted(set(self.cpu_map) | set(self.qemu.definitions))
+            import difflib  # only for a name not known
+
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise PolicyError(f"unknown CPU model {name!r}{hint}")
