@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,7 @@ from kvmcpuid_virt.errors import (
     ProbeTimeoutError,
     ToolError,
 )
+from kvmcpuid_virt.fleet import MAX_CONCURRENT, ask_all
 from kvmcpuid_virt.host import cpuinfo_fields
 from kvmcpuid_virt.probe.image import default_queries
 from kvmcpuid_virt.probe.kvm import run_kvm, run_kvm_smp
@@ -70,6 +72,7 @@ __all__ = [
     "requested_table",
     "target_for",
     "verify",
+    "verify_libvirt_hosts",
     "verify_topology",
 ]
 
@@ -186,6 +189,9 @@ class BackendReport:
     machinery: bool = False
     # The guest's feature-MSR answers against the configuration (msr_compare).
     msrs: MsrComparison | None = None
+    # The libvirt URI the guest ran at, when verify asked several (--connect
+    # repeated); None otherwise.
+    host: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -206,10 +212,13 @@ class BackendReport:
             "diagnostics": list(self.diagnostics),
             "comparison": None if self.comparison is None else self.comparison.as_json(),
             "msrs": None if self.msrs is None else self.msrs.as_json(),
+            **({} if self.host is None else {"host": self.host}),
         }
 
     def text(self, include_host: bool = False) -> str:
         head = [f"{self.backend}: {d}" for d in self.diagnostics]
+        if self.host is not None:
+            head.insert(0, f"{self.backend} at {self.host}:")
         if self.error is not None:
             what = "could not run the guest" if self.machinery else "did not run"
             return "\n".join([*head, f"{self.backend}: {what}: {self.error}"])
@@ -274,6 +283,75 @@ def verify(
                 continue
             reports.append(_report(backend, target, result, supported, uncontrolled, reasons))
     return reports
+
+
+def verify_libvirt_hosts(
+    target: Target,
+    uris: Sequence[str],
+    *,
+    supported: CpuidTable,
+    uncontrolled: Mapping[Word, int] | None = None,
+    reasons: Mapping[tuple[int, int, Register, int], str] | None = None,
+    timeout: float = 10.0,
+    skip_unreachable: bool = False,
+    prog: str = "kvmcpuid verify",
+    limit: int = MAX_CONCURRENT,
+) -> list[BackendReport]:
+    """The libvirt backend on each daemon of `uris` (each on this machine),
+    one report per daemon, in their order (BackendReport.host says which).
+    The daemons are connected to through fleet.ask_all: one that cannot be
+    reached is a line on stderr, and then a FleetError, or with
+    `skip_unreachable` it is left out with a warning. The guests then run
+    at most `limit` at a time in a pool of our own, not ask_all's: a guest
+    must be cancelled and waited for on Ctrl-C or an error (its domain
+    destroyed, its files removed), which ask_all's abandoned daemon threads
+    would not do."""
+    queries = default_queries(target.requested)
+    opened: list[LibvirtProbe] = []
+    lock = threading.Lock()
+
+    def connect(uri: str) -> LibvirtProbe:
+        probe = LibvirtProbe(uri)
+        with lock:
+            opened.append(probe)
+        return probe
+
+    try:
+        probes = ask_all(uris, connect, prog=prog, what="libvirt hosts",
+                         skip_unreachable=skip_unreachable)  # fmt: skip
+        with ThreadPoolExecutor(max(1, min(limit, len(probes))),
+                                thread_name_prefix="kvmcpuid-verify-hosts") as pool:  # fmt: skip
+            runs = [(uri, probe, time.monotonic(), pool.submit(
+                probe.run, target.libvirt_cpu(), queries, timeout, want_vmm_view=True,
+                features=target.libvirt_features(), msr_queries=msr_queries()))
+                for uri, probe in probes]  # fmt: skip
+            try:
+                return [_host_report(uri, start, future, target, supported, uncontrolled,
+                                     reasons) for uri, _, start, future in runs]  # fmt: skip
+            except BaseException:
+                for _, probe, _, future in runs:
+                    if not future.done():
+                        probe.cancel()
+                raise  # the pool's exit waits for every guest to be gone
+    finally:
+        with lock:
+            for probe in opened:
+                probe.close()
+
+
+def _host_report(uri: str, start: float, future: Future[ProbeResult], target: Target,
+                 supported: CpuidTable, uncontrolled: Mapping[Word, int] | None,
+                 reasons: Mapping[tuple[int, int, Register, int], str] | None,
+                 ) -> BackendReport:  # fmt: skip
+    """One daemon's report: its guest compared, or its error (as verify())."""
+    try:
+        result = future.result()
+    except (KvmcpuidError, ProbeError) as exc:
+        return BackendReport(Backend.LIBVIRT, None, time.monotonic() - start,
+                             error=" ".join(str(exc).split()), machinery=could_not_run(exc),
+                             host=uri)  # fmt: skip
+    report = _report(Backend.LIBVIRT, target, result, supported, uncontrolled, reasons)
+    return dataclasses.replace(report, host=uri)
 
 
 class _LibvirtBeside:

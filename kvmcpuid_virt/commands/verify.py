@@ -91,35 +91,57 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--qemu", metavar="PATH",
                    help="QEMU binary of the qemu backend (default: $KVMCPUID_QEMU, else "
                    "qemu-system-x86_64 on PATH)")  # fmt: skip
-    p.add_argument("--connect", metavar="URI",
+    p.add_argument("--connect", metavar="URI", action="append", default=[],
                    help="libvirtd of the libvirt backend, on this machine (default: "
-                   "$KVMCPUID_LIBVIRT_URI, else qemu:///system)")  # fmt: skip
+                   "$KVMCPUID_LIBVIRT_URI, else qemu:///system); repeatable: the libvirt "
+                   "backend then runs on each daemon (concurrently), one report each")  # fmt: skip
+    p.add_argument("--skip-unreachable", action="store_true",
+                   help="with --connect repeated: leave out a daemon that cannot be reached, "
+                   "with a warning (default: fail)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     """Check, boot, compare, report; the exit status says how it went (EPILOG).
     Ctrl-C and SIGTERM are cli's (130, 143): every backend cleans up on the way."""
-    chosen, uri = _checked_arguments(args)
+    chosen, uris = _checked_arguments(args)
     if args.topology is not None:
         from kvmcpuid_virt.config.topology import Topology
 
         Topology.parse(args.topology)  # a bad spelling fails before anything boots
     given = _given(args)  # bad flags or XML fail here, before /dev/kvm or QEMU is asked
-    return _boot_and_report(args, given, chosen, uri)
+    return _boot_and_report(args, given, chosen, uris)
 
 
 def _boot_and_report(args: argparse.Namespace, given: str | LibvirtCpu | None,
-                     chosen: Backend | None, uri: str) -> int:  # fmt: skip
+                     chosen: Backend | None, uris: Sequence[str]) -> int:  # fmt: skip
+    from kvmcpuid_virt.analysis.backend import Backend
     from kvmcpuid_virt.cli.options import read_table
     from kvmcpuid_virt.toolfacts.learn import learn
-    from kvmcpuid_virt.verify import verify
+    from kvmcpuid_virt.verify import verify, verify_libvirt_hosts
 
+    uri = uris[0]
     table, source, this_host = read_table(args)
     facts = learn(uri=uri)
     target, backends = _target(args, given, chosen, table, source, this_host, facts)
     uncontrolled, reasons, notes = _host_control(args)
-    reports = verify(target, backends, supported=table, uncontrolled=uncontrolled,
+    several = len(uris) > 1 and Backend.LIBVIRT in backends
+    here = tuple(b for b in backends if b != Backend.LIBVIRT) if several else backends
+    hosts: list[BackendReport] = []
+    if several:
+        # The daemons first: one that cannot be reached ends the command
+        # before anything else boots (no verdict: EXIT_COULD_NOT_RUN).
+        from kvmcpuid_virt.fleet import FleetError
+
+        try:
+            hosts = verify_libvirt_hosts(
+                target, uris, supported=table, uncontrolled=uncontrolled, reasons=reasons,
+                timeout=args.timeout, skip_unreachable=args.skip_unreachable)  # fmt: skip
+        except FleetError as exc:
+            sys.stderr.write(f"kvmcpuid verify: {' '.join(str(exc).split())}\n")
+            return EXIT_COULD_NOT_RUN
+    reports = verify(target, here, supported=table, uncontrolled=uncontrolled,
                      reasons=reasons, timeout=args.timeout, qemu=args.qemu, libvirt_uri=uri)
+    reports += hosts  # one report per daemon, last (the order of --backend all)
     topology: list[TopologyReport] = []
     if args.topology is not None:
         from kvmcpuid_virt.config.topology import Topology
@@ -148,8 +170,9 @@ def exit_status(reports: Sequence[BackendReport | TopologyReport]) -> int:
     return EXIT_OK
 
 
-def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
-    """The chosen backend (None: all) and the libvirt URI; InputError before any work."""
+def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, list[str]]:
+    """The chosen backend (None: all) and the libvirt URIs (at least one);
+    InputError before any work."""
     import os
 
     from kvmcpuid_virt.analysis.backend import Backend
@@ -160,14 +183,19 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[Backend | None, str]:
         raise InputError("--timeout must be positive")
     if args.qemu is not None and not (os.path.isfile(args.qemu) and os.access(args.qemu, os.X_OK)):
         raise InputError(f"--qemu {args.qemu}: not an executable file")
-    uri = args.connect or os.environ.get("KVMCPUID_LIBVIRT_URI") or "qemu:///system"
+    uris = list(dict.fromkeys(args.connect)) or [
+        os.environ.get("KVMCPUID_LIBVIRT_URI") or "qemu:///system"]
     if chosen in (Backend.LIBVIRT, None):
         from kvmcpuid_virt.probe.libvirt import is_local
 
-        if not is_local(uri):
-            raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
-                             "machine (qemu:///system or qemu:///session)")  # fmt: skip
-    return chosen, uri
+        for uri in uris:
+            if not is_local(uri):
+                raise InputError(f"--connect {uri}: the libvirt backend needs libvirtd on this "
+                                 "machine (qemu:///system or qemu:///session)")  # fmt: skip
+    if len(uris) > 1 and args.topology is not None:
+        raise InputError("--topology with --connect repeated is not supported yet: give one "
+                         "--connect")  # fmt: skip
+    return chosen, uris
 
 
 def _given(args: argparse.Namespace) -> str | LibvirtCpu | None:
