@@ -164,3 +164,15 @@ def test_any_header_mutation_reads_the_same(text: str, data: st.DataObject) -> N
     else:
         mutated = text[:i] + char + text[i:]
     _same(mutated)
+
+
+def test_a_full_memo_of_lines_reads_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past its bound the memo keeps no new line: those are read each time.
+    monkeypatch.setattr(canonical, "_MAX_LINES", 0)
+    monkeypatch.setattr(canonical, "_LINES", {})
+    monkeypatch.setattr(canonical, "_TABLES", {})
+    for n, text in enumerate(TEXTS):
+        mutated = text.replace('"eax": "0x0000000', f'"eax": "0x{n + 1:07x}', 1)
+        assert canonical.split(mutated, formats.MAX_ENTRIES) is not None
+        _same(mutated)
+    assert canonical._LINES == {}

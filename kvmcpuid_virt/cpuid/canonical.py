@@ -67,7 +67,7 @@ _TABLES: dict[tuple[str, ...], CpuidTable] = {}
 # Hosts whose tables differ in feature bits alone share one shape. Its value:
 # the layout of such tables (CpuidTable.layout), None when they are not one.
 _SHAPES: dict[tuple[str, ...], TableLayout | None] = {}
-_UNSEEN: Final = ((), (), (), ())
+_UNSEEN: Final[TableLayout] = ({}, {})
 _WHOLE_LINE: Final = frozenset({0x0, 0x8000_0000})
 # (id of a table, feature MSRs) -> (that table, kept alive so that its id
 # stays its own; the table carrying the MSRs).
@@ -192,9 +192,13 @@ def split(text: str, max_entries: int) -> tuple[str, CpuidTable] | None:
         return None
     hits = list(map(_LINES.get, lines))
     if None in hits:
-        hits = [hit or _entry(line) for hit, line in zip(hits, lines, strict=True)]
-        if None in hits:
+        # Only the new lines through the pattern, which memoizes them; the
+        # lines' hashes are cached, so asking the memo again costs little.
+        if any(_entry(line) is None for line in set(lines).difference(_LINES)):
             return None
+        hits = list(map(_LINES.get, lines))
+        if None in hits:  # the memo is full: its new lines were not kept
+            hits = [hit or _entry(line) for hit, line in zip(hits, lines, strict=True)]
     entries, seen, shape = zip(*hits, strict=True)  # type: ignore[misc]
     table = _TABLES.get(seen)
     if table is None:

@@ -27,10 +27,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     Register = Literal["eax", "ebx", "ecx", "edx"]
-    # CpuidTable.layout: the exact keys and their entries' positions, the
-    # any-subleaf functions and theirs.
-    TableLayout = tuple[tuple[tuple[int, int], ...], tuple[int, ...], tuple[int, ...],
-                        tuple[int, ...]]  # fmt: skip
+    # CpuidTable.layout: (function, index) -> position of the indexed
+    # entries, function -> position of the others.
+    TableLayout = tuple[dict[tuple[int, int], int], dict[int, int]]
 REGISTERS: Final[tuple[Register, ...]] = ("eax", "ebx", "ecx", "edx")
 
 
@@ -176,28 +175,28 @@ class CpuidTable:
     ) -> None:
         self.msrs = msrs
         self._entries: tuple[CpuidEntry, ...] = tuple(entries)
-        self._exact: dict[tuple[int, int], CpuidEntry] = {}
-        self._any: dict[int, CpuidEntry] = {}
-        for entry in self._entries:
+        # Where lookup finds each answer: (function, index) of the indexed
+        # entries, and function of the others -> position in _entries. By
+        # position, not entry, so that tables of one layout share these two
+        # (from_layout); never changed once made.
+        self._exact: dict[tuple[int, int], int] = {}
+        self._any: dict[int, int] = {}
+        for i, entry in enumerate(self._entries):
             # First entry wins: STATEFUL_FUNC leaves (old leaf 2) repeat a
             # function in read order, and the first is what CPUID answers first.
             # int(): IntFlag's own operators cost ~1 us each, and a
             # 2000-host baseline builds 2000 tables (benchmarks/bench_baseline.py).
             if int(entry.flags) & 1:  # SIGNIFICANT_INDEX
-                self._exact.setdefault((entry.function, entry.index), entry)
+                self._exact.setdefault((entry.function, entry.index), i)
             else:
-                self._any.setdefault(entry.function, entry)
+                self._any.setdefault(entry.function, i)
 
     def layout(self) -> TableLayout:
-        """Where this table's lookup entries sit: from_layout builds a table
+        """Where this table's lookup answers sit: from_layout makes a table
         of other entries with the same (function, index, SIGNIFICANT_INDEX)
         at each position without walking them (a fleet's tables share a few
         layouts: cpuid/canonical.py)."""
-        pos = {id(e): i for i, e in reversed(list(enumerate(self._entries)))}
-        exact = tuple(self._exact)
-        anys = tuple(self._any)
-        return (exact, tuple(pos[id(e)] for e in self._exact.values()),
-                anys, tuple(pos[id(e)] for e in self._any.values()))  # fmt: skip
+        return self._exact, self._any
 
     @classmethod
     def from_layout(cls, entries: Sequence[CpuidEntry], layout: TableLayout,
@@ -208,9 +207,7 @@ class CpuidTable:
         table = cls.__new__(cls)
         table.msrs = msrs
         table._entries = tuple(entries)
-        exact, at_exact, anys, at_any = layout
-        table._exact = dict(zip(exact, map(table._entries.__getitem__, at_exact), strict=True))
-        table._any = dict(zip(anys, map(table._entries.__getitem__, at_any), strict=True))
+        table._exact, table._any = layout
         return table
 
     @property
@@ -237,10 +234,12 @@ class CpuidTable:
     def lookup(self, leaf: int, subleaf: int = 0) -> CpuidEntry | None:
         """The entry CPUID(leaf, subleaf) answers with, honouring
         SIGNIFICANT_INDEX: an entry without it answers every subleaf."""
-        found = self._exact.get((leaf, subleaf))
-        if found is not None:
-            return found
-        return self._any.get(leaf)
+        at = self._exact.get((leaf, subleaf))
+        if at is None:
+            at = self._any.get(leaf)
+            if at is None:
+                return None
+        return self._entries[at]
 
     def unanswered(self, keys: AbstractSet[tuple[int, int]]) -> set[tuple[int, int]]:
         """The (leaf, subleaf) pairs of `keys` that lookup() finds no entry
@@ -273,7 +272,7 @@ class CpuidTable:
 
     def with_msrs(self, msrs: FeatureMsrs | None) -> CpuidTable:
         """The same entries carrying `msrs` (None: unknown)."""
-        return CpuidTable(self._entries, msrs)
+        return CpuidTable.from_layout(self._entries, self.layout(), msrs)
 
     def replace_entry(self, entry: CpuidEntry) -> CpuidTable:
         """A copy with the entry for entry.key replaced (or appended)."""
