@@ -43,10 +43,11 @@ Bit = tuple[int, int, str, int]
 # OS sets, HTT follows the guest's topology (Intel SDM vol. 2A, CPUID leaf 1
 # ECX[27], EDX[28]; leaf 7 ECX[4]); hypervisor, tsc-deadline and arat are
 # set by QEMU for every KVM guest (target/i386/kvm/kvm.c,
-# kvm_arch_get_supported_cpuid); x2apic is emulated by KVM on any CPU
-# (arch/x86/kvm/cpuid.c, kvm_set_cpu_caps).
+# kvm_arch_get_supported_cpuid); x2apic and arch-capabilities are emulated
+# by KVM on any CPU (arch/x86/kvm/cpuid.c, kvm_set_cpu_caps: "We emulate
+# ARCH_CAPABILITIES in software even if the host doesn't support it").
 NOT_FROM_HOST = frozenset({"osxsave", "ospke", "ht", "hypervisor", "tsc-deadline", "arat",
-                           "x2apic"})
+                           "x2apic", "arch-capabilities"})
 # The position in a reason's `where`: CPUID.07H.0:EBX[16].
 WHERE = re.compile(r"CPUID\.([0-9A-F]+)H\.(\d+):([A-Z]+)\[(\d+)\]\Z")
 

@@ -7,7 +7,8 @@ CPUID leaf, subleaf, register and bit), read here with lxml; the vendor
 string of leaf 0 decoded here; and compat() (the single-pair verdict the
 command already had) for every cell. What QEMU and KVM add on any host
 (QEMU's kvm_arch_get_supported_cpuid: hypervisor, tsc-deadline, arat, the
-AMD aliases of leaf 1 EDX in 0x80000001 EDX; KVM's x2apic emulation) and the
+AMD aliases of leaf 1 EDX in 0x80000001 EDX; KVM's x2apic and
+arch-capabilities emulation) and the
 bits that follow guest state (OSXSAVE, OSPKE, HTT) are written out here.
 """
 
@@ -33,7 +34,7 @@ from tests.conftest import DATA, REPO
 CPU_MAP = Path("/usr/share/libvirt/cpu_map")
 Bit = tuple[int, int, str, int]
 # Added by QEMU or KVM whatever the CPU (see the module docstring).
-ADDED_ANYWHERE = frozenset({"hypervisor", "tsc-deadline", "arat", "x2apic"})
+ADDED_ANYWHERE = frozenset({"hypervisor", "tsc-deadline", "arat", "x2apic", "arch-capabilities"})
 # Follow CR4, XCR0 or the topology, not the host (Intel SDM vol. 2A CPUID).
 GUEST_STATE = frozenset({"osxsave", "ospke", "ht"})
 # 0x80000001 EDX bits AMD mirrors from leaf 1 EDX (AMD APM vol. 3, CPUID

@@ -431,9 +431,11 @@ def _msr_reasons(wanted: list[str], host: Host, offer: Dump, reg: Registry,
 
 
 # What KVM reports whatever the CPU has (arch/x86/kvm/cpuid.c,
-# kvm_set_cpu_caps): x2APIC, emulated in software. A raw CPU dump (kind
-# "cpu") stands in for what its KVM supports: these are added to it.
-_KVM_EMULATED: Final[tuple[tuple[int, int, Register, int], ...]] = ((0x1, 0, "ecx", 1 << 21),)
+# kvm_set_cpu_caps): x2APIC and ARCH_CAPABILITIES (7.0 EDX[29]: KVM emulates
+# the MSR, on AMD too), in software. A raw CPU dump (kind "cpu") stands in
+# for what its KVM supports: these are added to it.
+_KVM_EMULATED: Final[tuple[tuple[int, int, Register, int], ...]] = (
+    (0x1, 0, "ecx", 1 << 21), (0x7, 0, "edx", 1 << 29))  # fmt: skip
 
 
 def _kvm_emulated(table: CpuidTable) -> CpuidTable:
