@@ -262,3 +262,33 @@ def test_connect_judges_the_host_models_msr_features(
         assert reasons == [] and doc["unjudged"] == []
     else:
         assert rc == 1 and [r["where"] for r in reasons] == [f"MSR 10AH[{SDM_BITS[name]}]"]
+
+
+# SDM vol. 4, IA32_ARCH_CAPABILITIES: the bits QEMU's Icelake-Server-v3 sets.
+ICX_BITS = {"rdctl-no": 0, "ibrs-all": 1, "skip-l1dfl-vmentry": 3, "mds-no": 5,
+            "pschange-mc-no": 6, "taa-no": 8}  # fmt: skip
+
+
+def test_a_named_models_msr_features_are_asked_for() -> None:
+    # QEMU's own expansion of Icelake-Server-v3 (its QMP answer, recorded in
+    # tests/data/toolfacts-qemu-7.2.json) turns these MSR features on; the
+    # ones whose SDM bit Ice Lake's recorded IA32_ARCH_CAPABILITIES lacks
+    # are missing, named at that bit, and no other.
+    from kvmcpuid_virt.analysis.compat import judge_text
+    from tests.conftest import FACTS
+
+    wants = set(FACTS.model("Icelake-Server-v3").features) & set(ICX_BITS)
+    assert wants == set(ICX_BITS)
+    raw = _raw_msr(ICE_LAKE, ARCH_CAPABILITIES)
+    assert raw is not None
+    lacking = {(n, f"MSR 10AH[{b}]") for n, b in ICX_BITS.items() if not raw >> b & 1}
+    assert lacking  # Ice Lake's 0xb: bits 0, 1, 3 only
+    xml = ("<cpu mode='custom' match='exact'><model fallback='forbid'>Icelake-Server-v3"
+           "</model></cpu>")  # fmt: skip
+    v = judge_text(xml, "icx.xml", Host(load_dump(str(ICE_LAKE))), FACTS)
+    assert {(r.field, r.where) for r in v.reasons if r.where.startswith("MSR ")} == lacking
+    assert "MSR 10AH" in v.checked
+    # On a dump without <msr> they are unjudged, none missing.
+    v = judge_text(xml, "icx.xml", Host(load_dump(str(SKYLAKE))), FACTS)
+    assert not any(r.where.startswith("MSR ") for r in v.reasons)
+    assert set(ICX_BITS) <= set(v.unjudged)
