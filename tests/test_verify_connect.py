@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,3 +106,32 @@ def test_topology_with_several_daemons_is_refused_in_one_line() -> None:
                 "--topology", "sockets=1,cores=2,threads=1")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--topology" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_run_leaves_no_domain_on_any_daemon(kvm: object, daemons: list[str],
+                                                        sig: signal.Signals) -> None:  # fmt: skip
+    """Ctrl-C or SIGTERM once a daemon has a probe domain: 130 / 143, and
+    every daemon's domains are as before. (Not its guest logs: the probe
+    knows where the system and session daemons log, not where a daemon in a
+    mount namespace of its own does, so those stay after any run.)"""
+    before = {uri: _probe_domains(uri) for uri in daemons}
+    proc = subprocess.Popen([sys.executable, "-m", "kvmcpuid_virt.cli", "verify", "--backend",
+                             "libvirt", *(a for u in daemons for a in ("--connect", u))],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while (all(len(_probe_domains(u)) == len(before[u]) for u in daemons)
+               and time.monotonic() < deadline and proc.poll() is None):  # fmt: skip
+            time.sleep(0.005)
+        assert proc.poll() is None, "verify ended before any daemon had a domain"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + int(sig), err
+    assert "Traceback" not in err
+    assert {uri: _probe_domains(uri) for uri in daemons} == before
