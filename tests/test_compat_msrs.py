@@ -292,3 +292,30 @@ def test_a_named_models_msr_features_are_asked_for() -> None:
     v = judge_text(xml, "icx.xml", Host(load_dump(str(SKYLAKE))), FACTS)
     assert not any(r.where.startswith("MSR ") for r in v.reasons)
     assert set(ICX_BITS) <= set(v.unjudged)
+
+
+def _cpuid_reg(path: Path, leaf: int, sub: int, reg: str) -> int:
+    """A <cpudata> register, read with lxml."""
+    for c in etree.parse(str(path)).getroot().iter("cpuid"):
+        if int(c.get("eax_in", "0"), 16) == leaf and int(c.get("ecx_in", "0"), 16) == sub:
+            return int(c.get(reg, "0"), 16)
+    return 0
+
+
+def test_a_guest_reads_only_the_msrs_its_cpuid_enumerates() -> None:
+    # Zen 2's raw <cpudata> records IA32_ARCH_CAPABILITIES but its CPUID
+    # lacks 7.0 EDX[29] (SDM: the bit that enumerates the MSR): a guest
+    # that sees this CPUID never reads the MSR, so a host without its bits
+    # takes it; with EDX[29] set, the guest reads them and that host does not.
+    ryzen = DATA / "x86_64-cpuid-Ryzen-9-3900X-12-Core.xml"
+    raw = _raw_msr(ryzen, ARCH_CAPABILITIES)
+    assert raw and not _cpuid_reg(ryzen, 7, 0, "edx") >> 29 & 1
+    d = load_dump(str(ryzen))
+    guest = Dump(d.table, "guest", d.host, "zen2-guest")
+    host = Host(_with_msr(ryzen, 0, "none"))
+    assert not any(r.where.startswith("MSR ") for r in compat(guest, host).reasons)
+    e = d.table.lookup(7, 0)
+    assert e is not None
+    seen = Dump(d.table.replace_entry(e.replace(edx=e.edx | 1 << 29)), "guest", d.host, "zen2+")
+    got = {r.where for r in compat(seen, host).reasons if r.where.startswith("MSR ")}
+    assert got == {f"MSR 10AH[{b}]" for b in range(64) if raw >> b & 1}

@@ -399,11 +399,22 @@ def _offered_msrs(msrs: FeatureMsrs | None, offer: CpuidTable,
 
 
 def guest_msr_features(guest: Dump) -> list[str]:
-    """The MSR features a guest dump has on (its feature MSRs' named bits)."""
+    """The MSR features a guest dump has on: its feature MSRs' named bits,
+    of the MSRs its CPUID enumerates (a guest without 7.0 EDX[29] never
+    reads IA32_ARCH_CAPABILITIES, whatever value the dump recorded)."""
     msrs = guest.table.msrs
     if msrs is None:
         return []
-    return [f.name for f in msr_registry().present(msrs.as_dict())]
+    mreg = msr_registry()
+    names = [f.name for f in mreg.present(msrs.as_dict())]
+    seen = _gates(names, guest.table, registry(), mreg)
+    out = []
+    for name in names:
+        info = mreg.msr(mreg.lookup(name).msr)
+        gate = info.enumerated_by if info is not None else None
+        if gate is None or seen[gate]:
+            out.append(name)
+    return out
 
 
 def _msr_reasons(wanted: list[str], host: Host, offer: Dump, reg: Registry,
