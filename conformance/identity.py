@@ -149,5 +149,10 @@ def cpu_value(vmm: Backend, case: Case) -> str:
     from kvmcpuid_virt.adapters.libvirt import base_model
 
     assert case.facts is not None
-    rest = case.qemu_cpu.split(",", 1)[1]
-    return f"{base_model(case.config, case.facts)},{rest}"
+    from kvmcpuid_virt.adapters.qemu import HOST_ONLY_PROPS
+
+    base = base_model(case.config, case.facts)
+    rest = case.qemu_cpu.split(",", 1)[1].split(",")
+    if base != "host":  # QEMU's named models have no host-cache-info (libvirt adds none)
+        rest = [p for p in rest if p.split("=", 1)[0] not in HOST_ONLY_PROPS]
+    return ",".join([base, *rest])

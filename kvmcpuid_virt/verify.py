@@ -29,7 +29,7 @@ from kvmcpuid_virt.adapters.libvirt import (
     unexpressible,
 )
 from kvmcpuid_virt.adapters.libvirt import parse as parse_libvirt_cpu
-from kvmcpuid_virt.adapters.qemu import cpu_value
+from kvmcpuid_virt.adapters.qemu import HOST_ONLY_PROPS, cpu_value
 from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.analysis.compare import GUEST_STATE_MASKS, Comparison, Ignore, Word, compare
 from kvmcpuid_virt.analysis.msr_compare import (
@@ -490,7 +490,10 @@ def _named_model_fields(requested: CpuidTable, base: str, target: Target,
     TCG_PHYS_ADDR_BITS, target/i386/cpu.h) and the extended signature (QEMU
     answers 0x80000001 EAX with leaf 1's signature). Where QEMU cannot be
     asked, those stay in `unmodelled`, with why."""
-    value = ",".join([base, *target.qemu_cpu().removeprefix("-cpu ").split(",")[1:]])
+    # The -cpu switches on `base` as libvirt gives them: a named model has no
+    # host-only property (host-cache-info: QEMU would refuse the expansion).
+    value = ",".join([base, *(p for p in target.qemu_cpu().removeprefix("-cpu ").split(",")[1:]
+                              if p.split("=", 1)[0] not in HOST_ONLY_PROPS)])
     facts = target.facts.qemu
     try:
         model_id, phys = _qemu_named_fields(facts.binary if facts else QEMU_BINARY, value)

@@ -113,3 +113,18 @@ def test_qemu_cache_leaves_are_the_hosts_and_verified(kvm: Kvm, qemu_binary: str
     named = [ln for ln in bad.stdout.splitlines()
              if ln.startswith("cache") and ln.endswith("(changed in the VMM)")]
     assert named, bad.stdout
+
+
+def test_host_only_properties_follow_qemus_named_model_types(qemu_binary: str) -> None:
+    """QEMU's own property list of a named model (EPYC) lacks exactly the
+    host-only ones of the accepted properties: parse refuses those on a
+    named model, in one line, and takes them on host."""
+    reply = run_commands(qemu_binary, [{"execute": "device-list-properties",
+                                        "arguments": {"typename": "EPYC-x86_64-cpu"}}])[0]
+    named = {str(p["name"]) for p in reply}
+    assert {n for n in ACCEPTED if n not in named} == set(qemu.HOST_ONLY_PROPS)
+    for name in qemu.HOST_ONLY_PROPS:
+        with pytest.raises(InputError, match="only for -cpu host or max"):
+            qemu.parse(f"EPYC,{name}=on")
+        assert qemu.parse(f"host,{name}=on") == ("host", (), ())
+    assert qemu.parse("EPYC,l3-cache=off") == ("EPYC", (), ())

@@ -27,7 +27,7 @@ from kvmcpuid_virt.cpuid.features import Feature, Registry, registry
 from kvmcpuid_virt.cpuid.msr_features import MsrFeature, MsrRegistry, msr_registry
 from kvmcpuid_virt.errors import InputError, UnknownFeatureError
 
-__all__ = ["Format", "cpu_value", "parse", "render", "render_argv"]
+__all__ = ["HOST_ONLY_PROPS", "Format", "cpu_value", "parse", "render", "render_argv"]
 
 Format = Literal["arg", "argv", "json"]
 FORMATS: Final[tuple[Format, ...]] = ("arg", "argv", "json")
@@ -51,6 +51,10 @@ _ACCEPTED_PROPS: Final[dict[str, frozenset[bool]]] = {
     "l3-cache": frozenset({True, False}),
     "migratable": frozenset({True}),
 }
+# Of those, the ones only QEMU's host and max CPU types have (QEMU exits
+# with "Property 'EPYC-x86_64-cpu.host-cache-info' not found" otherwise).
+HOST_ONLY_PROPS: Final = frozenset({"host-cache-info", "migratable"})
+_HOST_TYPES: Final = frozenset({"host", "max"})
 # The others: each changes a field the configuration decides from the host's
 # table (identity, max leaves, address sizes, brand, topology IDs, Hyper-V
 # leaves...), so a -cpu value with one is refused rather than read as
@@ -278,6 +282,9 @@ def parse(text: str | Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, .
         if refused is not None:
             raise refused
         if name in _ACCEPTED_PROPS:
+            if name in HOST_ONLY_PROPS and model not in _HOST_TYPES:
+                raise InputError(f"-cpu option {_show(opt)}: {name} is only for -cpu host or "
+                                 f"max, not {_show(model)} (QEMU has no such property there)")
             _accepted_prop(name, val if eq else "on", opt)
             continue
         if not eq or val in _ON:  # a bare name is name=on
