@@ -43,6 +43,7 @@ from kvmcpuid_virt.config.build import with_model_identity
 from kvmcpuid_virt.config.cpuconfig import CpuConfig
 from kvmcpuid_virt.config.topology import Topology, vcpu_tables
 from kvmcpuid_virt.cpuid.features import registry
+from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.cpuid.table import REGISTERS, CpuidTable, Register
 from kvmcpuid_virt.errors import (
     KvmcpuidError,
@@ -225,7 +226,24 @@ class BackendReport:
         assert self.comparison is not None
         msr = [] if self.msrs is None or not (self.msrs.mismatches or any(
             v is not None for v in self.msrs.read.values())) else [self.msrs.summary()]  # fmt: skip
+        if include_host and self.msrs is not None:  # -v: every feature MSR the guest read
+            msr += _msr_lines(self.msrs)
         return "\n".join([*head, self.comparison.table(include_host), *msr])
+
+
+def _msr_lines(msrs: MsrComparison) -> list[str]:
+    """One line per feature MSR the probe asked: what the guest read, or that
+    its CPUID enumerates no such MSR; then what the configuration leaves open."""
+    reg = msr_registry()
+    out = []
+    for index, value in msrs.read.items():
+        info = reg.msr(index)
+        label = info.label if info is not None else f"MSR {index:X}H"
+        out.append(f"  {label}: " + ("the guest's CPUID enumerates no such MSR" if value is None
+                                     else f"guest reads {value:#x}"))
+    if msrs.not_modelled:
+        out.append(f"  no configured value for: {', '.join(msrs.not_modelled)}")
+    return out
 
 
 def _run(
