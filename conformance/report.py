@@ -292,6 +292,10 @@ _WHOLE_CPUID: Final = (
     ("test_caches.py::test_libvirt_host_passthrough_caches_are_the_hosts",
      "libvirt host-passthrough caches are the host's"),
     ("test_mutants.py::test_mutant_vmm_changing_one_field", "field mutants caught"),
+    ("test_topology.py::test_mutant_vmm_booting_another_topology", "topology mutants caught"),
+    ("test_msrs.py::test_msrs_as_configured", "feature MSRs read as configured"),
+    ("test_msrs.py::test_msr_feature", "feature-MSR bits, one at a time"),
+    ("test_msrs.py::test_ucode_rev_reaches_the_guest", "microcode revision reaches the guest"),
 )
 
 
