@@ -16,6 +16,7 @@ __all__ = [
     "probe_inputs",
     "report_ratio",
     "timed_commands",
+    "timed_commands_cpu",
 ]
 
 
@@ -33,6 +34,31 @@ def timed_commands(
             if i >= warmup:
                 times[name].append(elapsed)
     return times
+
+
+def timed_commands_cpu(
+    commands: Mapping[str, Sequence[str]], runs: int = 30, warmup: int = 3
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall seconds, CPU seconds: user + system) of each run of each
+    command, runs interleaved. The CPU time is what a busy machine (other
+    engineers' guests and tests on 2 cores) disturbs least: waiting for a
+    core counts in the wall time only."""
+    import resource
+
+    wall: dict[str, list[float]] = {name: [] for name in commands}
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
+    for i in range(warmup + runs):
+        for name, argv in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            elapsed = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if i >= warmup:
+                wall[name].append(elapsed)
+                cpu[name].append(after.ru_utime - before.ru_utime
+                                 + after.ru_stime - before.ru_stime)  # fmt: skip
+    return wall, cpu
 
 
 def median_commands(
