@@ -170,8 +170,11 @@ class _Signals:
         self.first: int | None = None
         self.held: int | None = None  # came during a finalizer, not raised yet
         self._previous: dict[int, Any] = {}
+        self._previous_hook: Callable[[Any], Any] = sys.unraisablehook
 
     def install(self) -> None:
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         # SIGTERM last: a process that catches SIGTERM (SigCgt in
         # /proc/PID/status) has both handlers (scripts/interrupt_sweep.py).
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -180,6 +183,32 @@ class _Signals:
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = self._previous_hook
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """Our exception raised where CPython can only print it and go on (a
+        weakref callback such as the import system's module-lock `cb`, seen
+        once in a SIGTERMed verify: "Exception ignored in ...", then exit 0):
+        ask for the signal again in a moment, as for a finalizer."""
+        exc = unraisable.exc_value
+        signum = self.first
+        if not (self.armed and signum is not None
+                and isinstance(exc, (KeyboardInterrupt, Terminated))):  # fmt: skip
+            self._previous_hook(unraisable)
+            return
+        self.first, self.held = None, signum
+        self._count = itertools.count()
+        self._ask_again(signum)
+
+    @staticmethod
+    def _ask_again(signum: int) -> None:
+        # Not at once: the next check can come inside this very handler.
+        import threading
+
+        again = threading.Timer(_FINALIZER_RETRY, _thread.interrupt_main,
+                                (signal.Signals(signum),))  # fmt: skip
+        again.daemon = True
+        again.start()
 
     def ignore(self) -> None:
         for signum in self._previous:
@@ -189,14 +218,8 @@ class _Signals:
         if self.armed and self.first is None and _in_finalizer(frame):
             self.held = signum  # main() honours it if the work ends first
             # An exception raised in __del__ is printed and lost: ask again in
-            # a moment, until the finalizer has returned. (Not at once: the
-            # next check can come inside this very handler.)
-            import threading
-
-            again = threading.Timer(_FINALIZER_RETRY, _thread.interrupt_main,
-                                    (signal.Signals(signum),))  # fmt: skip
-            again.daemon = True
-            again.start()
+            # a moment, until the finalizer has returned.
+            self._ask_again(signum)
             return
         if next(self._count) or not self.armed:
             return  # one signal is being acted on, or the work is done
