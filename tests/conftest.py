@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,13 @@ import pytest
 from kvmcpuid_virt.host import pinned
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
+
+# A suite started as a script's background job or under nohup inherits
+# SIGINT ignored, and so would every tool a test interrupts with it (Python
+# and cli.main keep an inherited ignore). A handler of our own is reset to
+# the default at exec, so the tools under test get Ctrl-C as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 # Real CPU dumps, in the repository (tests/data/cpuid/README.md says whence);

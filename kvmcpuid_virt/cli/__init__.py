@@ -178,6 +178,8 @@ class _Signals:
         # SIGTERM last: a process that catches SIGTERM (SigCgt in
         # /proc/PID/status) has both handlers (scripts/interrupt_sweep.py).
         for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # as Python does: a background job of a script, nohup
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def restore(self) -> None:

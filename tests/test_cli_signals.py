@@ -5,6 +5,7 @@ printed "Exception ignored in ..." and exited 0."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,22 @@ def test_sigint_raised_inside_a_weakref_callback_still_ends_the_work() -> None:
     assert r.stdout.splitlines() == ["after the callback", "KeyboardInterrupt True"], (
         r.stdout + r.stderr)
     assert r.stderr == ""
+
+
+def test_an_inherited_sigint_ignore_is_kept_as_python_keeps_it() -> None:
+    """A script's background job (`kvmcpuid verify &`) or nohup inherits
+    SIGINT ignored so that the terminal's Ctrl-C is not its to act on: Python
+    keeps that, and so does cli.main; SIGTERM is still handled."""
+    code = (
+        "import signal\n"
+        "from kvmcpuid_virt import cli\n"
+        "python_kept = signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "s = cli._Signals(); s.install()\n"
+        "print(python_kept, signal.getsignal(signal.SIGINT) is signal.SIG_IGN,\n"
+        "      signal.getsignal(signal.SIGTERM) == s._handle)\n"
+        "s.restore()\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.stdout.split() == ["True", "True", "True", "True"], r.stdout + r.stderr
