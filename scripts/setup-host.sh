@@ -57,12 +57,26 @@ getent passwd libvirt-qemu >/dev/null ||
     useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
 # QEMU runs as libvirt-qemu under libvirt: give the kvm group /dev/kvm, as
 # Debian's udev rule does where udev runs (here it was root:root 0600).
+# A /dev/kvm that already has a group (udev's, or a host's seen from a
+# container or chroot sharing its /dev) keeps it: libvirt-qemu joins that
+# group, named here if this root has no name for its GID. Changing it would
+# lock out the host's own QEMU users.
 getent group kvm >/dev/null || groupadd --system kvm
-id -nG libvirt-qemu | grep -qw kvm || usermod -aG kvm libvirt-qemu
+kvm_group=kvm
 if [ -c /dev/kvm ]; then
-    chgrp kvm /dev/kvm
-    chmod 0660 /dev/kvm
+    gid=$(stat -c %g /dev/kvm)
+    if [ "$gid" = 0 ]; then
+        chgrp kvm /dev/kvm
+    else
+        kvm_group=$(getent group "$gid" | cut -d: -f1)
+        if [ -z "$kvm_group" ]; then
+            kvm_group=kvm-dev
+            groupadd --gid "$gid" "$kvm_group"
+        fi
+    fi
+    chmod g+rw /dev/kvm
 fi
+id -nG libvirt-qemu | tr ' ' '\n' | grep -qx "$kvm_group" || usermod -aG "$kvm_group" libvirt-qemu
 install -d /var/log/libvirt /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/qemu
 
 # libvirt puts each QEMU in a private mount namespace with its own /dev;
