@@ -168,6 +168,7 @@ def test_the_matrix_on_the_real_dumps_with_msrs() -> None:
 SDM_BITS = {"rdctl-no": 0, "skip-l1dfl-vmentry": 3, "mds-no": 5, "taa-no": 8}
 
 
+@pytest.mark.kvm  # this machine's /dev/kvm and a C program on it
 @pytest.mark.parametrize("name", sorted(SDM_BITS))
 def test_this_host_as_its_vcpus_accept(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
