@@ -68,7 +68,7 @@ if [ -c /dev/kvm ]; then
     if [ "$gid" = 0 ]; then
         chgrp kvm /dev/kvm
     else
-        kvm_group=$(getent group "$gid" | cut -d: -f1)
+        kvm_group=$(getent group "$gid" | cut -d: -f1 || true)
         if [ -z "$kvm_group" ]; then
             kvm_group=kvm-dev
             groupadd --gid "$gid" "$kvm_group"
