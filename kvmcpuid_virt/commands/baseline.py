@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvmcpuid_virt.cli.fleet_options import add_fleet_options
+
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from typing import Any
@@ -36,12 +38,7 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     p.add_argument("--connect", action="append", default=[], metavar="URI",
                    help="a libvirt host (e.g. qemu+ssh://host/system): its host-model CPU "
                    "(repeatable; asked concurrently)")  # fmt: skip
-    p.add_argument("--skip-unreachable", action="store_true",
-                   help="leave out a --connect host that cannot be asked, with a warning "
-                   "(default: fail)")  # fmt: skip
-    p.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="a --connect host that has not answered by then has failed "
-                   "(default: 60)")  # fmt: skip
+    add_fleet_options(p)
     p.add_argument("--this-host", action="store_true",
                    help="include this host's KVM_GET_SUPPORTED_CPUID")
     p.add_argument("--allow-mixed-vendors", action="store_true",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvmcpuid_virt.cli.fleet_options import add_fleet_options
+
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,12 +51,7 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
     p.add_argument("--matrix", action="store_true",
                    help="for every ordered pair (A, B) of the hosts: can a guest with A's "
                    "full CPU run on B")  # fmt: skip
-    p.add_argument("--skip-unreachable", action="store_true",
-                   help="leave out a --connect host that cannot be asked, with a warning "
-                   "(default: fail)")  # fmt: skip
-    p.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="a --connect host that has not answered by then has failed "
-                   "(default: 60)")  # fmt: skip
+    add_fleet_options(p)
     p.add_argument("--format", choices=("table", "json", "html"), default="table",
                    help="default: table (html: --matrix only)")  # fmt: skip
     p.add_argument("-o", "--output", default="-", metavar="FILE",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvmcpuid_virt.cli.fleet_options import add_fleet_options
+
 TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, Start-up
 if TYPE_CHECKING:  # annotations only: the command module imports nothing else at load
     from collections.abc import Sequence
@@ -95,9 +97,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="libvirtd of the libvirt backend, on this machine (default: "
                    "$KVMCPUID_LIBVIRT_URI, else qemu:///system); repeatable: the libvirt "
                    "backend then runs on each daemon (concurrently), one report each")  # fmt: skip
-    p.add_argument("--skip-unreachable", action="store_true",
-                   help="with --connect repeated: leave out a daemon that cannot be reached, "
-                   "with a warning (default: fail)")  # fmt: skip
+    add_fleet_options(p, timeout=False)
 
 
 def run(args: argparse.Namespace) -> int:
