@@ -149,3 +149,21 @@ def test_qemu_starts_with_the_baseline_cli_of_this_host_alone(kvm: object,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr.lower(), proc.stderr
+
+
+@pytest.mark.libvirt  # cpu_map picks the model
+def test_libvirt_baseline_warns_whose_identity_the_guest_gets() -> None:
+    """A cluster's <cpu> names a cpu_map model (never host-passthrough), so the
+    guest sees that model's family/model/stepping: the command says which."""
+    dumps = [p for p in cpu_dump_paths() if "EPYC" in p.name and p.suffix == ".xml"]
+    assert len(dumps) >= 2
+    r = subprocess.run([sys.executable, "-m", "kvmcpuid_virt.cli", "baseline", *map(str, dumps),
+                        "--format", "libvirt"], capture_output=True, text=True, timeout=120,
+                       check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cpu = etree.fromstring(r.stdout.encode())
+    assert cpu.get("mode") == "custom"
+    model = cpu.findtext("model")
+    assert model
+    warnings = [line for line in r.stderr.splitlines() if ": warning: " in line]
+    assert len(warnings) == 1 and f"names {model!r}" in warnings[0], r.stderr

@@ -149,7 +149,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         from kvmcpuid_virt.adapters import libvirt as lv
 
-        text = lv.render(config, lv.base_model(config, facts))
+        model = lv.base_model(config, facts)
+        text = lv.render(config, model)
+        identity = lv.identity_note(config, model)
+        if identity is not None:  # the named model's identity, not the hosts'
+            sys.stderr.write(f"{PROG}: warning: {identity}\n")
         if not text.endswith("\n"):
             text += "\n"
     if config.dropped:
