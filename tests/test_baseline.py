@@ -167,3 +167,20 @@ def test_libvirt_baseline_warns_whose_identity_the_guest_gets() -> None:
     assert model
     warnings = [line for line in r.stderr.splitlines() if ": warning: " in line]
     assert len(warnings) == 1 and f"names {model!r}" in warnings[0], r.stderr
+
+
+@pytest.mark.libvirt  # cpu_map picks the model
+def test_qemu_baseline_of_other_hosts_names_the_model_libvirt_names() -> None:
+    """-cpu host would give the guest each host's own identity and caches:
+    a baseline of other hosts names the same model as its libvirt <cpu>."""
+    dumps = [str(p) for p in cpu_dump_paths() if "EPYC" in p.name]
+    argv = [sys.executable, "-m", "kvmcpuid_virt.cli", "baseline", *dumps, "--format"]
+    q = subprocess.run([*argv, "qemu"], capture_output=True, text=True, timeout=120, check=False)
+    lv = subprocess.run([*argv, "libvirt"], capture_output=True, text=True, timeout=120,
+                        check=False)  # fmt: skip
+    assert q.returncode == 0 and lv.returncode == 0, q.stderr + lv.stderr
+    model = etree.fromstring(lv.stdout.encode()).findtext("model")
+    value = q.stdout.split()[1]
+    assert value.split(",")[0] == model != "host"
+    assert "host-cache-info" not in value
+    assert f"names {model!r}" in q.stderr

@@ -19,6 +19,9 @@ TYPE_CHECKING = False  # the fast path's typing stand-in: docs/ARCHITECTURE.md, 
 if TYPE_CHECKING:
     from typing import Any
 
+    from kvmcpuid_virt.config.cpuconfig import CpuConfig
+    from kvmcpuid_virt.toolfacts.facts import ToolFacts
+
 __all__ = ["add_parser", "run"]
 
 PROG = "kvmcpuid baseline"
@@ -54,6 +57,24 @@ def add_parser(subparsers: Any) -> None:  # argparse._SubParsersAction
 
 def _note(text: str) -> None:
     sys.stderr.write(f"{PROG}: note: {text}\n")
+
+
+def _on_named_model(config: CpuConfig, facts: ToolFacts) -> CpuConfig:
+    """A baseline of other hosts on QEMU's `-cpu MODEL` (libvirt's choice of
+    model, every feature explicit), not `-cpu host`: that gives the guest
+    each host's own identity and caches, and QEMU cannot migrate it between
+    different hosts."""
+    import dataclasses
+
+    from kvmcpuid_virt.adapters import libvirt as lv
+
+    model = lv.base_model(config, facts)
+    sys.stderr.write(f"{PROG}: warning: the baseline is not one host's own CPU, so -cpu "
+                     f"names {model!r} with explicit features, not host (each host's own "
+                     f"identity and caches, no migration between different hosts): the "
+                     f"guest sees {model}'s family/model/stepping, max leaves and brand "
+                     f"string\n")  # fmt: skip
+    return dataclasses.replace(config, model=model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "qemu":
         from kvmcpuid_virt.adapters.qemu import render
 
+        if config.model == "host" and (args.dumps or args.connect):
+            config = _on_named_model(config, facts)
         text = render(config, "arg")
     else:
         from kvmcpuid_virt.adapters import libvirt as lv
