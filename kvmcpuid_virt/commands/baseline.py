@@ -67,8 +67,14 @@ def _on_named_model(config: CpuConfig, facts: ToolFacts) -> CpuConfig:
     import dataclasses
 
     from kvmcpuid_virt.adapters import libvirt as lv
+    from kvmcpuid_virt.errors import PolicyError
 
-    model = lv.base_model(config, facts)
+    try:
+        model = lv.base_model(config, facts)
+    except PolicyError as exc:  # no cpu_map here, or no model fits
+        sys.stderr.write(f"{PROG}: warning: -cpu host (each host's own identity and caches: "
+                         f"no migration between different hosts): {exc}\n")  # fmt: skip
+        return config
     sys.stderr.write(f"{PROG}: warning: the baseline is not one host's own CPU, so -cpu "
                      f"names {model!r} with explicit features, not host (each host's own "
                      f"identity and caches, no migration between different hosts): the "
