@@ -182,6 +182,17 @@ def close_sessions() -> None:
         session.close()
 
 
+def _close_unstarted(*coros: Coroutine[Any, Any, Any] | None) -> None:
+    """Close the coroutines that never started (a signal came before the
+    loop took them); one that started is the loop's to finish."""
+    import inspect
+
+    for coro in coros:
+        if coro is not None and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+            with suppress(ValueError, RuntimeError):  # taken meanwhile
+                coro.close()
+
+
 class Session:
     """One QMP conversation: qemu.qmp's QMPClient on an event loop of its own,
     run by a thread of its own (see the module docstring). Every step waits
@@ -229,19 +240,19 @@ class Session:
     def connect(self, sock: socket.socket) -> None:
         """Greeting and capability negotiation over `sock`, one end of a
         socket pair whose other end is QEMU's monitor."""
-        self._step(self._client.connect(sock))
+        self._step(self._client.connect, sock)
 
     def listen(self, path: str) -> None:
         """Listen on the Unix socket `path` (QEMU will connect to it)."""
-        self._step(self._client.start_server(path))
+        self._step(self._client.start_server, path)
 
     def accept(self) -> None:
         """Take QEMU's connection on listen()'s socket, then negotiate."""
-        self._step(self._client.accept())
+        self._step(self._client.accept)
 
     def cmd(self, name: str, **arguments: object) -> Any:
         """QMP command `name`: its "return" value."""
-        return self._step(self._client.execute(name, arguments or None))
+        return self._step(self._client.execute, name, arguments or None)
 
     def watch(self, proc: subprocess.Popen[bytes], *, kill_at_deadline: bool = False) -> None:
         """End every wait (QemuExited) as soon as `proc` exits; with
@@ -250,7 +261,7 @@ class Session:
             self._pidfd = os.pidfd_open(proc.pid)
         except OSError as exc:
             log.debug("pidfd_open: %s; polling for the exit of pid %d", exc, proc.pid)
-        self._step(self._watch(proc, kill_at_deadline), bounded=False)
+        self._step(self._watch, proc, kill_at_deadline, bounded=False)
 
     def close(self) -> None:
         """Disconnect, stop and close the loop, end the thread. A broken
@@ -278,19 +289,31 @@ class Session:
 
     # -- the caller's side of a step --
 
-    def _step(self, step: Coroutine[Any, Any, T], *, bounded: bool = True) -> T:
-        """Run `step` in the loop; wait for it here (interruptibly)."""
+    def _step(self, make: Callable[..., Coroutine[Any, Any, T]], *args: Any,
+              bounded: bool = True) -> T:  # fmt: skip
+        """Run `make(*args)` in the loop; wait for it here (interruptibly).
+        The coroutine is made here, not by the caller: a signal between its
+        making and its handing over would leave it never awaited (a
+        RuntimeWarning on stderr, seen once in a SIGTERM mid-conversation)."""
         import asyncio
 
         if self._closed:
-            step.close()
             raise RuntimeError("QMP session is closed")
-        future = asyncio.run_coroutine_threadsafe(self._outcome(step, bounded), self._loop)
+        step: Coroutine[Any, Any, T] | None = None
+        outcome: Coroutine[Any, Any, tuple[bool, Any]] | None = None
+        future = None
         try:
+            with signals_deferred():  # made and handed over in one piece
+                step = make(*args)
+                outcome = self._outcome(step, bounded)
+                future = asyncio.run_coroutine_threadsafe(outcome, self._loop)
             ok, value = future.result()
         except BaseException:
-            # Interrupted while waiting: stop the step; close() disconnects.
-            future.cancel()
+            # Interrupted: stop the step (close() disconnects). A future
+            # cancelled before the loop started it never runs its coroutines:
+            # close them, or they are reported never awaited.
+            if future is None or future.cancel():
+                _close_unstarted(outcome, step)
             raise
         if ok:
             result: T = value
