@@ -18,6 +18,7 @@ from kvmcpuid_virt.cpuid.msr_features import msr_registry
 from kvmcpuid_virt.errors import InputError
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.qmp import run_commands
+from tests.qemu_mutant import qemu_wrapper
 
 REPO = Path(__file__).resolve().parent.parent
 # enforce and check change only how QEMU reports a feature it cannot give.
@@ -82,21 +83,6 @@ def test_verify_refuses_a_non_feature_property_in_one_line(prop: str) -> None:
     assert prop.split("=")[0] in line
 
 
-def _wrapper(tmp_path: Path, qemu_binary: str, prop: str) -> Path:
-    """A QEMU that appends `prop` to the probe guest's -cpu value."""
-    wrapper = tmp_path / "qemu-mutant"
-    wrapper.write_text(
-        "#!/bin/bash\nargs=(); next=0\n"
-        'for a in "$@"; do\n'
-        f'  if [ $next = 1 ]; then a="$a,{prop}"; next=0; fi\n'
-        '  [ "$a" = "-cpu" ] && next=1; args+=("$a")\n'
-        "done\n"
-        f'exec {qemu_binary} "${{args[@]}}"\n'
-    )
-    wrapper.chmod(0o755)
-    return wrapper
-
-
 def test_qemu_cache_leaves_are_the_hosts_and_verified(kvm: Kvm, qemu_binary: str,
                                                       tmp_path: Path) -> None:  # fmt: skip
     """-cpu host,host-cache-info=on: the guest's cache leaves equal KVM's (the
@@ -108,7 +94,7 @@ def test_qemu_cache_leaves_are_the_hosts_and_verified(kvm: Kvm, qemu_binary: str
     assert not [ln for ln in r.stdout.splitlines()
                 if ln.startswith("(not modelled) cache") or "cache" in ln.split(":")[0]]
     bad = _verify("--backend", "qemu", "--qemu",
-                  str(_wrapper(tmp_path, qemu_binary, "host-cache-info=off")))
+                  str(qemu_wrapper(tmp_path, qemu_binary, "host-cache-info=off")))
     assert bad.returncode == 1, bad.stdout + bad.stderr
     named = [ln for ln in bad.stdout.splitlines()
              if ln.startswith("cache") and ln.endswith("(changed in the VMM)")]

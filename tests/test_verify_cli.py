@@ -19,6 +19,7 @@ from kvmcpuid_virt.analysis.backend import Backend
 from kvmcpuid_virt.kvm import Kvm
 from kvmcpuid_virt.toolfacts.facts import ToolFacts
 from tests.conftest import REPO
+from tests.qemu_mutant import qemu_wrapper
 
 LAHF = (0x8000_0001, "ecx", 0)
 # Features a host's KVM may lack, all in a word KVM_SET_CPUID2 controls on
@@ -377,26 +378,11 @@ MUTANTS = {
 }
 
 
-def _wrapper(tmp_path: Path, qemu_binary: str, prop: str) -> Path:
-    """A QEMU that appends `prop` to the probe guest's -cpu value."""
-    wrapper = tmp_path / "qemu-mutant"
-    wrapper.write_text(
-        "#!/bin/bash\nargs=(); next=0\n"
-        'for a in "$@"; do\n'
-        f'  if [ $next = 1 ]; then a="$a,{prop}"; next=0; fi\n'
-        '  [ "$a" = "-cpu" ] && next=1; args+=("$a")\n'
-        "done\n"
-        f'exec {qemu_binary} "${{args[@]}}"\n'
-    )
-    wrapper.chmod(0o755)
-    return wrapper
-
-
 @pytest.mark.parametrize("prop", sorted(MUTANTS))
 def test_a_vmm_changing_one_field_fails_naming_it(
     kvm: Kvm, qemu_binary: str, tmp_path: Path, prop: str
 ) -> None:
-    r = _verify("--backend", "qemu", "--qemu", str(_wrapper(tmp_path, qemu_binary, prop)))
+    r = _verify("--backend", "qemu", "--qemu", str(qemu_wrapper(tmp_path, qemu_binary, prop)))
     assert r.returncode == 1, r.stdout + r.stderr
     [line] = [ln for ln in r.stdout.splitlines() if ln.startswith(MUTANTS[prop])]
     assert line.endswith("(changed in the VMM)"), line
@@ -405,7 +391,7 @@ def test_a_vmm_changing_one_field_fails_naming_it(
     if prop == "model-id=Evil":
         assert "guest sees 'Evil'" in line
     doc = json.loads(_verify("--backend", "qemu", "--qemu",
-                             str(_wrapper(tmp_path, qemu_binary, prop)),
+                             str(qemu_wrapper(tmp_path, qemu_binary, prop)),
                              "--format", "json").stdout)
     [cmp] = [b["comparison"] for b in doc["backends"]]
     assert any(m["text"] == line and m["layer"] == "vmm" for m in cmp["field_mismatches"])
@@ -417,7 +403,7 @@ def test_the_same_wrapper_without_a_mutation_passes(
     # The mutant tests' wrapper itself changes nothing: an empty property
     # would be refused, so `hypervisor=on` (already on) stands in.
     r = _verify("--backend", "qemu", "--qemu",
-                str(_wrapper(tmp_path, qemu_binary, "hypervisor=on")))
+                str(qemu_wrapper(tmp_path, qemu_binary, "hypervisor=on")))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -496,7 +482,7 @@ def test_a_named_models_brand_and_address_size_are_held_to_qemus(
     ok = _verify("--backend", "qemu", "--model", "EPYC", "--allow-unsupported")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     r = _verify("--backend", "qemu", "--model", "EPYC", "--allow-unsupported", "--qemu",
-                str(_wrapper(tmp_path, qemu_binary, prop)))
+                str(qemu_wrapper(tmp_path, qemu_binary, prop)))
     assert r.returncode == 1, r.stdout + r.stderr
     assert any(line.startswith(field) for line in r.stdout.splitlines()), r.stdout
 
