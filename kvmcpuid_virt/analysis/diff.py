@@ -205,26 +205,17 @@ def render_table(d: HostDiff, width: int = 100) -> str:
     # leaf/register (22) + 2 spaces + A's column + 2 spaces + B's column
     col = max(20, (width - 26) // 2)
     out = [f"A: {d.a}", f"B: {d.b}", *(f"note: {n}" for n in d.notes), ""]
-    if d.words:
-        out.append(f"{'leaf/register':<22}  {'only in A':<{col}}  only in B")
-        for w in d.words:
-            left, right = _wrap(w.only_a, col), _wrap(w.only_b, col)
-            for i in range(max(len(left), len(right))):
-                label = w.label if i == 0 else ""
-                lt = left[i] if i < len(left) else ""
-                rt = right[i] if i < len(right) else ""
-                out.append(f"{label:<22}  {lt:<{col}}  {rt}".rstrip())
-        out.append("")
-    if d.msrs:
-        out.append(f"{'feature MSR':<22}  {'only in A':<{col}}  only in B")
-        for m in d.msrs:
-            left, right = _wrap(m.only_a, col), _wrap(m.only_b, col)
-            for i in range(max(len(left), len(right))):
-                label = m.label if i == 0 else ""
-                lt = left[i] if i < len(left) else ""
-                rt = right[i] if i < len(right) else ""
-                out.append(f"{label:<22}  {lt:<{col}}  {rt}".rstrip())
-        out.append("")
+    for title, named in (("leaf/register", d.words), ("feature MSR", d.msrs)):
+        if named:
+            out.append(f"{title:<22}  {'only in A':<{col}}  only in B")
+            for w in named:
+                left, right = _wrap(w.only_a, col), _wrap(w.only_b, col)
+                for i in range(max(len(left), len(right))):
+                    label = w.label if i == 0 else ""
+                    lt = left[i] if i < len(left) else ""
+                    rt = right[i] if i < len(right) else ""
+                    out.append(f"{label:<22}  {lt:<{col}}  {rt}".rstrip())
+            out.append("")
     for title, rows in (("field", d.fields), ("fingerprint", d.fingerprint)):
         if rows:
             out.append(f"{title:<30}  {'A':<{col}}  B")
