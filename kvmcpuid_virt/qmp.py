@@ -182,17 +182,6 @@ def close_sessions() -> None:
         session.close()
 
 
-def _close_unstarted(*coros: Coroutine[Any, Any, Any] | None) -> None:
-    """Close the coroutines that never started (a signal came before the
-    loop took them); one that started is the loop's to finish."""
-    import inspect
-
-    for coro in coros:
-        if coro is not None and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
-            with suppress(ValueError, RuntimeError):  # taken meanwhile
-                coro.close()
-
-
 class Session:
     """One QMP conversation: qemu.qmp's QMPClient on an event loop of its own,
     run by a thread of its own (see the module docstring). Every step waits
@@ -292,28 +281,22 @@ class Session:
     def _step(self, make: Callable[..., Coroutine[Any, Any, T]], *args: Any,
               bounded: bool = True) -> T:  # fmt: skip
         """Run `make(*args)` in the loop; wait for it here (interruptibly).
-        The coroutine is made here, not by the caller: a signal between its
-        making and its handing over would leave it never awaited (a
-        RuntimeWarning on stderr, seen once in a SIGTERM mid-conversation)."""
-        import asyncio
+        No coroutine is made in this thread: the loop makes it (_begin), so a
+        signal here can never leave one never awaited (a RuntimeWarning on
+        stderr, seen in a SIGTERM mid-conversation when the step was made
+        here and the signal came before the loop had it)."""
+        import concurrent.futures
 
         if self._closed:
             raise RuntimeError("QMP session is closed")
-        step: Coroutine[Any, Any, T] | None = None
-        outcome: Coroutine[Any, Any, tuple[bool, Any]] | None = None
-        future = None
+        future: concurrent.futures.Future[tuple[bool, Any]] = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(self._begin, future, make, args, bounded)
         try:
-            with signals_deferred():  # made and handed over in one piece
-                step = make(*args)
-                outcome = self._outcome(step, bounded)
-                future = asyncio.run_coroutine_threadsafe(outcome, self._loop)
             ok, value = future.result()
         except BaseException:
-            # Interrupted: stop the step (close() disconnects). A future
-            # cancelled before the loop started it never runs its coroutines:
-            # close them, or they are reported never awaited.
-            if future is None or future.cancel():
-                _close_unstarted(outcome, step)
+            # Interrupted while waiting: stop the step (_begin's callback
+            # cancels its task); close() disconnects.
+            future.cancel()
             raise
         if ok:
             result: T = value
@@ -340,16 +323,39 @@ class Session:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _outcome(self, step: Coroutine[Any, Any, T], bounded: bool) -> tuple[bool, Any]:
-        """`step`'s result or exception as a value: the task never ends with
-        an exception nobody retrieves (its caller may have gone)."""
+    def _begin(self, future: Any, make: Callable[..., Coroutine[Any, Any, Any]],
+               args: tuple[Any, ...], bounded: bool) -> None:  # fmt: skip
+        """In the loop: the step's task, its outcome copied to `future`, and
+        `future`'s cancelling (the caller interrupted) cancels the task."""
+        import concurrent.futures
+
+        if future.cancelled():
+            return  # the caller left before the loop got here: nothing made
+        task = self._loop.create_task(self._outcome(make, args, bounded))
+
+        def copy(done: Any) -> None:
+            if not done.cancelled():
+                with suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+                    future.set_result(done.result())
+
+        def stop(_: Any) -> None:
+            if future.cancelled():
+                self._loop.call_soon_threadsafe(task.cancel)
+
+        task.add_done_callback(copy)
+        future.add_done_callback(stop)
+
+    async def _outcome(self, make: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...],
+                       bounded: bool) -> tuple[bool, Any]:  # fmt: skip
+        """The step's result or exception as a value: the task never ends
+        with an exception nobody retrieves (its caller may have gone)."""
         import asyncio
 
         task = asyncio.current_task()
         assert task is not None
         self._steps.add(task)
         try:
-            return True, await self._race(step, bounded)
+            return True, await self._race(make(*args), bounded)
         except BaseException as exc:  # CancelledError too: its caller was interrupted
             return False, exc
         finally:

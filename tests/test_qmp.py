@@ -330,25 +330,24 @@ def test_transient_end_names_outside_ends_and_short_resources() -> None:
 def test_a_step_interrupted_while_being_handed_over_leaves_no_coroutine_unawaited(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A signal that lands inside asyncio.run_coroutine_threadsafe (Python
-    code: it can), after the command's coroutines are made and before the
-    loop has them: they must be closed, not reported "never awaited" on
-    stderr (seen once in a SIGTERM mid-conversation). Simulated: the hand-over
-    raises KeyboardInterrupt as the signal handler would. No QEMU needed."""
-    import asyncio
+    """A signal that lands as the command is handed to the loop (inside
+    call_soon_threadsafe: Python code, it can): no coroutine of it may be
+    left never awaited on stderr (seen in a SIGTERM mid-conversation).
+    Simulated: the hand-over raises KeyboardInterrupt as the signal handler
+    would. No QEMU needed."""
     import gc
     import warnings
 
     from kvmcpuid_virt.process import Deadline
 
-    def interrupted(coro: object, loop: object) -> None:
+    def interrupted(*_: object) -> None:
         raise KeyboardInterrupt
 
     session = qmp.Session(Deadline(30))
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", interrupted)
+            monkeypatch.setattr(session._loop, "call_soon_threadsafe", interrupted)
             with pytest.raises(KeyboardInterrupt):
                 session.cmd("query-version")
             monkeypatch.undo()
